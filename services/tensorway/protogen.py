@@ -1,0 +1,134 @@
+"""Generates `gen/` from `protos/`: messages, gRPC stubs and their `.pyi` stubs.
+
+`python -m tensorway.protogen` regenerates; `--check` fails when `gen/` differs from what
+`protos/` generate. google/api and google/rpc protos come from the installed
+googleapis-common-protos package: they are staged into `.build/third_party_protos` for protoc
+and buf, never copied into the repository.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import typer
+
+# The third-party protos that tensorway's contracts import (and that Envoy's transcoder must
+# know to render error details).
+THIRD_PARTY_PROTOS = (
+    "google/api/annotations.proto",
+    "google/api/http.proto",
+    "google/rpc/code.proto",
+    "google/rpc/error_details.proto",
+    "google/rpc/status.proto",
+)
+
+
+def project_root() -> Path:
+    """The checkout root: the directory that holds `protos/` and `pyproject.toml`."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "protos").is_dir() and (parent / "pyproject.toml").is_file():
+            return parent
+    raise RuntimeError("tensorway.protogen runs from a source checkout (protos/ not found)")
+
+
+def stage_third_party_protos(root: Path) -> Path:
+    """Copy the imported google protos from their installed package into `.build/`."""
+    import google.api  # noqa: PLC0415 - only the package's location is needed
+
+    site = Path(next(iter(google.api.__path__))).parent.parent
+    staged = root / ".build" / "third_party_protos"
+    for relative in THIRD_PARTY_PROTOS:
+        target = staged / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(site / relative, target)
+    return staged
+
+
+def contract_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root / "protos")) for p in (root / "protos").rglob("*.proto"))
+
+
+def include_paths(root: Path) -> list[str]:
+    well_known = resources.files("grpc_tools") / "_proto"
+    return [str(root / "protos"), str(stage_third_party_protos(root)), str(well_known)]
+
+
+def generate(root: Path, out: Path) -> None:
+    """Run protoc with the Python, gRPC and mypy plugins over every contract into `out`."""
+    from grpc_tools import protoc  # noqa: PLC0415 - a build-time tool, not a runtime dependency
+
+    out.mkdir(parents=True, exist_ok=True)
+    # protoc finds the mypy plugins on PATH; the venv's bin holds them.
+    bin_dir = Path(sys.executable).parent
+    args = [
+        "protoc",
+        *(f"-I{p}" for p in include_paths(root)),
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--mypy_out={out}",
+        f"--mypy_grpc_out={out}",
+        *contract_files(root),
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed; see its messages above")
+
+
+def write_descriptor_set(root: Path, target: Path) -> Path:
+    """A FileDescriptorSet of every contract and its imports (Envoy's gRPC-JSON transcoder)."""
+    from grpc_tools import protoc  # noqa: PLC0415 - a build-time tool, not a runtime dependency
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    args = [
+        "protoc",
+        *(f"-I{p}" for p in include_paths(root)),
+        "--include_imports",
+        "--include_source_info",
+        f"--descriptor_set_out={target}",
+        *contract_files(root),
+        *THIRD_PARTY_PROTOS,
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed; see its messages above")
+    return target
+
+
+def differences(expected: Path, actual: Path) -> list[str]:
+    """Relative paths that differ between two generated trees, or exist in only one."""
+    def files(base: Path) -> set[str]:
+        return {str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+    want, have = files(expected), files(actual)
+    changed = {f for f in want & have if not filecmp.cmp(expected / f, actual / f, shallow=False)}
+    return sorted((want ^ have) | changed)
+
+
+def main(check: bool = typer.Option(False, help="Fail when gen/ differs from protos/ instead of writing.")) -> None:
+    root = project_root()
+    gen = root / "gen"
+    with tempfile.TemporaryDirectory() as scratch:
+        fresh = Path(scratch) / "gen"
+        generate(root, fresh)
+        drift = differences(fresh, gen)
+        if check:
+            if drift:
+                typer.echo("gen/ is out of date with protos/ (run `make gen`):", err=True)
+                for path in drift:
+                    typer.echo(f"  {path}", err=True)
+                raise typer.Exit(1)
+            typer.echo("gen/ matches protos/")
+            return
+        shutil.rmtree(gen / "tensorway", ignore_errors=True)
+        shutil.copytree(fresh / "tensorway", gen / "tensorway")
+        typer.echo(f"regenerated gen/ ({len(drift)} files changed)")
+
+
+if __name__ == "__main__":
+    typer.run(main)
