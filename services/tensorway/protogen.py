@@ -39,7 +39,7 @@ def project_root() -> Path:
 
 def stage_third_party_protos(root: Path) -> Path:
     """Copy the imported google protos from their installed package into `.build/`."""
-    import google.api  # noqa: PLC0415 - only the package's location is needed
+    import google.api
 
     site = Path(next(iter(google.api.__path__))).parent.parent
     staged = root / ".build" / "third_party_protos"
@@ -61,7 +61,7 @@ def include_paths(root: Path) -> list[str]:
 
 def generate(root: Path, out: Path) -> None:
     """Run protoc with the Python, gRPC and mypy plugins over every contract into `out`."""
-    from grpc_tools import protoc  # noqa: PLC0415 - a build-time tool, not a runtime dependency
+    from grpc_tools import protoc
 
     out.mkdir(parents=True, exist_ok=True)
     # protoc finds the mypy plugins on PATH; the venv's bin holds them.
@@ -83,7 +83,7 @@ def generate(root: Path, out: Path) -> None:
 
 def write_descriptor_set(root: Path, target: Path) -> Path:
     """A FileDescriptorSet of every contract and its imports (Envoy's gRPC-JSON transcoder)."""
-    from grpc_tools import protoc  # noqa: PLC0415 - a build-time tool, not a runtime dependency
+    from grpc_tools import protoc
 
     target.parent.mkdir(parents=True, exist_ok=True)
     args = [
@@ -102,15 +102,20 @@ def write_descriptor_set(root: Path, target: Path) -> Path:
 
 def differences(expected: Path, actual: Path) -> list[str]:
     """Relative paths that differ between two generated trees, or exist in only one."""
+
     def files(base: Path) -> set[str]:
-        return {str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        return {
+            str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        }
 
     want, have = files(expected), files(actual)
     changed = {f for f in want & have if not filecmp.cmp(expected / f, actual / f, shallow=False)}
     return sorted((want ^ have) | changed)
 
 
-def main(check: bool = typer.Option(False, help="Fail when gen/ differs from protos/ instead of writing.")) -> None:
+def main(
+    check: bool = typer.Option(False, help="Fail when gen/ differs from protos/ instead of writing."),
+) -> None:
     root = project_root()
     gen = root / "gen"
     with tempfile.TemporaryDirectory() as scratch:

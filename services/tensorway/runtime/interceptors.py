@@ -1,0 +1,198 @@
+"""The server interceptor every tensorway server runs, and its client-side twin.
+
+Server side, for each call: request context from metadata, a server span, RPC metrics, and the
+one mapping from exceptions to status codes. Client side: the request id, tenant, trace context
+and remaining deadline ride along on every downstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+from grpc.aio import AioRpcError, ServicerContext
+from opentelemetry import trace
+
+from tensorway.runtime import context, errors, metrics, tracing
+
+logger = logging.getLogger(__name__)
+
+# Long-lived infrastructure streams that would only blur the RPC metrics.
+UNOBSERVED_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+async def abort_for(exc: BaseException, ctx: ServicerContext[Any, Any]) -> None:
+    """Abort the call with the status this exception maps to. Always raises."""
+    if isinstance(exc, errors.TensorwayError):
+        status = exc.to_grpc_status()
+        await ctx.abort(status.code, status.details, status.trailing_metadata)
+    if isinstance(exc, AioRpcError):
+        # A downstream tensorway service already chose the code and safe details: pass them on.
+        downstream = [
+            (key, value) for key, value in (exc.trailing_metadata() or ()) if key == STATUS_DETAILS_KEY
+        ]
+        await ctx.abort(exc.code(), exc.details() or "", tuple(downstream))
+    logger.error("unhandled error", exc_info=exc)
+    status = errors.internal_status()
+    await ctx.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _code_of(exc: BaseException | None, ctx: ServicerContext[Any, Any]) -> str:
+    if exc is None:
+        code = ctx.code()
+        return code.name if isinstance(code, grpc.StatusCode) else "OK"
+    if isinstance(exc, errors.TensorwayError):
+        return exc.code.name
+    if isinstance(exc, AioRpcError):
+        return exc.code().name
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    if isinstance(exc, grpc.aio.AbortError):
+        code = ctx.code()
+        return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    return "INTERNAL"
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Context, tracing, metrics and error mapping around every RPC handler."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        full_method: str = handler_call_details.method
+        service, _, method = full_method.lstrip("/").partition("/")
+        if handler is None or service in UNOBSERVED_SERVICES:
+            return handler
+
+        @asynccontextmanager
+        async def observed(ctx: ServicerContext[Any, Any]) -> AsyncIterator[None]:
+            request = context.from_metadata(ctx.invocation_metadata(), ctx.time_remaining())
+            token = context.current.set(request)
+            started = time.perf_counter()
+            metrics.IN_FLIGHT.labels(service, method).inc()
+            failure: BaseException | None = None
+            try:
+                with tracing.tracer.start_as_current_span(
+                    f"{service}/{method}",
+                    context=tracing.extract(ctx.invocation_metadata()),
+                    kind=trace.SpanKind.SERVER,
+                    attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+                    record_exception=False,
+                    set_status_on_exception=False,
+                ) as span:
+                    try:
+                        yield
+                    except grpc.aio.AbortError as exc:
+                        failure = exc
+                        raise
+                    except BaseException as exc:  # every escape gets one mapped status
+                        failure = exc
+                        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                            raise
+                        span.set_attribute("rpc.grpc.status_code", _code_of(exc, ctx))
+                        await abort_for(exc, ctx)
+            finally:
+                code = _code_of(failure, ctx)
+                metrics.IN_FLIGHT.labels(service, method).dec()
+                metrics.HANDLED.labels(service, method, code).inc()
+                metrics.HANDLING_SECONDS.labels(service, method, code).observe(time.perf_counter() - started)
+                context.current.reset(token)
+
+        return _wrap(handler, observed)
+
+
+def _wrap(handler: Any, observed: Callable[[ServicerContext[Any, Any]], Any]) -> Any:
+    """The same handler with every call run inside `observed`."""
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, ctx: ServicerContext[Any, Any]) -> Any:
+            async with observed(ctx):
+                return await inner_uu(request, ctx)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, ctx: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async with observed(ctx):
+                async for response in inner_us(request, ctx):
+                    yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, ctx: ServicerContext[Any, Any]) -> Any:
+            async with observed(ctx):
+                return await inner_su(requests, ctx)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(requests: Any, ctx: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async with observed(ctx):
+            async for response in inner_ss(requests, ctx):
+                yield response
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
+
+
+class ClientInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Carries the request id, tenant, trace context and remaining deadline downstream."""
+
+    @staticmethod
+    def _propagate(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        present = {key for key, _ in metadata}
+        for key, value in (*context.outgoing_metadata(), *tracing.inject()):
+            if key not in present:
+                metadata.add(key, value)
+        timeout = details.timeout
+        request = context.current.get()
+        remaining = request.time_remaining() if request is not None else None
+        if remaining is not None:
+            timeout = max(0.0, remaining if timeout is None else min(timeout, remaining))
+        return grpc.aio.ClientCallDetails(
+            details.method, timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._propagate(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._propagate(client_call_details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._propagate(client_call_details), request_iterator)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._propagate(client_call_details), request_iterator)

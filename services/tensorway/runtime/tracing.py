@@ -1,0 +1,48 @@
+"""OpenTelemetry tracing: W3C trace context in gRPC metadata, spans exported over OTLP.
+
+Off unless an OTLP endpoint is configured; the propagators still carry an incoming trace
+context through, so a traced caller's trace survives an untraced hop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+tracer = trace.get_tracer("tensorway")
+
+
+def configure(service_name: str, otlp_endpoint: str | None, sample_ratio: float) -> TracerProvider | None:
+    """Install an OTLP-exporting tracer provider for this process, when an endpoint is given."""
+    if not otlp_endpoint:
+        return None
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter,
+    )
+
+    provider = TracerProvider(
+        resource=Resource.create({SERVICE_NAME: service_name}),
+        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+    )
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def extract(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context:
+    """The trace context a caller sent in its gRPC metadata."""
+    carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+    return propagate.extract(carrier)
+
+
+def inject() -> list[tuple[str, str]]:
+    """Metadata entries that carry the current trace context to a downstream call."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
