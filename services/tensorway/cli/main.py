@@ -1,2 +1,61 @@
+"""`tensorway`: serve a service, run the local stack, and (as they land) models, infer and batch."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from typing import Annotated, Protocol
+
 import typer
-app = typer.Typer()
+from rich.console import Console
+
+from tensorway.runtime import ServiceServer, ServiceSettings, configure_process, serve
+
+app = typer.Typer(
+    name="tensorway",
+    help="tensorway: a gRPC-first inference mesh in front of NVIDIA Triton.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+console = Console(stderr=True)
+
+# Service name → the module that builds it. Each module has `Settings` (a ServiceSettings with
+# the env prefix TENSORWAY_<SERVICE>_) and `async def create(settings) -> (ServiceServer, port)`.
+SERVICES: dict[str, str] = {}
+
+
+@app.callback()
+def tensorway() -> None:
+    """tensorway: a gRPC-first inference mesh in front of NVIDIA Triton."""
+
+
+class ServiceModule(Protocol):
+    Settings: type[ServiceSettings]
+
+    async def create(self, settings: ServiceSettings) -> tuple[ServiceServer, int]: ...
+
+
+@app.command("serve")
+def serve_command(
+    service: Annotated[str, typer.Argument(help="The service to run.")],
+    port: Annotated[int | None, typer.Option(help="gRPC port; overrides the environment.")] = None,
+) -> None:
+    """Run one tensorway service until SIGTERM or SIGINT."""
+    if service not in SERVICES:
+        known = ", ".join(sorted(SERVICES)) or "none yet"
+        console.print(f"[red]unknown service {service!r}[/red]; known: {known}")
+        raise typer.Exit(2)
+    module: ServiceModule = importlib.import_module(SERVICES[service])  # type: ignore[assignment]
+    settings = module.Settings() if port is None else module.Settings(port=port)
+    configure_process(service, settings)
+
+    async def run() -> None:
+        server, bound = await module.create(settings)
+        console.print(f"{service} listening on {settings.host}:{bound}")
+        await serve(server)
+
+    asyncio.run(run())
+
+
+def main() -> None:
+    app()

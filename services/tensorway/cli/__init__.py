@@ -1,0 +1,1 @@
+"""The `tensorway` command: the one entry point for operators."""
