@@ -1,0 +1,41 @@
+"""The contracts: gen/ is what protos/ generate, and buf lint (STANDARD) is clean."""
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tensorway import protogen
+
+ROOT = protogen.project_root()
+
+
+def test_gen_matches_protos() -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        fresh = Path(scratch) / "gen"
+        protogen.generate(ROOT, fresh)
+        assert protogen.differences(fresh, ROOT / "gen") == [], "gen/ is stale: run `make gen`"
+
+
+def test_buf_lint_is_clean() -> None:
+    buf = shutil.which("buf", path=str(Path(sys.executable).parent))
+    assert buf is not None, "buf comes with the local extra"
+    protogen.stage_third_party_protos(ROOT)
+    result = subprocess.run([buf, "lint"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unary_rpcs_are_http_mapped_and_streaming_rpcs_are_not() -> None:
+    from google.api import annotations_pb2
+
+    from tensorway.batch.v1 import batch_service_pb2
+    from tensorway.inference.v1 import inference_service_pb2
+    from tensorway.registry.v1 import registry_service_pb2
+
+    for module in (inference_service_pb2, registry_service_pb2, batch_service_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                streaming = method.client_streaming or method.server_streaming
+                mapped = method.GetOptions().HasExtension(annotations_pb2.http)
+                assert mapped != streaming, f"{service.full_name}/{method.name}"
