@@ -22,7 +22,7 @@ def test_buf_lint_is_clean() -> None:
     buf = shutil.which("buf", path=str(Path(sys.executable).parent))
     assert buf is not None, "buf comes with the local extra"
     protogen.stage_third_party_protos(ROOT)
-    result = subprocess.run([buf, "lint"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([buf, "lint"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
