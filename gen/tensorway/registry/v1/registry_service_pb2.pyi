@@ -901,6 +901,73 @@ class DeleteModelVersionResponse(_message.Message):
 Global___DeleteModelVersionResponse: _TypeAlias = DeleteModelVersionResponse  # noqa: Y015
 
 @_typing.final
+class TransitionModelVersionStageRequest(_message.Message):
+    """Request for TransitionModelVersionStage.
+
+    The rules: DRAFT goes to STAGING; STAGING to PRODUCTION or back to DRAFT; PRODUCTION back to
+    STAGING; ARCHIVED back to STAGING; any stage to ARCHIVED once no deployment routes to the
+    version. A model has one PRODUCTION version unless deployment weights say otherwise: promoting
+    a version moves every other PRODUCTION version that no deployment routes to back to STAGING.
+    A version that a deployment's "production" alias names stays PRODUCTION.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"models/{model}/versions/{version}"."""
+    stage: Global___Stage.ValueType
+    """The stage to move to."""
+    etag: _builtins.str
+    """If set, the transition succeeds only if it matches."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        stage: Global___Stage.ValueType = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransitionModelVersionStageRequest: _TypeAlias = TransitionModelVersionStageRequest  # noqa: Y015
+
+@_typing.final
+class TransitionModelVersionStageResponse(_message.Message):
+    """Response for TransitionModelVersionStage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    DEMOTED_VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model_version(self) -> Global___ModelVersion:
+        """The version in its new stage."""
+
+    @_builtins.property
+    def demoted_versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersion]:
+        """Other versions the promotion moved from PRODUCTION to STAGING."""
+
+    def __init__(
+        self,
+        *,
+        model_version: Global___ModelVersion | None = ...,
+        demoted_versions: _abc.Iterable[Global___ModelVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["demoted_versions", b"demoted_versions", "model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransitionModelVersionStageResponse: _TypeAlias = TransitionModelVersionStageResponse  # noqa: Y015
+
+@_typing.final
 class CreatePoolRequest(_message.Message):
     """Request for CreatePool."""
 
@@ -1419,7 +1486,9 @@ class VersionRoute(_message.Message):
     version: _builtins.str
     """The version id."""
     weight: _builtins.int
-    """Percent of default traffic it gets."""
+    """Share of default traffic it gets: the percent when the model has one deployment; with
+    several, each deployment's weights sum to 100 and shares are relative to the route's total.
+    """
     pool: _builtins.str
     """The pool that serves it, "pools/{pool}"."""
     max_batch_size: _builtins.int

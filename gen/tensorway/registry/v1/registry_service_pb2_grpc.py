@@ -86,6 +86,11 @@ class RegistryServiceStub:
                 request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelVersionRequest.SerializeToString,
                 response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelVersionResponse.FromString,
                 _registered_method=True)
+        self.TransitionModelVersionStage = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/TransitionModelVersionStage',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageResponse.FromString,
+                _registered_method=True)
         self.CreatePool = channel.unary_unary(
                 '/tensorway.registry.v1.RegistryService/CreatePool',
                 request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.CreatePoolRequest.SerializeToString,
@@ -218,6 +223,13 @@ class RegistryServiceServicer:
 
     def DeleteModelVersion(self, request, context):
         """Deletes a model version that no deployment routes to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransitionModelVersionStage(self, request, context):
+        """Moves a model version to another stage, following the stage rules.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -359,6 +371,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.DeleteModelVersion,
                     request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelVersionRequest.FromString,
                     response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelVersionResponse.SerializeToString,
+            ),
+            'TransitionModelVersionStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransitionModelVersionStage,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageResponse.SerializeToString,
             ),
             'CreatePool': grpc.unary_unary_rpc_method_handler(
                     servicer.CreatePool,
@@ -693,6 +710,33 @@ class RegistryService:
             '/tensorway.registry.v1.RegistryService/DeleteModelVersion',
             tensorway_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelVersionRequest.SerializeToString,
             tensorway_dot_registry_dot_v1_dot_registry__service__pb2.DeleteModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransitionModelVersionStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/TransitionModelVersionStage',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.TransitionModelVersionStageResponse.FromString,
             options,
             channel_credentials,
             insecure,

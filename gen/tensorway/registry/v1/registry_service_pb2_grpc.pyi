@@ -55,6 +55,8 @@ class RegistryServiceStub:
     """Updates a model version's fields named by the update mask."""
     DeleteModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteModelVersionRequest, _registry_service_pb2.DeleteModelVersionResponse]
     """Deletes a model version that no deployment routes to."""
+    TransitionModelVersionStage: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.TransitionModelVersionStageRequest, _registry_service_pb2.TransitionModelVersionStageResponse]
+    """Moves a model version to another stage, following the stage rules."""
     CreatePool: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.CreatePoolRequest, _registry_service_pb2.CreatePoolResponse]
     """Creates a pool of orchestrator endpoints."""
     GetPool: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetPoolRequest, _registry_service_pb2.GetPoolResponse]
@@ -107,6 +109,8 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Updates a model version's fields named by the update mask."""
     DeleteModelVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteModelVersionRequest, _registry_service_pb2.DeleteModelVersionResponse]  # type: ignore[assignment]
     """Deletes a model version that no deployment routes to."""
+    TransitionModelVersionStage: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.TransitionModelVersionStageRequest, _registry_service_pb2.TransitionModelVersionStageResponse]  # type: ignore[assignment]
+    """Moves a model version to another stage, following the stage rules."""
     CreatePool: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.CreatePoolRequest, _registry_service_pb2.CreatePoolResponse]  # type: ignore[assignment]
     """Creates a pool of orchestrator endpoints."""
     GetPool: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetPoolRequest, _registry_service_pb2.GetPoolResponse]  # type: ignore[assignment]
@@ -216,6 +220,14 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.DeleteModelVersionResponse, _abc.Awaitable[_registry_service_pb2.DeleteModelVersionResponse]]:
         """Deletes a model version that no deployment routes to."""
+
+    @_abc_1.abstractmethod
+    def TransitionModelVersionStage(
+        self,
+        request: _registry_service_pb2.TransitionModelVersionStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.TransitionModelVersionStageResponse, _abc.Awaitable[_registry_service_pb2.TransitionModelVersionStageResponse]]:
+        """Moves a model version to another stage, following the stage rules."""
 
     @_abc_1.abstractmethod
     def CreatePool(
