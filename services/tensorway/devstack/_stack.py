@@ -1,0 +1,209 @@
+"""Starting and stopping the local stack as a whole."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess  # nosec B404 - handles of the servers this process started
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tensorway.devstack._component import Component, LaunchContext, port_in_use_error
+from tensorway.devstack._envoy import Envoy
+from tensorway.devstack._errors import DevStackError
+from tensorway.devstack._kafka import Kafka
+from tensorway.devstack._ports import PortAllocator, port_is_free
+from tensorway.devstack._postgres import Postgres
+from tensorway.devstack._process import ProcessIdentity, identify, stop_group
+from tensorway.devstack._redis import Redis
+from tensorway.devstack._s3 import S3
+from tensorway.devstack._settings import DevStackSettings
+from tensorway.devstack._state import ComponentRecord, StackState, load_state, save_state
+from tensorway.devstack._triton import Triton
+
+
+def default_components() -> list[Component]:
+    """Every component of the local stack, in start order."""
+    return [Postgres(), Redis(), Kafka(), S3(), Triton(), Envoy()]
+
+
+COMPONENT_NAMES: tuple[str, ...] = tuple(component.name for component in default_components())
+
+
+class Stack:
+    """The local stack of one state dir.
+
+    Components are started in dependency order and recorded in the state file as
+    each one answers; if any fails, the ones this call started are stopped again.
+    A Stack started in this Python process also reaps its servers when it stops them.
+    """
+
+    def __init__(
+        self,
+        settings: DevStackSettings | None = None,
+        *,
+        state_dir: Path | None = None,
+        components: Sequence[Component] | None = None,
+    ) -> None:
+        self.settings = settings or DevStackSettings()
+        self.state_dir = (state_dir or self.settings.state_dir).absolute()
+        self._catalog = {component.name: component for component in components or default_components()}
+        self._handles: dict[str, subprocess.Popen[bytes]] = {}
+
+    def up(self, components: Iterable[str] | None = None) -> StackState:
+        """Start the named components (all when None) and those they require.
+
+        Raises DevStackError when one of them is already running in this state dir,
+        a pinned port is taken, a binary is missing or a server fails to start.
+        """
+        requested = list(components) if components is not None else list(self._catalog)
+        wanted = self._with_requirements(requested)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = self._drop_dead(load_state(self.state_dir))
+        already = [name for name in requested if name in state.components]
+        if already:
+            raise DevStackError(
+                "stack",
+                f"already running in {self.state_dir}: "
+                + ", ".join(f"{name} (pid {state.components[name].pid})" for name in already),
+                f"stop it first: tensorway dev down (TENSORWAY_DEV_STATE_DIR={self.state_dir})",
+            )
+        # Requirements that already run are used as they are.
+        to_start = [name for name in wanted if name not in state.components]
+        self._check_pinned_ports(to_start)
+        ports = PortAllocator()
+        started_now: list[str] = []
+        try:
+            for name in to_start:
+                state.components[name] = self._start(self._catalog[name], ports)
+                started_now.append(name)
+                save_state(self.state_dir, state)
+        except BaseException:
+            for name in reversed(started_now):
+                self._stop(name, state.components.pop(name))
+            save_state(self.state_dir, state)
+            raise
+        return state
+
+    def ensure(self, components: Iterable[str]) -> StackState:
+        """Start whichever of the named components is not running yet; return the stack."""
+        running = self.status().components
+        missing = [name for name in components if name not in running]
+        return self.up(missing) if missing else self.status()
+
+    def down(self) -> list[str]:
+        """Stop every recorded component, newest first; return their names.
+
+        Only processes recorded in the state file are signalled. Data and logs stay
+        in the state dir; runtime files go. Safe to call when nothing runs.
+        """
+        state = load_state(self.state_dir)
+        stopped = []
+        for name in reversed(list(state.components)):
+            self._stop(name, state.components.pop(name))
+            stopped.append(name)
+            save_state(self.state_dir, state)
+        return stopped
+
+    def status(self) -> StackState:
+        """The recorded components whose servers are still running."""
+        state = load_state(self.state_dir)
+        return StackState(
+            components={name: record for name, record in state.components.items() if record.running}
+        )
+
+    def _with_requirements(self, names: list[str]) -> list[str]:
+        unknown = sorted(set(names) - set(self._catalog))
+        if unknown:
+            raise DevStackError(
+                "stack",
+                "unknown component(s): " + ", ".join(unknown),
+                "choose from: " + ", ".join(self._catalog),
+            )
+        needed: set[str] = set()
+        pending = list(names)
+        while pending:
+            name = pending.pop()
+            if name not in needed:
+                needed.add(name)
+                pending.extend(self._catalog[name].requires)
+        return [name for name in self._catalog if name in needed]
+
+    def _drop_dead(self, state: StackState) -> StackState:
+        """Forget components whose server died, after stopping any leftovers of theirs."""
+        for name, record in list(state.components.items()):
+            if not record.running:
+                self._stop(name, state.components.pop(name))
+        save_state(self.state_dir, state)
+        return state
+
+    def _check_pinned_ports(self, names: list[str]) -> None:
+        # Checked before anything starts, so a taken port costs no half-started stack.
+        for name in names:
+            for setting in self._catalog[name].port_settings:
+                port: int | None = getattr(self.settings, setting)
+                if port is not None and not port_is_free(port):
+                    raise port_in_use_error(name, setting, port)
+
+    def _start(self, component: Component, ports: PortAllocator) -> ComponentRecord:
+        ctx = LaunchContext(component.name, self.state_dir, self.settings, ports)
+        try:
+            started = component.start(ctx)
+            identity = identify(started.process.pid)
+        except BaseException:
+            grace = self.settings.stop_grace.total_seconds()
+            for process in reversed(ctx.spawned):
+                stop_group(_identity_of(process), grace=grace, handle=process)
+            raise
+        self._handles[component.name] = started.process
+        return ComponentRecord(
+            pid=identity.pid,
+            start_ticks=identity.start_ticks,
+            stop_signal=int(started.stop_signal),
+            log=str(ctx.log_path.relative_to(self.state_dir)),
+            endpoints=started.endpoints,
+            internal=started.internal,
+            cleanup=started.cleanup,
+        )
+
+    def _stop(self, name: str, record: ComponentRecord) -> None:
+        stop_group(
+            record.identity,
+            grace=self.settings.stop_grace.total_seconds(),
+            stop_signal=record.stop_signal,
+            handle=self._handles.pop(name, None),
+        )
+        for pattern in record.cleanup:
+            for path in glob.glob(pattern):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    Path(path).unlink(missing_ok=True)
+
+
+def _identity_of(process: subprocess.Popen[bytes]) -> ProcessIdentity:
+    try:
+        return identify(process.pid)
+    except ProcessLookupError:
+        # Already gone (or a zombie awaiting its reap): nothing left to match.
+        return ProcessIdentity(pid=process.pid, start_ticks=-1)
+
+
+def up(
+    state_dir: Path | None = None,
+    components: Iterable[str] | None = None,
+    settings: DevStackSettings | None = None,
+) -> StackState:
+    """Start components of the local stack in ``state_dir``; see Stack.up."""
+    return Stack(settings, state_dir=state_dir).up(components)
+
+
+def down(state_dir: Path | None = None, settings: DevStackSettings | None = None) -> list[str]:
+    """Stop everything recorded in ``state_dir``; see Stack.down."""
+    return Stack(settings, state_dir=state_dir).down()
+
+
+def status(state_dir: Path | None = None, settings: DevStackSettings | None = None) -> StackState:
+    """What runs in ``state_dir``; see Stack.status."""
+    return Stack(settings, state_dir=state_dir).status()

@@ -1,0 +1,138 @@
+"""Session fixtures for the real servers tests talk to.
+
+Each endpoint fixture starts its component of the local stack on first use (through
+the same launcher as `tensorway dev up`, in a temporary state dir) unless the matching
+environment variable points at a running one, e.g. a docker-compose stack:
+TENSORWAY_POSTGRES_URL, TENSORWAY_REDIS_URL, TENSORWAY_KAFKA_BOOTSTRAP,
+TENSORWAY_S3_ENDPOINT, TENSORWAY_TRITON_GRPC, TENSORWAY_ENVOY_URL.
+Everything started is stopped when the session ends.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tensorway.devstack import DevStackSettings, Endpoint, ServiceEndpoints, Stack
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    access_key: str
+    secret_key: str
+
+
+def world_searchable_temp_dir(prefix: str) -> Path:
+    """A fresh temp dir PostgreSQL can reach when it runs as `nobody` under root.
+
+    pytest's own tmp dirs sit under a 0700 directory, which `nobody` cannot enter.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+def isolated_settings(state_dir: Path) -> DevStackSettings:
+    """Settings from the environment, minus pinned ports: tests must not collide with
+    a developer's own `tensorway dev up`."""
+    settings = DevStackSettings(state_dir=state_dir)
+    pinned = {name: None for name in DevStackSettings.model_fields if name.endswith("_port")}
+    return settings.model_copy(update=pinned)
+
+
+@pytest.fixture(scope="session")
+def service_endpoints() -> ServiceEndpoints:
+    """Endpoints given through the environment; unset ones are started locally."""
+    return ServiceEndpoints()
+
+
+@pytest.fixture(scope="session")
+def dev_stack() -> Iterator[Stack]:
+    """The session's local stack; components start when a fixture first needs them."""
+    state_dir = world_searchable_temp_dir("tensorway-test-stack-")
+    stack = Stack(isolated_settings(state_dir), state_dir=state_dir)
+    try:
+        yield stack
+    finally:
+        stack.down()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _local(stack: Stack, component: str, endpoint: str) -> Endpoint:
+    return stack.ensure([component]).endpoints()[endpoint]
+
+
+@pytest.fixture(scope="session")
+def postgres_url(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
+    """``postgresql://`` URL of the ``tensorway`` database."""
+    if service_endpoints.postgres_url:
+        return service_endpoints.postgres_url
+    url = _local(request.getfixturevalue("dev_stack"), "postgres", "postgres").url
+    assert url is not None
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
+    """``redis://`` URL."""
+    if service_endpoints.redis_url:
+        return service_endpoints.redis_url
+    url = _local(request.getfixturevalue("dev_stack"), "redis", "redis").url
+    assert url is not None
+    return url
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
+    """Kafka bootstrap servers, ``host:port``."""
+    if service_endpoints.kafka_bootstrap:
+        return service_endpoints.kafka_bootstrap
+    return _local(request.getfixturevalue("dev_stack"), "kafka", "kafka").address
+
+
+@pytest.fixture(scope="session")
+def kafka_session_timeout_ms(service_endpoints: ServiceEndpoints) -> int:
+    """Session timeout to give Kafka consumers; a group's first join takes about half of it."""
+    return int(service_endpoints.kafka_session_timeout.total_seconds() * 1000)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
+    """S3 endpoint URL, ``http://host:port``."""
+    if service_endpoints.s3_endpoint:
+        return service_endpoints.s3_endpoint
+    url = _local(request.getfixturevalue("dev_stack"), "s3", "s3").url
+    assert url is not None
+    return url
+
+
+@pytest.fixture(scope="session")
+def s3_credentials(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> S3Credentials:
+    """Access and secret key that ``s3_endpoint`` accepts."""
+    if service_endpoints.s3_endpoint:
+        return S3Credentials(service_endpoints.s3_access_key, service_endpoints.s3_secret_key)
+    settings = request.getfixturevalue("dev_stack").settings
+    return S3Credentials(settings.s3_access_key, settings.s3_secret_key)
+
+
+@pytest.fixture(scope="session")
+def triton_grpc(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
+    """Triton's gRPC address, ``host:port``, serving the demo models."""
+    if service_endpoints.triton_grpc:
+        return service_endpoints.triton_grpc
+    return _local(request.getfixturevalue("dev_stack"), "triton", "triton_grpc").address
+
+
+@pytest.fixture(scope="session")
+def envoy_url(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
+    """Envoy's public listener, ``http://host:port``."""
+    if service_endpoints.envoy_url:
+        return service_endpoints.envoy_url
+    url = _local(request.getfixturevalue("dev_stack"), "envoy", "envoy").url
+    assert url is not None
+    return url
