@@ -13,18 +13,11 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tensorway.devstack import DevStackSettings, Endpoint, ServiceEndpoints, Stack
-
-
-@dataclass(frozen=True)
-class S3Credentials:
-    access_key: str
-    secret_key: str
+from tensorway.devstack import DevStackSettings, Endpoint, S3Credentials, ServiceEndpoints, Stack
 
 
 def world_searchable_temp_dir(prefix: str) -> Path:
@@ -37,12 +30,12 @@ def world_searchable_temp_dir(prefix: str) -> Path:
     return path
 
 
-def isolated_settings(state_dir: Path) -> DevStackSettings:
-    """Settings from the environment, minus pinned ports: tests must not collide with
-    a developer's own `tensorway dev up`."""
-    settings = DevStackSettings(state_dir=state_dir)
-    pinned = {name: None for name in DevStackSettings.model_fields if name.endswith("_port")}
-    return settings.model_copy(update=pinned)
+@pytest.fixture
+def private_state_dir() -> Iterator[Path]:
+    """A fresh state dir for a test's own stack, removed after the test."""
+    path = world_searchable_temp_dir("tensorway-test-private-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +48,8 @@ def service_endpoints() -> ServiceEndpoints:
 def dev_stack() -> Iterator[Stack]:
     """The session's local stack; components start when a fixture first needs them."""
     state_dir = world_searchable_temp_dir("tensorway-test-stack-")
-    stack = Stack(isolated_settings(state_dir), state_dir=state_dir)
+    # Pinned ports in the environment belong to a developer's own `tensorway dev up`.
+    stack = Stack(DevStackSettings(state_dir=state_dir).without_pinned_ports(), state_dir=state_dir)
     try:
         yield stack
     finally:

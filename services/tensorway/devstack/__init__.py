@@ -8,7 +8,7 @@ them; `status` says what runs. `tensorway dev` and the test fixtures both use it
 from tensorway.devstack._component import Component, LaunchContext, PackageFile, Started
 from tensorway.devstack._envoy import render_envoy_config
 from tensorway.devstack._errors import DevStackError
-from tensorway.devstack._settings import DevStackSettings, ServiceEndpoints
+from tensorway.devstack._settings import DevStackSettings, S3Credentials, ServiceEndpoints
 from tensorway.devstack._stack import COMPONENT_NAMES, Stack, default_components, down, status, up
 from tensorway.devstack._state import STATE_FILE_NAME, ComponentRecord, Endpoint, StackState
 
@@ -22,6 +22,7 @@ __all__ = [
     "Endpoint",
     "LaunchContext",
     "PackageFile",
+    "S3Credentials",
     "ServiceEndpoints",
     "Stack",
     "StackState",

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._ports import PortAllocator, PortInUseError
-from tensorway.devstack._process import log_tail, spawn
+from tensorway.devstack._process import log_tail, reap, spawn
 from tensorway.devstack._settings import DevStackSettings
 from tensorway.devstack._state import Endpoint
 
@@ -131,7 +131,7 @@ class LaunchContext:
             self.spawned.remove(process)
             if process.poll() is None:
                 process.kill()
-                process.wait()
+            reap(process.pid)
         if code != 0:
             raise self.failure(f"{what} failed with exit code {code}")
 

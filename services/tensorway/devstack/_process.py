@@ -19,6 +19,10 @@ from pathlib import Path
 
 _PROC = Path("/proc")
 
+# Servers this Python process started, kept until they are stopped and reaped: a
+# Popen dropped while its server runs would warn, and an unreaped one stays a zombie.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 @dataclass(frozen=True)
 class ProcessIdentity:
@@ -77,7 +81,7 @@ def spawn(
     with log_path.open("ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         log.flush()
-        return subprocess.Popen(  # noqa: S603  # nosec B603 - argv is built by the launcher
+        process = subprocess.Popen(  # noqa: S603  # nosec B603 - argv is built by the launcher
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -89,6 +93,8 @@ def spawn(
             group=group,
             extra_groups=[] if user is not None else None,
         )
+    _children[process.pid] = process
+    return process
 
 
 def stop_group(
@@ -96,12 +102,11 @@ def stop_group(
     *,
     grace: float,
     stop_signal: int = signal.SIGTERM,
-    handle: subprocess.Popen[bytes] | None = None,
 ) -> None:
     """Stop a server and its process group: ``stop_signal``, then SIGKILL after ``grace``.
 
-    ``handle`` is the Popen of a server this Python process started, so it is reaped
-    here; a server started by an earlier command is reaped by whoever adopted it.
+    A server this Python process started is reaped here; one started by an earlier
+    command is reaped by whoever adopted it.
     """
     pgid = identity.pid
     if is_alive(identity):
@@ -110,7 +115,7 @@ def stop_group(
         while is_alive(identity) and time.monotonic() < deadline:
             time.sleep(0.05)
     elif not _group_members(pgid):
-        _reap(handle)
+        reap(identity.pid)
         return
     # Whatever outlived the grace period, leader or stray child, is killed.
     if is_alive(identity) or _group_members(pgid):
@@ -118,7 +123,7 @@ def stop_group(
         deadline = time.monotonic() + 5
         while (is_alive(identity) or _group_members(pgid)) and time.monotonic() < deadline:
             time.sleep(0.05)
-    _reap(handle)
+    reap(identity.pid)
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -126,7 +131,9 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-def _reap(handle: subprocess.Popen[bytes] | None) -> None:
+def reap(pid: int) -> None:
+    """Collect the exit status of a server this process started (no-op for others)."""
+    handle = _children.pop(pid, None)
     if handle is not None:
         try:
             handle.wait(timeout=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import urllib3
 from minio import Minio
 
 from tensorway.devstack._component import (
@@ -80,13 +81,18 @@ class S3(Component):
             ],
             env=env,
         )
+        connections = urllib3.PoolManager(retries=False, timeout=2)
         client = Minio(
             loopback(s3_port),
             access_key=ctx.settings.s3_access_key,
             secret_key=ctx.settings.s3_secret_key,
             secure=False,
+            http_client=connections,
         )
-        ctx.wait_ready(process, client.list_buckets, what="S3 ListBuckets")
+        try:
+            ctx.wait_ready(process, client.list_buckets, what="S3 ListBuckets")
+        finally:
+            connections.clear()
         return Started(
             process=process,
             endpoints={"s3": Endpoint(address=loopback(s3_port), url=f"http://{loopback(s3_port)}")},

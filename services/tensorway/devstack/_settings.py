@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """An access key and secret key pair for an S3 endpoint."""
+
+    access_key: str
+    secret_key: str
 
 
 class DevStackSettings(BaseSettings):
@@ -67,6 +76,12 @@ class DevStackSettings(BaseSettings):
 
     envoy_router_address: str = "127.0.0.1:50051"
     """host:port of the router service Envoy forwards to."""
+
+    def without_pinned_ports(self) -> DevStackSettings:
+        """These settings with every port left to be picked free (for tests)."""
+        return self.model_copy(
+            update={name: None for name in type(self).model_fields if name.endswith("_port")}
+        )
 
 
 class ServiceEndpoints(BaseSettings):

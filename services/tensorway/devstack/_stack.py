@@ -36,7 +36,6 @@ class Stack:
 
     Components are started in dependency order and recorded in the state file as
     each one answers; if any fails, the ones this call started are stopped again.
-    A Stack started in this Python process also reaps its servers when it stops them.
     """
 
     def __init__(
@@ -49,7 +48,6 @@ class Stack:
         self.settings = settings or DevStackSettings()
         self.state_dir = (state_dir or self.settings.state_dir).absolute()
         self._catalog = {component.name: component for component in components or default_components()}
-        self._handles: dict[str, subprocess.Popen[bytes]] = {}
 
     def up(self, components: Iterable[str] | None = None) -> StackState:
         """Start the named components (all when None) and those they require.
@@ -154,9 +152,8 @@ class Stack:
         except BaseException:
             grace = self.settings.stop_grace.total_seconds()
             for process in reversed(ctx.spawned):
-                stop_group(_identity_of(process), grace=grace, handle=process)
+                stop_group(_identity_of(process), grace=grace)
             raise
-        self._handles[component.name] = started.process
         return ComponentRecord(
             pid=identity.pid,
             start_ticks=identity.start_ticks,
@@ -172,7 +169,6 @@ class Stack:
             record.identity,
             grace=self.settings.stop_grace.total_seconds(),
             stop_signal=record.stop_signal,
-            handle=self._handles.pop(name, None),
         )
         for pattern in record.cleanup:
             for path in glob.glob(pattern):

