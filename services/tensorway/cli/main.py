@@ -21,7 +21,9 @@ console = Console(stderr=True)
 
 # Service name → the module that builds it. Each module has `Settings` (a ServiceSettings with
 # the env prefix TENSORWAY_<SERVICE>_) and `async def create(settings) -> (ServiceServer, port)`.
-SERVICES: dict[str, str] = {}
+SERVICES: dict[str, str] = {
+    "orchestrator": "tensorway.orchestrator.service",
+}
 
 
 @app.callback()

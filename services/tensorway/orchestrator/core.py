@@ -1,0 +1,153 @@
+"""The orchestrator's logic: check a request against its model, carry it to a Triton of the pool
+within its deadline and the in-flight limit, and hand back Triton's answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+from tensorway.inference.v1 import inference_service_pb2 as pb
+from tensorway.orchestrator import metrics
+from tensorway.orchestrator.converters import from_triton_response, metadata_response, to_triton_request
+from tensorway.orchestrator.models import ModelCatalog
+from tensorway.orchestrator.pool import TritonPool
+from tensorway.orchestrator.triton_errors import ModelGone
+from tensorway.orchestrator.validation import validate_request
+from tensorway.runtime import DeadlineExceeded, Internal, ResourceExhausted, TensorwayError, context
+from tensorway.runtime.errors import GENERIC_INTERNAL_MESSAGE, reason_name
+
+logger = logging.getLogger(__name__)
+
+
+class Orchestrator:
+    """Runs inference requests on the pool's Tritons.
+
+    At most `max_in_flight` requests are at Triton at once; up to `max_queued` more wait for a
+    slot, and beyond that requests are refused with RESOURCE_EXHAUSTED. A request without a
+    deadline gets `default_timeout`.
+    """
+
+    def __init__(
+        self,
+        pool: TritonPool,
+        catalog: ModelCatalog,
+        *,
+        max_in_flight: int,
+        max_queued: int,
+        default_timeout: timedelta,
+    ) -> None:
+        self._pool = pool
+        self._catalog = catalog
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_queued = max_queued
+        self._queued = 0
+        self._default_timeout = default_timeout.total_seconds()
+
+    async def infer(self, request: pb.InferRequest) -> pb.InferResponse:
+        """Validate `request` against its model's signature, run it, and return the answer."""
+        started = time.perf_counter()
+        model = metrics.UNKNOWN_MODEL
+        code = "OK"
+        try:
+            async with asyncio.timeout(self._time_remaining()):
+                signature = await self._catalog.signature(request.model_name, request.model_version)
+                model = signature.name
+                validate_request(request, signature)
+                async with self._in_flight_slot(model):
+                    answer = await self._pool.choose(model).infer(to_triton_request(request))
+            return from_triton_response(answer, request)
+        except TimeoutError as timeout:
+            failure: TensorwayError = DeadlineExceeded(
+                f"model {request.model_name!r} did not answer before the deadline"
+            )
+            code = failure.code.name
+            metrics.ERRORS.labels(model, reason_name(failure.reason)).inc()
+            raise failure from timeout
+        except TensorwayError as error:
+            if isinstance(error, ModelGone):
+                self._catalog.forget([model])
+            code = error.code.name
+            metrics.ERRORS.labels(model, reason_name(error.reason)).inc()
+            raise
+        finally:
+            metrics.REQUEST_SECONDS.labels(model, code).observe(time.perf_counter() - started)
+
+    async def model_metadata(self, request: pb.GetModelMetadataRequest) -> pb.GetModelMetadataResponse:
+        """The signature of a model version, as the pool's Tritons declare it."""
+        signature = await self._catalog.signature(request.model_name, request.model_version)
+        return metadata_response(signature)
+
+    async def stream_infer(
+        self, requests: AsyncIterator[pb.StreamInferRequest]
+    ) -> AsyncIterator[pb.StreamInferResponse]:
+        """Run every request of a stream concurrently; answer each, success or error, as it ends."""
+        answers: asyncio.Queue[pb.StreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.InferRequest) -> None:
+            try:
+                response = await self.infer(request)
+            except TensorwayError as error:
+                answers.put_nowait(pb.StreamInferResponse(id=request.id, error=error.to_status_proto()))
+            except Exception:
+                logger.exception("stream request %s failed", request.id)
+                failure = Internal(GENERIC_INTERNAL_MESSAGE)
+                answers.put_nowait(pb.StreamInferResponse(id=request.id, error=failure.to_status_proto()))
+            else:
+                answers.put_nowait(pb.StreamInferResponse(id=request.id, response=response))
+
+        async def read_requests() -> None:
+            try:
+                async for item in requests:
+                    task = asyncio.ensure_future(answer(item.request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read_requests())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+            await reader  # the caller's stream failed: say so
+        finally:
+            for task in (reader, *running):
+                task.cancel()
+
+    def _time_remaining(self) -> float:
+        request = context.current.get()
+        remaining = request.time_remaining() if request is not None else None
+        return self._default_timeout if remaining is None else remaining
+
+    @asynccontextmanager
+    async def _in_flight_slot(self, model: str) -> AsyncIterator[None]:
+        if self._slots.locked():
+            if self._queued >= self._max_queued:
+                raise ResourceExhausted(
+                    f"{self._queued} requests are already waiting for Triton",
+                    retry_after=timedelta(milliseconds=100),
+                    metadata={"model": model},
+                )
+            waited = time.perf_counter()
+            self._queued += 1
+            metrics.QUEUED.labels(model).inc()
+            try:
+                await self._slots.acquire()
+            finally:
+                self._queued -= 1
+                metrics.QUEUED.labels(model).dec()
+                metrics.QUEUE_SECONDS.labels(model).observe(time.perf_counter() - waited)
+        else:
+            await self._slots.acquire()
+            metrics.QUEUE_SECONDS.labels(model).observe(0)
+        metrics.IN_FLIGHT.labels(model).inc()
+        try:
+            yield
+        finally:
+            metrics.IN_FLIGHT.labels(model).dec()
+            self._slots.release()

@@ -1,0 +1,177 @@
+"""The Tritons beside this orchestrator: how to reach each one, what each has ready, and which
+one takes the next request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2 as triton
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
+
+from tensorway.orchestrator import metrics
+from tensorway.orchestrator.streams import InferStream, UnaryInfer
+from tensorway.orchestrator.triton_errors import from_rpc_error
+from tensorway.runtime import create_channel
+
+logger = logging.getLogger(__name__)
+
+
+class TritonEndpoint:
+    """One Triton: its channel, the streams (or unary calls) requests travel on, and its readiness.
+
+    Readiness is what the last `refresh()` saw; before the first one the Triton counts as ready,
+    so requests are not refused while the first check is on its way.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        streams: int,
+        max_message_bytes: int,
+        control_timeout: timedelta,
+        load_timeout: timedelta,
+    ) -> None:
+        self.address = address
+        self.ready = True
+        self.ready_models: frozenset[str] | None = None
+        self._channel = create_channel(address, max_message_bytes)
+        self._stub = triton_grpc.GRPCInferenceServiceStub(self._channel)
+        self._senders: Sequence[InferStream | UnaryInfer] = [
+            InferStream(self._stub, address) for _ in range(streams)
+        ] or [UnaryInfer(self._stub)]
+        self._control_timeout = control_timeout.total_seconds()
+        self._load_timeout = load_timeout.total_seconds()
+
+    @property
+    def pending(self) -> int:
+        """Requests sent to this Triton and not yet answered."""
+        return sum(sender.pending for sender in self._senders)
+
+    def serves(self, model: str) -> bool:
+        return self.ready and (self.ready_models is None or model in self.ready_models)
+
+    async def infer(self, request: Any) -> Any:
+        """Run a Triton ModelInferRequest on the least busy stream."""
+        sender = min(self._senders, key=lambda candidate: candidate.pending)
+        return await sender.infer(request)
+
+    async def refresh(self) -> None:
+        """Ask Triton whether it is ready and which models it has ready."""
+        try:
+            server = await self._stub.ServerReady(triton.ServerReadyRequest(), timeout=self._control_timeout)
+            index = await self._stub.RepositoryIndex(
+                triton.RepositoryIndexRequest(ready=True), timeout=self._control_timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            if self.ready:
+                logger.warning("Triton %s is not ready: %s", self.address, error.details())
+            self.ready, self.ready_models = False, frozenset()
+        else:
+            self.ready = bool(server.ready)
+            self.ready_models = frozenset(model.name for model in index.models)
+        metrics.TRITON_READY.labels(self.address).set(self.ready)
+
+    async def signature_sources(self, model: str, version: str) -> tuple[Any, Any]:
+        """Triton's ModelMetadataResponse and ModelConfig of a model version."""
+        try:
+            metadata = await self._stub.ModelMetadata(
+                triton.ModelMetadataRequest(name=model, version=version), timeout=self._control_timeout
+            )
+            config = await self._stub.ModelConfig(
+                triton.ModelConfigRequest(name=model, version=version), timeout=self._control_timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, model) from error
+        return metadata, config.config
+
+    async def known_models(self) -> frozenset[str]:
+        """Every model in the Triton's repository, loaded or not."""
+        try:
+            index = await self._stub.RepositoryIndex(
+                triton.RepositoryIndexRequest(ready=False), timeout=self._control_timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "") from error
+        return frozenset(model.name for model in index.models)
+
+    async def load(self, model: str) -> None:
+        """Load (or reload) a model with explicit model control."""
+        try:
+            await self._stub.RepositoryModelLoad(
+                triton.RepositoryModelLoadRequest(model_name=model), timeout=self._load_timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, model) from error
+
+    async def unload(self, model: str) -> None:
+        """Unload a model; Triton lets the requests it has finish first."""
+        try:
+            await self._stub.RepositoryModelUnload(
+                triton.RepositoryModelUnloadRequest(model_name=model), timeout=self._load_timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, model) from error
+
+    async def close(self) -> None:
+        for sender in self._senders:
+            if isinstance(sender, InferStream):
+                await sender.close()
+        await self._channel.close()
+
+
+ReadinessListener = Callable[[Mapping[str, bool], Sequence[TritonEndpoint]], Awaitable[None]]
+
+
+class TritonPool:
+    """The Tritons of one pool, all serving the same models.
+
+    `refresh()` polls them; listeners hear each model's readiness (ready on at least one Triton)
+    and which Tritons have just become ready, e.g. to load the pool's models on a restarted one.
+    """
+
+    def __init__(self, endpoints: Sequence[TritonEndpoint]) -> None:
+        if not endpoints:
+            raise ValueError("a pool needs at least one Triton")
+        self.endpoints = list(endpoints)
+        self._listeners: list[ReadinessListener] = []
+        self._models_seen: set[str] = set()
+
+    @property
+    def ready(self) -> bool:
+        """Whether at least one Triton is ready."""
+        return any(endpoint.ready for endpoint in self.endpoints)
+
+    def add_listener(self, listener: ReadinessListener) -> None:
+        self._listeners.append(listener)
+
+    def choose(self, model: str) -> TritonEndpoint:
+        """The least busy Triton that has the model ready; any least busy one when none has."""
+        candidates = [endpoint for endpoint in self.endpoints if endpoint.serves(model)] or self.endpoints
+        return min(candidates, key=lambda endpoint: endpoint.pending)
+
+    async def refresh(self, endpoints: Sequence[TritonEndpoint] | None = None) -> None:
+        """Poll the Tritons (all, or the given ones) and tell the listeners."""
+        polled = self.endpoints if endpoints is None else endpoints
+        was_ready = {endpoint.address: endpoint.ready for endpoint in polled}
+        await asyncio.gather(*(endpoint.refresh() for endpoint in polled))
+        came_up = [e for e in polled if e.ready and not was_ready[e.address]]
+        ready_models = {m for e in self.endpoints if e.ready for m in e.ready_models or ()}
+        self._models_seen |= ready_models
+        readiness = {model: model in ready_models for model in self._models_seen}
+        for listener in self._listeners:
+            await listener(readiness, came_up)
+
+    async def watch(self, interval: timedelta) -> None:
+        """Refresh every `interval`, forever."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(interval.total_seconds())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(endpoint.close() for endpoint in self.endpoints))

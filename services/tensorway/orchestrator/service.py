@@ -1,0 +1,148 @@
+"""The orchestrator service: settings, the gRPC servicer, and `create` for `tensorway serve`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+from pydantic_settings import SettingsConfigDict
+
+from tensorway.inference.v1 import inference_service_pb2 as pb
+from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tensorway.orchestrator import metrics
+from tensorway.orchestrator.core import Orchestrator
+from tensorway.orchestrator.models import DeploymentSource, ModelCatalog, ModelPlacement
+from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
+from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, create_server
+
+SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+# Health service names under which each model's readiness is reported, e.g. "models/digits".
+MODEL_HEALTH_PREFIX = "models/"
+
+
+class Settings(ServiceSettings):
+    """The orchestrator's settings, from TENSORWAY_ORCHESTRATOR_* variables (lists as JSON)."""
+
+    model_config = SettingsConfigDict(env_prefix="TENSORWAY_ORCHESTRATOR_", extra="ignore")
+
+    tritons: tuple[str, ...] = ("127.0.0.1:8001",)
+    """gRPC addresses ("host:port") of the Tritons of this pool; they all serve the same models."""
+    pool: str = "default"
+    """The pool's id in the registry (the `{pool}` of "pools/{pool}")."""
+    registry_address: str | None = None
+    """Registry gRPC address; when set, the registry's deployments for the pool decide which
+    models are loaded and unloaded. Unset, only `models` are loaded and nothing is unloaded."""
+    models: tuple[str, ...] = ()
+    """Models to load on every Triton at start (explicit model control), and keep loaded."""
+    streams_per_triton: int = 2
+    """ModelStreamInfer streams kept open to each Triton; 0 sends every request as a unary
+    ModelInfer (for a proxy in front of Triton that cuts long-lived streams)."""
+    max_in_flight: int = 256
+    """Requests at Triton at once; more wait for a slot."""
+    max_queued: int = 1024
+    """Requests that may wait for a slot; beyond them requests get RESOURCE_EXHAUSTED."""
+    default_timeout: timedelta = timedelta(seconds=60)
+    """Deadline of a request whose caller set none."""
+    health_interval: timedelta = timedelta(seconds=1)
+    """How often the Tritons' readiness and their ready models are polled."""
+    control_timeout: timedelta = timedelta(seconds=5)
+    """Deadline of readiness, metadata and repository calls to Triton."""
+    load_timeout: timedelta = timedelta(seconds=120)
+    """Deadline of loading or unloading one model on one Triton."""
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """tensorway.inference.v1.InferenceService, served to routers."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self._orchestrator = orchestrator
+
+    async def Infer(self, request: pb.InferRequest, context: Any) -> pb.InferResponse:
+        return await self._orchestrator.infer(request)
+
+    async def StreamInfer(
+        self, request_iterator: AsyncIterator[pb.StreamInferRequest], context: Any
+    ) -> AsyncIterator[pb.StreamInferResponse]:
+        async for response in self._orchestrator.stream_infer(request_iterator):
+            yield response
+
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: Any
+    ) -> pb.GetModelMetadataResponse:
+        return await self._orchestrator.model_metadata(request)
+
+
+class HealthReport:
+    """Reports the pool's readiness through gRPC health: the server is NOT_SERVING when no Triton
+    is ready, and each model is reported under "models/{model}"."""
+
+    def __init__(self, server: ServiceServer, pool: TritonPool) -> None:
+        self._server = server
+        self._pool = pool
+
+    async def __call__(self, readiness: Mapping[str, bool], _came_up: Sequence[TritonEndpoint]) -> None:
+        # Set on every poll, not only on change: the server reports SERVING when it starts.
+        await self._server.set_serving(self._pool.ready)
+        for model, ready in readiness.items():
+            await self._server.set_serving(ready, MODEL_HEALTH_PREFIX + model)
+            metrics.MODEL_READY.labels(model).set(ready)
+
+
+async def create(
+    settings: Settings, deployments: DeploymentSource | None = None
+) -> tuple[ServiceServer, int]:
+    """Build the orchestrator server and start following its Tritons; the caller starts the server.
+
+    `deployments` replaces the registry as the source of the pool's models (tests, other setups).
+    """
+    pool = TritonPool(
+        [
+            TritonEndpoint(
+                address,
+                streams=settings.streams_per_triton,
+                max_message_bytes=settings.max_message_bytes,
+                control_timeout=settings.control_timeout,
+                load_timeout=settings.load_timeout,
+            )
+            for address in settings.tritons
+        ]
+    )
+    catalog = ModelCatalog(pool)
+    orchestrator = Orchestrator(
+        pool,
+        catalog,
+        max_in_flight=settings.max_in_flight,
+        max_queued=settings.max_queued,
+        default_timeout=settings.default_timeout,
+    )
+    if deployments is None and settings.registry_address is not None:
+        from tensorway.orchestrator.registry import RegistryDeployments
+
+        deployments = RegistryDeployments(settings.registry_address, settings.pool)
+    placement = ModelPlacement(pool, catalog, settings.models, deployments)
+    server, port = create_server(
+        "orchestrator",
+        settings,
+        [
+            ServiceBinding(
+                pb_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(orchestrator), SERVICE
+            )
+        ],
+    )
+    pool.add_listener(HealthReport(server, pool))
+    background = [
+        asyncio.ensure_future(pool.watch(settings.health_interval)),
+        asyncio.ensure_future(placement.run()),
+    ]
+
+    async def stop_background() -> None:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await placement.close()
+        await pool.close()
+
+    server.on_stop(stop_background)
+    return server, port

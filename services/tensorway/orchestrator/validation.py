@@ -1,0 +1,128 @@
+"""The checks a request must pass against its model's signature before Triton sees it.
+
+Every problem found is reported at once, as a BadRequest field violation whose field is the
+request path (`inputs[1].shape`) and whose description names the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from tensorway.common.v1 import error_pb2, tensor_pb2
+from tensorway.inference.v1 import inference_service_pb2 as pb
+from tensorway.orchestrator.converters import BYTES, CONTENTS_FIELDS, FIXED_SIZE_DTYPES
+from tensorway.orchestrator.signatures import ModelSignature, TensorSignature
+from tensorway.runtime import FieldViolation, InvalidArgument
+
+# Triton's raw BYTES elements each start with a 4-byte length.
+_BYTES_PREFIX_SIZE = 4
+
+
+def validate_request(request: pb.InferRequest, signature: ModelSignature) -> None:
+    """Raise InvalidArgument (TENSOR_INVALID) listing every way `request` misfits `signature`."""
+    violations: list[FieldViolation] = []
+    seen: set[str] = set()
+    batch_sizes: dict[str, int] = {}
+    for index, tensor in enumerate(request.inputs):
+        field = f"inputs[{index}]"
+        expected = signature.inputs.get(tensor.name)
+        if expected is None:
+            known = ", ".join(signature.inputs)
+            violations.append(
+                FieldViolation(
+                    f"{field}.name", f"{signature.name} has no input {tensor.name!r}; it has {known}"
+                )
+            )
+            continue
+        if tensor.name in seen:
+            violations.append(FieldViolation(f"{field}.name", f"input {tensor.name!r} is given twice"))
+            continue
+        seen.add(tensor.name)
+        tensor_violations = _check_tensor(field, tensor, expected, signature)
+        violations += tensor_violations
+        if not tensor_violations and signature.max_batch_size > 0:
+            batch_sizes[tensor.name] = tensor.shape[0]
+    for name, expected in signature.inputs.items():
+        if name not in seen and not expected.optional:
+            violations.append(FieldViolation("inputs", f"input {name!r} is missing"))
+    if len(set(batch_sizes.values())) > 1:
+        sizes = ", ".join(f"{name}: {size}" for name, size in batch_sizes.items())
+        violations.append(FieldViolation("inputs", f"inputs disagree on the batch size ({sizes})"))
+    for index, output in enumerate(request.outputs):
+        if output.name not in signature.outputs:
+            known = ", ".join(signature.outputs)
+            violations.append(
+                FieldViolation(
+                    f"outputs[{index}].name",
+                    f"{signature.name} has no output {output.name!r}; it has {known}",
+                )
+            )
+    if violations:
+        problems = "; ".join(violation.description for violation in violations)
+        raise InvalidArgument(
+            f"request does not fit model {signature.name!r}: {problems}",
+            violations,
+            reason=error_pb2.ERROR_REASON_TENSOR_INVALID,
+            metadata={"model": signature.name},
+        )
+
+
+def _check_tensor(
+    field: str, tensor: tensor_pb2.Tensor, expected: TensorSignature, signature: ModelSignature
+) -> list[FieldViolation]:
+    name = tensor.name
+    if tensor.datatype != expected.datatype:
+        return [
+            FieldViolation(
+                f"{field}.datatype",
+                f"input {name!r} must be {expected.datatype}, not {tensor.datatype or 'unset'}",
+            )
+        ]
+    shape_problem = _shape_problem(tensor.shape, expected, signature)
+    if shape_problem:
+        return [FieldViolation(f"{field}.shape", f"input {name!r}: {shape_problem}")]
+    problem = _contents_problem(tensor, math.prod(tensor.shape))
+    return [FieldViolation(f"{field}.{problem[0]}", f"input {name!r}: {problem[1]}")] if problem else []
+
+
+def _shape_problem(shape: Sequence[int], expected: TensorSignature, signature: ModelSignature) -> str | None:
+    wanted = signature.expected_shape(expected)
+    described = f"shape {list(shape)} does not match {wanted}"
+    if len(shape) != len(wanted) or any(dim < 0 for dim in shape):
+        return described
+    if signature.max_batch_size > 0 and not 1 <= shape[0] <= signature.max_batch_size:
+        return f"batch size {shape[0]} is outside 1..{signature.max_batch_size}"
+    if any(want not in (-1, dim) for dim, want in zip(shape, wanted, strict=True)):
+        return described
+    return None
+
+
+def _contents_problem(tensor: tensor_pb2.Tensor, count: int) -> tuple[str, str] | None:
+    """The (field suffix, description) of what is wrong with the tensor's data, if anything."""
+    typed_fields = tensor.contents.ListFields()
+    if tensor.raw_contents and typed_fields:
+        return "contents", "set contents or raw_contents, not both"
+    if tensor.raw_contents:
+        size = len(tensor.raw_contents)
+        if tensor.datatype == BYTES:
+            # Walking every length prefix would loop over the elements in Python: Triton checks
+            # them, this only catches a buffer too short to hold the elements at all.
+            if size < count * _BYTES_PREFIX_SIZE:
+                return "raw_contents", f"{size} bytes cannot hold {count} BYTES elements"
+            return None
+        expected_size = count * FIXED_SIZE_DTYPES[tensor.datatype].itemsize
+        if size != expected_size:
+            return (
+                "raw_contents",
+                f"{size} bytes, but {count} {tensor.datatype} elements take {expected_size}",
+            )
+        return None
+    wanted_field = CONTENTS_FIELDS[tensor.datatype]
+    present = {descriptor.name: len(values) for descriptor, values in typed_fields}
+    if set(present) - {wanted_field}:
+        return "contents", f"{tensor.datatype} goes in contents.{wanted_field}, not {', '.join(present)}"
+    given = present.get(wanted_field, 0)
+    if given != count:
+        return "contents", f"{given} values in contents.{wanted_field}, but the shape holds {count}"
+    return None
