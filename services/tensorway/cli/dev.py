@@ -42,10 +42,11 @@ def _fail(error: DevStackError) -> typer.Exit:
 
 
 def _endpoint_table(state: StackState) -> Table:
-    table = Table("component", "endpoint", "address", "url", "pid")
+    table = Table("component", "endpoint", "address", "pid")
+    table.add_column("url", overflow="fold")
     for component, record in state.components.items():
         for name, endpoint in record.endpoints.items():
-            table.add_row(component, name, endpoint.address, endpoint.url or "", str(record.pid))
+            table.add_row(component, name, endpoint.address, str(record.pid), endpoint.url or "")
     return table
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess  # nosec B404 - handles of the servers this process started
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tensorway.devstack._component import Component, LaunchContext, port_in_use_error
@@ -91,16 +92,29 @@ class Stack:
         return self.up(missing) if missing else self.status()
 
     def down(self) -> list[str]:
-        """Stop every recorded component, newest first; return their names.
+        """Stop every recorded component; return their names in the order stopped.
 
+        A component stops once nothing that requires it still runs; components that
+        do not depend on each other stop together, since several take seconds each.
         Only processes recorded in the state file are signalled. Data and logs stay
         in the state dir; runtime files go. Safe to call when nothing runs.
         """
         state = load_state(self.state_dir)
-        stopped = []
-        for name in reversed(list(state.components)):
-            self._stop(name, state.components.pop(name))
-            stopped.append(name)
+        stopped: list[str] = []
+        while state.components:
+            remaining = list(state.components)
+            needed = {
+                requirement
+                for name in remaining
+                if name in self._catalog
+                for requirement in self._catalog[name].requires
+            }
+            batch = [name for name in reversed(remaining) if name not in needed]
+            with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+                list(pool.map(lambda name: self._stop(name, state.components[name]), batch))
+            for name in batch:
+                del state.components[name]
+            stopped.extend(batch)
             save_state(self.state_dir, state)
         return stopped
 
