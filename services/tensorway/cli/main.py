@@ -9,6 +9,7 @@ from typing import Annotated, Protocol
 import typer
 from rich.console import Console
 
+from tensorway.cli.dev import dev_app
 from tensorway.runtime import ServiceServer, ServiceSettings, configure_process, serve
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+app.add_typer(dev_app, name="dev")
 console = Console(stderr=True)
 
 # Service name → the module that builds it. Each module has `Settings` (a ServiceSettings with
