@@ -6,7 +6,7 @@ import abc
 import importlib.util
 import os
 import signal
-import subprocess  # nosec B404 - one-shot setup commands of the local servers
+import subprocess  # nosec B404
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence

@@ -52,7 +52,8 @@ def render_envoy_config(
         loader=jinja2.FileSystemLoader(root / "templates"),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
-        autoescape=False,  # noqa: S701  # nosec B701 - renders YAML, not HTML
+        # The template renders YAML, not HTML.
+        autoescape=False,  # noqa: S701  # nosec B701
     )
     return environment.get_template(TEMPLATE_NAME).render(**merged)
 
@@ -110,6 +111,7 @@ class Envoy(Component):
 
 
 def _admin_ready(admin_url: str) -> None:
-    with urllib.request.urlopen(f"{admin_url}/ready", timeout=2) as response:  # noqa: S310  # nosec B310 - loopback admin URL
+    # An http:// URL to Envoy's loopback admin interface, built by the launcher.
+    with urllib.request.urlopen(f"{admin_url}/ready", timeout=2) as response:  # noqa: S310  # nosec B310
         if response.status != 200:
             raise ConnectionError(f"/ready answered {response.status}")

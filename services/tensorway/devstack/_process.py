@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess  # nosec B404 - the launcher's whole job is running local servers
+import subprocess  # nosec B404
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,7 +81,8 @@ def spawn(
     with log_path.open("ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         log.flush()
-        process = subprocess.Popen(  # noqa: S603  # nosec B603 - argv is built by the launcher
+        # argv comes from the launcher's own components, never from a shell string.
+        process = subprocess.Popen(  # noqa: S603  # nosec B603
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -5,9 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _number_as_seconds(value: object) -> object:
+    # Environment variables arrive as text, and "30" reads better than "PT30S".
+    if isinstance(value, str) and value.replace(".", "", 1).isdigit():
+        return timedelta(seconds=float(value))
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_number_as_seconds)]
+"""A timedelta that also accepts a plain number of seconds."""
 
 
 @dataclass(frozen=True)
@@ -26,13 +38,13 @@ class DevStackSettings(BaseSettings):
     state_dir: Path = Path(".tensorway")
     """Where the stack keeps its state file, logs, data and sockets."""
 
-    start_timeout: timedelta = timedelta(seconds=30)
+    start_timeout: Duration = timedelta(seconds=30)
     """How long one component may take to answer its first real request."""
 
-    triton_start_timeout: timedelta = timedelta(seconds=90)
+    triton_start_timeout: Duration = timedelta(seconds=90)
     """How long Triton may take to come up with every model loaded."""
 
-    stop_grace: timedelta = timedelta(seconds=5)
+    stop_grace: Duration = timedelta(seconds=5)
     """How long a component gets after SIGTERM before it is killed."""
 
     postgres_port: int | None = None
@@ -65,7 +77,8 @@ class DevStackSettings(BaseSettings):
     s3_access_key: str = "tensorway"
     """Access key the local S3 accepts (handed to SeaweedFS as AWS_ACCESS_KEY_ID)."""
 
-    s3_secret_key: str = "tensorway-secret"  # noqa: S105  # nosec B105 - a loopback dev server's default
+    # A loopback dev server's well-known default, not a secret.
+    s3_secret_key: str = "tensorway-secret"  # noqa: S105
     """Secret key the local S3 accepts (handed to SeaweedFS as AWS_SECRET_ACCESS_KEY)."""
 
     triton_model_repository: Path | None = None
@@ -108,7 +121,8 @@ class ServiceEndpoints(BaseSettings):
     s3_access_key: str = "tensorway"
     """Access key for ``s3_endpoint``."""
 
-    s3_secret_key: str = "tensorway-secret"  # noqa: S105  # nosec B105 - the dev stack's default
+    # The dev stack's well-known default, not a secret.
+    s3_secret_key: str = "tensorway-secret"  # noqa: S105
     """Secret key for ``s3_endpoint``."""
 
     triton_grpc: str | None = None
@@ -117,7 +131,7 @@ class ServiceEndpoints(BaseSettings):
     envoy_url: str | None = None
     """Envoy's public listener URL, e.g. ``http://127.0.0.1:8080``."""
 
-    kafka_session_timeout: timedelta = Field(default=timedelta(seconds=6))
+    kafka_session_timeout: Duration = Field(default=timedelta(seconds=6))
     """Consumer-group session timeout tests give their Kafka consumers.
 
     Tansu's first group join takes about half of it, so it is kept low.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import subprocess  # nosec B404 - handles of the servers this process started
+import subprocess  # nosec B404
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

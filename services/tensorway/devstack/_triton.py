@@ -25,7 +25,7 @@ from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._state import Endpoint
 
 # Where the Python backend keeps its shared-memory regions (POSIX shm_open).
-_SHM_ROOT = Path("/dev/shm")  # noqa: S108
+_SHM_ROOT = Path("/dev/shm")  # noqa: S108  # nosec B108
 TRITON_SERVER_TREE = PackageFile("pytriton", "tritonserver", "nvidia-pytriton")
 
 

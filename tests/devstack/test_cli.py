@@ -1,0 +1,34 @@
+"""`tensorway dev up/status/down` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from tensorway.cli.dev import dev_app
+
+
+def test_up_status_down_round_trip(private_state_dir: Path) -> None:
+    runner = CliRunner()
+    state_dir = ["--state-dir", str(private_state_dir)]
+
+    started = runner.invoke(dev_app, ["up", "redis", "kafka", *state_dir])
+    try:
+        assert started.exit_code == 0, started.output
+        status = runner.invoke(dev_app, ["status", "--json", *state_dir])
+        addresses = json.loads(status.stdout)
+        assert addresses.keys() == {"redis", "kafka"}
+        assert addresses["redis"] in started.stdout
+
+        again = runner.invoke(dev_app, ["up", "redis", *state_dir])
+        assert again.exit_code == 1
+        assert "already running" in again.stderr
+        assert "tensorway dev down" in again.stderr
+    finally:
+        stopped = runner.invoke(dev_app, ["down", *state_dir])
+    assert stopped.exit_code == 0
+    assert "stopped kafka, redis" in stopped.stdout
+    assert json.loads(runner.invoke(dev_app, ["status", "--json", *state_dir]).stdout) == {}
+    assert "nothing was running" in runner.invoke(dev_app, ["down", *state_dir]).stdout
