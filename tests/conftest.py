@@ -49,7 +49,11 @@ def dev_stack() -> Iterator[Stack]:
     """The session's local stack; components start when a fixture first needs them."""
     state_dir = world_searchable_temp_dir("tensorway-test-stack-")
     # Pinned ports in the environment belong to a developer's own `tensorway dev up`.
-    stack = Stack(DevStackSettings(state_dir=state_dir).without_pinned_ports(), state_dir=state_dir)
+    stack = Stack(
+        DevStackSettings(state_dir=state_dir).without_pinned_ports(),
+        state_dir=state_dir,
+        die_with_parent=True,
+    )
     try:
         yield stack
     finally:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +150,32 @@ def test_an_unknown_component_lists_the_known_ones(settings: DevStackSettings) -
     with pytest.raises(DevStackError, match="unknown component") as raised:
         Stack(settings).up(["redis", "mongodb"])
     assert "postgres" in raised.value.hint
+
+
+def test_servers_tied_to_their_parent_stop_when_it_is_killed(settings: DevStackSettings) -> None:
+    script = (
+        "import os, sys, signal\n"
+        "from pathlib import Path\n"
+        "from tensorway.devstack import DevStackSettings, Stack\n"
+        "settings = DevStackSettings(state_dir=Path(sys.argv[1])).without_pinned_ports()\n"
+        "state = Stack(settings, die_with_parent=True).up(['redis', 'kafka'])\n"
+        "print(*(record.pid for record in state.components.values()), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    launcher = subprocess.run(
+        [sys.executable, "-c", script, str(settings.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert launcher.returncode == -signal.SIGKILL, launcher.stderr
+    servers = {int(pid) for pid in launcher.stdout.split()}
+    assert len(servers) == 2
+    deadline = time.monotonic() + 10
+    while servers & set(live_processes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not servers & set(live_processes())
+    assert Stack(settings).status().components == {}
+    Stack(settings).down()
+    assert not (settings.state_dir / STATE_FILE_NAME).exists()

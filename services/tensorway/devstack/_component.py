@@ -68,8 +68,17 @@ class Started:
 class LaunchContext:
     """Everything one component needs while it starts: its directory, log, ports."""
 
-    def __init__(self, name: str, state_dir: Path, settings: DevStackSettings, ports: PortAllocator) -> None:
+    def __init__(
+        self,
+        name: str,
+        state_dir: Path,
+        settings: DevStackSettings,
+        ports: PortAllocator,
+        *,
+        die_with_parent: bool = False,
+    ) -> None:
         self.name = name
+        self._die_with_parent = die_with_parent
         self.state_dir = state_dir
         self.settings = settings
         self._ports = ports
@@ -106,7 +115,15 @@ class LaunchContext:
         group: int | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start the component's server; it is stopped again if the launch fails."""
-        process = spawn(argv, log_path=self.log_path, cwd=cwd or self.home, env=env, user=user, group=group)
+        process = spawn(
+            argv,
+            log_path=self.log_path,
+            cwd=cwd or self.home,
+            env=env,
+            user=user,
+            group=group,
+            die_with_parent=self._die_with_parent,
+        )
         self.spawned.append(process)
         return process
 

@@ -9,11 +9,12 @@ kernel has since handed to someone else is never signalled.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess  # nosec B404
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +77,13 @@ def spawn(
     env: Mapping[str, str] | None = None,
     user: int | None = None,
     group: int | None = None,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a server in its own session, appending its output to ``log_path``."""
+    """Start a server in its own session, appending its output to ``log_path``.
+
+    With ``die_with_parent`` the server gets SIGTERM when the thread that started it
+    exits, however it exits.
+    """
     with log_path.open("ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         log.flush()
@@ -93,9 +99,24 @@ def spawn(
             user=user,
             group=group,
             extra_groups=[] if user is not None else None,
+            preexec_fn=_parent_death_signal(os.getpid()) if die_with_parent else None,  # noqa: PLW1509
         )
     _children[process.pid] = process
     return process
+
+
+def _parent_death_signal(parent_pid: int) -> Callable[[], None]:
+    # Loaded before the fork: the child between fork and exec should only make the call.
+    libc = ctypes.CDLL(None, use_errno=True)
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG from <linux/prctl.h>
+
+    def arm() -> None:
+        libc.prctl(set_parent_death_signal, signal.SIGTERM)
+        if os.getppid() != parent_pid:
+            # The parent died before the signal was armed.
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def stop_group(

@@ -45,9 +45,14 @@ class Stack:
         *,
         state_dir: Path | None = None,
         components: Sequence[Component] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
+        """``die_with_parent`` ties the servers to the thread that starts them, so a
+        test session killed before its teardown leaves no server behind; servers
+        started by `tensorway dev up` outlive the command and so do not use it."""
         self.settings = settings or DevStackSettings()
         self.state_dir = (state_dir or self.settings.state_dir).absolute()
+        self._die_with_parent = die_with_parent
         self._catalog = {component.name: component for component in components or default_components()}
 
     def up(self, components: Iterable[str] | None = None) -> StackState:
@@ -159,7 +164,9 @@ class Stack:
                     raise port_in_use_error(name, setting, port)
 
     def _start(self, component: Component, ports: PortAllocator) -> ComponentRecord:
-        ctx = LaunchContext(component.name, self.state_dir, self.settings, ports)
+        ctx = LaunchContext(
+            component.name, self.state_dir, self.settings, ports, die_with_parent=self._die_with_parent
+        )
         try:
             started = component.start(ctx)
             identity = identify(started.process.pid)
