@@ -1,0 +1,180 @@
+"""The router's core: model → version → pool → endpoint, with breakers, retries, shedding and shadows.
+
+Both public APIs (tensorway's InferenceService and Triton's GRPCInferenceService) convert their
+requests to `InferRequest` and call `Router.infer`; everything that decides where a request goes
+and what happens when it fails lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import grpc
+
+from tensorway.common.v1 import error_pb2
+from tensorway.inference.v1 import inference_service_pb2 as pb
+from tensorway.router import metrics
+from tensorway.router.balancer import pick
+from tensorway.router.breaker import BreakerPolicy
+from tensorway.router.endpoints import Endpoint, EndpointSet
+from tensorway.router.retry import RETRYABLE_CODES, RetryBudget, RetryPolicy
+from tensorway.router.routing import ModelRoute, RouteTable, RouteWatcher, VersionRoute
+from tensorway.router.shadow import ShadowMirror
+from tensorway.runtime import ResourceExhausted, Unavailable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RouterPolicy:
+    """How much the router takes on and how it treats failing endpoints."""
+
+    max_concurrency: int = 2048
+    """Requests in flight past which new ones are shed with RESOURCE_EXHAUSTED."""
+    shed_retry_after: timedelta = timedelta(milliseconds=100)
+    """The delay a shed request's RetryInfo suggests."""
+    shadow_max_in_flight: int = 256
+    """Shadow calls in flight past which new copies are dropped (and counted)."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+
+
+class Router:
+    """Routes inference requests over the route table the watcher keeps current."""
+
+    def __init__(self, routes: RouteWatcher, policy: RouterPolicy, rng: random.Random | None = None) -> None:
+        self._routes = routes
+        self._policy = policy
+        self._rng = rng or random.Random()  # noqa: S311 - load spreading, not crypto
+        self.endpoints = EndpointSet(policy.breaker)
+        self._budget = RetryBudget(policy.retry)
+        self._shadow = ShadowMirror(self._shadow_call, policy.shadow_max_in_flight, self._rng)
+        self._in_flight = 0
+        routes.add_listener(self._on_table)
+
+    @property
+    def table(self) -> RouteTable:
+        """The route table in service; UNAVAILABLE until the registry sent the first one."""
+        table = self._routes.table
+        if table is None:
+            raise Unavailable("the route table has not been loaded from the registry yet")
+        return table
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the first route table has arrived."""
+        return self._routes.table is not None
+
+    def serviceable(self, version: VersionRoute) -> bool:
+        """Whether some endpoint of the version's pool would take a request now."""
+        return any(endpoint.breaker.available() for endpoint in self.endpoints.of(version.endpoints))
+
+    def resolve(
+        self, model: str, version: str, route_key: str | None = None
+    ) -> tuple[ModelRoute, VersionRoute]:
+        """The model's route and the version a request for (`model`, `version`) would run."""
+        route = self.table.model(model)
+        return route, route.choose(version, route_key, self._rng)
+
+    def describe(self, model: str, version: str) -> tuple[ModelRoute, VersionRoute]:
+        """The model's route and the version metadata calls describe: the one named, or the default."""
+        route = self.table.model(model)
+        return route, route.choose(version, None, self._rng) if version else route.default()
+
+    async def infer(self, request: pb.InferRequest, route_key: str | None = None) -> pb.InferResponse:
+        """Run `request` on the version and endpoint the route table and endpoint health choose.
+
+        Retryable failures (UNAVAILABLE, RESOURCE_EXHAUSTED) go to another endpoint of the pool
+        while attempts and the retry budget last. `route_key` pins default traffic to one version.
+        """
+        if self._in_flight >= self._policy.max_concurrency:
+            metrics.SHED.inc()
+            raise ResourceExhausted(
+                f"the router is at its limit of {self._policy.max_concurrency} requests in flight",
+                retry_after=self._policy.shed_retry_after,
+            )
+        self._in_flight += 1
+        try:
+            route, version = self.resolve(request.model_name, request.model_version, route_key)
+            request.model_version = version.version
+            primary_answer = self._shadow.mirror(route, version, request)
+            try:
+                response = await self._call_with_retries(route.model, version, request)
+            except BaseException:
+                if primary_answer is not None:
+                    primary_answer.set_result(None)
+                raise
+            if primary_answer is not None:
+                primary_answer.set_result(response)
+            return response
+        finally:
+            self._in_flight -= 1
+
+    async def _call_with_retries(
+        self, model: str, version: VersionRoute, request: pb.InferRequest
+    ) -> pb.InferResponse:
+        self._budget.record_request()
+        tried: set[str] = set()
+        while True:
+            endpoint = self._choose_endpoint(version, tried)
+            tried.add(endpoint.address)
+            try:
+                response = await endpoint.infer(request)
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                if not self._may_retry(model, version, code, tried):
+                    metrics.ROUTED.labels(model, version.version, code.name).inc()
+                    raise
+                metrics.RETRIES.labels(model, code.name).inc()
+                continue
+            metrics.ROUTED.labels(model, version.version, "OK").inc()
+            return response
+
+    def _choose_endpoint(self, version: VersionRoute, tried: set[str]) -> Endpoint:
+        candidates = [
+            endpoint for endpoint in self.endpoints.of(version.endpoints) if endpoint.address not in tried
+        ]
+        endpoint = pick(candidates, self._rng)
+        if endpoint is None:
+            retry_after = min(
+                (candidate.breaker.retry_after() for candidate in candidates), default=timedelta(seconds=1)
+            )
+            raise Unavailable(
+                f"no healthy endpoint serves version {version.version!r} (pool {version.pool})",
+                retry_after=retry_after,
+                reason=error_pb2.ERROR_REASON_MODEL_NOT_READY,
+            )
+        return endpoint
+
+    def _may_retry(self, model: str, version: VersionRoute, code: grpc.StatusCode, tried: set[str]) -> bool:
+        """Retry only retryable codes, on an endpoint not tried yet, within attempts and budget."""
+        if (
+            code not in RETRYABLE_CODES
+            or len(tried) >= self._policy.retry.max_attempts
+            or not any(
+                self.endpoints.get(address).breaker.available() for address in set(version.endpoints) - tried
+            )
+        ):
+            return False
+        if not self._budget.try_spend():
+            metrics.RETRIES_DENIED.labels(model).inc()
+            return False
+        return True
+
+    async def _shadow_call(self, version: VersionRoute, request: pb.InferRequest) -> pb.InferResponse:
+        # One attempt, no retry: a shadow must not spend the budget the primary traffic needs.
+        endpoint = pick(self.endpoints.of(version.endpoints), self._rng)
+        if endpoint is None:
+            raise Unavailable(f"no healthy endpoint serves shadow version {version.version!r}")
+        return await endpoint.infer(request)
+
+    def _on_table(self, table: RouteTable) -> None:
+        self.endpoints.retain(table.endpoints())
+
+    async def close(self) -> None:
+        """Stop shadows and close every endpoint channel. Safe to call twice."""
+        await self._shadow.close()
+        await self.endpoints.close()

@@ -1,0 +1,124 @@
+"""Orchestrator endpoints: one channel, circuit breaker and load record per address."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+
+import grpc
+
+from tensorway.inference.v1 import inference_service_pb2 as pb
+from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tensorway.router import metrics
+from tensorway.router.balancer import LoadStats
+from tensorway.router.breaker import BreakerPolicy, CircuitBreaker, Outcome
+from tensorway.runtime import Unavailable, create_channel
+
+# The endpoint answered and the fault, if any, is the request's: its health is fine.
+_ANSWERED = frozenset(
+    {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
+# Says nothing about the endpoint: the caller's deadline or cancel, or a deliberate shed. A
+# short client deadline must not open breakers for everyone; slowness shows in the latency instead.
+_NEUTRAL = frozenset(
+    {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
+
+def outcome_of(code: grpc.StatusCode) -> Outcome:
+    """What a call's status says about the endpoint's health."""
+    if code in _ANSWERED:
+        return Outcome.SUCCESS
+    if code in _NEUTRAL:
+        return Outcome.IGNORED
+    return Outcome.FAILURE
+
+
+class Endpoint:
+    """One orchestrator: its channel, breaker and load."""
+
+    def __init__(self, address: str, breaker: CircuitBreaker) -> None:
+        self.address = address
+        self.breaker = breaker
+        self.load = LoadStats()
+        self._channel = create_channel(address)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        metrics.BREAKER_OPEN.labels(address).set(0)
+        metrics.ENDPOINT_OUTSTANDING.labels(address).set(0)
+
+    async def infer(self, request: pb.InferRequest) -> pb.InferResponse:
+        """Run `request` here, recording the outcome in the breaker and the load."""
+        if not self.breaker.acquire():
+            raise Unavailable(
+                f"endpoint {self.address} is open-circuited", retry_after=self.breaker.retry_after()
+            )
+        self.load.started()
+        metrics.ENDPOINT_OUTSTANDING.labels(self.address).inc()
+        started = time.perf_counter()
+        outcome, latency = Outcome.IGNORED, None
+        try:
+            response: pb.InferResponse = await self._stub.Infer(request)
+        except grpc.aio.AioRpcError as error:
+            outcome = outcome_of(error.code())
+            if outcome is Outcome.SUCCESS:
+                latency = time.perf_counter() - started
+            raise
+        else:
+            outcome, latency = Outcome.SUCCESS, time.perf_counter() - started
+            return response
+        finally:
+            self.load.finished(latency)
+            self.breaker.release(outcome)
+            metrics.ENDPOINT_OUTSTANDING.labels(self.address).dec()
+            metrics.BREAKER_OPEN.labels(self.address).set(0 if self.breaker.available() else 1)
+
+    async def close(self, grace: timedelta) -> None:
+        await self._channel.close(grace.total_seconds())
+
+
+class EndpointSet:
+    """The endpoints of the current route table, created on first use and closed when unrouted."""
+
+    def __init__(self, breaker_policy: BreakerPolicy, close_grace: timedelta = timedelta(seconds=30)) -> None:
+        self._breaker_policy = breaker_policy
+        self._close_grace = close_grace
+        self._endpoints: dict[str, Endpoint] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def get(self, address: str) -> Endpoint:
+        endpoint = self._endpoints.get(address)
+        if endpoint is None:
+            endpoint = self._endpoints[address] = Endpoint(address, CircuitBreaker(self._breaker_policy))
+        return endpoint
+
+    def of(self, addresses: Iterable[str]) -> list[Endpoint]:
+        return [self.get(address) for address in addresses]
+
+    def retain(self, addresses: set[str]) -> None:
+        """Drop endpoints no route uses any more; their calls in flight get `close_grace` to finish."""
+        for address in [address for address in self._endpoints if address not in addresses]:
+            endpoint = self._endpoints.pop(address)
+            task = asyncio.create_task(endpoint.close(self._close_grace))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            # Another router in the same process (tests) may have removed the series already.
+            with contextlib.suppress(KeyError):
+                metrics.BREAKER_OPEN.remove(address)
+                metrics.ENDPOINT_OUTSTANDING.remove(address)
+
+    async def close(self) -> None:
+        """Close every channel now. Safe to call twice."""
+        endpoints, self._endpoints = list(self._endpoints.values()), {}
+        await asyncio.gather(*(endpoint.close(timedelta(0)) for endpoint in endpoints), *self._closing)

@@ -1,0 +1,160 @@
+"""The router service: settings, the server it runs, and its tensorway InferenceService servicer.
+
+`tensorway serve router` builds `Settings` from the environment (`TENSORWAY_ROUTER_...`) and
+calls `create`; tests call `create` with their own settings and, if they like, their own
+`RouteSource` in place of the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from pydantic_settings import SettingsConfigDict
+
+from tensorway.inference.v1 import inference_service_pb2 as pb
+from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tensorway.router import triton_api
+from tensorway.router.breaker import BreakerPolicy
+from tensorway.router.dispatch import Router, RouterPolicy
+from tensorway.router.retry import RetryPolicy
+from tensorway.router.routing import RegistryRouteSource, RouteSource, RouteWatcher
+from tensorway.router.streaming import answer_concurrently, route_key, status_of
+from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, create_server
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+
+
+class Settings(ServiceSettings):
+    """The router's settings, from `TENSORWAY_ROUTER_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TENSORWAY_ROUTER_", extra="ignore")
+
+    registry: str = ""
+    """The registry's gRPC address, host:port, whose WatchRoutes stream feeds the route table."""
+    initial_routes_timeout: timedelta = timedelta(seconds=5)
+    """How long startup waits for the first route table; until it comes, inference is UNAVAILABLE."""
+    watch_backoff_max: timedelta = timedelta(seconds=5)
+    """Longest pause between attempts to reopen a broken WatchRoutes stream."""
+    route_key_header: str = "x-tensorway-route-key"
+    """Request header whose value pins a caller to one version of a weighted split."""
+    max_concurrency: int = 2048
+    """Requests in flight past which new ones are shed with RESOURCE_EXHAUSTED and RetryInfo."""
+    shed_retry_after: timedelta = timedelta(milliseconds=100)
+    """The retry delay a shed request is told."""
+    max_attempts: int = 3
+    """Attempts per request, the first included; retries go to other endpoints of the pool."""
+    retry_budget_ratio: float = 0.2
+    """Retries allowed as a share of requests over the last ten seconds..."""
+    retry_budget_min_per_second: float = 10.0
+    """...plus this many per second."""
+    breaker_consecutive_failures: int = 5
+    """An endpoint's breaker opens after this many failures in a row..."""
+    breaker_failure_rate: float = 0.5
+    """...or when this share of its last `breaker_window` calls failed."""
+    breaker_window: int = 20
+    """Calls the failure rate is measured over."""
+    breaker_open_for: timedelta = timedelta(seconds=1)
+    """How long an open breaker waits before it lets one probe request through."""
+    shadow_max_in_flight: int = 256
+    """Shadow calls in flight past which new copies are dropped."""
+
+    def policy(self) -> RouterPolicy:
+        return RouterPolicy(
+            max_concurrency=self.max_concurrency,
+            shed_retry_after=self.shed_retry_after,
+            shadow_max_in_flight=self.shadow_max_in_flight,
+            retry=RetryPolicy(
+                max_attempts=self.max_attempts,
+                budget_ratio=self.retry_budget_ratio,
+                budget_min_per_second=self.retry_budget_min_per_second,
+            ),
+            breaker=BreakerPolicy(
+                consecutive_failures=self.breaker_consecutive_failures,
+                failure_rate=self.breaker_failure_rate,
+                window=self.breaker_window,
+                open_for=self.breaker_open_for,
+            ),
+        )
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """Thin: the request goes to the router's core as it is, the answer comes back as it is."""
+
+    def __init__(self, router: Router, route_key_header: str) -> None:
+        self._router = router
+        self._route_key_header = route_key_header
+
+    async def Infer(
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.InferResponse:
+        return await self._router.infer(request, route_key(context, self._route_key_header))
+
+    async def StreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.StreamInferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.StreamInferResponse]:
+        key = route_key(context, self._route_key_header)
+
+        async def answer(item: pb.StreamInferRequest) -> pb.StreamInferResponse:
+            try:
+                return pb.StreamInferResponse(
+                    id=item.request.id, response=await self._router.infer(item.request, key)
+                )
+            except Exception as error:
+                return pb.StreamInferResponse(id=item.request.id, error=status_of(error))
+
+        async for response in answer_concurrently(request_iterator, answer):
+            yield response
+
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelMetadataResponse:
+        route, version = self._router.describe(request.model_name, request.model_version)
+        return pb.GetModelMetadataResponse(
+            name=route.model,
+            versions=list(route.versions),
+            platform=version.platform,
+            inputs=version.inputs,
+            outputs=version.outputs,
+            max_batch_size=version.max_batch_size,
+        )
+
+
+async def create(settings: Settings, route_source: RouteSource | None = None) -> tuple[ServiceServer, int]:
+    """The router's server, watching routes from `route_source` (the registry by default)."""
+    if route_source is None:
+        if not settings.registry:
+            raise ValueError("the router needs the registry's address: set TENSORWAY_ROUTER_REGISTRY")
+        route_source = RegistryRouteSource(settings.registry)
+    watcher = RouteWatcher(route_source, backoff_max=settings.watch_backoff_max)
+    router = Router(watcher, settings.policy())
+    server, port = create_server(
+        "router",
+        settings,
+        [
+            ServiceBinding(
+                pb_grpc.add_InferenceServiceServicer_to_server,
+                InferenceServicer(router, settings.route_key_header),
+                INFERENCE_SERVICE,
+            ),
+            ServiceBinding(
+                triton_api.add_to_server,
+                triton_api.TritonServicer(router, settings.route_key_header),
+                triton_api.SERVICE,
+            ),
+        ],
+    )
+    # Stopped in reverse order: the router's channels close first, then the watcher.
+    server.on_stop(watcher.stop)
+    server.on_stop(router.close)
+    watcher.start()
+    if not await watcher.wait_loaded(settings.initial_routes_timeout):
+        logger.warning("no route table from the registry yet; inference is UNAVAILABLE until it comes")
+    return server, port

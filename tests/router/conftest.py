@@ -1,0 +1,255 @@
+"""Real servers around the router: a small registry fake serving WatchRoutes, orchestrator fakes
+that forward to the real Triton (or fail on demand), and the router itself."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2 as triton
+from tritonclient.grpc import service_pb2_grpc as triton_service
+
+from tensorway.common.v1 import tensor_pb2
+from tensorway.inference.v1 import inference_service_pb2 as pb
+from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tensorway.orchestrator.converters import from_triton_response, to_triton_request
+from tensorway.registry.v1 import registry_service_pb2 as registry_pb
+from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from tensorway.router import service as router_service
+from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, context, create_server
+
+DEMO_MODELS = ("simple", "simple_string", "digits", "iris")
+
+
+class FakeRegistry(registry_grpc.RegistryServiceServicer):
+    """WatchRoutes only: a snapshot of `routes` on connect, then every `publish` as a delta."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, registry_pb.Route] = {}
+        self.revision = 0
+        self._watchers: list[asyncio.Queue[registry_pb.WatchRoutesResponse]] = []
+
+    def publish(self, routes: Iterable[registry_pb.Route] = (), removed: Iterable[str] = ()) -> None:
+        routes, removed = list(routes), list(removed)
+        self.revision += 1
+        for route in routes:
+            self.routes[route.model] = route
+        for model in removed:
+            self.routes.pop(model, None)
+        delta = registry_pb.WatchRoutesResponse(revision=self.revision, routes=routes, removed_models=removed)
+        for queue in self._watchers:
+            queue.put_nowait(delta)
+
+    async def WatchRoutes(
+        self, request: registry_pb.WatchRoutesRequest, context: Any
+    ) -> AsyncIterator[registry_pb.WatchRoutesResponse]:
+        queue: asyncio.Queue[registry_pb.WatchRoutesResponse] = asyncio.Queue()
+        self._watchers.append(queue)
+        try:
+            yield registry_pb.WatchRoutesResponse(
+                revision=self.revision, snapshot=True, routes=list(self.routes.values())
+            )
+            while True:
+                yield await queue.get()
+        finally:
+            self._watchers.remove(queue)
+
+
+@dataclass
+class FakeOrchestrator(pb_grpc.InferenceServiceServicer):
+    """Forwards Infer to the real Triton (running whatever version Triton has) and answers as the
+    version the router asked for; or fails with `fail_with`, or waits `delay` seconds first."""
+
+    triton_address: str
+    name: str = "orchestrator"
+    fail_with: grpc.StatusCode | None = None
+    delay: float = 0.0
+    calls: int = 0
+    versions: list[str] = field(default_factory=list)
+    deadlines: list[float | None] = field(default_factory=list)
+    _channel: grpc.aio.Channel | None = None
+
+    def stub(self) -> Any:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.triton_address)
+        return triton_service.GRPCInferenceServiceStub(self._channel)
+
+    async def Infer(self, request: pb.InferRequest, ctx: Any) -> pb.InferResponse:
+        self.calls += 1
+        self.versions.append(request.model_version)
+        current = context.current.get()
+        self.deadlines.append(current.time_remaining() if current else None)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_with is not None:
+            await ctx.abort(self.fail_with, f"{self.name} fails on purpose")
+        upstream = to_triton_request(request)
+        upstream.model_version = ""
+        answer = await self.stub().ModelInfer(upstream)
+        response = from_triton_response(answer, request)
+        response.model_version = request.model_version
+        response.parameters["orchestrator"].string_value = self.name
+        return response
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+@dataclass
+class Running:
+    """A started server, its address, and how to stop it."""
+
+    server: ServiceServer
+    address: str
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+async def start_orchestrator(orchestrator: FakeOrchestrator, port: int = 0) -> Running:
+    server, bound = create_server(
+        orchestrator.name,
+        ServiceSettings(port=port, metrics_enabled=False),
+        [
+            ServiceBinding(
+                pb_grpc.add_InferenceServiceServicer_to_server,
+                orchestrator,
+                pb.DESCRIPTOR.services_by_name["InferenceService"],
+            )
+        ],
+    )
+    server.on_stop(orchestrator.close)
+    await server.start()
+    return Running(server, f"127.0.0.1:{bound}")
+
+
+async def start_registry(registry: FakeRegistry, port: int = 0) -> Running:
+    server, bound = create_server(
+        "registry",
+        ServiceSettings(port=port, metrics_enabled=False),
+        [
+            ServiceBinding(
+                registry_grpc.add_RegistryServiceServicer_to_server,
+                registry,
+                registry_pb.DESCRIPTOR.services_by_name["RegistryService"],
+            )
+        ],
+    )
+    await server.start()
+    return Running(server, f"127.0.0.1:{bound}")
+
+
+async def start_router(registry_address: str, **settings: Any) -> Running:
+    server, bound = await router_service.create(
+        router_service.Settings(registry=registry_address, metrics_enabled=False, **settings)
+    )
+    await server.start()
+    return Running(server, f"127.0.0.1:{bound}")
+
+
+def specs(tensors: Any, batch_dims: int) -> list[tensor_pb2.TensorSpec]:
+    """Triton's tensor metadata as TensorSpecs, which leave out the batch dimension."""
+    return [
+        tensor_pb2.TensorSpec(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape[batch_dims:])
+        for tensor in tensors
+    ]
+
+
+@pytest.fixture(scope="session")
+async def demo_signatures(triton_grpc: str) -> dict[str, registry_pb.VersionRoute]:
+    """Each demo model's signature as the registry would carry it (no endpoints yet)."""
+    signatures = {}
+    async with grpc.aio.insecure_channel(triton_grpc) as channel:
+        stub = triton_service.GRPCInferenceServiceStub(channel)
+        for model in DEMO_MODELS:
+            metadata = await stub.ModelMetadata(triton.ModelMetadataRequest(name=model))
+            config = (await stub.ModelConfig(triton.ModelConfigRequest(name=model))).config
+            batched = 1 if config.max_batch_size > 0 else 0
+            signatures[model] = registry_pb.VersionRoute(
+                platform=metadata.platform,
+                max_batch_size=config.max_batch_size,
+                inputs=specs(metadata.inputs, batched),
+                outputs=specs(metadata.outputs, batched),
+            )
+    return signatures
+
+
+RouteFactory = Callable[..., registry_pb.Route]
+
+
+@pytest.fixture
+def make_route(demo_signatures: dict[str, registry_pb.VersionRoute]) -> RouteFactory:
+    """`make_route(model, endpoints, weights={"1": 100}, aliases=..., shadow=...)`: a demo model's
+    route with its real signature for every version."""
+
+    def make(
+        model: str,
+        endpoints: Iterable[str],
+        weights: dict[str, int] | None = None,
+        aliases: dict[str, str] | None = None,
+        shadow: tuple[str, int] | None = None,
+    ) -> registry_pb.Route:
+        route = registry_pb.Route(model=model, aliases=aliases or {})
+        for version, weight in (weights or {"1": 100}).items():
+            entry = route.versions.add()
+            entry.CopyFrom(demo_signatures[model])
+            entry.version, entry.weight, entry.pool = version, weight, "pools/test"
+            entry.endpoints.extend(endpoints)
+        if shadow is not None:
+            route.shadow.version, route.shadow.percent = shadow
+        return route
+
+    return make
+
+
+@dataclass
+class Mesh:
+    """A registry fake, orchestrator fakes and a router wired together."""
+
+    registry: FakeRegistry
+    registry_running: Running
+    orchestrators: list[FakeOrchestrator]
+    orchestrators_running: list[Running]
+    router: Running
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [running.address for running in self.orchestrators_running]
+
+
+MeshFactory = Callable[..., Awaitable[Mesh]]
+
+
+@pytest.fixture
+async def mesh(triton_grpc: str, make_route: RouteFactory) -> AsyncIterator[MeshFactory]:
+    """`await mesh(orchestrators=1, routes=lambda endpoints: [...], **router_settings)`; by default
+    every demo model at version 1 on every orchestrator. Everything stops after the test."""
+    started: list[Running] = []
+
+    async def build(
+        orchestrators: int = 1,
+        routes: Callable[[list[str]], list[registry_pb.Route]] | None = None,
+        **router_settings: Any,
+    ) -> Mesh:
+        fakes = [FakeOrchestrator(triton_grpc, name=f"orchestrator-{i}") for i in range(orchestrators)]
+        running = [await start_orchestrator(fake) for fake in fakes]
+        started.extend(running)
+        endpoints = [r.address for r in running]
+        registry = FakeRegistry()
+        chosen = routes(endpoints) if routes else [make_route(model, endpoints) for model in DEMO_MODELS]
+        registry.publish(chosen)
+        registry_running = await start_registry(registry)
+        started.append(registry_running)
+        router = await start_router(registry_running.address, **router_settings)
+        started.append(router)
+        return Mesh(registry, registry_running, fakes, running, router)
+
+    yield build
+    for running in reversed(started):
+        await running.server.stop()
