@@ -98,11 +98,12 @@ class LaunchContext:
         except PortInUseError as error:
             raise port_in_use_error(self.name, setting, pinned) from error
 
-    def port_free(self) -> int:
+    def free_port(self) -> int:
         """A free port for a service nobody needs to pin (internal ones)."""
         return self._ports.free()
 
     def free_port_pair(self, offset: int) -> tuple[int, int]:
+        """Two free ports ``offset`` apart, for servers that derive one from the other."""
         return self._ports.free_with_partner(offset)
 
     def spawn(

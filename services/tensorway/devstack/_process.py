@@ -131,6 +131,10 @@ def stop_group(
     command is reaped by whoever adopted it.
     """
     pgid = identity.pid
+    if _pid_reused(identity):
+        # The kernel hands a PID out again only once no process group has it as its
+        # id, so our group is gone and this one belongs to someone else.
+        return
     if is_alive(identity):
         _signal_group(pgid, stop_signal)
         deadline = time.monotonic() + grace
@@ -146,6 +150,11 @@ def stop_group(
         while (is_alive(identity) or _group_members(pgid)) and time.monotonic() < deadline:
             time.sleep(0.05)
     reap(identity.pid)
+
+
+def _pid_reused(identity: ProcessIdentity) -> bool:
+    fields = _stat_fields(identity.pid)
+    return fields is not None and int(fields[19]) != identity.start_ticks
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -43,14 +43,14 @@ class S3(Component):
         s3_port = ctx.port("s3_port")
         admin_port, admin_grpc_port = ctx.free_port_pair(_ADMIN_GRPC_OFFSET)
         ports = {
-            "master.port": ctx.port_free(),
-            "master.port.grpc": ctx.port_free(),
-            "volume.port": ctx.port_free(),
-            "volume.port.grpc": ctx.port_free(),
-            "filer.port": ctx.port_free(),
-            "filer.port.grpc": ctx.port_free(),
+            "master.port": ctx.free_port(),
+            "master.port.grpc": ctx.free_port(),
+            "volume.port": ctx.free_port(),
+            "volume.port.grpc": ctx.free_port(),
+            "filer.port": ctx.free_port(),
+            "filer.port.grpc": ctx.free_port(),
             "s3.port": s3_port,
-            "s3.port.grpc": ctx.port_free(),
+            "s3.port.grpc": ctx.free_port(),
             "admin.port": admin_port,
             "admin.port.grpc": admin_grpc_port,
         }

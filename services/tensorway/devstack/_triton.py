@@ -50,7 +50,7 @@ class Triton(Component):
         repository, models = _model_repository(ctx)
         grpc_port = ctx.port("triton_grpc_port")
         http_port = ctx.port("triton_http_port")
-        metrics_port = ctx.port_free()
+        metrics_port = ctx.free_port()
         # Triton's Python backend names its shared-memory regions by this prefix; one
         # per state dir lets `down` remove what a killed server left in /dev/shm.
         state_dir_digest = hashlib.sha256(str(ctx.state_dir.resolve()).encode()).hexdigest()[:12]
