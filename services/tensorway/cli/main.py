@@ -25,6 +25,7 @@ console = Console(stderr=True)
 # the env prefix TENSORWAY_<SERVICE>_) and `async def create(settings) -> (ServiceServer, port)`.
 SERVICES: dict[str, str] = {
     "orchestrator": "tensorway.orchestrator.service",
+    "registry": "tensorway.registry.service",
     "router": "tensorway.router.service",
 }
 

@@ -1,0 +1,299 @@
+"""Protobuf messages ↔ registry domain objects, in one place.
+
+Resource names ("models/digits/versions/3") exist only on the proto side; the domain holds
+ids. The same conversions encode the values the Redis cache keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tensorway.common.v1 import tensor_pb2
+from tensorway.registry.domain import (
+    Deployment,
+    Model,
+    ModelVersion,
+    Pool,
+    Route,
+    RouteUpdate,
+    Shadow,
+    Stage,
+    TensorSpec,
+    TrafficSplit,
+    VersionRoute,
+)
+from tensorway.registry.v1 import registry_service_pb2 as pb
+from tensorway.registry.validation import parse_name
+
+T = TypeVar("T")
+
+STAGE_TO_PROTO = {
+    Stage.DRAFT: pb.STAGE_DRAFT,
+    Stage.STAGING: pb.STAGE_STAGING,
+    Stage.PRODUCTION: pb.STAGE_PRODUCTION,
+    Stage.ARCHIVED: pb.STAGE_ARCHIVED,
+}
+STAGE_FROM_PROTO = {value: stage for stage, value in STAGE_TO_PROTO.items()}
+
+
+def model_name(model: str) -> str:
+    return f"models/{model}"
+
+
+def model_version_name(model: str, version: str) -> str:
+    return f"models/{model}/versions/{version}"
+
+
+def pool_name(pool: str) -> str:
+    return f"pools/{pool}"
+
+
+def deployment_name(model: str, deployment: str) -> str:
+    return f"models/{model}/deployments/{deployment}"
+
+
+def stage_from_proto(stage: pb.Stage.ValueType) -> Stage | None:
+    """The domain stage; None for STAGE_UNSPECIFIED (and values this build does not know)."""
+    return STAGE_FROM_PROTO.get(stage)
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _datetime(message: Timestamp, present: bool) -> datetime | None:
+    return message.ToDatetime(tzinfo=UTC) if present else None
+
+
+def specs_to_proto(specs: Iterable[TensorSpec]) -> list[tensor_pb2.TensorSpec]:
+    return [tensor_pb2.TensorSpec(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in specs]
+
+
+def specs_from_proto(specs: Iterable[tensor_pb2.TensorSpec]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in specs)
+
+
+def model_to_proto(model: Model) -> pb.Model:
+    return pb.Model(
+        name=model_name(model.name),
+        description=model.description,
+        labels=dict(model.labels),
+        create_time=_timestamp(model.create_time),
+        update_time=_timestamp(model.update_time),
+        etag=model.etag,
+    )
+
+
+def model_from_proto(message: pb.Model, field: str = "model.name") -> Model:
+    (name,) = parse_name(message.name, field, "models")
+    return Model(
+        name=name,
+        description=message.description,
+        labels=dict(message.labels),
+        create_time=_datetime(message.create_time, message.HasField("create_time")),
+        update_time=_datetime(message.update_time, message.HasField("update_time")),
+        etag=message.etag,
+    )
+
+
+def model_version_to_proto(version: ModelVersion) -> pb.ModelVersion:
+    return pb.ModelVersion(
+        name=model_version_name(version.model, version.version),
+        platform=version.platform,
+        inputs=specs_to_proto(version.inputs),
+        outputs=specs_to_proto(version.outputs),
+        max_batch_size=version.max_batch_size,
+        artifact_uri=version.artifact_uri,
+        stage=STAGE_TO_PROTO[version.stage],
+        metrics=dict(version.metrics),
+        create_time=_timestamp(version.create_time),
+        update_time=_timestamp(version.update_time),
+        etag=version.etag,
+    )
+
+
+def model_version_from_proto(message: pb.ModelVersion, model: str, version: str) -> ModelVersion:
+    """The version with the given ids (from its name or its create request's parent and id)."""
+    return ModelVersion(
+        model=model,
+        version=version,
+        platform=message.platform,
+        inputs=specs_from_proto(message.inputs),
+        outputs=specs_from_proto(message.outputs),
+        max_batch_size=message.max_batch_size,
+        artifact_uri=message.artifact_uri,
+        stage=stage_from_proto(message.stage) or Stage.DRAFT,
+        metrics=dict(message.metrics),
+        create_time=_datetime(message.create_time, message.HasField("create_time")),
+        update_time=_datetime(message.update_time, message.HasField("update_time")),
+        etag=message.etag,
+    )
+
+
+def pool_to_proto(pool: Pool) -> pb.Pool:
+    return pb.Pool(
+        name=pool_name(pool.name),
+        endpoints=list(pool.endpoints),
+        create_time=_timestamp(pool.create_time),
+        update_time=_timestamp(pool.update_time),
+        etag=pool.etag,
+    )
+
+
+def pool_from_proto(message: pb.Pool, field: str = "pool.name") -> Pool:
+    (name,) = parse_name(message.name, field, "pools")
+    return Pool(
+        name=name,
+        endpoints=tuple(message.endpoints),
+        create_time=_datetime(message.create_time, message.HasField("create_time")),
+        update_time=_datetime(message.update_time, message.HasField("update_time")),
+        etag=message.etag,
+    )
+
+
+def _shadow_to_proto(shadow: Shadow | None) -> pb.ShadowTraffic | None:
+    return None if shadow is None else pb.ShadowTraffic(version=shadow.version, percent=shadow.percent)
+
+
+def _shadow_from_proto(message: pb.ShadowTraffic, present: bool) -> Shadow | None:
+    return Shadow(message.version, message.percent) if present else None
+
+
+def deployment_to_proto(deployment: Deployment) -> pb.Deployment:
+    return pb.Deployment(
+        name=deployment_name(deployment.model, deployment.name),
+        pool=pool_name(deployment.pool),
+        traffic=[pb.TrafficSplit(version=s.version, weight=s.weight) for s in deployment.traffic],
+        aliases=dict(deployment.aliases),
+        shadow=_shadow_to_proto(deployment.shadow),
+        create_time=_timestamp(deployment.create_time),
+        update_time=_timestamp(deployment.update_time),
+        etag=deployment.etag,
+    )
+
+
+def deployment_from_proto(message: pb.Deployment, model: str, name: str) -> Deployment:
+    """The deployment with the given ids; its pool is parsed from "pools/{pool}"."""
+    pool = ""
+    if message.pool:
+        (pool,) = parse_name(message.pool, "deployment.pool", "pools")
+    return Deployment(
+        model=model,
+        name=name,
+        pool=pool,
+        traffic=tuple(TrafficSplit(s.version, s.weight) for s in message.traffic),
+        aliases=dict(message.aliases),
+        shadow=_shadow_from_proto(message.shadow, message.HasField("shadow")),
+        create_time=_datetime(message.create_time, message.HasField("create_time")),
+        update_time=_datetime(message.update_time, message.HasField("update_time")),
+        etag=message.etag,
+    )
+
+
+def route_to_proto(route: Route) -> pb.Route:
+    return pb.Route(
+        model=route.model,
+        versions=[
+            pb.VersionRoute(
+                version=v.version,
+                weight=v.weight,
+                pool=pool_name(v.pool),
+                endpoints=list(v.endpoints),
+                inputs=specs_to_proto(v.inputs),
+                outputs=specs_to_proto(v.outputs),
+                max_batch_size=v.max_batch_size,
+                platform=v.platform,
+            )
+            for v in route.versions
+        ],
+        aliases=dict(route.aliases),
+        shadow=_shadow_to_proto(route.shadow),
+    )
+
+
+def route_from_proto(message: pb.Route) -> Route:
+    return Route(
+        model=message.model,
+        versions=tuple(
+            VersionRoute(
+                version=v.version,
+                weight=v.weight,
+                pool=v.pool.removeprefix("pools/"),
+                endpoints=tuple(v.endpoints),
+                inputs=specs_from_proto(v.inputs),
+                outputs=specs_from_proto(v.outputs),
+                max_batch_size=v.max_batch_size,
+                platform=v.platform,
+            )
+            for v in message.versions
+        ),
+        aliases=dict(message.aliases),
+        shadow=_shadow_from_proto(message.shadow, message.HasField("shadow")),
+    )
+
+
+def route_to_bytes(route: Route | None) -> bytes:
+    """A route for the cache; b"" records that the model has none."""
+    return b"" if route is None else route_to_proto(route).SerializeToString()
+
+
+def route_from_bytes(payload: bytes) -> Route | None:
+    return route_from_proto(pb.Route.FromString(payload)) if payload else None
+
+
+def route_update_to_proto(update: RouteUpdate) -> pb.WatchRoutesResponse:
+    return pb.WatchRoutesResponse(
+        revision=update.revision,
+        snapshot=update.snapshot,
+        routes=[route_to_proto(route) for route in update.routes],
+        removed_models=list(update.removed_models),
+    )
+
+
+@dataclass(frozen=True)
+class Codec(Generic[T]):
+    """How a domain value is kept in the cache."""
+
+    encode: Callable[[T], bytes]
+    decode: Callable[[bytes], T]
+
+
+MODEL_CODEC: Codec[Model] = Codec(
+    lambda model: model_to_proto(model).SerializeToString(),
+    lambda payload: model_from_proto(pb.Model.FromString(payload)),
+)
+
+
+def _decode_model_version(payload: bytes) -> ModelVersion:
+    message = pb.ModelVersion.FromString(payload)
+    model, version = parse_name(message.name, "model_version.name", "models", "versions")
+    return model_version_from_proto(message, model, version)
+
+
+MODEL_VERSION_CODEC: Codec[ModelVersion] = Codec(
+    lambda version: model_version_to_proto(version).SerializeToString(), _decode_model_version
+)
+POOL_CODEC: Codec[Pool] = Codec(
+    lambda pool: pool_to_proto(pool).SerializeToString(),
+    lambda payload: pool_from_proto(pb.Pool.FromString(payload)),
+)
+
+
+def _decode_deployment(payload: bytes) -> Deployment:
+    message = pb.Deployment.FromString(payload)
+    model, name = parse_name(message.name, "deployment.name", "models", "deployments")
+    return deployment_from_proto(message, model, name)
+
+
+DEPLOYMENT_CODEC: Codec[Deployment] = Codec(
+    lambda deployment: deployment_to_proto(deployment).SerializeToString(), _decode_deployment
+)

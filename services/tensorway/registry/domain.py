@@ -1,0 +1,249 @@
+"""The registry's domain: models, versions, pools, deployments and the routes built from them.
+
+Identifiers here are ids ("digits", "3"), not resource names ("models/digits/versions/3"):
+resource names belong to the API and live in the converters.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+MODEL = "tensorway.registry.v1.Model"
+MODEL_VERSION = "tensorway.registry.v1.ModelVersion"
+POOL = "tensorway.registry.v1.Pool"
+DEPLOYMENT = "tensorway.registry.v1.Deployment"
+
+PRODUCTION_ALIAS = "production"
+
+
+class Stage(enum.Enum):
+    """Where a model version is in its lifecycle."""
+
+    DRAFT = "DRAFT"
+    STAGING = "STAGING"
+    PRODUCTION = "PRODUCTION"
+    ARCHIVED = "ARCHIVED"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model: name, V2 datatype and shape (-1 is dynamic)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Model:
+    """A name that clients infer against."""
+
+    name: str
+    description: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    etag: str = ""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of a model: what it takes, what it returns, where its artifact is."""
+
+    model: str
+    version: str
+    platform: str = ""
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    max_batch_size: int = 0
+    artifact_uri: str = ""
+    stage: Stage = Stage.DRAFT
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    etag: str = ""
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Orchestrator endpoints beside one group of Tritons."""
+
+    name: str
+    endpoints: tuple[str, ...] = ()
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    etag: str = ""
+
+
+@dataclass(frozen=True)
+class TrafficSplit:
+    """A version's percent of a deployment's traffic."""
+
+    version: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """A version that receives a copy of `percent` of the requests."""
+
+    version: str
+    percent: int
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Which versions of a model a pool serves, and how traffic is split between them."""
+
+    model: str
+    name: str
+    pool: str = ""
+    traffic: tuple[TrafficSplit, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    shadow: Shadow | None = None
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    etag: str = ""
+
+    def referenced_versions(self) -> set[str]:
+        """Every version the deployment routes to: by weight (even 0), by alias or as shadow."""
+        versions = {split.version for split in self.traffic} | set(self.aliases.values())
+        if self.shadow is not None:
+            versions.add(self.shadow.version)
+        return versions
+
+
+@dataclass(frozen=True)
+class VersionRoute:
+    """One routable version: its share of traffic, its pool and what routers need to serve it."""
+
+    version: str
+    weight: int
+    pool: str
+    endpoints: tuple[str, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    platform: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """How requests for one model are routed."""
+
+    model: str
+    versions: tuple[VersionRoute, ...]
+    aliases: Mapping[str, str]
+    shadow: Shadow | None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A resolved request: the model's route and the version chosen."""
+
+    route: Route
+    version: str
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a list, and the opaque token of the next (empty on the last page)."""
+
+    items: Sequence[T]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class Versioned(Generic[T]):
+    """A value read from PostgreSQL and the registry revision it was read at."""
+
+    value: T
+    revision: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """A committed write: its registry revision, the models whose routes it may change, and
+    the cache keys it makes stale."""
+
+    revision: int
+    models: frozenset[str]
+    keys: frozenset[str]
+
+
+@dataclass(frozen=True)
+class RouteUpdate:
+    """A change of the route table as watchers see it: the whole table when `snapshot`."""
+
+    revision: int
+    snapshot: bool
+    routes: tuple[Route, ...]
+    removed_models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelFilter:
+    """ListModels' filter: every label must match."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelVersionFilter:
+    """ListModelVersions' filter: each field that is set must match."""
+
+    stage: Stage | None = None
+    platform: str | None = None
+
+
+def build_route(
+    model: str,
+    deployments: Sequence[Deployment],
+    endpoints: Mapping[str, tuple[str, ...]],
+    versions: Mapping[str, ModelVersion],
+) -> Route | None:
+    """The route of a model from its deployments (in name order), their pools' endpoints and
+    its versions; None when nothing is deployed.
+
+    A version served by several deployments on one pool appears once with their weights added.
+    Writes keep aliases consistent and allow one shadow across a model's deployments.
+    """
+    if not deployments:
+        return None
+    weights: dict[tuple[str, str], int] = {}
+    aliases: dict[str, str] = {}
+    shadow: Shadow | None = None
+    for deployment in deployments:
+        pool_weights = {split.version: split.weight for split in deployment.traffic}
+        for version in sorted(deployment.referenced_versions(), key=_version_order):
+            key = (version, deployment.pool)
+            weights[key] = weights.get(key, 0) + pool_weights.get(version, 0)
+        aliases.update(deployment.aliases)
+        shadow = shadow or deployment.shadow
+    routes = []
+    for (version, pool), weight in weights.items():
+        spec = versions[version]
+        routes.append(
+            VersionRoute(
+                version=version,
+                weight=weight,
+                pool=pool,
+                endpoints=endpoints[pool],
+                inputs=spec.inputs,
+                outputs=spec.outputs,
+                max_batch_size=spec.max_batch_size,
+                platform=spec.platform,
+            )
+        )
+    return Route(model=model, versions=tuple(routes), aliases=aliases, shadow=shadow)
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    # Numeric ids in numeric order ("2" before "10"), then the others by name.
+    return (int(version), "") if version.isdigit() else (2**63, version)

@@ -1,0 +1,115 @@
+"""The registry's schema, as versioned migrations applied on start.
+
+Each migration runs once, in order, in one transaction with its record in
+`registry_schema_migrations`. An advisory lock serializes replicas that start together, so
+running them twice, or from two processes at once, is safe. Never edit a released migration:
+add the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import LiteralString
+
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow
+
+# Any constant works; it only has to be the same in every replica ("tw-registry" in ASCII).
+ADVISORY_LOCK_KEY = 0x74772D7265676973
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[LiteralString, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "models, versions, pools, deployments and the registry revision",
+        (
+            # One row: the revision every committed write increases, so replicas, caches and
+            # watchers can tell newer from older.
+            """CREATE TABLE registry_revision (
+                singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+                revision bigint NOT NULL
+            )""",
+            "INSERT INTO registry_revision (revision) VALUES (0)",
+            """CREATE TABLE models (
+                name text PRIMARY KEY,
+                description text NOT NULL DEFAULT '',
+                labels jsonb NOT NULL DEFAULT '{}',
+                create_time timestamptz NOT NULL DEFAULT now(),
+                update_time timestamptz NOT NULL DEFAULT now(),
+                row_version bigint NOT NULL DEFAULT 1
+            )""",
+            "CREATE INDEX models_labels ON models USING gin (labels jsonb_path_ops)",
+            """CREATE TABLE model_versions (
+                model text NOT NULL REFERENCES models (name) ON DELETE CASCADE,
+                version text NOT NULL,
+                seq bigint GENERATED ALWAYS AS IDENTITY,
+                platform text NOT NULL,
+                inputs jsonb NOT NULL,
+                outputs jsonb NOT NULL,
+                max_batch_size integer NOT NULL,
+                artifact_uri text NOT NULL,
+                stage text NOT NULL CHECK (stage IN ('DRAFT', 'STAGING', 'PRODUCTION', 'ARCHIVED')),
+                metrics jsonb NOT NULL DEFAULT '{}',
+                create_time timestamptz NOT NULL DEFAULT now(),
+                update_time timestamptz NOT NULL DEFAULT now(),
+                row_version bigint NOT NULL DEFAULT 1,
+                PRIMARY KEY (model, version)
+            )""",
+            "CREATE UNIQUE INDEX model_versions_in_order ON model_versions (model, seq)",
+            """CREATE TABLE pools (
+                name text PRIMARY KEY,
+                endpoints jsonb NOT NULL DEFAULT '[]',
+                create_time timestamptz NOT NULL DEFAULT now(),
+                update_time timestamptz NOT NULL DEFAULT now(),
+                row_version bigint NOT NULL DEFAULT 1
+            )""",
+            """CREATE TABLE deployments (
+                model text NOT NULL REFERENCES models (name) ON DELETE CASCADE,
+                name text NOT NULL,
+                pool text NOT NULL REFERENCES pools (name) ON DELETE RESTRICT,
+                traffic jsonb NOT NULL,
+                aliases jsonb NOT NULL DEFAULT '{}',
+                shadow jsonb,
+                create_time timestamptz NOT NULL DEFAULT now(),
+                update_time timestamptz NOT NULL DEFAULT now(),
+                row_version bigint NOT NULL DEFAULT 1,
+                PRIMARY KEY (model, name)
+            )""",
+            "CREATE INDEX deployments_by_pool ON deployments (pool)",
+        ),
+    ),
+)
+
+
+async def migrate(connection: AsyncConnection[DictRow]) -> list[int]:
+    """Apply the migrations this database lacks; returns the versions applied."""
+    applied_now = []
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
+        await connection.execute(
+            """CREATE TABLE IF NOT EXISTS registry_schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )"""
+        )
+        cursor = await connection.execute("SELECT version FROM registry_schema_migrations")
+        applied = {row["version"] for row in await cursor.fetchall()}
+        for migration in MIGRATIONS:
+            if migration.version in applied:
+                continue
+            for statement in migration.statements:
+                await connection.execute(statement)
+            await connection.execute(
+                "INSERT INTO registry_schema_migrations (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+            applied_now.append(migration.version)
+    return applied_now

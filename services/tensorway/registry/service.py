@@ -1,0 +1,268 @@
+"""The registry service: its settings, the gRPC servicer (convert, call the core, convert) and
+`create`, which `tensorway serve registry` runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from pydantic_settings import SettingsConfigDict
+
+from tensorway.registry import converters
+from tensorway.registry.cache import RedisCache
+from tensorway.registry.core import Registry, ResolveSource
+from tensorway.registry.routes import RouteSync, RouteTable
+from tensorway.registry.store import RegistryStore
+from tensorway.registry.v1 import registry_service_pb2 as pb
+from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from tensorway.registry.validation import dns_label, parse_name, raise_if
+from tensorway.runtime import (
+    FieldViolation,
+    InvalidArgument,
+    ServiceBinding,
+    ServiceServer,
+    ServiceSettings,
+    create_server,
+)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["RegistryService"]
+
+
+class Settings(ServiceSettings):
+    """The registry's settings, from TENSORWAY_REGISTRY_* variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TENSORWAY_REGISTRY_", extra="ignore")
+
+    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/tensorway"
+    """PostgreSQL, the registry's truth."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis, the cache and the change channel between replicas."""
+    postgres_pool_size: int = 10
+    """Most connections to PostgreSQL at once."""
+    postgres_timeout: timedelta = timedelta(seconds=2)
+    """How long a call waits for a PostgreSQL connection before it fails UNAVAILABLE."""
+    redis_timeout: timedelta = timedelta(milliseconds=250)
+    """How long a Redis call may take before the read goes to PostgreSQL instead."""
+    redis_outage_backoff: timedelta = timedelta(seconds=1)
+    """After a Redis failure, how long to leave Redis alone before trying it again."""
+    cache_ttl: timedelta = timedelta(minutes=10)
+    """How long Redis keeps a cached value; bounds staleness if an invalidation is ever lost."""
+    reconnect_delay: timedelta = timedelta(milliseconds=200)
+    """Pause before the change feeds reconnect to PostgreSQL or Redis."""
+    retry_after: timedelta = timedelta(seconds=1)
+    """The RetryInfo delay sent with UNAVAILABLE when PostgreSQL is down."""
+    resolve_from: ResolveSource = ResolveSource.MEMORY
+    """Where ResolveModel reads routes: memory (the in-process table), redis or postgres."""
+
+
+class RegistryServicer(pb_grpc.RegistryServiceServicer):
+    """RegistryService over gRPC: each method converts, calls the core and converts back."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    async def CreateModel(self, request: pb.CreateModelRequest, context: Any) -> pb.CreateModelResponse:
+        model = await self._registry.create_model(converters.model_from_proto(request.model))
+        return pb.CreateModelResponse(model=converters.model_to_proto(model))
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+        (model,) = parse_name(request.name, "name", "models")
+        return pb.GetModelResponse(model=converters.model_to_proto(await self._registry.get_model(model)))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        page = await self._registry.list_models(request.filter, request.page_size, request.page_token)
+        return pb.ListModelsResponse(
+            models=[converters.model_to_proto(m) for m in page.items], next_page_token=page.next_page_token
+        )
+
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context: Any) -> pb.UpdateModelResponse:
+        model = converters.model_from_proto(request.model)
+        updated = await self._registry.update_model(model, list(request.update_mask.paths))
+        return pb.UpdateModelResponse(model=converters.model_to_proto(updated))
+
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context: Any) -> pb.DeleteModelResponse:
+        (model,) = parse_name(request.name, "name", "models")
+        await self._registry.delete_model(model, request.etag)
+        return pb.DeleteModelResponse()
+
+    async def CreateModelVersion(
+        self, request: pb.CreateModelVersionRequest, context: Any
+    ) -> pb.CreateModelVersionResponse:
+        (model,) = parse_name(request.parent, "parent", "models")
+        version = converters.model_version_from_proto(request.model_version, model, request.model_version_id)
+        created = await self._registry.create_model_version(model, request.model_version_id, version)
+        return pb.CreateModelVersionResponse(model_version=converters.model_version_to_proto(created))
+
+    async def GetModelVersion(
+        self, request: pb.GetModelVersionRequest, context: Any
+    ) -> pb.GetModelVersionResponse:
+        model, version = parse_name(request.name, "name", "models", "versions")
+        found = await self._registry.get_model_version(model, version)
+        return pb.GetModelVersionResponse(model_version=converters.model_version_to_proto(found))
+
+    async def ListModelVersions(
+        self, request: pb.ListModelVersionsRequest, context: Any
+    ) -> pb.ListModelVersionsResponse:
+        (model,) = parse_name(request.parent, "parent", "models")
+        page = await self._registry.list_model_versions(
+            model, request.filter, request.page_size, request.page_token
+        )
+        return pb.ListModelVersionsResponse(
+            model_versions=[converters.model_version_to_proto(v) for v in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def UpdateModelVersion(
+        self, request: pb.UpdateModelVersionRequest, context: Any
+    ) -> pb.UpdateModelVersionResponse:
+        model, version = parse_name(request.model_version.name, "model_version.name", "models", "versions")
+        given = converters.model_version_from_proto(request.model_version, model, version)
+        updated = await self._registry.update_model_version(given, list(request.update_mask.paths))
+        return pb.UpdateModelVersionResponse(model_version=converters.model_version_to_proto(updated))
+
+    async def DeleteModelVersion(
+        self, request: pb.DeleteModelVersionRequest, context: Any
+    ) -> pb.DeleteModelVersionResponse:
+        model, version = parse_name(request.name, "name", "models", "versions")
+        await self._registry.delete_model_version(model, version, request.etag)
+        return pb.DeleteModelVersionResponse()
+
+    async def TransitionModelVersionStage(
+        self, request: pb.TransitionModelVersionStageRequest, context: Any
+    ) -> pb.TransitionModelVersionStageResponse:
+        model, version = parse_name(request.name, "name", "models", "versions")
+        stage = converters.stage_from_proto(request.stage)
+        if stage is None:
+            raise InvalidArgument(
+                "stage is required", [FieldViolation("stage", "DRAFT, STAGING, PRODUCTION or ARCHIVED")]
+            )
+        moved, demoted = await self._registry.transition_stage(model, version, stage, request.etag)
+        return pb.TransitionModelVersionStageResponse(
+            model_version=converters.model_version_to_proto(moved),
+            demoted_versions=[converters.model_version_to_proto(v) for v in demoted],
+        )
+
+    async def CreatePool(self, request: pb.CreatePoolRequest, context: Any) -> pb.CreatePoolResponse:
+        pool = await self._registry.create_pool(converters.pool_from_proto(request.pool))
+        return pb.CreatePoolResponse(pool=converters.pool_to_proto(pool))
+
+    async def GetPool(self, request: pb.GetPoolRequest, context: Any) -> pb.GetPoolResponse:
+        (pool,) = parse_name(request.name, "name", "pools")
+        return pb.GetPoolResponse(pool=converters.pool_to_proto(await self._registry.get_pool(pool)))
+
+    async def ListPools(self, request: pb.ListPoolsRequest, context: Any) -> pb.ListPoolsResponse:
+        page = await self._registry.list_pools(request.page_size, request.page_token)
+        return pb.ListPoolsResponse(
+            pools=[converters.pool_to_proto(p) for p in page.items], next_page_token=page.next_page_token
+        )
+
+    async def UpdatePool(self, request: pb.UpdatePoolRequest, context: Any) -> pb.UpdatePoolResponse:
+        pool = converters.pool_from_proto(request.pool)
+        updated = await self._registry.update_pool(pool, list(request.update_mask.paths))
+        return pb.UpdatePoolResponse(pool=converters.pool_to_proto(updated))
+
+    async def DeletePool(self, request: pb.DeletePoolRequest, context: Any) -> pb.DeletePoolResponse:
+        (pool,) = parse_name(request.name, "name", "pools")
+        await self._registry.delete_pool(pool, request.etag)
+        return pb.DeletePoolResponse()
+
+    async def CreateDeployment(
+        self, request: pb.CreateDeploymentRequest, context: Any
+    ) -> pb.CreateDeploymentResponse:
+        (model,) = parse_name(request.parent, "parent", "models")
+        deployment = converters.deployment_from_proto(request.deployment, model, request.deployment_id)
+        created = await self._registry.create_deployment(deployment)
+        return pb.CreateDeploymentResponse(deployment=converters.deployment_to_proto(created))
+
+    async def GetDeployment(self, request: pb.GetDeploymentRequest, context: Any) -> pb.GetDeploymentResponse:
+        model, name = parse_name(request.name, "name", "models", "deployments")
+        found = await self._registry.get_deployment(model, name)
+        return pb.GetDeploymentResponse(deployment=converters.deployment_to_proto(found))
+
+    async def ListDeployments(
+        self, request: pb.ListDeploymentsRequest, context: Any
+    ) -> pb.ListDeploymentsResponse:
+        (model,) = parse_name(request.parent, "parent", "models")
+        page = await self._registry.list_deployments(model, request.page_size, request.page_token)
+        return pb.ListDeploymentsResponse(
+            deployments=[converters.deployment_to_proto(d) for d in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def UpdateDeployment(
+        self, request: pb.UpdateDeploymentRequest, context: Any
+    ) -> pb.UpdateDeploymentResponse:
+        model, name = parse_name(request.deployment.name, "deployment.name", "models", "deployments")
+        given = converters.deployment_from_proto(request.deployment, model, name)
+        updated = await self._registry.update_deployment(given, list(request.update_mask.paths))
+        return pb.UpdateDeploymentResponse(deployment=converters.deployment_to_proto(updated))
+
+    async def DeleteDeployment(
+        self, request: pb.DeleteDeploymentRequest, context: Any
+    ) -> pb.DeleteDeploymentResponse:
+        model, name = parse_name(request.name, "name", "models", "deployments")
+        await self._registry.delete_deployment(model, name, request.etag)
+        return pb.DeleteDeploymentResponse()
+
+    async def ResolveModel(self, request: pb.ResolveModelRequest, context: Any) -> pb.ResolveModelResponse:
+        (model,) = parse_name(request.name, "name", "models")
+        resolution = await self._registry.resolve(model, request.version)
+        return pb.ResolveModelResponse(
+            route=converters.route_to_proto(resolution.route), version=resolution.version
+        )
+
+    async def WatchRoutes(
+        self, request: pb.WatchRoutesRequest, context: Any
+    ) -> AsyncIterator[pb.WatchRoutesResponse]:
+        raise_if([v for i, m in enumerate(request.models) for v in dns_label(m, f"models[{i}]")], "models")
+        watcher = self._registry.watch_routes(request.models)
+        try:
+            while True:
+                yield converters.route_update_to_proto(await watcher.next())
+        finally:
+            watcher.close()
+
+
+async def open_registry(settings: Settings) -> Registry:
+    """Connect to PostgreSQL (migrating it) and Redis, and load the route table."""
+    store = await RegistryStore.open(
+        settings.postgres_url,
+        max_size=settings.postgres_pool_size,
+        wait=settings.postgres_timeout,
+        retry_after=settings.retry_after,
+    )
+    cache = RedisCache.connect(
+        settings.redis_url,
+        timeout=settings.redis_timeout,
+        ttl=settings.cache_ttl,
+        outage_backoff=settings.redis_outage_backoff,
+    )
+    sync = RouteSync(RouteTable(), store, cache, settings.reconnect_delay)
+    registry = Registry(store, cache, sync, settings.resolve_from)
+    try:
+        await sync.start()
+    except BaseException:
+        await registry.close()
+        raise
+    return registry
+
+
+async def create(settings: Settings) -> tuple[ServiceServer, int]:
+    """The registry server, not yet started, and its port."""
+    registry = await open_registry(settings)
+    try:
+        server, port = create_server(
+            "registry",
+            settings,
+            [
+                ServiceBinding(
+                    pb_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), SERVICE
+                )
+            ],
+        )
+    except BaseException:
+        await registry.close()
+        raise
+    server.on_stop(registry.close)
+    return server, port

@@ -1,0 +1,734 @@
+"""PostgreSQL, the registry's truth: reads, write transactions and change notifications.
+
+Every committed write increases the one registry revision inside its transaction and sends a
+NOTIFY with it, so commits, revisions and notifications come in the same order. Etags are
+row version counters; an update names the version it read (`WHERE row_version = ...`), so a
+write that lost a race is refused (ABORTED) instead of silently overwriting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import AsyncConnection, errors
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from tensorway.registry import migrations
+from tensorway.registry.domain import (
+    DEPLOYMENT,
+    MODEL,
+    MODEL_VERSION,
+    POOL,
+    Change,
+    Deployment,
+    Model,
+    ModelFilter,
+    ModelVersion,
+    ModelVersionFilter,
+    Page,
+    Pool,
+    Route,
+    Shadow,
+    Stage,
+    TensorSpec,
+    TrafficSplit,
+    Versioned,
+    build_route,
+)
+from tensorway.runtime import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+CHANGES_CHANNEL: LiteralString = "tensorway_registry_changes"
+# PostgreSQL refuses NOTIFY payloads of 8000 bytes or more; a change naming more models than
+# fit is sent as several notifications with the same revision.
+MAX_NOTIFY_BYTES = 7000
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+Connection = AsyncConnection[DictRow]
+
+
+# One statement, so the routes and the revision they belong to come from one snapshot.
+ROUTES_QUERY = """
+SELECT r.revision,
+  (SELECT coalesce(jsonb_agg(jsonb_build_object(
+      'model', d.model, 'name', d.name, 'pool', d.pool, 'traffic', d.traffic,
+      'aliases', d.aliases, 'shadow', d.shadow, 'endpoints', p.endpoints) ORDER BY d.model, d.name), '[]')
+   FROM deployments d JOIN pools p ON p.name = d.pool {deployments_of}) AS deployments,
+  (SELECT coalesce(jsonb_agg(jsonb_build_object(
+      'model', v.model, 'version', v.version, 'platform', v.platform, 'inputs', v.inputs,
+      'outputs', v.outputs, 'max_batch_size', v.max_batch_size)), '[]')
+   FROM model_versions v
+   WHERE v.stage <> 'ARCHIVED' AND EXISTS (SELECT 1 FROM deployments d WHERE d.model = v.model)
+   {versions_of}) AS versions
+FROM registry_revision r
+"""
+ROUTE_OF_MODEL: LiteralString = ROUTES_QUERY.format(
+    deployments_of="WHERE d.model = %(model)s", versions_of="AND v.model = %(model)s"
+)
+ALL_ROUTES: LiteralString = ROUTES_QUERY.format(deployments_of="", versions_of="")
+
+
+def etag_of(row: Mapping[str, Any]) -> str:
+    return str(row["row_version"])
+
+
+def row_version(etag: str) -> int:
+    return int(etag)
+
+
+def _specs(items: Iterable[Mapping[str, Any]]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(item["name"], item["datatype"], tuple(item["shape"])) for item in items)
+
+
+def _specs_json(specs: Iterable[TensorSpec]) -> Jsonb:
+    return Jsonb([{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs])
+
+
+def model_from_row(row: Mapping[str, Any]) -> Model:
+    return Model(
+        name=row["name"],
+        description=row["description"],
+        labels=row["labels"],
+        create_time=row["create_time"],
+        update_time=row["update_time"],
+        etag=etag_of(row),
+    )
+
+
+def version_from_row(row: Mapping[str, Any]) -> ModelVersion:
+    return ModelVersion(
+        model=row["model"],
+        version=row["version"],
+        platform=row["platform"],
+        inputs=_specs(row["inputs"]),
+        outputs=_specs(row["outputs"]),
+        max_batch_size=row["max_batch_size"],
+        artifact_uri=row.get("artifact_uri", ""),
+        stage=Stage(row.get("stage", Stage.DRAFT.value)),
+        metrics=row.get("metrics", {}),
+        create_time=row.get("create_time"),
+        update_time=row.get("update_time"),
+        etag=etag_of(row) if "row_version" in row else "",
+    )
+
+
+def pool_from_row(row: Mapping[str, Any]) -> Pool:
+    return Pool(
+        name=row["name"],
+        endpoints=tuple(row["endpoints"]),
+        create_time=row["create_time"],
+        update_time=row["update_time"],
+        etag=etag_of(row),
+    )
+
+
+def deployment_from_row(row: Mapping[str, Any]) -> Deployment:
+    shadow = row["shadow"]
+    return Deployment(
+        model=row["model"],
+        name=row["name"],
+        pool=row["pool"],
+        traffic=tuple(TrafficSplit(item["version"], item["weight"]) for item in row["traffic"]),
+        aliases=row["aliases"],
+        shadow=None if shadow is None else Shadow(shadow["version"], shadow["percent"]),
+        create_time=row.get("create_time"),
+        update_time=row.get("update_time"),
+        etag=etag_of(row) if "row_version" in row else "",
+    )
+
+
+def _deployment_params(deployment: Deployment) -> dict[str, Any]:
+    shadow = deployment.shadow
+    return {
+        "model": deployment.model,
+        "name": deployment.name,
+        "pool": deployment.pool,
+        "traffic": Jsonb([{"version": s.version, "weight": s.weight} for s in deployment.traffic]),
+        "aliases": Jsonb(dict(deployment.aliases)),
+        "shadow": None if shadow is None else Jsonb({"version": shadow.version, "percent": shadow.percent}),
+    }
+
+
+def _version_params(version: ModelVersion) -> dict[str, Any]:
+    return {
+        "model": version.model,
+        "version": version.version,
+        "platform": version.platform,
+        "inputs": _specs_json(version.inputs),
+        "outputs": _specs_json(version.outputs),
+        "max_batch_size": version.max_batch_size,
+        "artifact_uri": version.artifact_uri,
+        "stage": version.stage.value,
+        "metrics": Jsonb(dict(version.metrics)),
+    }
+
+
+def routes_from_row(row: Mapping[str, Any]) -> dict[str, Route]:
+    """Routes by model from a ROUTES_QUERY row."""
+    deployments: dict[str, list[Deployment]] = {}
+    endpoints: dict[str, tuple[str, ...]] = {}
+    for item in row["deployments"]:
+        deployments.setdefault(item["model"], []).append(deployment_from_row(item))
+        endpoints[item["pool"]] = tuple(item["endpoints"])
+    versions: dict[str, dict[str, ModelVersion]] = {}
+    for item in row["versions"]:
+        versions.setdefault(item["model"], {})[item["version"]] = version_from_row(item)
+    routes = {}
+    for model, its_deployments in deployments.items():
+        route = build_route(model, its_deployments, endpoints, versions.get(model, {}))
+        if route is not None:
+            routes[model] = route
+    return routes
+
+
+class PageCursor:
+    """Where a list continues: an opaque token of the last key and the query it belongs to."""
+
+    def __init__(self, page_size: int, page_token: str, query: str) -> None:
+        if page_size < 0:
+            raise InvalidArgument("page_size is negative", [FieldViolation("page_size", "0 or more")])
+        self.limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        self.query = query
+        self.after: str | int | None = None
+        if page_token:
+            try:
+                token = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                after, token_query = token["after"], token["query"]
+            except (binascii.Error, ValueError, TypeError, KeyError) as exc:
+                raise InvalidArgument(
+                    "bad page_token", [FieldViolation("page_token", "not a token this list returned")]
+                ) from exc
+            if token_query != query or not isinstance(after, str | int):
+                raise InvalidArgument(
+                    "page_token belongs to another query",
+                    [FieldViolation("page_token", "send the same parent and filter as the first page")],
+                )
+            self.after = after
+
+    def page(self, rows: Sequence[Mapping[str, Any]], key: str) -> tuple[Sequence[Mapping[str, Any]], str]:
+        """The rows of this page (the query fetched one more than `limit`) and the next token."""
+        if len(rows) <= self.limit:
+            return rows, ""
+        rows = rows[: self.limit]
+        token = json.dumps({"after": rows[-1][key], "query": self.query}).encode()
+        return rows, base64.urlsafe_b64encode(token).decode()
+
+
+class RegistryStore:
+    """The registry's tables in PostgreSQL, through a connection pool."""
+
+    def __init__(self, url: str, pool: AsyncConnectionPool[Connection], retry_after: timedelta) -> None:
+        self.url = url
+        self._pool = pool
+        self._retry_after = retry_after
+        self.reachable = True
+        """False since an operation could not reach PostgreSQL, until one succeeds again."""
+
+    @classmethod
+    async def open(cls, url: str, *, max_size: int, wait: timedelta, retry_after: timedelta) -> RegistryStore:
+        """Connect, and bring the schema up to date. A call waits up to `wait` for a
+        connection before it fails UNAVAILABLE."""
+        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+            url,
+            connection_class=AsyncConnection[DictRow],
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "connect_timeout": max(1, int(wait.total_seconds())),
+            },
+            min_size=1,
+            max_size=max_size,
+            timeout=wait.total_seconds(),
+            # After PostgreSQL restarts, pooled connections are dead: checking each one as it
+            # is handed out costs a round trip but turns the restart into no error at all.
+            check=AsyncConnectionPool.check_connection,
+            open=False,
+        )
+        try:
+            await pool.open(wait=True, timeout=wait.total_seconds())
+            async with pool.connection() as connection:
+                applied = await migrations.migrate(connection)
+        except psycopg.OperationalError:
+            await pool.close()
+            raise
+        if applied:
+            logger.info("registry schema migrated", extra={"versions": applied})
+        return cls(url, pool, retry_after)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    def unavailable(self, exc: BaseException) -> Unavailable:
+        self.reachable = False
+        logger.warning("PostgreSQL unreachable: %s", exc)
+        return Unavailable("the registry's database is unreachable; retry", retry_after=self._retry_after)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        try:
+            async with self._pool.connection() as connection:
+                yield connection
+        except psycopg.OperationalError as exc:
+            raise self.unavailable(exc) from exc
+        self.reachable = True
+
+    async def _one(self, query: LiteralString, params: Mapping[str, Any]) -> DictRow | None:
+        async with self._connection() as connection:
+            cursor = await connection.execute(query, params)
+            return await cursor.fetchone()
+
+    async def _all(self, query: LiteralString, params: Mapping[str, Any]) -> list[DictRow]:
+        async with self._connection() as connection:
+            cursor = await connection.execute(query, params)
+            return await cursor.fetchall()
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Writer]:
+        """A write transaction. What it `touch`es is committed with a new revision and a NOTIFY;
+        `writer.change` holds them after the block. PostgreSQL down gives UNAVAILABLE."""
+        async with self._connection() as connection, connection.transaction():
+            writer = Writer(connection)
+            yield writer
+            await writer.commit_change()
+
+    # Reads. Each returns the revision it read at, which the cache keeps with the value.
+
+    async def get_model(self, name: str) -> Versioned[Model]:
+        row = await self._one(
+            "SELECT * FROM models, registry_revision r WHERE name = %(name)s",
+            {"name": name},
+        )
+        if row is None:
+            raise NotFound(MODEL, f"models/{name}")
+        return Versioned(model_from_row(row), row["revision"])
+
+    async def list_models(self, where: ModelFilter, page_size: int, page_token: str) -> Page[Model]:
+        cursor = PageCursor(page_size, page_token, json.dumps(sorted(where.labels.items())))
+        rows = await self._all(
+            "SELECT * FROM models WHERE labels @> %(labels)s"
+            " AND (%(after)s::text IS NULL OR name > %(after)s) ORDER BY name LIMIT %(limit)s",
+            {"labels": Jsonb(dict(where.labels)), "after": cursor.after, "limit": cursor.limit + 1},
+        )
+        page, token = cursor.page(rows, "name")
+        return Page([model_from_row(row) for row in page], token)
+
+    async def get_model_version(self, model: str, version: str) -> Versioned[ModelVersion]:
+        row = await self._one(
+            "SELECT * FROM model_versions, registry_revision r"
+            " WHERE model = %(model)s AND version = %(version)s",
+            {"model": model, "version": version},
+        )
+        if row is None:
+            raise NotFound(MODEL_VERSION, f"models/{model}/versions/{version}")
+        return Versioned(version_from_row(row), row["revision"])
+
+    async def list_model_versions(
+        self, model: str, where: ModelVersionFilter, page_size: int, page_token: str
+    ) -> Page[ModelVersion]:
+        query = json.dumps([model, where.stage and where.stage.value, where.platform])
+        cursor = PageCursor(page_size, page_token, query)
+        rows = await self._all(
+            "SELECT * FROM model_versions WHERE model = %(model)s"
+            " AND (%(stage)s::text IS NULL OR stage = %(stage)s)"
+            " AND (%(platform)s::text IS NULL OR platform = %(platform)s)"
+            " AND (%(after)s::bigint IS NULL OR seq > %(after)s) ORDER BY seq LIMIT %(limit)s",
+            {
+                "model": model,
+                "stage": where.stage and where.stage.value,
+                "platform": where.platform,
+                "after": cursor.after,
+                "limit": cursor.limit + 1,
+            },
+        )
+        if not rows and cursor.after is None:
+            await self.get_model(model)  # an unknown parent is NOT_FOUND, not an empty list
+        page, token = cursor.page(rows, "seq")
+        return Page([version_from_row(row) for row in page], token)
+
+    async def get_pool(self, name: str) -> Versioned[Pool]:
+        row = await self._one(
+            "SELECT * FROM pools, registry_revision r WHERE name = %(name)s",
+            {"name": name},
+        )
+        if row is None:
+            raise NotFound(POOL, f"pools/{name}")
+        return Versioned(pool_from_row(row), row["revision"])
+
+    async def list_pools(self, page_size: int, page_token: str) -> Page[Pool]:
+        cursor = PageCursor(page_size, page_token, "")
+        rows = await self._all(
+            "SELECT * FROM pools WHERE (%(after)s::text IS NULL OR name > %(after)s)"
+            " ORDER BY name LIMIT %(limit)s",
+            {"after": cursor.after, "limit": cursor.limit + 1},
+        )
+        page, token = cursor.page(rows, "name")
+        return Page([pool_from_row(row) for row in page], token)
+
+    async def get_deployment(self, model: str, name: str) -> Versioned[Deployment]:
+        row = await self._one(
+            "SELECT * FROM deployments, registry_revision r WHERE model = %(model)s AND name = %(name)s",
+            {"model": model, "name": name},
+        )
+        if row is None:
+            raise NotFound(DEPLOYMENT, f"models/{model}/deployments/{name}")
+        return Versioned(deployment_from_row(row), row["revision"])
+
+    async def list_deployments(self, model: str, page_size: int, page_token: str) -> Page[Deployment]:
+        cursor = PageCursor(page_size, page_token, model)
+        rows = await self._all(
+            "SELECT * FROM deployments WHERE model = %(model)s"
+            " AND (%(after)s::text IS NULL OR name > %(after)s) ORDER BY name LIMIT %(limit)s",
+            {"model": model, "after": cursor.after, "limit": cursor.limit + 1},
+        )
+        if not rows and cursor.after is None:
+            await self.get_model(model)
+        page, token = cursor.page(rows, "name")
+        return Page([deployment_from_row(row) for row in page], token)
+
+    async def load_route(self, model: str) -> Versioned[Route | None]:
+        """The model's route now (None when nothing is deployed) and the revision it is at."""
+        row = await self._one(ROUTE_OF_MODEL, {"model": model})
+        assert row is not None  # registry_revision always has its row
+        return Versioned(routes_from_row(row).get(model), row["revision"])
+
+    async def load_routes(self) -> Versioned[dict[str, Route]]:
+        """The whole route table and the revision it is at."""
+        row = await self._one(ALL_ROUTES, {})
+        assert row is not None
+        return Versioned(routes_from_row(row), row["revision"])
+
+    async def changes(self, reconnect_delay: timedelta) -> AsyncIterator[Change | None]:
+        """Every committed change, from LISTEN, for as long as the caller iterates.
+
+        Yields None after each (re)connection: changes made while disconnected were missed,
+        so the caller reloads what it keeps. Reconnects after `reconnect_delay` on failure.
+        """
+        while True:
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=max(1, int(reconnect_delay.total_seconds() * 4)),
+                )
+                async with connection:
+                    await connection.execute("LISTEN " + CHANGES_CHANNEL)
+                    self.reachable = True
+                    yield None
+                    async for notify in connection.notifies():
+                        yield change_from_json(notify.payload)
+            except (psycopg.Error, OSError) as exc:
+                if self.reachable:
+                    self.unavailable(exc)
+            await asyncio.sleep(reconnect_delay.total_seconds())
+
+
+def change_to_json(change: Change, models: Iterable[str] | None = None) -> str:
+    return json.dumps(
+        {"revision": change.revision, "models": sorted(change.models if models is None else models)}
+    )
+
+
+def change_from_json(payload: str | bytes) -> Change:
+    data = json.loads(payload)
+    return Change(revision=int(data["revision"]), models=frozenset(data["models"]), keys=frozenset())
+
+
+class Writer:
+    """Reads and writes inside one transaction. Core code records what changed with `touch`."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._models: set[str] = set()
+        self._keys: set[str] = set()
+        self.change: Change | None = None
+        """The committed change; set once the transaction has its revision."""
+
+    def touch(self, models: Iterable[str] = (), keys: Iterable[str] = ()) -> None:
+        """Record that routes of `models` may have changed and that cache `keys` are stale."""
+        self._models.update(models)
+        self._keys.update(keys)
+
+    async def commit_change(self) -> None:
+        if not (self._models or self._keys):
+            return
+        row = await self._one("UPDATE registry_revision SET revision = revision + 1 RETURNING revision", {})
+        assert row is not None
+        self.change = Change(row["revision"], frozenset(self._models), frozenset(self._keys))
+        for chunk in _notify_chunks(sorted(self._models)):
+            await self._connection.execute(
+                "SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, change_to_json(self.change, chunk))
+            )
+
+    async def _one(self, query: LiteralString, params: Mapping[str, Any]) -> DictRow | None:
+        cursor = await self._connection.execute(query, params)
+        return await cursor.fetchone()
+
+    async def _all(self, query: LiteralString, params: Mapping[str, Any]) -> list[DictRow]:
+        cursor = await self._connection.execute(query, params)
+        return await cursor.fetchall()
+
+    # Models
+
+    async def get_model(self, name: str, *, lock: bool = False) -> Model:
+        """The model; with `lock`, locked until commit. Writes to a model's versions and
+        deployments take that lock first, so rules that span rows (deployments route only to
+        versions that may be routed to) hold under concurrency."""
+        query: LiteralString = (
+            "SELECT * FROM models WHERE name = %(name)s FOR UPDATE"
+            if lock
+            else "SELECT * FROM models WHERE name = %(name)s"
+        )
+        row = await self._one(query, {"name": name})
+        if row is None:
+            raise NotFound(MODEL, f"models/{name}")
+        return model_from_row(row)
+
+    async def insert_model(self, model: Model) -> Model:
+        try:
+            row = await self._one(
+                "INSERT INTO models (name, description, labels)"
+                " VALUES (%(name)s, %(description)s, %(labels)s) RETURNING *",
+                {"name": model.name, "description": model.description, "labels": Jsonb(dict(model.labels))},
+            )
+        except errors.UniqueViolation as exc:
+            raise AlreadyExists(MODEL, f"models/{model.name}") from exc
+        assert row is not None
+        return model_from_row(row)
+
+    async def update_model(self, model: Model, read: Model) -> Model:
+        row = await self._one(
+            "UPDATE models SET description = %(description)s, labels = %(labels)s, update_time = now(),"
+            " row_version = row_version + 1 WHERE name = %(name)s AND row_version = %(read)s"
+            " RETURNING *",
+            {
+                "name": model.name,
+                "description": model.description,
+                "labels": Jsonb(dict(model.labels)),
+                "read": row_version(read.etag),
+            },
+        )
+        if row is None:
+            raise Aborted(f"model models/{model.name} changed while it was updated; read it again")
+        return model_from_row(row)
+
+    async def delete_model(self, model: Model) -> tuple[list[str], list[str]]:
+        """Deletes the model, its versions and deployments; returns the version and deployment ids."""
+        versions = await self._all(
+            "SELECT version FROM model_versions WHERE model = %(m)s", {"m": model.name}
+        )
+        deployments = await self._all("SELECT name FROM deployments WHERE model = %(m)s", {"m": model.name})
+        row = await self._one(
+            "DELETE FROM models WHERE name = %(name)s AND row_version = %(read)s RETURNING name",
+            {"name": model.name, "read": row_version(model.etag)},
+        )
+        if row is None:
+            raise Aborted(f"model models/{model.name} changed while it was deleted; read it again")
+        return [r["version"] for r in versions], [r["name"] for r in deployments]
+
+    # Versions
+
+    async def get_model_version(self, model: str, version: str) -> ModelVersion:
+        versions = await self.model_versions(model, [version])
+        if version not in versions:
+            raise NotFound(MODEL_VERSION, f"models/{model}/versions/{version}")
+        return versions[version]
+
+    async def model_versions(
+        self, model: str, versions: Iterable[str] | None = None
+    ) -> dict[str, ModelVersion]:
+        """The model's versions by id: all of them, or those of `versions` that exist."""
+        rows = await self._all(
+            "SELECT * FROM model_versions WHERE model = %(model)s"
+            " AND (%(versions)s::text[] IS NULL OR version = ANY(%(versions)s)) ORDER BY seq",
+            {"model": model, "versions": None if versions is None else list(versions)},
+        )
+        return {row["version"]: version_from_row(row) for row in rows}
+
+    async def next_version_id(self, model: str) -> str:
+        row = await self._one(
+            "SELECT coalesce(max(version::bigint) FILTER (WHERE version ~ '^[0-9]{1,18}$'), 0) + 1 AS next"
+            " FROM model_versions WHERE model = %(model)s",
+            {"model": model},
+        )
+        assert row is not None
+        return str(row["next"])
+
+    async def insert_model_version(self, version: ModelVersion) -> ModelVersion:
+        try:
+            row = await self._one(
+                "INSERT INTO model_versions (model, version, platform, inputs, outputs, max_batch_size,"
+                " artifact_uri, stage, metrics) VALUES (%(model)s, %(version)s, %(platform)s, %(inputs)s,"
+                " %(outputs)s, %(max_batch_size)s, %(artifact_uri)s, %(stage)s, %(metrics)s)"
+                " RETURNING *",
+                _version_params(version),
+            )
+        except errors.UniqueViolation as exc:
+            raise AlreadyExists(MODEL_VERSION, f"models/{version.model}/versions/{version.version}") from exc
+        assert row is not None
+        return version_from_row(row)
+
+    async def update_model_version(self, version: ModelVersion, read: ModelVersion) -> ModelVersion:
+        row = await self._one(
+            "UPDATE model_versions SET platform = %(platform)s, inputs = %(inputs)s, outputs = %(outputs)s,"
+            " max_batch_size = %(max_batch_size)s, artifact_uri = %(artifact_uri)s, stage = %(stage)s,"
+            " metrics = %(metrics)s, update_time = now(), row_version = row_version + 1"
+            " WHERE model = %(model)s AND version = %(version)s AND row_version = %(read)s"
+            " RETURNING *",
+            {**_version_params(version), "read": row_version(read.etag)},
+        )
+        if row is None:
+            raise Aborted(
+                f"models/{version.model}/versions/{version.version} changed meanwhile; read it again"
+            )
+        return version_from_row(row)
+
+    async def delete_model_version(self, version: ModelVersion) -> None:
+        row = await self._one(
+            "DELETE FROM model_versions WHERE model = %(model)s AND version = %(version)s"
+            " AND row_version = %(read)s RETURNING version",
+            {"model": version.model, "version": version.version, "read": row_version(version.etag)},
+        )
+        if row is None:
+            raise Aborted(
+                f"models/{version.model}/versions/{version.version} changed meanwhile; read it again"
+            )
+
+    # Pools
+
+    async def get_pool(self, name: str, *, share_lock: bool = False) -> Pool:
+        """The pool; with `share_lock`, it cannot change or go away until commit."""
+        query: LiteralString = (
+            "SELECT * FROM pools WHERE name = %(name)s FOR SHARE"
+            if share_lock
+            else "SELECT * FROM pools WHERE name = %(name)s"
+        )
+        row = await self._one(query, {"name": name})
+        if row is None:
+            raise NotFound(POOL, f"pools/{name}")
+        return pool_from_row(row)
+
+    async def models_on_pool(self, pool: str) -> set[str]:
+        rows = await self._all("SELECT DISTINCT model FROM deployments WHERE pool = %(pool)s", {"pool": pool})
+        return {row["model"] for row in rows}
+
+    async def insert_pool(self, pool: Pool) -> Pool:
+        try:
+            row = await self._one(
+                "INSERT INTO pools (name, endpoints) VALUES (%(name)s, %(endpoints)s) RETURNING *",
+                {"name": pool.name, "endpoints": Jsonb(list(pool.endpoints))},
+            )
+        except errors.UniqueViolation as exc:
+            raise AlreadyExists(POOL, f"pools/{pool.name}") from exc
+        assert row is not None
+        return pool_from_row(row)
+
+    async def update_pool(self, pool: Pool, read: Pool) -> Pool:
+        row = await self._one(
+            "UPDATE pools SET endpoints = %(endpoints)s, update_time = now(), row_version = row_version + 1"
+            " WHERE name = %(name)s AND row_version = %(read)s RETURNING *",
+            {"name": pool.name, "endpoints": Jsonb(list(pool.endpoints)), "read": row_version(read.etag)},
+        )
+        if row is None:
+            raise Aborted(f"pools/{pool.name} changed while it was updated; read it again")
+        return pool_from_row(row)
+
+    async def delete_pool(self, pool: Pool) -> None:
+        try:
+            row = await self._one(
+                "DELETE FROM pools WHERE name = %(name)s AND row_version = %(read)s RETURNING name",
+                {"name": pool.name, "read": row_version(pool.etag)},
+            )
+        except errors.ForeignKeyViolation as exc:
+            raise FailedPrecondition(
+                f"pools/{pool.name} serves deployments; delete or move them first"
+            ) from exc
+        if row is None:
+            raise Aborted(f"pools/{pool.name} changed while it was deleted; read it again")
+
+    # Deployments
+
+    async def get_deployment(self, model: str, name: str) -> Deployment:
+        row = await self._one(
+            "SELECT * FROM deployments WHERE model = %(model)s AND name = %(name)s",
+            {"model": model, "name": name},
+        )
+        if row is None:
+            raise NotFound(DEPLOYMENT, f"models/{model}/deployments/{name}")
+        return deployment_from_row(row)
+
+    async def deployments_of(self, model: str) -> list[Deployment]:
+        rows = await self._all(
+            "SELECT * FROM deployments WHERE model = %(model)s ORDER BY name",
+            {"model": model},
+        )
+        return [deployment_from_row(row) for row in rows]
+
+    async def insert_deployment(self, deployment: Deployment) -> Deployment:
+        try:
+            row = await self._one(
+                "INSERT INTO deployments (model, name, pool, traffic, aliases, shadow) VALUES"
+                " (%(model)s, %(name)s, %(pool)s, %(traffic)s, %(aliases)s, %(shadow)s)"
+                " RETURNING *",
+                _deployment_params(deployment),
+            )
+        except errors.UniqueViolation as exc:
+            raise AlreadyExists(
+                DEPLOYMENT, f"models/{deployment.model}/deployments/{deployment.name}"
+            ) from exc
+        assert row is not None
+        return deployment_from_row(row)
+
+    async def update_deployment(self, deployment: Deployment, read: Deployment) -> Deployment:
+        row = await self._one(
+            "UPDATE deployments SET pool = %(pool)s, traffic = %(traffic)s, aliases = %(aliases)s,"
+            " shadow = %(shadow)s, update_time = now(), row_version = row_version + 1"
+            " WHERE model = %(model)s AND name = %(name)s AND row_version = %(read)s"
+            " RETURNING *",
+            {**_deployment_params(deployment), "read": row_version(read.etag)},
+        )
+        if row is None:
+            raise Aborted(f"models/{deployment.model}/deployments/{deployment.name} changed meanwhile")
+        return deployment_from_row(row)
+
+    async def delete_deployment(self, deployment: Deployment) -> None:
+        row = await self._one(
+            "DELETE FROM deployments WHERE model = %(model)s AND name = %(name)s AND row_version = %(read)s"
+            " RETURNING name",
+            {"model": deployment.model, "name": deployment.name, "read": row_version(deployment.etag)},
+        )
+        if row is None:
+            raise Aborted(f"models/{deployment.model}/deployments/{deployment.name} changed meanwhile")
+
+
+def _notify_chunks(models: Sequence[str]) -> Iterable[Sequence[str]]:
+    """The models split so each notification's payload stays under PostgreSQL's limit."""
+    chunk: list[str] = []
+    size = 0
+    for model in models:
+        if chunk and size + len(model) + 4 > MAX_NOTIFY_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(model)
+        size += len(model) + 4
+    yield chunk

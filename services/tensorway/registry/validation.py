@@ -1,0 +1,243 @@
+"""Checks on what callers send: names, signatures, weights, filters and update masks.
+
+Each check collects every violation it finds, so one INVALID_ARGUMENT names all bad fields.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+from tensorway.registry.domain import (
+    Deployment,
+    Model,
+    ModelFilter,
+    ModelVersion,
+    ModelVersionFilter,
+    Pool,
+    Stage,
+    TensorSpec,
+)
+from tensorway.runtime import FieldViolation, InvalidArgument
+
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# Label keys and values as Kubernetes has them: short, and safe in a filter without quoting.
+LABEL_KEY = re.compile(r"[a-z0-9A-Z]([-a-zA-Z0-9_./]{0,61}[a-zA-Z0-9])?")
+LABEL_VALUE = re.compile(r"([a-zA-Z0-9]([-a-zA-Z0-9_.]{0,61}[a-zA-Z0-9])?)?")
+V2_DATATYPES = frozenset(
+    {
+        "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+        "FP16", "FP32", "FP64", "BF16", "BYTES",
+    }
+)  # fmt: skip
+ENDPOINT = re.compile(r"(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+ARTIFACT_URI = re.compile(r"[a-z][a-z0-9+.-]*://\S+")
+MAX_DESCRIPTION = 2048
+FILTER_TERM = re.compile(r"\s*(?P<key>[^=\s]+)\s*=\s*(?P<value>\S*)\s*")
+
+MODEL_MASK_FIELDS = frozenset({"description", "labels"})
+# Once a version leaves DRAFT, what it is and where its artifact lives no longer change:
+# routers and orchestrators may already serve it.
+VERSION_DRAFT_ONLY_FIELDS = frozenset({"platform", "inputs", "outputs", "max_batch_size", "artifact_uri"})
+VERSION_MASK_FIELDS = VERSION_DRAFT_ONLY_FIELDS | {"metrics"}
+POOL_MASK_FIELDS = frozenset({"endpoints"})
+DEPLOYMENT_MASK_FIELDS = frozenset({"pool", "traffic", "aliases", "shadow"})
+
+
+def raise_if(violations: Sequence[FieldViolation], what: str) -> None:
+    if violations:
+        raise InvalidArgument(f"invalid {what}: " + "; ".join(v.field for v in violations), violations)
+
+
+def dns_label(value: str, field: str) -> list[FieldViolation]:
+    if DNS_LABEL.fullmatch(value):
+        return []
+    return [FieldViolation(field, f"{value!r} is not a DNS label (a-z, 0-9 and '-', at most 63)")]
+
+
+def parse_name(name: str, field: str, *collections: str) -> tuple[str, ...]:
+    """The ids in a resource name such as "models/digits/versions/3" for ("models", "versions")."""
+    parts = name.split("/")
+    ids = parts[1::2]
+    if len(parts) != 2 * len(collections) or tuple(parts[0::2]) != collections:
+        pattern = "/".join(f"{collection}/{{id}}" for collection in collections)
+        raise InvalidArgument(f"{field} must look like {pattern}", [FieldViolation(field, f"not {pattern}")])
+    raise_if([v for part in ids for v in dns_label(part, field)], field)
+    return tuple(ids)
+
+
+def check_model(model: Model, prefix: str = "model") -> None:
+    violations = dns_label(model.name, f"{prefix}.name")
+    if len(model.description) > MAX_DESCRIPTION:
+        violations.append(FieldViolation(f"{prefix}.description", f"longer than {MAX_DESCRIPTION}"))
+    violations += _labels(model.labels.items(), f"{prefix}.labels")
+    raise_if(violations, "model")
+
+
+def _labels(labels: Iterable[tuple[str, str]], field: str) -> list[FieldViolation]:
+    violations = []
+    for key, value in labels:
+        if not LABEL_KEY.fullmatch(key):
+            violations.append(
+                FieldViolation(f"{field}[{key!r}]", "not a label key (63 letters, digits, -_./)")
+            )
+        if not LABEL_VALUE.fullmatch(value):
+            violations.append(FieldViolation(f"{field}[{key!r}]", f"{value!r} is not a label value"))
+    return violations
+
+
+def check_model_version(version: ModelVersion, prefix: str = "model_version") -> None:
+    """The version's contents; its id is checked where it comes from (name or create request)."""
+    violations = []
+    if not version.platform:
+        violations.append(FieldViolation(f"{prefix}.platform", "required, e.g. onnxruntime_onnx or python"))
+    if not ARTIFACT_URI.fullmatch(version.artifact_uri):
+        violations.append(
+            FieldViolation(f"{prefix}.artifact_uri", "a URI with a scheme, e.g. s3://models/x/1")
+        )
+    if version.max_batch_size < 0:
+        violations.append(FieldViolation(f"{prefix}.max_batch_size", "0 (no batching) or more"))
+    if not version.inputs:
+        violations.append(FieldViolation(f"{prefix}.inputs", "a model takes at least one input"))
+    if not version.outputs:
+        violations.append(FieldViolation(f"{prefix}.outputs", "a model returns at least one output"))
+    violations += _tensor_specs(version.inputs, f"{prefix}.inputs")
+    violations += _tensor_specs(version.outputs, f"{prefix}.outputs")
+    for key, value in version.metrics.items():
+        if not key or not math.isfinite(value):
+            violations.append(FieldViolation(f"{prefix}.metrics[{key!r}]", "a named, finite number"))
+    raise_if(violations, "model version")
+
+
+def _tensor_specs(specs: Sequence[TensorSpec], field: str) -> list[FieldViolation]:
+    violations = []
+    seen: set[str] = set()
+    for index, spec in enumerate(specs):
+        at = f"{field}[{index}]"
+        if not spec.name:
+            violations.append(FieldViolation(f"{at}.name", "required"))
+        elif spec.name in seen:
+            violations.append(FieldViolation(f"{at}.name", f"{spec.name!r} appears twice"))
+        seen.add(spec.name)
+        if spec.datatype not in V2_DATATYPES:
+            violations.append(
+                FieldViolation(
+                    f"{at}.datatype",
+                    f"{spec.datatype!r} is not a V2 datatype ({', '.join(sorted(V2_DATATYPES))})",
+                )
+            )
+        if any(dim == 0 or dim < -1 for dim in spec.shape):
+            violations.append(FieldViolation(f"{at}.shape", "each dimension is -1 (dynamic) or positive"))
+    return violations
+
+
+def check_pool(pool: Pool, prefix: str = "pool") -> None:
+    violations = dns_label(pool.name, f"{prefix}.name")
+    for index, endpoint in enumerate(pool.endpoints):
+        match = ENDPOINT.fullmatch(endpoint)
+        if match is None or not 0 < int(match["port"]) < 65536:
+            violations.append(
+                FieldViolation(f"{prefix}.endpoints[{index}]", f"{endpoint!r} is not host:port")
+            )
+    if len(set(pool.endpoints)) != len(pool.endpoints):
+        violations.append(FieldViolation(f"{prefix}.endpoints", "an endpoint appears twice"))
+    raise_if(violations, "pool")
+
+
+def check_deployment(deployment: Deployment, prefix: str = "deployment") -> None:
+    """Shape only; that the pool and versions exist and may be routed to is checked in a transaction."""
+    violations = dns_label(deployment.name, f"{prefix}.name")
+    violations += dns_label(deployment.pool, f"{prefix}.pool")
+    if not deployment.traffic:
+        violations.append(FieldViolation(f"{prefix}.traffic", "at least one version with a weight"))
+    versions = [split.version for split in deployment.traffic]
+    if len(set(versions)) != len(versions):
+        violations.append(FieldViolation(f"{prefix}.traffic", "a version appears twice"))
+    for index, split in enumerate(deployment.traffic):
+        violations += dns_label(split.version, f"{prefix}.traffic[{index}].version")
+        if not 0 <= split.weight <= 100:
+            violations.append(FieldViolation(f"{prefix}.traffic[{index}].weight", "0..100"))
+    total = sum(split.weight for split in deployment.traffic)
+    if deployment.traffic and total != 100:
+        violations.append(FieldViolation(f"{prefix}.traffic", f"weights sum to {total}, not 100"))
+    for alias, version in deployment.aliases.items():
+        violations += dns_label(alias, f"{prefix}.aliases[{alias!r}]")
+        violations += dns_label(version, f"{prefix}.aliases[{alias!r}]")
+        if alias.isdigit():
+            violations.append(
+                FieldViolation(f"{prefix}.aliases[{alias!r}]", "an alias is not a number: versions are")
+            )
+    if deployment.shadow is not None:
+        violations += dns_label(deployment.shadow.version, f"{prefix}.shadow.version")
+        if not 0 < deployment.shadow.percent <= 100:
+            violations.append(FieldViolation(f"{prefix}.shadow.percent", "1..100"))
+    raise_if(violations, "deployment")
+
+
+def check_mask(paths: Sequence[str], allowed: frozenset[str], field: str = "update_mask") -> frozenset[str]:
+    """The fields an update changes; "*" means every updatable field. An empty mask is refused
+    rather than guessed, so an update never wipes fields its caller did not mean to touch."""
+    if not paths:
+        raise InvalidArgument(
+            "update_mask is required",
+            [FieldViolation(field, f"name the fields to change: {', '.join(sorted(allowed))} or *")],
+        )
+    if list(paths) == ["*"]:
+        return allowed
+    violations = [
+        FieldViolation(
+            f"{field}.paths[{index}]", f"{path!r} cannot be updated; updatable: {', '.join(sorted(allowed))}"
+        )
+        for index, path in enumerate(paths)
+        if path not in allowed
+    ]
+    raise_if(violations, "update mask")
+    return frozenset(paths)
+
+
+def parse_terms(text: str) -> list[tuple[str, str]]:
+    """`key=value` terms joined by " AND "; anything else is an INVALID_ARGUMENT on `filter`."""
+    if not text.strip():
+        return []
+    terms = []
+    for term in re.split(r"\s+AND\s+", text.strip()):
+        match = FILTER_TERM.fullmatch(term)
+        if match is None:
+            raise InvalidArgument(
+                f"bad filter term {term!r}",
+                [FieldViolation("filter", f"{term!r} is not key=value (terms joined by AND)")],
+            )
+        terms.append((match["key"], match["value"]))
+    return terms
+
+
+def parse_model_filter(text: str) -> ModelFilter:
+    terms = parse_terms(text)
+    raise_if([FieldViolation("filter", v.description) for v in _labels(terms, "filter")], "filter")
+    labels: dict[str, str] = {}
+    for key, value in terms:
+        if labels.setdefault(key, value) != value:
+            raise InvalidArgument("contradictory filter", [FieldViolation("filter", f"{key} is given twice")])
+    return ModelFilter(labels=labels)
+
+
+def parse_model_version_filter(text: str) -> ModelVersionFilter:
+    stage: Stage | None = None
+    platform: str | None = None
+    for key, value in parse_terms(text):
+        if key == "stage" and stage is None and value.upper() in Stage.__members__:
+            stage = Stage[value.upper()]
+        elif key == "platform" and platform is None and value:
+            platform = value
+        else:
+            stages = "|".join(Stage.__members__)
+            raise InvalidArgument(
+                f"bad filter term {key}={value}",
+                [
+                    FieldViolation(
+                        "filter", f"{key}={value!r}: filter on stage={stages} and platform=NAME, once each"
+                    )
+                ],
+            )
+    return ModelVersionFilter(stage=stage, platform=platform)
