@@ -37,7 +37,7 @@ MODEL_READY = Gauge(
     "tensorway_orchestrator_model_ready", "1 when at least one Triton has the model ready.", ["model"]
 )
 TRITON_READY = Gauge(
-    "tensorway_orchestrator_triton_ready", "1 when the Triton answers ServerReady.", ["triton"]
+    "tensorway_orchestrator_triton_ready", "1 when the Triton answers that it is live.", ["triton"]
 )
 STREAMS_OPENED = Counter(
     "tensorway_orchestrator_streams_opened_total",

@@ -52,7 +52,8 @@ class ModelCatalog:
             del self._signatures[key]
 
     async def _on_readiness(self, readiness: Mapping[str, bool], _came_up: Sequence[TritonEndpoint]) -> None:
-        self.forget(model for model, ready in readiness.items() if self._readiness.get(model) != ready)
+        # A model without an earlier report was ready when its signature was fetched.
+        self.forget(model for model, ready in readiness.items() if self._readiness.get(model, True) != ready)
         self._readiness = dict(readiness)
 
     def _drop_failed(self, key: tuple[str, str], done: asyncio.Future[ModelSignature]) -> None:

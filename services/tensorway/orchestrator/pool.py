@@ -62,9 +62,13 @@ class TritonEndpoint:
         return await sender.infer(request)
 
     async def refresh(self) -> None:
-        """Ask Triton whether it is ready and which models it has ready."""
+        """Ask Triton whether it is live and which models it has ready.
+
+        Not ServerReady: with strict readiness, Triton reports itself not ready while any model
+        it knows is unloaded, which explicit model control does on purpose.
+        """
         try:
-            server = await self._stub.ServerReady(triton.ServerReadyRequest(), timeout=self._control_timeout)
+            server = await self._stub.ServerLive(triton.ServerLiveRequest(), timeout=self._control_timeout)
             index = await self._stub.RepositoryIndex(
                 triton.RepositoryIndexRequest(ready=True), timeout=self._control_timeout
             )
@@ -73,7 +77,7 @@ class TritonEndpoint:
                 logger.warning("Triton %s is not ready: %s", self.address, error.details())
             self.ready, self.ready_models = False, frozenset()
         else:
-            self.ready = bool(server.ready)
+            self.ready = bool(server.live)
             self.ready_models = frozenset(model.name for model in index.models)
         metrics.TRITON_READY.labels(self.address).set(self.ready)
 
