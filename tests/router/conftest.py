@@ -4,8 +4,15 @@ that forward to the real Triton (or fail on demand), and the router itself."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,8 +21,10 @@ from tritonclient.grpc import service_pb2 as triton
 from tritonclient.grpc import service_pb2_grpc as triton_service
 
 from tensorway.common.v1 import tensor_pb2
+from tensorway.devstack import DevStackSettings, Stack
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tensorway.orchestrator import service as orchestrator_service
 from tensorway.orchestrator.converters import from_triton_response, to_triton_request
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
@@ -129,6 +138,33 @@ async def start_orchestrator(orchestrator: FakeOrchestrator, port: int = 0) -> R
     return Running(server, f"127.0.0.1:{bound}")
 
 
+async def wait_for_models(address: str, models: Iterable[str], patience: float = 60.0) -> None:
+    """Until the orchestrator at `address` describes every model (its Tritons are ready)."""
+    deadline = asyncio.get_running_loop().time() + patience
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for model in models:
+            while True:
+                try:
+                    await stub.GetModelMetadata(pb.GetModelMetadataRequest(model_name=model), timeout=2)
+                    break
+                except grpc.aio.AioRpcError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+
+
+async def start_real_orchestrator(triton_address: str, models: Iterable[str] = DEMO_MODELS) -> Running:
+    """tensorway's own orchestrator, in this process, in front of one Triton."""
+    models = tuple(models)
+    settings = orchestrator_service.Settings(tritons=(triton_address,), models=models, metrics_enabled=False)
+    server, bound = await orchestrator_service.create(settings)
+    await server.start()
+    running = Running(server, f"127.0.0.1:{bound}")
+    await wait_for_models(running.address, models)
+    return running
+
+
 async def start_registry(registry: FakeRegistry, port: int = 0) -> Running:
     server, bound = create_server(
         "registry",
@@ -228,17 +264,23 @@ MeshFactory = Callable[..., Awaitable[Mesh]]
 
 @pytest.fixture
 async def mesh(triton_grpc: str, make_route: RouteFactory) -> AsyncIterator[MeshFactory]:
-    """`await mesh(orchestrators=1, routes=lambda endpoints: [...], **router_settings)`; by default
-    every demo model at version 1 on every orchestrator. Everything stops after the test."""
+    """`await mesh(orchestrators=1, routes=lambda endpoints: [...], real=False, **router_settings)`;
+    by default every demo model at version 1 on every orchestrator. `real` puts tensorway's own
+    orchestrators in place of the fakes. Everything stops after the test."""
     started: list[Running] = []
 
     async def build(
         orchestrators: int = 1,
         routes: Callable[[list[str]], list[registry_pb.Route]] | None = None,
+        real: bool = False,
         **router_settings: Any,
     ) -> Mesh:
         fakes = [FakeOrchestrator(triton_grpc, name=f"orchestrator-{i}") for i in range(orchestrators)]
-        running = [await start_orchestrator(fake) for fake in fakes]
+        if real:
+            fakes = []
+            running = [await start_real_orchestrator(triton_grpc) for _ in range(orchestrators)]
+        else:
+            running = [await start_orchestrator(fake) for fake in fakes]
         started.extend(running)
         endpoints = [r.address for r in running]
         registry = FakeRegistry()
@@ -253,3 +295,78 @@ async def mesh(triton_grpc: str, make_route: RouteFactory) -> AsyncIterator[Mesh
     yield build
     for running in reversed(started):
         await running.server.stop()
+
+
+@pytest.fixture(scope="session")
+def second_triton() -> Iterator[str]:
+    """A Triton of its own for a second orchestrator, so each orchestrator has its own pool."""
+    state_dir = Path(tempfile.mkdtemp(prefix="tensorway-router-triton-"))
+    stack = Stack(
+        DevStackSettings(state_dir=state_dir).without_pinned_ports(),
+        state_dir=state_dir,
+        die_with_parent=True,
+    )
+    try:
+        yield stack.ensure(["triton"]).endpoints()["triton_grpc"].address
+    finally:
+        stack.down()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class OrchestratorProcess:
+    """`tensorway serve orchestrator` as a child process, so a test can SIGKILL it and restart it
+    on the same port."""
+
+    def __init__(self, triton_address: str, models: Iterable[str]) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._models = tuple(models)
+        self._env = {
+            **os.environ,
+            "TENSORWAY_ORCHESTRATOR_TRITONS": json.dumps([triton_address]),
+            "TENSORWAY_ORCHESTRATOR_MODELS": json.dumps(self._models),
+            "TENSORWAY_ORCHESTRATOR_METRICS_ENABLED": "false",
+            "TENSORWAY_ORCHESTRATOR_LOG_LEVEL": "WARNING",
+        }
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        tensorway = Path(sys.executable).parent / "tensorway"
+        self._process = await asyncio.create_subprocess_exec(
+            str(tensorway),
+            "serve",
+            "orchestrator",
+            "--port",
+            str(self.port),
+            env=self._env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await wait_for_models(self.address, self._models)
+
+    async def kill(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+        self._process = None
+
+
+@pytest.fixture
+async def orchestrator_processes() -> AsyncIterator[Callable[[str, Iterable[str]], OrchestratorProcess]]:
+    """Make OrchestratorProcesses; whichever still run are killed after the test."""
+    made: list[OrchestratorProcess] = []
+
+    def make(triton_address: str, models: Iterable[str]) -> OrchestratorProcess:
+        made.append(OrchestratorProcess(triton_address, models))
+        return made[-1]
+
+    yield make
+    for process in made:
+        await process.kill()

@@ -82,7 +82,7 @@ def in_thread(call: Callable[[], Any]) -> Any:
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
 async def test_sync_client(mesh: MeshFactory, model: str, direct_answers: Answers) -> None:
-    running = await mesh()
+    running = await mesh(real=True)
 
     def call() -> dict[str, Array]:
         with grpcclient.InferenceServerClient(running.router.address) as client:
@@ -95,7 +95,7 @@ async def test_sync_client(mesh: MeshFactory, model: str, direct_answers: Answer
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
 async def test_async_callback_client(mesh: MeshFactory, model: str, direct_answers: Answers) -> None:
-    running = await mesh()
+    running = await mesh(real=True)
 
     def call() -> dict[str, Array]:
         answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
@@ -115,7 +115,7 @@ async def test_async_callback_client(mesh: MeshFactory, model: str, direct_answe
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
 async def test_asyncio_client(mesh: MeshFactory, model: str, direct_answers: Answers) -> None:
-    running = await mesh()
+    running = await mesh(real=True)
     async with aioclient.InferenceServerClient(running.router.address) as client:
         assert await client.is_server_ready()
         assert await client.is_model_ready(model)
@@ -126,7 +126,7 @@ async def test_asyncio_client(mesh: MeshFactory, model: str, direct_answers: Ans
 async def test_streaming_client_gets_every_answer_and_errors_on_the_stream(
     mesh: MeshFactory, direct_answers: Answers
 ) -> None:
-    running = await mesh()
+    running = await mesh(real=True)
 
     def call() -> dict[str, tuple[Any, Any]]:
         answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
@@ -157,7 +157,7 @@ async def test_streaming_client_gets_every_answer_and_errors_on_the_stream(
 
 
 async def test_metadata_config_and_repository_index(mesh: MeshFactory, triton_grpc: str) -> None:
-    running = await mesh()
+    running = await mesh(real=True)
     async with (
         aioclient.InferenceServerClient(running.router.address) as routed,
         aioclient.InferenceServerClient(triton_grpc) as direct,
@@ -181,7 +181,7 @@ async def test_metadata_config_and_repository_index(mesh: MeshFactory, triton_gr
 
 
 async def test_unknown_model_is_not_found_as_triton_says(mesh: MeshFactory) -> None:
-    running = await mesh()
+    running = await mesh(real=True)
     async with aioclient.InferenceServerClient(running.router.address) as client:
         assert not await client.is_model_ready("no-such-model")
         for call in (
@@ -191,3 +191,28 @@ async def test_unknown_model_is_not_found_as_triton_says(mesh: MeshFactory) -> N
             with pytest.raises(InferenceServerException) as raised:
                 await call
             assert raised.value.status() == str(grpc.StatusCode.NOT_FOUND)
+
+
+@pytest.mark.parametrize(
+    ("shape", "datatype", "violation"),
+    [([2, 15], "INT32", "[2, 15]"), ([2, 16], "FP32", "FP32")],
+)
+async def test_wrong_shape_or_datatype_is_invalid_and_never_reaches_triton(
+    mesh: MeshFactory, triton_grpc: str, shape: list[int], datatype: str, violation: str
+) -> None:
+    running = await mesh(real=True)
+    bad = grpcclient.InferInput("INPUT0", shape, datatype)
+    bad.set_data_from_numpy(np.zeros(shape, dtype=np.int32 if datatype == "INT32" else np.float32))
+    good = triton_inputs({"INPUT1": np.zeros((2, 16), dtype=np.int32)})
+    async with (
+        aioclient.InferenceServerClient(running.router.address) as routed,
+        aioclient.InferenceServerClient(triton_grpc) as direct,
+    ):
+        before = (await direct.get_inference_statistics("simple")).model_stats[0].inference_stats
+        with pytest.raises(InferenceServerException) as raised:
+            await routed.infer("simple", [bad, *good])
+        after = (await direct.get_inference_statistics("simple")).model_stats[0].inference_stats
+    assert raised.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
+    assert "INPUT0" in str(raised.value.message())
+    assert violation in str(raised.value.message())
+    assert (after.success.count, after.fail.count) == (before.success.count, before.fail.count)

@@ -67,18 +67,20 @@ class Endpoint:
         self.load.started()
         metrics.ENDPOINT_OUTSTANDING.labels(self.address).inc()
         started = time.perf_counter()
-        outcome, latency = Outcome.IGNORED, None
+        outcome, latency, code = Outcome.IGNORED, None, grpc.StatusCode.CANCELLED
         try:
             response: pb.InferResponse = await self._stub.Infer(request)
         except grpc.aio.AioRpcError as error:
-            outcome = outcome_of(error.code())
+            code = error.code()
+            outcome = outcome_of(code)
             if outcome is Outcome.SUCCESS:
                 latency = time.perf_counter() - started
             raise
         else:
-            outcome, latency = Outcome.SUCCESS, time.perf_counter() - started
+            outcome, latency, code = Outcome.SUCCESS, time.perf_counter() - started, grpc.StatusCode.OK
             return response
         finally:
+            metrics.ENDPOINT_CALLS.labels(self.address, code.name).inc()
             self.load.finished(latency)
             self.breaker.release(outcome)
             metrics.ENDPOINT_OUTSTANDING.labels(self.address).dec()

@@ -28,6 +28,11 @@ BREAKER_OPEN = Gauge(
     "1 while an endpoint's circuit breaker is open or half-open, else 0.",
     ["endpoint"],
 )
+ENDPOINT_CALLS = Counter(
+    "tensorway_router_endpoint_calls_total",
+    "Calls to an orchestrator endpoint, by status code.",
+    ["endpoint", "grpc_code"],
+)
 ENDPOINT_OUTSTANDING = Gauge(
     "tensorway_router_endpoint_outstanding",
     "Calls in flight to an orchestrator endpoint.",
