@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from tensorway.cli.dev import dev_app
+from tensorway.cli.infer import infer_command
 from tensorway.runtime import ServiceServer, ServiceSettings, configure_process, serve
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(dev_app, name="dev")
+app.command("infer")(infer_command)
 console = Console(stderr=True)
 
 # Service name → the module that builds it. Each module has `Settings` (a ServiceSettings with

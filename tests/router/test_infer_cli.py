@@ -1,0 +1,36 @@
+"""`tensorway infer` against a running router."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from tensorway.cli.main import app
+from tests.router.conftest import MeshFactory
+
+
+async def test_infer_prints_the_outputs(mesh: MeshFactory, tmp_path: Path) -> None:
+    running = await mesh(real=True)
+    second = tmp_path / "b.npy"
+    np.save(second, np.full(16, 2, dtype=np.int32))
+    arguments = ["infer", "simple", "--router", running.router.address]
+    arguments += ["-i", f"INPUT0={json.dumps(list(range(16)))}", "-i", f"INPUT1={second}"]
+    # In a thread: the router serves on this test's event loop.
+    result = await asyncio.to_thread(CliRunner().invoke, app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "OUTPUT0" in result.output
+    assert "[[ 2  3  4" in result.output  # 0..15 + 2
+    assert "[[-2 -1  0" in result.output  # 0..15 - 2
+
+
+async def test_infer_reports_errors(mesh: MeshFactory) -> None:
+    running = await mesh(real=True)
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["infer", "nope", "-i", "x=[1]", "--router", running.router.address]
+    )
+    assert result.exit_code == 1
+    assert "NOT_FOUND" in result.output
