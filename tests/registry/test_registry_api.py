@@ -87,7 +87,7 @@ async def test_bad_names_and_labels_are_field_violations(stub: Stub) -> None:
             )
         )
     )
-    assert [field for field, _ in error.violations] == ["model.labels['ok']", "model.labels['-x']"]
+    assert [field for field, _ in error.violations] == ["model.labels['-x']", "model.labels['ok']"]
 
     error = await failure(stub.GetModel(pb.GetModelRequest(name="digits")))
     assert error.code == INVALID

@@ -228,7 +228,7 @@ async def open_registry(settings: Settings) -> Registry:
     """Connect to PostgreSQL (migrating it) and Redis, and load the route table."""
     store = await RegistryStore.open(
         settings.postgres_url,
-        max_size=settings.postgres_pool_size,
+        pool_size=settings.postgres_pool_size,
         wait=settings.postgres_timeout,
         retry_after=settings.retry_after,
     )

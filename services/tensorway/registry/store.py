@@ -238,43 +238,58 @@ class PageCursor:
 class RegistryStore:
     """The registry's tables in PostgreSQL, through a connection pool."""
 
-    def __init__(self, url: str, pool: AsyncConnectionPool[Connection], retry_after: timedelta) -> None:
+    def __init__(self, url: str, pool_size: int, wait: timedelta, retry_after: timedelta) -> None:
         self.url = url
-        self._pool = pool
+        self._pool_size = pool_size
+        self._wait = wait
         self._retry_after = retry_after
+        self._pool = self._new_pool()
         self.reachable = True
         """False since an operation could not reach PostgreSQL, until one succeeds again."""
 
     @classmethod
-    async def open(cls, url: str, *, max_size: int, wait: timedelta, retry_after: timedelta) -> RegistryStore:
+    async def open(
+        cls, url: str, *, pool_size: int, wait: timedelta, retry_after: timedelta
+    ) -> RegistryStore:
         """Connect, and bring the schema up to date. A call waits up to `wait` for a
         connection before it fails UNAVAILABLE."""
-        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
-            url,
+        store = cls(url, pool_size, wait, retry_after)
+        try:
+            await store._pool.open(wait=True, timeout=wait.total_seconds())
+            async with store._pool.connection() as connection:
+                applied = await migrations.migrate(connection)
+        except psycopg.OperationalError:
+            await store.close()
+            raise
+        if applied:
+            logger.info("registry schema migrated", extra={"versions": applied})
+        return store
+
+    def _new_pool(self) -> AsyncConnectionPool[Connection]:
+        return AsyncConnectionPool(
+            self.url,
             connection_class=AsyncConnection[DictRow],
             kwargs={
                 "autocommit": True,
                 "row_factory": dict_row,
-                "connect_timeout": max(1, int(wait.total_seconds())),
+                "connect_timeout": max(1, int(self._wait.total_seconds())),
             },
             min_size=1,
-            max_size=max_size,
-            timeout=wait.total_seconds(),
+            max_size=self._pool_size,
+            timeout=self._wait.total_seconds(),
             # After PostgreSQL restarts, pooled connections are dead: checking each one as it
             # is handed out costs a round trip but turns the restart into no error at all.
             check=AsyncConnectionPool.check_connection,
             open=False,
         )
-        try:
-            await pool.open(wait=True, timeout=wait.total_seconds())
-            async with pool.connection() as connection:
-                applied = await migrations.migrate(connection)
-        except psycopg.OperationalError:
-            await pool.close()
-            raise
-        if applied:
-            logger.info("registry schema migrated", extra={"versions": applied})
-        return cls(url, pool, retry_after)
+
+    async def _renew_pool(self) -> None:
+        """Replace the pool once PostgreSQL is back: the old one may be asleep in its reconnect
+        backoff, which doubles up to minutes, long after the server returned."""
+        old, self._pool = self._pool, self._new_pool()
+        await self._pool.open(wait=False)
+        # Connections still in use close as they are returned.
+        await old.close()
 
     async def close(self) -> None:
         await self._pool.close()
@@ -433,7 +448,9 @@ class RegistryStore:
                 )
                 async with connection:
                     await connection.execute("LISTEN " + CHANGES_CHANNEL)
-                    self.reachable = True
+                    if not self.reachable:
+                        await self._renew_pool()
+                        self.reachable = True
                     yield None
                     async for notify in connection.notifies():
                         yield change_from_json(notify.payload)

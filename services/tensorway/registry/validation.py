@@ -71,7 +71,7 @@ def check_model(model: Model, prefix: str = "model") -> None:
     violations = dns_label(model.name, f"{prefix}.name")
     if len(model.description) > MAX_DESCRIPTION:
         violations.append(FieldViolation(f"{prefix}.description", f"longer than {MAX_DESCRIPTION}"))
-    violations += _labels(model.labels.items(), f"{prefix}.labels")
+    violations += _labels(sorted(model.labels.items()), f"{prefix}.labels")
     raise_if(violations, "model")
 
 

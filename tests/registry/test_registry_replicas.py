@@ -1,0 +1,121 @@
+"""Two registry replicas on one PostgreSQL and Redis see each other's writes within 100 ms."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest
+
+from tensorway.registry.v1 import registry_service_pb2 as pb
+
+from .conftest import RunningRegistry, deploy, mask, start_registry
+
+WITHIN = 0.1
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = WITHIN) -> float:
+    """Poll `check` until it holds; the seconds that took. Fails after `within`."""
+    started = time.perf_counter()
+    while not await check():
+        elapsed = time.perf_counter() - started
+        assert elapsed < within, f"not within {within * 1000:.0f} ms"
+        await asyncio.sleep(0.002)
+    return time.perf_counter() - started
+
+
+@pytest.fixture
+async def replicas(
+    postgres_url: str, redis_url: str
+) -> AsyncIterator[tuple[RunningRegistry, RunningRegistry]]:
+    first = await start_registry(postgres_url, redis_url)
+    second = await start_registry(postgres_url, redis_url)
+    yield first, second
+    await second.stop()
+    await first.stop()
+
+
+def split(deployment: str, *weights: tuple[str, int]) -> pb.UpdateDeploymentRequest:
+    return pb.UpdateDeploymentRequest(
+        deployment=pb.Deployment(
+            name=deployment, traffic=[pb.TrafficSplit(version=v, weight=w) for v, w in weights]
+        ),
+        update_mask=mask("traffic"),
+    )
+
+
+async def test_a_deployment_written_on_one_replica_resolves_on_the_other(
+    replicas: tuple[RunningRegistry, RunningRegistry],
+) -> None:
+    writer, reader = replicas
+    deployed = await deploy(writer.stub)
+    name = f"models/{deployed.model}"
+
+    async def reader_resolves_version(expected: str) -> bool:
+        try:
+            return (await reader.stub.ResolveModel(pb.ResolveModelRequest(name=name))).version == expected
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND until the deployment arrives
+                raise
+            return False
+
+    await eventually(lambda: reader_resolves_version("1"))
+    await writer.stub.UpdateDeployment(split(deployed.deployment.name, ("1", 10), ("2", 90)))
+    await eventually(lambda: reader_resolves_version("2"))
+
+
+async def test_reads_through_the_cache_see_the_other_replicas_writes(
+    replicas: tuple[RunningRegistry, RunningRegistry],
+) -> None:
+    writer, reader = replicas
+    deployed = await deploy(writer.stub)
+    name = f"models/{deployed.model}"
+    cached = (await reader.stub.GetModel(pb.GetModelRequest(name=name))).model
+    await reader.stub.GetModel(pb.GetModelRequest(name=name))  # now served by Redis
+
+    await writer.stub.UpdateModel(
+        pb.UpdateModelRequest(model=pb.Model(name=name, description="new"), update_mask=mask("description"))
+    )
+
+    async def reader_sees_update() -> bool:
+        model = (await reader.stub.GetModel(pb.GetModelRequest(name=name))).model
+        return model.description == "new" and model.etag != cached.etag
+
+    await eventually(reader_sees_update)
+
+
+async def test_a_watcher_on_one_replica_sees_a_write_on_the_other_within_100ms(
+    replicas: tuple[RunningRegistry, RunningRegistry],
+) -> None:
+    writer, watched = replicas
+    deployed = await deploy(writer.stub)
+    call = watched.stub.WatchRoutes(pb.WatchRoutesRequest(models=[deployed.model]))
+    snapshot = await call.read()
+    if not snapshot.routes:  # the watched replica may not have heard of the deployment yet
+        assert (await asyncio.wait_for(call.read(), timeout=WITHIN)).routes
+
+    started = time.perf_counter()
+    await writer.stub.UpdateDeployment(split(deployed.deployment.name, ("1", 40), ("2", 60)))
+    change = await asyncio.wait_for(call.read(), timeout=1)
+    elapsed = time.perf_counter() - started
+    assert [(v.version, v.weight) for v in change.routes[0].versions] == [("1", 40), ("2", 60)]
+    assert elapsed < WITHIN, f"{elapsed * 1000:.0f} ms"
+    call.cancel()
+
+
+async def test_a_replica_started_later_loads_the_whole_table(
+    postgres_url: str, redis_url: str, replicas: tuple[RunningRegistry, RunningRegistry]
+) -> None:
+    writer, _ = replicas
+    deployed = await deploy(writer.stub)
+    late = await start_registry(postgres_url, redis_url)
+    try:
+        call = late.stub.WatchRoutes(pb.WatchRoutesRequest())
+        snapshot = await call.read()
+        assert snapshot.snapshot
+        assert deployed.model in {route.model for route in snapshot.routes}
+        call.cancel()
+    finally:
+        await late.stop()
