@@ -17,6 +17,7 @@ from tensorway.orchestrator import metrics
 from tensorway.orchestrator.streams import InferStream, UnaryInfer
 from tensorway.orchestrator.triton_errors import from_rpc_error
 from tensorway.runtime import create_channel
+from tensorway.runtime.server import message_size_options
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,14 @@ class TritonEndpoint:
         self.ready_models: frozenset[str] | None = None
         self._channel = create_channel(address, max_message_bytes)
         self._stub = triton_grpc.GRPCInferenceServiceStub(self._channel)
+        # Streams carry no request's context, and a client interceptor on a stream call costs
+        # an extra queue hop per message: streams get a channel of their own, without one.
+        self._stream_channel = grpc.aio.insecure_channel(
+            address, options=message_size_options(max_message_bytes)
+        )
+        stream_stub = triton_grpc.GRPCInferenceServiceStub(self._stream_channel)
         self._senders: Sequence[InferStream | UnaryInfer] = [
-            InferStream(self._stub, address) for _ in range(streams)
+            InferStream(stream_stub, address) for _ in range(streams)
         ] or [UnaryInfer(self._stub)]
         self._control_timeout = control_timeout.total_seconds()
         self._load_timeout = load_timeout.total_seconds()
@@ -126,6 +133,7 @@ class TritonEndpoint:
         for sender in self._senders:
             if isinstance(sender, InferStream):
                 await sender.close()
+        await self._stream_channel.close()
         await self._channel.close()
 
 
