@@ -20,6 +20,7 @@ from tests.router.conftest import (
 from tests.router.test_router import assert_simple_answer, simple_request
 
 WORKERS = 16
+OUTAGE_SECONDS = 6
 
 
 def ok_calls(endpoint: str) -> float:
@@ -67,7 +68,8 @@ async def test_killing_one_orchestrator_under_load_fails_almost_nothing_and_it_c
             assert ok_calls(victim.address) > 0
 
             await victim.kill()
-            await asyncio.sleep(2)
+            # Long enough for gRPC's reconnect backoff to grow past what a quick return allows.
+            await asyncio.sleep(OUTAGE_SECONDS)
             assert breaker_open(victim.address) == 1
             during_outage = ok_calls(survivor.address)
 
@@ -88,11 +90,11 @@ async def test_killing_one_orchestrator_under_load_fails_almost_nothing_and_it_c
 
     failures = [outcome for outcome in outcomes if outcome[1] != grpc.StatusCode.OK]
     print(
-        f"\n{len(outcomes)} requests, {len(failures)} failed; survivor took "
-        f"{ok_calls(survivor.address) - during_outage:.0f} during the outage; "
-        f"traffic returned {returned_after} s after restart"
+        f"\n{len(outcomes)} requests, {len(failures)} failed; the survivor answered "
+        f"{during_outage:.0f} by the end of the outage; traffic returned {returned_after} s after restart"
     )
-    assert len(outcomes) > 2000
+    assert len(outcomes) > 1000
     assert len(failures) <= 0.001 * len(outcomes), failures[:10]
     assert returned_after is not None
+    assert returned_after < 2.5
     assert breaker_open(victim.address) == 0

@@ -14,7 +14,7 @@ from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.router import metrics
 from tensorway.router.balancer import LoadStats
-from tensorway.router.breaker import BreakerPolicy, CircuitBreaker, Outcome
+from tensorway.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Outcome
 from tensorway.runtime import Unavailable, create_channel
 
 # The endpoint answered and the fault, if any, is the request's: its health is fine.
@@ -55,15 +55,19 @@ class Endpoint:
         self.load = LoadStats()
         self._channel = create_channel(address)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._retired: set[asyncio.Task[None]] = set()
         metrics.BREAKER_OPEN.labels(address).set(0)
         metrics.ENDPOINT_OUTSTANDING.labels(address).set(0)
 
     async def infer(self, request: pb.InferRequest) -> pb.InferResponse:
         """Run `request` here, recording the outcome in the breaker and the load."""
+        probe = self.breaker.state is BreakerState.HALF_OPEN
         if not self.breaker.acquire():
             raise Unavailable(
                 f"endpoint {self.address} is open-circuited", retry_after=self.breaker.retry_after()
             )
+        if probe:
+            self._renew_failed_channel()
         self.load.started()
         metrics.ENDPOINT_OUTSTANDING.labels(self.address).inc()
         started = time.perf_counter()
@@ -86,8 +90,23 @@ class Endpoint:
             metrics.ENDPOINT_OUTSTANDING.labels(self.address).dec()
             metrics.BREAKER_OPEN.labels(self.address).set(0 if self.breaker.available() else 1)
 
+    def _renew_failed_channel(self) -> None:
+        """Give a probe a fresh channel when the current one is failing.
+
+        A failing channel waits out gRPC's reconnect backoff (growing to two minutes) and fails
+        calls at once meanwhile, so probes through it would miss an orchestrator that is back; a
+        fresh channel connects on its first call.
+        """
+        if self._channel.get_state() is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return
+        failed, self._channel = self._channel, create_channel(self.address)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        task = asyncio.create_task(failed.close())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
     async def close(self, grace: timedelta) -> None:
-        await self._channel.close(grace.total_seconds())
+        await asyncio.gather(self._channel.close(grace.total_seconds()), *self._retired)
 
 
 class EndpointSet:
