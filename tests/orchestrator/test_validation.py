@@ -17,6 +17,7 @@ from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.orchestrator import ModelSignature, TensorSignature
+from tensorway.orchestrator.converters import raw_inputs
 from tensorway.orchestrator.validation import validate_request
 from tensorway.runtime import InvalidArgument
 
@@ -177,7 +178,8 @@ def strings(shape: list[int], raw: bytes | None = None) -> tensor_pb2.Tensor:
 
 def violations_of(*inputs: tensor_pb2.Tensor) -> list[tuple[str, str]]:
     try:
-        validate_request(pb.InferRequest(model_name="m", inputs=inputs), SIGNATURE)
+        request = pb.InferRequest(model_name="m", inputs=inputs)
+        validate_request(request, SIGNATURE, raw_inputs(request))
     except InvalidArgument as error:
         return [(v.field, v.description) for v in error.violations]
     return []

@@ -9,7 +9,7 @@ numpy otherwise.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,21 +55,36 @@ CONTENTS_FIELDS: Mapping[str, str] = {
     "FP64": "fp64_contents",
     BYTES: "bytes_contents",
 }
+# The element type of each TensorContents field, so its values convert without guessing.
+_FIELD_DTYPES: Mapping[str, np.dtype[Any]] = {
+    "bool_contents": np.dtype(np.bool_),
+    "int_contents": np.dtype("<i4"),
+    "int64_contents": np.dtype("<i8"),
+    "uint_contents": np.dtype("<u4"),
+    "uint64_contents": np.dtype("<u8"),
+    "fp32_contents": np.dtype("<f4"),
+    "fp64_contents": np.dtype("<f8"),
+}
 _LENGTH_PREFIX = struct.Struct("<I")
 
 
-def to_triton_request(request: pb.InferRequest) -> Any:
-    """The Triton ModelInferRequest for `request`, whose inputs validation has checked."""
+def raw_inputs(request: pb.InferRequest) -> list[bytes]:
+    """Each input's raw_contents (empty when typed). Every read of a protobuf bytes field copies
+    it, so validation and conversion share this one read."""
+    return [tensor.raw_contents for tensor in request.inputs]
+
+
+def to_triton_request(request: pb.InferRequest, raw: Sequence[bytes]) -> Any:
+    """The Triton ModelInferRequest for `request`, whose inputs validation has checked; `raw` is
+    `raw_inputs(request)`."""
     converted = triton.ModelInferRequest(
         model_name=request.model_name, model_version=request.model_version, id=request.id
     )
     _copy_parameters(request.parameters, converted.parameters)
-    for tensor in request.inputs:
+    for tensor, tensor_raw in zip(request.inputs, raw, strict=True):
         entry = converted.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         _copy_parameters(tensor.parameters, entry.parameters)
-        converted.raw_input_contents.append(
-            tensor.raw_contents if tensor.raw_contents else pack_contents(tensor.datatype, tensor.contents)
-        )
+        converted.raw_input_contents.append(tensor_raw or pack_contents(tensor.datatype, tensor.contents))
     for output in request.outputs:
         wanted = converted.outputs.add(name=output.name)
         _copy_parameters(output.parameters, wanted.parameters)
@@ -101,9 +116,10 @@ def pack_contents(datatype: str, contents: tensor_pb2.TensorContents) -> bytes:
     """Typed contents as Triton's raw bytes. Validation has checked the datatype and the field."""
     if datatype == BYTES:
         return pack_bytes(contents.bytes_contents)
-    values = np.asarray(getattr(contents, CONTENTS_FIELDS[datatype]))
+    field = CONTENTS_FIELDS[datatype]
+    values = np.asarray(getattr(contents, field), dtype=_FIELD_DTYPES[field])
     if datatype == "BF16":
-        return _fp32_to_bf16_bits(values.astype("<f4")).tobytes()
+        return _fp32_to_bf16_bits(values).tobytes()
     return values.astype(FIXED_SIZE_DTYPES[datatype]).tobytes()
 
 

@@ -12,7 +12,12 @@ from datetime import timedelta
 
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.orchestrator import metrics
-from tensorway.orchestrator.converters import from_triton_response, metadata_response, to_triton_request
+from tensorway.orchestrator.converters import (
+    from_triton_response,
+    metadata_response,
+    raw_inputs,
+    to_triton_request,
+)
 from tensorway.orchestrator.models import ModelCatalog
 from tensorway.orchestrator.pool import TritonPool
 from tensorway.orchestrator.triton_errors import ModelGone
@@ -56,9 +61,11 @@ class Orchestrator:
             async with asyncio.timeout(self._time_remaining()):
                 signature = await self._catalog.signature(request.model_name, request.model_version)
                 model = signature.name
-                validate_request(request, signature)
+                raw = raw_inputs(request)
+                validate_request(request, signature, raw)
+                triton_request = to_triton_request(request, raw)
                 async with self._in_flight_slot(model):
-                    answer = await self._pool.choose(model).infer(to_triton_request(request))
+                    answer = await self._pool.choose(model).infer(triton_request)
             return from_triton_response(answer, request)
         except TimeoutError as timeout:
             failure: TensorwayError = DeadlineExceeded(

@@ -19,12 +19,13 @@ from tensorway.runtime import FieldViolation, InvalidArgument
 _BYTES_PREFIX_SIZE = 4
 
 
-def validate_request(request: pb.InferRequest, signature: ModelSignature) -> None:
-    """Raise InvalidArgument (TENSOR_INVALID) listing every way `request` misfits `signature`."""
+def validate_request(request: pb.InferRequest, signature: ModelSignature, raw: Sequence[bytes]) -> None:
+    """Raise InvalidArgument (TENSOR_INVALID) listing every way `request` misfits `signature`;
+    `raw` is `raw_inputs(request)`."""
     violations: list[FieldViolation] = []
     seen: set[str] = set()
     batch_sizes: dict[str, int] = {}
-    for index, tensor in enumerate(request.inputs):
+    for index, (tensor, tensor_raw) in enumerate(zip(request.inputs, raw, strict=True)):
         field = f"inputs[{index}]"
         expected = signature.inputs.get(tensor.name)
         if expected is None:
@@ -39,7 +40,7 @@ def validate_request(request: pb.InferRequest, signature: ModelSignature) -> Non
             violations.append(FieldViolation(f"{field}.name", f"input {tensor.name!r} is given twice"))
             continue
         seen.add(tensor.name)
-        tensor_violations = _check_tensor(field, tensor, expected, signature)
+        tensor_violations = _check_tensor(field, tensor, tensor_raw, expected, signature)
         violations += tensor_violations
         if not tensor_violations and signature.max_batch_size > 0:
             batch_sizes[tensor.name] = tensor.shape[0]
@@ -69,7 +70,7 @@ def validate_request(request: pb.InferRequest, signature: ModelSignature) -> Non
 
 
 def _check_tensor(
-    field: str, tensor: tensor_pb2.Tensor, expected: TensorSignature, signature: ModelSignature
+    field: str, tensor: tensor_pb2.Tensor, raw: bytes, expected: TensorSignature, signature: ModelSignature
 ) -> list[FieldViolation]:
     name = tensor.name
     if tensor.datatype != expected.datatype:
@@ -82,7 +83,7 @@ def _check_tensor(
     shape_problem = _shape_problem(tensor.shape, expected, signature)
     if shape_problem:
         return [FieldViolation(f"{field}.shape", f"input {name!r}: {shape_problem}")]
-    problem = _contents_problem(tensor, math.prod(tensor.shape))
+    problem = _contents_problem(tensor, raw, math.prod(tensor.shape))
     return [FieldViolation(f"{field}.{problem[0]}", f"input {name!r}: {problem[1]}")] if problem else []
 
 
@@ -98,13 +99,13 @@ def _shape_problem(shape: Sequence[int], expected: TensorSignature, signature: M
     return None
 
 
-def _contents_problem(tensor: tensor_pb2.Tensor, count: int) -> tuple[str, str] | None:
+def _contents_problem(tensor: tensor_pb2.Tensor, raw: bytes, count: int) -> tuple[str, str] | None:
     """The (field suffix, description) of what is wrong with the tensor's data, if anything."""
     typed_fields = tensor.contents.ListFields()
-    if tensor.raw_contents and typed_fields:
+    if raw and typed_fields:
         return "contents", "set contents or raw_contents, not both"
-    if tensor.raw_contents:
-        size = len(tensor.raw_contents)
+    if raw:
+        size = len(raw)
         if tensor.datatype == BYTES:
             # Walking every length prefix would loop over the elements in Python: Triton checks
             # them, this only catches a buffer too short to hold the elements at all.
