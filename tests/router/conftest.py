@@ -25,7 +25,7 @@ from tensorway.devstack import DevStackSettings, Stack
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.orchestrator import service as orchestrator_service
-from tensorway.orchestrator.converters import from_triton_response, to_triton_request
+from tensorway.orchestrator.converters import from_triton_response, raw_inputs, to_triton_request
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from tensorway.router import service as router_service
@@ -96,7 +96,7 @@ class FakeOrchestrator(pb_grpc.InferenceServiceServicer):
             await asyncio.sleep(self.delay)
         if self.fail_with is not None:
             await ctx.abort(self.fail_with, f"{self.name} fails on purpose")
-        upstream = to_triton_request(request)
+        upstream = to_triton_request(request, raw_inputs(request))
         upstream.model_version = ""
         answer = await self.stub().ModelInfer(upstream)
         response = from_triton_response(answer, request)
