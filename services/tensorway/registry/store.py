@@ -277,15 +277,12 @@ class RegistryStore:
             min_size=1,
             max_size=self._pool_size,
             timeout=self._wait.total_seconds(),
-            # After PostgreSQL restarts, pooled connections are dead: checking each one as it
-            # is handed out costs a round trip but turns the restart into no error at all.
-            check=AsyncConnectionPool.check_connection,
             open=False,
         )
 
     async def _renew_pool(self) -> None:
-        """Replace the pool once PostgreSQL is back: the old one may be asleep in its reconnect
-        backoff, which doubles up to minutes, long after the server returned."""
+        """Replace the pool once PostgreSQL is back: its connections died with the server, and
+        it may be asleep in its reconnect backoff, which doubles up to minutes."""
         old, self._pool = self._pool, self._new_pool()
         await self._pool.open(wait=False)
         # Connections still in use close as they are returned.
