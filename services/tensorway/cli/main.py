@@ -11,6 +11,7 @@ from rich.console import Console
 
 from tensorway.cli.dev import dev_app
 from tensorway.cli.infer import infer_command
+from tensorway.cli.models import models_app
 from tensorway.runtime import ServiceServer, ServiceSettings, configure_process, serve
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(dev_app, name="dev")
+app.add_typer(models_app, name="models")
 app.command("infer")(infer_command)
 console = Console(stderr=True)
 

@@ -1,0 +1,369 @@
+"""`tensorway models`: register, list, show, deploy, promote and split traffic, against the
+registry's gRPC API at `--registry` or TENSORWAY_REGISTRY_ADDRESS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Annotated, TypeVar
+
+import grpc
+import typer
+from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from tensorway.common.v1 import tensor_pb2
+from tensorway.registry.v1 import registry_service_pb2 as pb
+from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+models_app = typer.Typer(
+    name="models",
+    help="Register models and versions, deploy them to pools and split their traffic.",
+    no_args_is_help=True,
+)
+_out = Console()
+_err = Console(stderr=True)
+
+STAGES = {name.removeprefix("STAGE_").lower(): value for name, value in pb.Stage.items() if value}
+# `promote` without --to moves a version one step along its usual path.
+NEXT_STAGE = {pb.STAGE_DRAFT: pb.STAGE_STAGING, pb.STAGE_STAGING: pb.STAGE_PRODUCTION}
+CALL_TIMEOUT_SECONDS = 10.0
+
+
+class _Registry:
+    address: str = ""
+
+
+_registry = _Registry()
+
+
+@models_app.callback()
+def models(
+    registry: Annotated[
+        str,
+        typer.Option(
+            "--registry", envvar="TENSORWAY_REGISTRY_ADDRESS", help="The registry's gRPC address, host:port."
+        ),
+    ] = "",
+) -> None:
+    """Register models and versions, deploy them to pools and split their traffic."""
+    _registry.address = registry
+
+
+@contextmanager
+def _stub() -> Iterator[pb_grpc.RegistryServiceStub]:
+    if not _registry.address:
+        _err.print(
+            "[red]no registry address[/red]: pass --registry HOST:PORT or set TENSORWAY_REGISTRY_ADDRESS"
+        )
+        raise typer.Exit(2)
+    with grpc.insecure_channel(_registry.address) as channel:
+        yield pb_grpc.RegistryServiceStub(channel)
+
+
+def _call(method: Callable[..., T], request: object) -> T:
+    """One call; a failure is printed with its reason and field violations, then exits 1."""
+    try:
+        return method(request, timeout=CALL_TIMEOUT_SECONDS)
+    except grpc.RpcError as error:
+        raise _fail(error) from None
+
+
+def _fail(error: grpc.RpcError) -> typer.Exit:
+    code: grpc.StatusCode = error.code()
+    _err.print(f"[bold red]{code.name}[/bold red]: {escape(error.details() or '')}", highlight=False)
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            for violation in bad_request.field_violations:
+                _err.print(f"  [yellow]{escape(violation.field)}[/yellow]: {escape(violation.description)}")
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            _err.print(f"  retry after {retry.retry_delay.ToTimedelta().total_seconds():g}s")
+    return typer.Exit(1)
+
+
+def _is_not_found(error: grpc.RpcError) -> bool:
+    return error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _stage(value: int) -> str:
+    return pb.Stage.Name(pb.Stage.ValueType(value)).removeprefix("STAGE_")
+
+
+def _specs(specs: Sequence[tensor_pb2.TensorSpec]) -> str:
+    return ", ".join(f"{s.name} {s.datatype}{list(s.shape)}" for s in specs)
+
+
+def _parse_spec(text: str, option: str) -> tensor_pb2.TensorSpec:
+    """NAME:DATATYPE:SHAPE, the shape as comma-separated dimensions (-1 is dynamic)."""
+    try:
+        name, datatype, shape = text.split(":")
+        dims = [int(dim) for dim in shape.split(",") if dim]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not NAME:DATATYPE:DIMS, e.g. input:FP32:64", param_hint=option
+        ) from None
+    return tensor_pb2.TensorSpec(name=name, datatype=datatype.upper(), shape=dims)
+
+
+def _parse_pairs(pairs: Sequence[str], option: str) -> dict[str, str]:
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=option)
+        parsed[key] = value
+    return parsed
+
+
+def _add_row(table: Table, *cells: str) -> None:
+    # Names, labels and shapes are data, not rich markup ("[64]" is a shape, not a tag).
+    table.add_row(*(escape(cell) for cell in cells))
+
+
+def _version_table(versions: Sequence[pb.ModelVersion]) -> Table:
+    table = Table("version", "stage", "platform", "inputs", "outputs", "max batch", "artifact", "metrics")
+    for v in versions:
+        metrics = ", ".join(f"{k}={value:g}" for k, value in sorted(v.metrics.items()))
+        _add_row(
+            table, v.name.rsplit("/", 1)[1], _stage(v.stage), v.platform, _specs(v.inputs), _specs(v.outputs),
+            str(v.max_batch_size), v.artifact_uri, metrics,
+        )  # fmt: skip
+    return table
+
+
+def _deployment_table(deployments: Sequence[pb.Deployment]) -> Table:
+    table = Table("deployment", "pool", "traffic", "aliases", "shadow")
+    for d in deployments:
+        _add_row(
+            table,
+            d.name.rsplit("/", 1)[1],
+            d.pool.removeprefix("pools/"),
+            ", ".join(f"{t.version}: {t.weight}%" for t in d.traffic),
+            ", ".join(f"{alias} → {version}" for alias, version in sorted(d.aliases.items())),
+            f"{d.shadow.version}: {d.shadow.percent}%" if d.HasField("shadow") else "",
+        )
+    return table
+
+
+@models_app.command("register")
+def register_command(
+    model: Annotated[str, typer.Argument(help="Model id, a DNS label, e.g. digits.")],
+    *,
+    artifact_uri: Annotated[
+        str, typer.Option("--artifact-uri", help="Where the artifact lives, e.g. s3://models/digits/1.")
+    ],
+    inputs: Annotated[
+        list[str], typer.Option("--input", help="NAME:DATATYPE:DIMS, e.g. input:FP32:64; repeat.")
+    ],
+    outputs: Annotated[
+        list[str], typer.Option("--output", help="NAME:DATATYPE:DIMS, e.g. label:INT64:1; repeat.")
+    ],
+    platform: Annotated[str, typer.Option(help="Backend platform.")] = "onnxruntime_onnx",
+    max_batch_size: Annotated[int, typer.Option(help="Largest batch; 0 when the model does not batch.")] = 0,
+    version: Annotated[str, typer.Option(help="Version id; default the next number.")] = "",
+    description: Annotated[str, typer.Option(help="What the model does (when it is new).")] = "",
+    labels: Annotated[
+        list[str] | None, typer.Option("--label", help="KEY=VALUE (when the model is new); repeat.")
+    ] = None,
+) -> None:
+    """Register a version of a model, creating the model first if it is new."""
+    body = pb.ModelVersion(
+        platform=platform,
+        inputs=[_parse_spec(spec, "--input") for spec in inputs],
+        outputs=[_parse_spec(spec, "--output") for spec in outputs],
+        max_batch_size=max_batch_size,
+        artifact_uri=artifact_uri,
+    )
+    name = f"models/{model}"
+    with _stub() as stub:
+        try:
+            stub.GetModel(pb.GetModelRequest(name=name), timeout=CALL_TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            if not _is_not_found(error):
+                raise _fail(error) from None
+            new = pb.Model(name=name, description=description, labels=_parse_pairs(labels or [], "--label"))
+            _call(stub.CreateModel, pb.CreateModelRequest(model=new))
+        created = _call(
+            stub.CreateModelVersion,
+            pb.CreateModelVersionRequest(parent=name, model_version_id=version, model_version=body),
+        ).model_version
+    _out.print(_version_table([created]))
+
+
+@models_app.command("list")
+def list_command(
+    filter_text: Annotated[
+        str, typer.Option("--filter", help='Label filter, e.g. "team=vision AND tier=gold".')
+    ] = "",
+) -> None:
+    """List models, with their labels and when they last changed."""
+    table = Table("model", "description", "labels", "updated")
+    with _stub() as stub:
+        token = ""
+        while True:
+            page = _call(
+                stub.ListModels, pb.ListModelsRequest(filter=filter_text, page_token=token, page_size=200)
+            )
+            for m in page.models:
+                labels = ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items()))
+                updated = m.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+                _add_row(table, m.name.removeprefix("models/"), m.description, labels, updated)
+            token = page.next_page_token
+            if not token:
+                break
+    _out.print(table)
+
+
+@models_app.command("show")
+def show_command(model: Annotated[str, typer.Argument(help="Model id.")]) -> None:
+    """A model's versions, deployments and the route routers get for it."""
+    name = f"models/{model}"
+    with _stub() as stub:
+        found = _call(stub.GetModel, pb.GetModelRequest(name=name)).model
+        versions = _call(
+            stub.ListModelVersions, pb.ListModelVersionsRequest(parent=name, page_size=1000)
+        ).model_versions
+        deployments = _call(
+            stub.ListDeployments, pb.ListDeploymentsRequest(parent=name, page_size=1000)
+        ).deployments
+        try:
+            resolved: pb.ResolveModelResponse | None = stub.ResolveModel(
+                pb.ResolveModelRequest(name=name), timeout=CALL_TIMEOUT_SECONDS
+            )
+        except grpc.RpcError as error:
+            if not _is_not_found(error):
+                raise _fail(error) from None
+            resolved = None
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(found.labels.items()))
+    _out.print(f"[bold]{escape(model)}[/bold]  {escape(found.description)}  {escape(labels)}")
+    _out.print(_version_table(versions))
+    _out.print(_deployment_table(deployments))
+    if resolved is None:
+        _out.print("not deployed: no route")
+        return
+    route = Table(
+        "routed version", "weight", "pool", "endpoints", title=f"route (default version {resolved.version})"
+    )
+    for v in resolved.route.versions:
+        _add_row(route, v.version, str(v.weight), v.pool.removeprefix("pools/"), ", ".join(v.endpoints))
+    _out.print(route)
+
+
+@models_app.command("deploy")
+def deploy_command(
+    model: Annotated[str, typer.Argument(help="Model id.")],
+    *,
+    version: Annotated[str, typer.Option(help="The version that gets all the traffic.")],
+    pool: Annotated[str, typer.Option(help="The pool that serves it.")],
+    endpoints: Annotated[
+        list[str] | None,
+        typer.Option("--endpoint", help="host:port of an orchestrator; creates the pool if new."),
+    ] = None,
+    deployment: Annotated[str, typer.Option(help="Deployment id.")] = "main",
+    aliases: Annotated[list[str] | None, typer.Option("--alias", help="ALIAS=VERSION; repeat.")] = None,
+) -> None:
+    """Send a model's traffic on a pool to one version; creates the deployment (and pool) if new."""
+    body = pb.Deployment(
+        name=f"models/{model}/deployments/{deployment}",
+        pool=f"pools/{pool}",
+        traffic=[pb.TrafficSplit(version=version, weight=100)],
+        aliases=_parse_pairs(aliases or [], "--alias"),
+    )
+    with _stub() as stub:
+        if endpoints:
+            try:
+                stub.GetPool(pb.GetPoolRequest(name=f"pools/{pool}"), timeout=CALL_TIMEOUT_SECONDS)
+            except grpc.RpcError as error:
+                if not _is_not_found(error):
+                    raise _fail(error) from None
+                _call(
+                    stub.CreatePool,
+                    pb.CreatePoolRequest(pool=pb.Pool(name=f"pools/{pool}", endpoints=endpoints)),
+                )
+        try:
+            stub.GetDeployment(pb.GetDeploymentRequest(name=body.name), timeout=CALL_TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            if not _is_not_found(error):
+                raise _fail(error) from None
+            saved = _call(
+                stub.CreateDeployment,
+                pb.CreateDeploymentRequest(
+                    parent=f"models/{model}", deployment_id=deployment, deployment=body
+                ),
+            ).deployment
+        else:
+            saved = _call(
+                stub.UpdateDeployment,
+                pb.UpdateDeploymentRequest(
+                    deployment=body,
+                    update_mask=field_mask_pb2.FieldMask(paths=["pool", "traffic", "aliases"]),
+                ),
+            ).deployment
+    _out.print(_deployment_table([saved]))
+
+
+@models_app.command("promote")
+def promote_command(
+    model: Annotated[str, typer.Argument(help="Model id.")],
+    version: Annotated[str, typer.Argument(help="Version id.")],
+    to: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Target stage: {', '.join(STAGES)}; default the next (draft → staging → production)."
+        ),
+    ] = None,
+) -> None:
+    """Move a version to another stage (default: the next one), under the registry's stage rules."""
+    name = f"models/{model}/versions/{version}"
+    with _stub() as stub:
+        if to is None:
+            current = _call(stub.GetModelVersion, pb.GetModelVersionRequest(name=name)).model_version
+            if current.stage not in NEXT_STAGE:
+                _err.print(f"{escape(name)} is {_stage(current.stage)}; say where with --to")
+                raise typer.Exit(2)
+            target = NEXT_STAGE[current.stage]
+        elif to.lower() in STAGES:
+            target = STAGES[to.lower()]
+        else:
+            raise typer.BadParameter(f"{to!r}: one of {', '.join(STAGES)}", param_hint="--to")
+        moved = _call(
+            stub.TransitionModelVersionStage, pb.TransitionModelVersionStageRequest(name=name, stage=target)
+        )
+    _out.print(_version_table([moved.model_version]))
+    for demoted in moved.demoted_versions:
+        _out.print(f"moved {escape(demoted.name)} back to {_stage(demoted.stage)}")
+
+
+@models_app.command("traffic")
+def traffic_command(
+    model: Annotated[str, typer.Argument(help="Model id.")],
+    weights: Annotated[list[str], typer.Argument(help="VERSION=PERCENT for each version; they sum to 100.")],
+    deployment: Annotated[str, typer.Option(help="Deployment id.")] = "main",
+) -> None:
+    """Split a deployment's traffic across versions, e.g. `traffic digits 1=90 2=10`."""
+    try:
+        split = [
+            pb.TrafficSplit(version=v, weight=int(w)) for v, w in _parse_pairs(weights, "WEIGHTS").items()
+        ]
+    except ValueError:
+        raise typer.BadParameter("weights are whole percents, e.g. 1=90 2=10", param_hint="WEIGHTS") from None
+    body = pb.Deployment(name=f"models/{model}/deployments/{deployment}", traffic=split)
+    with _stub() as stub:
+        saved = _call(
+            stub.UpdateDeployment,
+            pb.UpdateDeploymentRequest(
+                deployment=body, update_mask=field_mask_pb2.FieldMask(paths=["traffic"])
+            ),
+        ).deployment
+    _out.print(_deployment_table([saved]))
