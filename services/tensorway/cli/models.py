@@ -210,18 +210,16 @@ def list_command(
     """List models, with their labels and when they last changed."""
     table = Table("model", "description", "labels", "updated")
     with _stub() as stub:
-        token = ""
+        request = pb.ListModelsRequest(filter=filter_text, page_size=200)
         while True:
-            page = _call(
-                stub.ListModels, pb.ListModelsRequest(filter=filter_text, page_token=token, page_size=200)
-            )
+            page = _call(stub.ListModels, request)
             for m in page.models:
                 labels = ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items()))
                 updated = m.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
                 _add_row(table, m.name.removeprefix("models/"), m.description, labels, updated)
-            token = page.next_page_token
-            if not token:
+            if not page.next_page_token:
                 break
+            request.page_token = page.next_page_token
     _out.print(table)
 
 
