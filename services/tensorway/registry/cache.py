@@ -119,6 +119,7 @@ class RedisCache:
         self._set_if_not_newer = client.register_script(SET_IF_NOT_NEWER)
         self._down_until = 0.0
         self._missed_invalidations = False
+        self._flushing = asyncio.Lock()
 
     @classmethod
     def connect(
@@ -153,14 +154,18 @@ class RedisCache:
         if not self.up:
             return False
         if self._missed_invalidations:
-            try:
-                async for key in self._client.scan_iter(match=PREFIX + "*", count=500):
-                    await self._client.unlink(key)
-            except (RedisError, OSError) as exc:
-                self._failed(exc)
-                return False
-            self._missed_invalidations = False
-            logger.info("Redis is back; dropped the registry's keys written before the outage")
+            # Callers wait for the flush rather than read what it is about to drop.
+            async with self._flushing:
+                if not self._missed_invalidations:
+                    return self.up
+                try:
+                    async for key in self._client.scan_iter(match=PREFIX + "*", count=500):
+                        await self._client.unlink(key)
+                except (RedisError, OSError) as exc:
+                    self._failed(exc)
+                    return False
+                self._missed_invalidations = False
+                logger.info("Redis is back; dropped the registry's keys written before the outage")
         return True
 
     async def get(self, key: str) -> Cached | None:
