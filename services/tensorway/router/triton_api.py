@@ -141,9 +141,10 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         async for response in answer_concurrently(request_iterator, answer):
             yield response
 
-    async def _infer(self, request: Any, route_key: str | None) -> Any:
-        _, version = self._router.resolve(request.model_name, request.model_version, route_key)
+    async def _infer(self, request: Any, key: str | None) -> Any:
+        # Resolved here first: a request naming no outputs asks for the chosen version's outputs.
+        _, version = self._router.resolve(request.model_name, request.model_version, key)
         converted = from_triton_request(request, version.outputs)
         converted.model_version = version.version
-        response = await self._router.infer(converted, route_key)
+        response = await self._router.infer(converted, key)
         return to_triton_response(response, request.id)
