@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from typing import Annotated, Protocol
+from typing import Annotated, Protocol, cast
 
 import typer
 from rich.console import Console
@@ -55,7 +55,7 @@ def serve_command(
         known = ", ".join(sorted(SERVICES)) or "none yet"
         console.print(f"[red]unknown service {service!r}[/red]; known: {known}")
         raise typer.Exit(2)
-    module: ServiceModule = importlib.import_module(SERVICES[service])  # type: ignore[assignment]
+    module = cast(ServiceModule, importlib.import_module(SERVICES[service]))
     settings = module.Settings() if port is None else module.Settings(port=port)
     configure_process(service, settings)
 
