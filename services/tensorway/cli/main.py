@@ -28,6 +28,8 @@ console = Console(stderr=True)
 # Service name → the module that builds it. Each module has `Settings` (a ServiceSettings with
 # the env prefix TENSORWAY_<SERVICE>_) and `async def create(settings) -> (ServiceServer, port)`.
 SERVICES: dict[str, str] = {
+    "batch": "tensorway.batch.service",
+    "batch-worker": "tensorway.batch.worker",
     "orchestrator": "tensorway.orchestrator.service",
     "registry": "tensorway.registry.service",
     "router": "tensorway.router.service",

@@ -1,0 +1,424 @@
+"""Batch workers: a faust-streaming app in a consumer group on the shards topic.
+
+For each shard message a worker leases the shard in PostgreSQL, reads its rows from S3,
+coalesces them into batched tensors, infers through the mesh with bounded concurrency, writes
+the shard's result under its fixed key and marks the shard done: counted once, however often the
+message arrives. While it works it renews the lease; if it dies, the lease runs out and the API's
+reaper hands the shard out again. `tensorway serve batch-worker` runs one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import faust
+import grpc
+from faust.types import EventT, StreamT
+from google.protobuf.message import DecodeError
+from opentelemetry import trace
+from pydantic_settings import SettingsConfigDict
+
+from tensorway.batch.domain import ObjectRef, RowError, ShardLease
+from tensorway.batch.inference import (
+    GrpcInferenceClient,
+    InferenceClient,
+    ModelSignature,
+    infer_with_retries,
+)
+from tensorway.batch.inputs import Batch, InputError, coalesce, decode_jsonl, npy_batches
+from tensorway.batch.outbox import ensure_topic
+from tensorway.batch.results import ResultWriter
+from tensorway.batch.settings import BatchSettings
+from tensorway.batch.storage import ObjectStore, StorageError
+from tensorway.batch.store import JobStore
+from tensorway.batch.tensors import from_tensor, to_json_value, to_tensor
+from tensorway.batch.v1 import shard_task_pb2
+from tensorway.inference.v1 import inference_service_pb2 as infer_pb
+from tensorway.runtime import ServiceServer, create_server, tracing
+from tensorway.runtime.context import DEFAULT_TENANT, TENANT_HEADER, RequestContext, current
+
+logger = logging.getLogger(__name__)
+
+
+class Settings(BatchSettings):
+    """A batch worker's settings, from TENSORWAY_BATCH_WORKER_* variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TENSORWAY_BATCH_WORKER_", extra="ignore")
+
+    inference_target: str = "127.0.0.1:50051"
+    """host:port of the router (anything serving tensorway.inference.v1)."""
+    inference_timeout: timedelta = timedelta(seconds=30)
+    """Deadline of one batched inference request."""
+    inference_attempts: int = 4
+    """Tries of a batch that failed with UNAVAILABLE, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED."""
+    inference_backoff: timedelta = timedelta(milliseconds=200)
+    """Pause before the second try; it doubles for each further one."""
+    max_batch_size: int = 0
+    """Most rows per inference request; 0 takes the model's max_batch_size."""
+    infer_concurrency: int = 8
+    """Inference requests in flight at once, across all the worker's shards."""
+    shard_concurrency: int = 2
+    """Shards one worker processes at once."""
+    consumer_group: str = "tensorway-batch-workers"
+    """The Kafka consumer group all workers join."""
+    kafka_session_timeout: timedelta = timedelta(seconds=10)
+    """How long the group waits for a silent worker before giving its partitions to others."""
+    kafka_heartbeat_interval: timedelta = timedelta(seconds=1)
+    """How often a worker tells the group it is alive."""
+    kafka_commit_interval: timedelta = timedelta(seconds=1)
+    """How often processed offsets are committed; what is not yet committed is delivered again."""
+    lease_timeout: timedelta = timedelta(seconds=30)
+    """How long a shard stays a silent worker's; the worker renews it every third of this."""
+    worker_id: str = ""
+    """This worker's name in shard leases; empty makes one from the host and process id."""
+
+
+class JobCannotRun(Exception):
+    """A problem no retry can fix (unknown model, input that does not fit it): the job fails."""
+
+
+@dataclass(frozen=True)
+class Answers:
+    """A shard's outcome before it is written: answer lines in row order, and row errors."""
+
+    lines: list[dict[str, Any]]
+    errors: list[RowError]
+
+
+def _json_id(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+class ShardRunner:
+    """Runs one shard from lease to done. Independent of Kafka, so tests can drive it directly."""
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        objects: ObjectStore,
+        results: ResultWriter,
+        inference: InferenceClient,
+        settings: Settings,
+        owner: str,
+    ) -> None:
+        self._store = store
+        self._objects = objects
+        self._results = results
+        self._inference = inference
+        self._settings = settings
+        self._owner = owner
+        self._infer_slots = asyncio.Semaphore(settings.infer_concurrency)
+        self._signatures: dict[tuple[str, str], ModelSignature] = {}
+
+    async def run(self, job_id: str, shard: int) -> None:
+        """Process the shard unless it is finished, cancelled or another live worker's."""
+        lease = await self._store.lease_shard(job_id, shard, self._owner, self._settings.lease_timeout)
+        if lease is None:
+            logger.info("shard skipped: finished, cancelled or leased", extra={"job": job_id, "shard": shard})
+            return
+        work = asyncio.create_task(self._answer(lease))
+        lost = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_lease(lease, work, lost))
+        try:
+            answers = await work
+        except asyncio.CancelledError:
+            if not lost.is_set():
+                raise
+            logger.info("shard lease lost; dropping the attempt", extra={"job": job_id, "shard": shard})
+            return
+        except JobCannotRun as exc:
+            logger.info("job cannot run", extra={"job": job_id, "reason": str(exc)})
+            await self._store.fail_job(job_id, str(exc))
+            return
+        except Exception as exc:
+            logger.exception("shard attempt failed", extra={"job": job_id, "shard": shard})
+            await self._store.release_shard(lease, f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        await self._finish(lease, answers)
+
+    async def _keep_lease(self, lease: ShardLease, work: asyncio.Task[Answers], lost: asyncio.Event) -> None:
+        interval = self._settings.lease_timeout.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                still_ours = await self._store.renew_lease(lease, self._settings.lease_timeout)
+            except Exception:
+                logger.warning("lease renewal failed; trying again", exc_info=True)
+                continue
+            if not still_ours:
+                lost.set()
+                work.cancel()
+                return
+
+    async def _finish(self, lease: ShardLease, answers: Answers) -> None:
+        job, index = lease.job, lease.shard.index
+        try:
+            outcome = await self._results.write_shard(job, index, answers.lines, answers.errors)
+        except StorageError as exc:
+            logger.warning(
+                "cannot write shard result", extra={"job": job.name, "shard": index, "error": str(exc)}
+            )
+            await self._store.release_shard(lease, str(exc))
+            return
+        completion = await self._store.complete_shard(lease, outcome)
+        if not completion.recorded:
+            # Either another worker finished it (same bytes, same key: keep them) or the job
+            # ended meanwhile: then nothing of this shard may stay behind.
+            if await self._store.shard_state(job.id, index) == "CANCELLED":
+                await self._results.discard_shard(job, index)
+            return
+        logger.info(
+            "shard done",
+            extra={
+                "job": job.name,
+                "shard": index,
+                "rows_done": outcome.rows_done,
+                "rows_failed": outcome.rows_failed,
+            },
+        )
+        if completion.job_finished:
+            await self._results.finalize(self._store, job.id)
+
+    async def _signature(self, lease: ShardLease) -> ModelSignature:
+        key = (lease.job.spec.model, lease.job.spec.model_version)
+        if key not in self._signatures:
+            try:
+                self._signatures[key] = await self._inference.signature(*key)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise JobCannotRun(f"model {key[0]!r}: {exc.details()}") from exc
+                raise
+        return self._signatures[key]
+
+    def _batch_size(self, signature: ModelSignature) -> int:
+        if signature.max_batch_size <= 0:
+            return 1
+        cap = self._settings.max_batch_size
+        return min(signature.max_batch_size, cap) if cap > 0 else signature.max_batch_size
+
+    async def _answer(self, lease: ShardLease) -> Answers:
+        signature = await self._signature(lease)
+        shard = lease.shard
+        data = await self._objects.read(
+            ObjectRef.parse(lease.job.spec.input_uri), shard.byte_start, shard.byte_end - shard.byte_start
+        )
+        size = self._batch_size(signature)
+        errors: list[RowError] = []
+        try:
+            if lease.npy is not None:
+                batches = npy_batches(data, shard.row_start, lease.npy, signature, size)
+            else:
+                rows, errors = decode_jsonl(data, shard.row_start, signature)
+                batches = coalesce(rows, size)
+        except InputError as exc:
+            raise JobCannotRun(f"the input {lease.job.spec.input_uri} {exc}") from exc
+        answered = await asyncio.gather(*(self._infer(lease, signature, b, i) for i, b in enumerate(batches)))
+        lines: list[dict[str, Any]] = []
+        for batch_lines, batch_errors in answered:
+            lines.extend(batch_lines)
+            errors.extend(batch_errors)
+        errors.sort(key=lambda e: e.row)
+        return Answers(lines, errors)
+
+    async def _infer(
+        self, lease: ShardLease, signature: ModelSignature, batch: Batch, number: int
+    ) -> tuple[list[dict[str, Any]], list[RowError]]:
+        """Answers for a batch's rows; a batch the model refuses is retried row by row, so only
+        the rows at fault fail."""
+        job = lease.job
+        batched = signature.max_batch_size > 0
+        request = infer_pb.InferRequest(
+            model_name=job.spec.model,
+            model_version=job.spec.model_version,
+            id=f"{job.name}/shards/{lease.shard.index}/{number}",
+            inputs=[
+                to_tensor(
+                    spec.name,
+                    spec.datatype,
+                    batch.inputs[spec.name] if batched else batch.inputs[spec.name][0],
+                )
+                for spec in signature.inputs
+            ],
+            outputs=[infer_pb.RequestedOutput(name=spec.name, binary=True) for spec in signature.outputs],
+        )
+        try:
+            async with self._infer_slots:
+                response = await infer_with_retries(
+                    self._inference,
+                    request,
+                    self._settings.inference_attempts,
+                    self._settings.inference_backoff,
+                )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            if len(batch.rows) == 1:
+                return [], [RowError(batch.rows[0], _json_id(batch.ids[0]), exc.details() or "invalid row")]
+            singles = [
+                self._infer(
+                    lease,
+                    signature,
+                    Batch([row], [row_id], {name: array[i : i + 1] for name, array in batch.inputs.items()}),
+                    number,
+                )
+                for i, (row, row_id) in enumerate(zip(batch.rows, batch.ids, strict=True))
+            ]
+            lines: list[dict[str, Any]] = []
+            errors: list[RowError] = []
+            for row_lines, row_errors in await asyncio.gather(*singles):
+                lines.extend(row_lines)
+                errors.extend(row_errors)
+            return lines, errors
+        outputs = {tensor.name: from_tensor(tensor) for tensor in response.outputs}
+        if not batched:
+            outputs = {name: array[None] for name, array in outputs.items()}
+        return [
+            {
+                "id": _json_id(row_id),
+                "outputs": {name: to_json_value(array[i]) for name, array in outputs.items()},
+            }
+            for i, row_id in enumerate(batch.ids)
+        ], []
+
+
+def parse_task(value: bytes) -> tuple[str, int]:
+    """A shard message → (job id, shard index); ValueError when it is not one."""
+    try:
+        task = shard_task_pb2.ShardTask.FromString(value)
+    except DecodeError as exc:
+        raise ValueError(f"not a ShardTask: {exc}") from exc
+    collection, _, job_id = task.job.partition("/")
+    if collection != "jobs" or not job_id or task.shard < 0:
+        raise ValueError(f"not a shard of a job: job={task.job!r} shard={task.shard}")
+    return job_id, task.shard
+
+
+def text_headers(headers: Mapping[str, bytes] | Iterable[tuple[str, bytes]] | None) -> dict[str, str]:
+    """Kafka record headers (pairs, or a mapping) as text."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    return {
+        str(key): value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        for key, value in pairs
+    }
+
+
+class BatchWorker:
+    """The faust app: a consumer group on the shards topic, each message run by a ShardRunner."""
+
+    def __init__(self, settings: Settings, runner: ShardRunner) -> None:
+        self._runner = runner
+        self._stopping: asyncio.Task[None] | None = None
+        self.app = faust.App(
+            settings.consumer_group,
+            broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
+            web_enabled=False,
+            autodiscover=False,
+            store="memory://",
+            # Only the shards topic: no tables, so no leader topic or changelogs.
+            topic_disable_leader=True,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=settings.kafka_session_timeout.total_seconds(),
+            broker_heartbeat_interval=settings.kafka_heartbeat_interval.total_seconds(),
+            broker_commit_interval=settings.kafka_commit_interval.total_seconds(),
+            stream_wait_empty=False,
+        )
+        topic = self.app.topic(
+            settings.shards_topic, value_type=bytes, key_type=bytes, value_serializer="raw"
+        )
+        self.app.agent(topic, name="shards", concurrency=settings.shard_concurrency)(self._consume)
+
+    async def _consume(self, stream: StreamT[bytes]) -> None:
+        # An event is acknowledged (its offset may be committed) when the loop moves past it.
+        async for event in stream.events():
+            await self.handle(event)
+
+    async def handle(self, event: EventT[bytes]) -> None:
+        """One shard message. A malformed one is logged and skipped; nothing here stops the worker."""
+        message = event.message
+        try:
+            job_id, shard = parse_task(bytes(event.value))
+            headers = text_headers(message.headers)
+        except (ValueError, TypeError) as exc:
+            logger.warning(
+                "skipping a malformed shard message",
+                extra={"partition": message.partition, "offset": message.offset, "error": str(exc)},
+            )
+            return
+        request = RequestContext(
+            request_id=f"jobs/{job_id}/shards/{shard}", tenant=headers.get(TENANT_HEADER) or DEFAULT_TENANT
+        )
+        token = current.set(request)
+        try:
+            with tracing.tracer.start_as_current_span(
+                "batch shard",
+                context=tracing.extract(headers.items()),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={"tensorway.batch.job": job_id, "tensorway.batch.shard": shard},
+            ):
+                await self._runner.run(job_id, shard)
+        except Exception:
+            logger.exception("shard failed", extra={"job": job_id, "shard": shard})
+        finally:
+            current.reset(token)
+
+    async def start(self) -> None:
+        await self.app.start()
+
+    async def shutdown(self) -> None:
+        """Leave the group and stop; safe to call twice."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self.app.stop())
+        await asyncio.shield(self._stopping)
+
+
+def worker_name(settings: Settings) -> str:
+    return settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def create(settings: Settings) -> tuple[ServiceServer, int]:
+    """A worker: consuming from here on, with a server that reports its health and metrics."""
+    store = await JobStore.open(
+        settings.postgres_url,
+        max_size=settings.postgres_pool_size,
+        wait=settings.postgres_timeout,
+        retry_after=settings.retry_after,
+    )
+    inference = GrpcInferenceClient.connect(settings.inference_target, settings.inference_timeout)
+    objects = settings.object_store()
+    runner = ShardRunner(
+        store=store,
+        objects=objects,
+        results=ResultWriter(objects, settings.url_expiry),
+        inference=inference,
+        settings=settings,
+        owner=worker_name(settings),
+    )
+    worker = BatchWorker(settings, runner)
+    try:
+        await ensure_topic(settings.kafka_bootstrap, settings.shards_topic, settings.shards_topic_partitions)
+        server, port = create_server("batch-worker", settings, [])
+        await worker.start()
+    except BaseException:
+        await worker.shutdown()
+        await inference.close()
+        await store.close()
+        raise
+    # Cleanups run last added first: stop consuming, then close the channel and the pool.
+    server.on_stop(store.close)
+    server.on_stop(inference.close)
+    server.on_stop(worker.shutdown)
+    return server, port

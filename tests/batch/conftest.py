@@ -1,0 +1,303 @@
+"""Real servers around the batch pipeline: the batch API in-process, batch workers as
+`tensorway serve batch-worker` processes (so a test can SIGKILL one), and an InferenceService
+that forwards to the real Triton, standing in for the router."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import urllib3
+from minio import Minio
+from tritonclient.grpc import aio as triton_aio
+
+from tensorway.batch import service as batch_service
+from tensorway.batch.tensors import from_tensor, to_tensor
+from tensorway.batch.v1 import batch_service_pb2 as pb
+from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
+from tensorway.common.v1 import tensor_pb2
+from tensorway.devstack import S3Credentials
+from tensorway.inference.v1 import inference_service_pb2 as infer_pb
+from tensorway.inference.v1 import inference_service_pb2_grpc as infer_grpc
+from tensorway.runtime import (
+    InvalidArgument,
+    NotFound,
+    ServiceBinding,
+    ServiceSettings,
+    create_server,
+)
+
+BUCKET = "batch-tests"
+LEASE_TIMEOUT = "PT3S"
+
+
+class TritonForwarder(infer_grpc.InferenceServiceServicer):
+    """The router's contract over the real Triton, through tritonclient's asyncio client."""
+
+    def __init__(self, triton: triton_aio.InferenceServerClient) -> None:
+        self.triton = triton
+        self.infer_calls = 0
+
+    async def GetModelMetadata(
+        self, request: infer_pb.GetModelMetadataRequest, context: Any
+    ) -> infer_pb.GetModelMetadataResponse:
+        try:
+            metadata = await self.triton.get_model_metadata(request.model_name, as_json=True)
+            config = (await self.triton.get_model_config(request.model_name, as_json=True))["config"]
+        except Exception as exc:
+            raise NotFound("model", request.model_name) from exc
+        batched = int(config.get("max_batch_size", 0)) > 0
+
+        def specs(items: list[dict[str, Any]]) -> list[tensor_pb2.TensorSpec]:
+            return [
+                tensor_pb2.TensorSpec(
+                    name=i["name"],
+                    datatype=i["datatype"],
+                    shape=[int(d) for d in i["shape"]][1 if batched else 0 :],
+                )
+                for i in items
+            ]
+
+        return infer_pb.GetModelMetadataResponse(
+            name=metadata["name"],
+            versions=metadata["versions"],
+            platform=metadata["platform"],
+            inputs=specs(metadata["inputs"]),
+            outputs=specs(metadata["outputs"]),
+            max_batch_size=int(config.get("max_batch_size", 0)),
+        )
+
+    async def Infer(self, request: infer_pb.InferRequest, context: Any) -> infer_pb.InferResponse:
+        self.infer_calls += 1
+        inputs = []
+        for tensor in request.inputs:
+            array = from_tensor(tensor)
+            item = triton_aio.InferInput(tensor.name, list(array.shape), tensor.datatype)
+            item.set_data_from_numpy(array)
+            inputs.append(item)
+        outputs = [triton_aio.InferRequestedOutput(o.name) for o in request.outputs] or None
+        try:
+            result = await self.triton.infer(
+                request.model_name, inputs, model_version=request.model_version, outputs=outputs
+            )
+        except Exception as exc:
+            raise InvalidArgument(str(exc)) from exc
+        answer = result.get_response()
+        return infer_pb.InferResponse(
+            model_name=answer.model_name,
+            model_version=answer.model_version,
+            id=request.id,
+            outputs=[to_tensor(o.name, o.datatype, result.as_numpy(o.name)) for o in answer.outputs],
+        )
+
+
+@pytest.fixture(scope="session")
+async def inference_target(triton_grpc: str) -> AsyncIterator[str]:
+    """host:port of an InferenceService that forwards to Triton."""
+    triton = triton_aio.InferenceServerClient(triton_grpc)
+    service = infer_pb.DESCRIPTOR.services_by_name["InferenceService"]
+    server, port = create_server(
+        "triton-forwarder",
+        ServiceSettings(metrics_enabled=False),
+        [ServiceBinding(infer_grpc.add_InferenceServiceServicer_to_server, TritonForwarder(triton), service)],
+    )
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop()
+    await triton.close()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_endpoint: str, s3_credentials: S3Credentials) -> Iterator[Minio]:
+    """A client of the test S3, with the tests' bucket made."""
+    http = urllib3.PoolManager(maxsize=8)
+    client = Minio(
+        s3_endpoint.removeprefix("http://"),
+        access_key=s3_credentials.access_key,
+        secret_key=s3_credentials.secret_key,
+        secure=False,
+        region="us-east-1",
+        http_client=http,
+    )
+    if not client.bucket_exists(BUCKET):
+        client.make_bucket(BUCKET)
+    yield client
+    http.clear()
+
+
+@dataclass
+class Pipeline:
+    """Settings shared by the API and workers of one test module: its own topic and group."""
+
+    env: dict[str, str]
+    api_settings: batch_service.Settings
+    logs: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        """A `tensorway serve batch-worker` process, tied to this test process's life."""
+        log = (self.logs / f"worker-{len(self.workers)}.log").open("wb")
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "tensorway"), "serve", "batch-worker"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.workers.append(process)
+        return process
+
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for process in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.workers:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def pipeline(
+    postgres_url: str,
+    kafka_bootstrap: str,
+    kafka_session_timeout_ms: int,
+    s3_endpoint: str,
+    s3_credentials: S3Credentials,
+    inference_target: str,
+    s3: Minio,
+) -> Iterator[Pipeline]:
+    run = uuid.uuid4().hex[:8]
+    common = {
+        "POSTGRES_URL": postgres_url,
+        "KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "SHARDS_TOPIC": f"batch-tests-{run}",
+        "SHARDS_TOPIC_PARTITIONS": "8",
+        "S3_ENDPOINT": s3_endpoint,
+        "S3_ACCESS_KEY": s3_credentials.access_key,
+        "S3_SECRET_KEY": s3_credentials.secret_key,
+        "URL_EXPIRY": "PT10M",
+    }
+    worker = {
+        **common,
+        "INFERENCE_TARGET": inference_target,
+        "CONSUMER_GROUP": f"batch-tests-{run}",
+        "KAFKA_SESSION_TIMEOUT": f"PT{kafka_session_timeout_ms / 1000}S",
+        "KAFKA_HEARTBEAT_INTERVAL": "PT0.5S",
+        "KAFKA_COMMIT_INTERVAL": "PT0.5S",
+        "LEASE_TIMEOUT": LEASE_TIMEOUT,
+        "SHARD_CONCURRENCY": "2",
+        "METRICS_ENABLED": "false",
+        "LOG_JSON": "false",
+    }
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TENSORWAY_BATCH")},
+        **{f"TENSORWAY_BATCH_WORKER_{k}": v for k, v in worker.items()},
+    }
+    api_settings = batch_service.Settings(
+        **{k.lower(): v for k, v in common.items()},
+        default_output_prefix=f"s3://{BUCKET}/results/{{job}}/",
+        watch_interval="PT0.2S",
+        poll_interval="PT0.5S",
+        lease_check_interval="PT0.5S",
+        metrics_enabled=False,
+    )
+    logs = Path(tempfile.mkdtemp(prefix="tensorway-batch-workers-"))
+    pipeline = Pipeline(env=env, api_settings=api_settings, logs=logs)
+    pipeline.start_worker()
+    pipeline.start_worker()
+    yield pipeline
+    pipeline.stop_all()
+
+
+@pytest.fixture(scope="session")
+async def batch_api(pipeline: Pipeline) -> AsyncIterator[str]:
+    """host:port of the batch API, with its planner, outbox relay and lease reaper running."""
+    server, port = await batch_service.create(pipeline.api_settings)
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop()
+
+
+@pytest.fixture
+async def batch(batch_api: str) -> AsyncIterator[pb_grpc.BatchServiceStub]:
+    async with grpc.aio.insecure_channel(batch_api) as channel:
+        yield pb_grpc.BatchServiceStub(channel)
+
+
+def tenant(name: str) -> tuple[tuple[str, str]]:
+    return (("x-tenant-id", name),)
+
+
+async def poll_job(
+    stub: pb_grpc.BatchServiceStub,
+    name: str,
+    tenant_name: str,
+    until: Callable[[pb.Job], bool],
+    within: float = 60,
+) -> pb.Job:
+    """Poll the job until `until(job)` holds; fail the test when that takes longer than `within`."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        job = (await stub.GetJob(pb.GetJobRequest(name=name), metadata=tenant(tenant_name))).job
+        if until(job):
+            return job
+        assert asyncio.get_running_loop().time() < deadline, f"{name}: {job}"
+        await asyncio.sleep(0.1)
+
+
+async def wait_for_state(
+    stub: pb_grpc.BatchServiceStub, name: str, tenant_name: str, within: float = 60
+) -> pb.Job:
+    """Poll until the job has ended."""
+    return await poll_job(
+        stub,
+        name,
+        tenant_name,
+        lambda job: job.state not in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING),
+        within,
+    )
+
+
+def digits_rows(count: int, seed: int = 0) -> np.ndarray:
+    """`count` rows the digits model takes: 64 pixel intensities 0-16, as FP32."""
+    from sklearn.datasets import load_digits
+
+    pixels = load_digits().data.astype(np.float32)
+    picks = np.random.default_rng(seed).integers(0, len(pixels), count)
+    return pixels[picks]
+
+
+async def direct_answers(triton_grpc: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) straight from Triton, 256 rows a request."""
+    client = triton_aio.InferenceServerClient(triton_grpc)
+    labels, probabilities = [], []
+    try:
+        for start in range(0, len(rows), 256):
+            batch = rows[start : start + 256]
+            item = triton_aio.InferInput("input", list(batch.shape), "FP32")
+            item.set_data_from_numpy(batch)
+            result = await client.infer("digits", [item])
+            labels.append(result.as_numpy("label"))
+            probabilities.append(result.as_numpy("probabilities"))
+    finally:
+        await client.close()
+    return np.concatenate(labels), np.concatenate(probabilities)
