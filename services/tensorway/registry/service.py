@@ -12,6 +12,7 @@ from pydantic_settings import SettingsConfigDict
 from tensorway.registry import converters
 from tensorway.registry.cache import RedisCache
 from tensorway.registry.core import Registry, ResolveSource
+from tensorway.registry.domain import Route
 from tensorway.registry.routes import RouteSync, RouteTable
 from tensorway.registry.store import RegistryStore
 from tensorway.registry.v1 import registry_service_pb2 as pb
@@ -27,6 +28,7 @@ from tensorway.runtime import (
 )
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RegistryService"]
+RESOLVED_RESPONSES_KEPT = 10_000
 
 
 class Settings(ServiceSettings):
@@ -61,6 +63,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
+        # ResolveModel is the hot path: a response is built once per route and requested
+        # version, and reused until the route table replaces that route object.
+        self._resolved: dict[tuple[str, str], tuple[Route, pb.ResolveModelResponse]] = {}
 
     async def CreateModel(self, request: pb.CreateModelRequest, context: Any) -> pb.CreateModelResponse:
         model = await self._registry.create_model(converters.model_from_proto(request.model))
@@ -208,9 +213,16 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ResolveModel(self, request: pb.ResolveModelRequest, context: Any) -> pb.ResolveModelResponse:
         (model,) = parse_name(request.name, "name", "models")
         resolution = await self._registry.resolve(model, request.version)
-        return pb.ResolveModelResponse(
-            route=converters.route_to_proto(resolution.route), version=resolution.version
-        )
+        key = (model, request.version)
+        built = self._resolved.get(key)
+        if built is None or built[0] is not resolution.route:
+            response = pb.ResolveModelResponse(
+                route=converters.route_to_proto(resolution.route), version=resolution.version
+            )
+            if len(self._resolved) >= RESOLVED_RESPONSES_KEPT:
+                self._resolved.clear()  # entries of deleted models would otherwise pile up
+            built = self._resolved[key] = (resolution.route, response)
+        return built[1]
 
     async def WatchRoutes(
         self, request: pb.WatchRoutesRequest, context: Any
