@@ -119,3 +119,22 @@ async def test_a_replica_started_later_loads_the_whole_table(
         call.cancel()
     finally:
         await late.stop()
+
+
+@pytest.mark.parametrize("resolve_from", ["redis", "postgres"])
+async def test_resolving_through_redis_or_postgres_gives_the_same_current_answers(
+    postgres_url: str, redis_url: str, resolve_from: str
+) -> None:
+    writer = await start_registry(postgres_url, redis_url)
+    resolver = await start_registry(postgres_url, redis_url, resolve_from=resolve_from)
+    try:
+        deployed = await deploy(writer.stub)
+        request = pb.ResolveModelRequest(name=f"models/{deployed.model}")
+        expected = await writer.stub.ResolveModel(request)
+        assert await resolver.stub.ResolveModel(request) == expected
+        await writer.stub.UpdateDeployment(split(deployed.deployment.name, ("1", 20), ("2", 80)))
+        # Redis holds a tombstone for the route since the write committed; nothing stale is served.
+        assert (await resolver.stub.ResolveModel(request)).version == "2"
+    finally:
+        await resolver.stop()
+        await writer.stop()
