@@ -12,7 +12,7 @@ import enum
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import Counter
 
@@ -63,7 +63,11 @@ from tensorway.runtime import (
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 T = TypeVar("T")
+D = TypeVar("D", bound="DataclassInstance")
 
 STALE_ANSWERS = Counter(
     "tensorway_registry_stale_answers_total",
@@ -119,8 +123,9 @@ def _routed_by(deployments: Iterable[Deployment], version: str) -> list[str]:
     return [d.name for d in deployments if version in d.referenced_versions()]
 
 
-def _apply_mask(current: T, update: T, fields: Iterable[str]) -> T:
-    return replace(current, **{field: getattr(update, field) for field in fields})  # type: ignore[type-var]
+def _apply_mask(current: D, update: D, fields: Iterable[str]) -> D:
+    """`current` with the masked fields taken from `update`."""
+    return replace(current, **{field: getattr(update, field) for field in fields})
 
 
 class Registry:
