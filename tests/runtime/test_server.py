@@ -50,6 +50,9 @@ class ProbeServicer(pb_grpc.InferenceServiceServicer):
                     "request_id": tensor_pb2.Parameter(string_value=current.request_id),
                     "tenant": tensor_pb2.Parameter(string_value=current.tenant),
                     "remaining": tensor_pb2.Parameter(double_value=-1.0 if remaining is None else remaining),
+                    "traceparent": tensor_pb2.Parameter(
+                        string_value=dict(ctx.invocation_metadata()).get("traceparent", "")
+                    ),
                 }
                 return pb.InferResponse(model_name="echo", parameters=params)
             case "forward":
@@ -178,6 +181,24 @@ async def test_downstream_errors_pass_through_with_details_and_context_propagate
             assert echoed.parameters["tenant"].string_value == "acme"
             # (the deadline crosses the wire in coarse units, so allow a little slack)
             assert 0 < echoed.parameters["remaining"].double_value <= 3.05
+    finally:
+        await front.stop()
+
+
+async def test_an_incoming_trace_context_reaches_downstream_calls(probe: tuple[ServiceServer, str]) -> None:
+    front, front_address = await start_probe(downstream=probe[1])
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        async with grpc.aio.insecure_channel(front_address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            echoed = await stub.Infer(
+                pb.InferRequest(model_name="forward", model_version="echo"),
+                metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),),
+            )
+            # Tracing is not exporting in this process, yet the caller's trace goes on downstream.
+            assert echoed.parameters["traceparent"].string_value.split("-")[1] == trace_id
+            untraced = await stub.Infer(pb.InferRequest(model_name="forward", model_version="echo"))
+            assert untraced.parameters["traceparent"].string_value == ""
     finally:
         await front.stop()
 

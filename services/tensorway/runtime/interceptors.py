@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
 import grpc
@@ -68,52 +68,75 @@ def _code_of(exc: BaseException | None, ctx: ServicerContext[Any, Any]) -> str:
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Context, tracing, metrics and error mapping around every RPC handler."""
 
+    def __init__(self) -> None:
+        # intercept_service runs on every call: wrap each method's handler once.
+        self._wrapped: dict[str, Any] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(handler_call_details)
         full_method: str = handler_call_details.method
+        wrapped = self._wrapped.get(full_method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         service, _, method = full_method.lstrip("/").partition("/")
         if handler is None or service in UNOBSERVED_SERVICES:
             return handler
+        wrapped = _wrap(handler, _observer(service, method))
+        self._wrapped[full_method] = wrapped
+        return wrapped
 
-        @asynccontextmanager
-        async def observed(ctx: ServicerContext[Any, Any]) -> AsyncIterator[None]:
-            request = context.from_metadata(ctx.invocation_metadata(), ctx.time_remaining())
-            token = context.current.set(request)
-            started = time.perf_counter()
-            metrics.IN_FLIGHT.labels(service, method).inc()
-            failure: BaseException | None = None
-            try:
-                with tracing.tracer.start_as_current_span(
-                    f"{service}/{method}",
-                    context=tracing.extract(ctx.invocation_metadata()),
-                    kind=trace.SpanKind.SERVER,
-                    attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
-                    record_exception=False,
-                    set_status_on_exception=False,
-                ) as span:
-                    try:
-                        yield
-                    except grpc.aio.AbortError as exc:
-                        failure = exc
+
+def _observer(service: str, method: str) -> Callable[[ServicerContext[Any, Any]], Any]:
+    """The per-call scope of one method: context, span, metrics and the error mapping."""
+    in_flight = metrics.IN_FLIGHT.labels(service, method)
+    span_name = f"{service}/{method}"
+    span_attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+
+    @asynccontextmanager
+    async def observed(ctx: ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        metadata = ctx.invocation_metadata()
+        token = context.current.set(context.from_metadata(metadata, ctx.time_remaining()))
+        started = time.perf_counter()
+        in_flight.inc()
+        failure: BaseException | None = None
+        # Spans cost a few microseconds a call: make them only when someone traces.
+        span_scope: Any = (
+            tracing.tracer.start_as_current_span(
+                span_name,
+                context=tracing.extract(metadata),
+                kind=trace.SpanKind.SERVER,
+                attributes=span_attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+            if tracing.wanted(metadata)
+            else nullcontext(trace.INVALID_SPAN)
+        )
+        try:
+            with span_scope as span:
+                try:
+                    yield
+                except grpc.aio.AbortError as exc:
+                    failure = exc
+                    raise
+                except BaseException as exc:  # every escape gets one mapped status
+                    failure = exc
+                    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
                         raise
-                    except BaseException as exc:  # every escape gets one mapped status
-                        failure = exc
-                        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-                            raise
-                        span.set_attribute("rpc.grpc.status_code", _code_of(exc, ctx))
-                        await abort_for(exc, ctx)
-            finally:
-                code = _code_of(failure, ctx)
-                metrics.IN_FLIGHT.labels(service, method).dec()
-                metrics.HANDLED.labels(service, method, code).inc()
-                metrics.HANDLING_SECONDS.labels(service, method, code).observe(time.perf_counter() - started)
-                context.current.reset(token)
+                    span.set_attribute("rpc.grpc.status_code", _code_of(exc, ctx))
+                    await abort_for(exc, ctx)
+        finally:
+            code = _code_of(failure, ctx)
+            in_flight.dec()
+            metrics.HANDLED.labels(service, method, code).inc()
+            metrics.HANDLING_SECONDS.labels(service, method, code).observe(time.perf_counter() - started)
+            context.current.reset(token)
 
-        return _wrap(handler, observed)
+    return observed
 
 
 def _wrap(handler: Any, observed: Callable[[ServicerContext[Any, Any]], Any]) -> Any:

@@ -16,10 +16,13 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 tracer = trace.get_tracer("tensorway")
+_exporting = False
+TRACE_CONTEXT_HEADER = "traceparent"
 
 
 def configure(service_name: str, otlp_endpoint: str | None, sample_ratio: float) -> TracerProvider | None:
     """Install an OTLP-exporting tracer provider for this process, when an endpoint is given."""
+    global _exporting  # noqa: PLW0603 - one tracer provider per process, as OpenTelemetry has
     if not otlp_endpoint:
         return None
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
@@ -32,7 +35,14 @@ def configure(service_name: str, otlp_endpoint: str | None, sample_ratio: float)
     )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
     trace.set_tracer_provider(provider)
+    _exporting = True
     return provider
+
+
+def wanted(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """Whether a call needs a span: this process exports spans, or the caller sent a trace
+    context that must reach downstream calls."""
+    return _exporting or any(key == TRACE_CONTEXT_HEADER for key, _ in metadata or ())
 
 
 def extract(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context:
