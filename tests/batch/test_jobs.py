@@ -13,12 +13,14 @@ import uuid
 import grpc
 import numpy as np
 import pytest
+from aiokafka import AIOKafkaProducer
 from minio import Minio
 
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
+from tensorway.batch.v1.shard_task_pb2 import ShardTask
 
-from .conftest import BUCKET, digits_rows, direct_answers, poll_job, tenant, wait_for_state
+from .conftest import BUCKET, Pipeline, digits_rows, direct_answers, poll_job, tenant, wait_for_state
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,6 +42,10 @@ def npy_of(rows: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, rows)
     return buffer.getvalue()
+
+
+def worker_logs(pipeline: Pipeline) -> str:
+    return "".join(path.read_text() for path in pipeline.logs.glob("worker-*.log"))
 
 
 def fetch(url: str) -> bytes:
@@ -226,3 +232,63 @@ async def test_cancel_stops_the_job_and_no_further_shard_is_written(
     assert parts() == settled
     again = (await batch.CancelJob(pb.CancelJobRequest(name=job.name), metadata=tenant("acme"))).job
     assert again.state == pb.JOB_STATE_CANCELLED
+
+
+async def test_workers_killed_twice_mid_job_leave_every_row_exactly_once(
+    batch: pb_grpc.BatchServiceStub, s3: Minio, triton_grpc: str, pipeline: Pipeline
+) -> None:
+    rows = digits_rows(60_000, seed=6)
+    job = await create(batch, "acme", upload(s3, npy_of(rows), ".npy"), shard_size=250)
+    total = 60_000 // 250
+
+    for kill_after in (total // 5, total // 2):
+        await poll_job(batch, job.name, "acme", lambda j, n=kill_after: j.progress.shards_done >= n)
+        victim = next(p for p in pipeline.workers if p.poll() is None)
+        pipeline.kill(victim)
+        assert (await batch.GetJob(pb.GetJobRequest(name=job.name), metadata=tenant("acme"))).job.state == (
+            pb.JOB_STATE_RUNNING
+        ), "the job ended before the kill: make it longer"
+        pipeline.start_worker()
+
+    done = await wait_for_state(batch, job.name, "acme", within=90)
+
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
+    assert (done.progress.rows_done, done.progress.shards_done) == (60_000, total)
+    lines = read_results(done)
+    assert len(lines) == 60_000
+    assert [line["id"] for line in lines] == list(range(60_000))
+    labels, _ = await direct_answers(triton_grpc, rows)
+    assert [line["outputs"]["label"] for line in lines] == labels.tolist()
+
+
+async def test_redelivered_and_malformed_messages_change_nothing(
+    batch: pb_grpc.BatchServiceStub, s3: Minio, pipeline: Pipeline, kafka_bootstrap: str
+) -> None:
+    job = await create(batch, "acme", upload(s3, npy_of(digits_rows(600, seed=7)), ".npy"), shard_size=200)
+    done = await wait_for_state(batch, job.name, "acme")
+    assert done.state == pb.JOB_STATE_SUCCEEDED
+
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        for value in (
+            *(ShardTask(job=job.name, shard=shard).SerializeToString() for shard in range(3)),
+            b"\xff\x00 not a protobuf",
+            ShardTask(job="models/digits", shard=1).SerializeToString(),
+        ):
+            await producer.send_and_wait(pipeline.api_settings.shards_topic, value, headers=[("x", b"\xff")])
+    finally:
+        await producer.stop()
+    deadline = asyncio.get_running_loop().time() + 30
+    while "skipping a malformed shard message" not in worker_logs(pipeline):
+        assert asyncio.get_running_loop().time() < deadline, "no worker reported the malformed message"
+        await asyncio.sleep(0.2)
+    # The workers go on: a job after the messages completes.
+    after = await create(batch, "acme", upload(s3, npy_of(digits_rows(1600, seed=8)), ".npy"), shard_size=100)
+    assert (await wait_for_state(batch, after.name, "acme")).state == pb.JOB_STATE_SUCCEEDED
+
+    again = (await batch.GetJob(pb.GetJobRequest(name=job.name), metadata=tenant("acme"))).job
+    assert again.progress == done.progress
+    assert [r.sha256 for r in again.results] == [r.sha256 for r in done.results]
+    assert len(read_results(again)) == 600
+    assert all(p.poll() is None for p in pipeline.workers[-2:])

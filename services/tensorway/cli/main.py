@@ -9,6 +9,7 @@ from typing import Annotated, Protocol, cast
 import typer
 from rich.console import Console
 
+from tensorway.cli.batch import batch_app
 from tensorway.cli.dev import dev_app
 from tensorway.cli.infer import infer_command
 from tensorway.cli.models import models_app
@@ -20,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+app.add_typer(batch_app, name="batch")
 app.add_typer(dev_app, name="dev")
 app.add_typer(models_app, name="models")
 app.command("infer")(infer_command)

@@ -1,0 +1,63 @@
+"""`tensorway batch` against the running batch pipeline: submit a local file and wait, then
+status, list, download and cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from tensorway.cli.main import app
+from tensorway.devstack import S3Credentials
+
+from .conftest import BUCKET, digits_rows
+
+
+async def test_submit_wait_status_list_download(
+    batch_api: str, s3_endpoint: str, s3_credentials: S3Credentials, tmp_path: Path
+) -> None:
+    rows = digits_rows(700, seed=9)
+    source = tmp_path / "digits.npy"
+    np.save(source, rows)
+    common = [
+        "batch",
+        "--api",
+        batch_api,
+        "--tenant",
+        "cli-tenant",
+        "--s3-endpoint",
+        s3_endpoint,
+        "--s3-access-key",
+        s3_credentials.access_key,
+        "--s3-secret-key",
+        s3_credentials.secret_key,
+        "--upload-bucket",
+        BUCKET,
+    ]
+
+    def run(*args: str) -> str:
+        # The API runs on this test's event loop, so the synchronous CLI runs in a thread.
+        result = CliRunner().invoke(app, [*common, *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    submitted = await asyncio.to_thread(
+        run, "submit", str(source), "--model", "digits", "--shard-size", "300", "--wait"
+    )
+    name = submitted.split()[0]
+    assert name.startswith("jobs/")
+    assert "SUCCEEDED" in submitted
+    assert "manifest" in submitted
+    assert "700 done, 0 failed of 700" in await asyncio.to_thread(run, "status", name)
+    assert name in await asyncio.to_thread(run, "list", "--filter", "model=digits")
+
+    downloaded = await asyncio.to_thread(run, "download", name.removeprefix("jobs/"), str(tmp_path / "out"))
+    assert "manifest.json" in downloaded
+    parts = sorted((tmp_path / "out").glob("part-*.jsonl"))
+    assert len(parts) == 3
+    lines = [json.loads(line) for part in parts for line in part.read_text().splitlines()]
+    assert [line["id"] for line in lines] == list(range(700))
+    assert "SUCCEEDED" in await asyncio.to_thread(run, "cancel", name)

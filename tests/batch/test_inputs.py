@@ -1,0 +1,113 @@
+"""Dividing inputs into shards and decoding rows, on bytes alone."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from tensorway.batch.domain import NpyLayout
+from tensorway.batch.inference import ModelSignature, TensorSpec
+from tensorway.batch.inputs import InputError, coalesce, decode_jsonl, npy_batches, plan_jsonl, plan_npy
+from tensorway.batch.v1.shard_task_pb2 import ShardTask
+from tensorway.batch.worker import parse_task, text_headers
+
+SIGNATURE = ModelSignature(
+    name="m",
+    inputs=(TensorSpec("x", "FP32", (3,)),),
+    outputs=(TensorSpec("y", "INT64", (1,)),),
+    max_batch_size=4,
+)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_jsonl_shards_are_byte_ranges_of_whole_rows(chunk: int) -> None:
+    data = b'{"a":1}\n\n{"a":2}\r\n   \n{"a":3}\n{"a":4}\n{"a":5}'
+    plan = plan_jsonl((data[i : i + chunk] for i in range(0, len(data), chunk)), shard_size=2)
+    assert plan.rows_total == 5
+    assert [(s.row_start, s.row_count) for s in plan.shards] == [(0, 2), (2, 2), (4, 1)]
+    pieces = [data[s.byte_start : s.byte_end] for s in plan.shards]
+    assert b"".join(pieces) == data
+    rows = [[json.loads(line)["a"] for line in piece.splitlines() if line.strip()] for piece in pieces]
+    assert rows == [[1, 2], [3, 4], [5]]
+
+
+def test_npy_shards_are_row_slices() -> None:
+    array = np.arange(30, dtype=np.float32).reshape(10, 3)
+    data = npy_bytes(array)
+    plan = plan_npy(data[:4096], len(data), shard_size=4)
+    assert plan.rows_total == 10
+    assert plan.npy == NpyLayout("<f4", (3,))
+    last = plan.shards[-1]
+    assert (last.row_start, last.row_count) == (8, 2)
+    (batch,) = npy_batches(data[last.byte_start : last.byte_end], last.row_start, plan.npy, SIGNATURE, 4)
+    np.testing.assert_array_equal(batch.inputs["x"], array[8:])
+    assert batch.ids == [8, 9]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"not numpy at all", "not a NumPy .npy array"),
+        (npy_bytes(np.asfortranarray(np.ones((3, 2), np.float32))), "Fortran order"),
+        (npy_bytes(np.array([{"a": 1}], dtype=object)), "Python objects"),
+        (npy_bytes(np.ones((4, 3), np.float32))[:-5], "truncated"),
+    ],
+)
+def test_unusable_npy_inputs_say_why(data: bytes, reason: str) -> None:
+    with pytest.raises(InputError, match=reason):
+        plan_npy(data, len(data), shard_size=2)
+
+
+def test_npy_rows_must_fit_the_model() -> None:
+    with pytest.raises(InputError, match=r"rows of shape \[4\]"):
+        npy_batches(b"", 0, NpyLayout("<f4", (4,)), SIGNATURE, 4)
+    with pytest.raises(InputError, match="cannot take"):
+        npy_batches(b"", 0, NpyLayout("<c8", (3,)), SIGNATURE, 4)
+
+
+def test_jsonl_rows_decode_or_fail_alone() -> None:
+    lines = [
+        {"id": "a", "inputs": {"x": [1, 2, 3]}},
+        {"inputs": {"x": [[1.5, 2, 3]]}},
+        {"id": 7, "inputs": {"x": [1.5, 2.5]}},
+        {"id": "b", "inputs": {"x": [1, 2, 3], "z": [1]}},
+        ["not", "an", "object"],
+    ]
+    data = b"\n".join(json.dumps(line).encode() for line in lines) + b"\n{oops\n"
+    good, errors = decode_jsonl(data, 100, SIGNATURE)
+    assert [(row, row_id) for row, row_id, _ in good] == [(100, "a"), (101, 101)]
+    np.testing.assert_array_equal(good[1][2]["x"], np.array([1.5, 2, 3], np.float32))
+    assert [(e.row, e.id) for e in errors] == [(102, 7), (103, "b"), (104, 104), (105, 105)]
+    assert "shape [2]" in errors[0].reason
+    assert "unknown input 'z'" in errors[1].reason
+    assert "expected an object" in errors[2].reason
+    assert "not valid JSON" in errors[3].reason
+
+
+def test_coalescing_keeps_order_and_never_mixes_shapes() -> None:
+    def row(i: int, width: int) -> tuple[int, int, dict[str, np.ndarray]]:
+        return (i, i, {"x": np.zeros(width, np.float32)})
+
+    batches = coalesce([row(0, 3), row(1, 3), row(2, 3), row(3, 2), row(4, 3)], batch_size=2)
+    assert [b.rows for b in batches] == [[0, 1], [2], [3], [4]]
+    assert [b.inputs["x"].shape for b in batches] == [(2, 3), (1, 3), (1, 2), (1, 3)]
+
+
+def test_shard_messages_parse_or_are_refused() -> None:
+    assert parse_task(ShardTask(job="jobs/abc", shard=3).SerializeToString()) == ("abc", 3)
+    for value in (b"\xff\xff\xff", ShardTask(job="models/x").SerializeToString(), b""):
+        with pytest.raises(ValueError):
+            parse_task(value)
+    assert text_headers([("traceparent", b"00-ab"), ("bad", b"\xff")]) == {
+        "traceparent": "00-ab",
+        "bad": "\ufffd",
+    }
