@@ -101,7 +101,9 @@ class ServiceServer:
     async def stop(self, grace: timedelta | None = None) -> None:
         """Health NOT_SERVING, stop with grace, then the cleanups. Safe to call twice."""
         if self._stopping is None:
-            self._stopping = asyncio.ensure_future(self._stop(self.settings.grace if grace is None else grace))
+            self._stopping = asyncio.ensure_future(
+                self._stop(self.settings.grace if grace is None else grace)
+            )
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace: timedelta) -> None:
