@@ -11,7 +11,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tensorway.devstack import COMPONENT_NAMES, DevStackError, DevStackSettings, Stack, StackState
+from tensorway.devstack import (
+    COMPONENT_NAMES,
+    DevStackError,
+    DevStackSettings,
+    Stack,
+    StackState,
+    demo_request,
+    register_demo_models,
+)
 
 dev_app = typer.Typer(
     name="dev",
@@ -66,6 +74,15 @@ def up_command(
     except DevStackError as error:
         raise _fail(error) from None
     _out.print(_endpoint_table(state))
+    addresses = state.addresses()
+    if {"registry", "orchestrator"} <= addresses.keys():
+        models = register_demo_models(state)
+        _out.print(f"registered demo models in pool pools/local: {', '.join(models)}")
+    if "router" in addresses:
+        sums, differences = demo_request(addresses["router"])
+        _out.print(f"demo request: simple([0..15], [1]*16) via the router at {addresses['router']}")
+        _out.print(f"  OUTPUT0 (sum)        = {sums}")
+        _out.print(f"  OUTPUT1 (difference) = {differences}")
     _out.print(f"state and logs in {stack.state_dir}; stop with: tensorway dev down")
 
 

@@ -75,9 +75,12 @@ class LaunchContext:
         settings: DevStackSettings,
         ports: PortAllocator,
         *,
+        endpoints: Mapping[str, Endpoint] | None = None,
         die_with_parent: bool = False,
     ) -> None:
         self.name = name
+        self.endpoints = dict(endpoints or {})
+        """Endpoints of the components already running, for wiring this one to them."""
         self._die_with_parent = die_with_parent
         self.state_dir = state_dir
         self.settings = settings

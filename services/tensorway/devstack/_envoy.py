@@ -76,11 +76,14 @@ class Envoy(Component):
         envoy = self._binary.locate(self.name)
         port = ctx.port("envoy_port")
         admin_port = ctx.port("envoy_admin_port")
-        router_host, _, router_port = ctx.settings.envoy_router_address.rpartition(":")
+        # Envoy fronts the stack's router when one runs, else the configured address.
+        router = ctx.endpoints.get("router")
+        router_address = router.address if router is not None else ctx.settings.envoy_router_address
+        router_host, _, router_port = router_address.rpartition(":")
         if not router_host or not router_port.isdigit():
             raise DevStackError(
                 self.name,
-                f"the router address {ctx.settings.envoy_router_address!r} is not host:port",
+                f"the router address {router_address!r} is not host:port",
                 "fix TENSORWAY_DEV_ENVOY_ROUTER_ADDRESS",
             )
         config = ctx.home / "envoy.yaml"

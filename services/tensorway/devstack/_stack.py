@@ -19,6 +19,7 @@ from tensorway.devstack._postgres import Postgres
 from tensorway.devstack._process import ProcessIdentity, identify, stop_group
 from tensorway.devstack._redis import Redis
 from tensorway.devstack._s3 import S3
+from tensorway.devstack._services import Orchestrator, Registry, Router
 from tensorway.devstack._settings import DevStackSettings
 from tensorway.devstack._state import ComponentRecord, StackState, load_state, save_state
 from tensorway.devstack._triton import Triton
@@ -26,7 +27,7 @@ from tensorway.devstack._triton import Triton
 
 def default_components() -> list[Component]:
     """Every component of the local stack, in start order."""
-    return [Postgres(), Redis(), Kafka(), S3(), Triton(), Envoy()]
+    return [Postgres(), Redis(), Kafka(), S3(), Triton(), Registry(), Orchestrator(), Router(), Envoy()]
 
 
 COMPONENT_NAMES: tuple[str, ...] = tuple(component.name for component in default_components())
@@ -80,7 +81,7 @@ class Stack:
         started_now: list[str] = []
         try:
             for name in to_start:
-                state.components[name] = self._start(self._catalog[name], ports)
+                state.components[name] = self._start(self._catalog[name], ports, state)
                 started_now.append(name)
                 save_state(self.state_dir, state)
         except BaseException:
@@ -163,9 +164,14 @@ class Stack:
                 if port is not None and not port_is_free(port):
                     raise port_in_use_error(name, setting, port)
 
-    def _start(self, component: Component, ports: PortAllocator) -> ComponentRecord:
+    def _start(self, component: Component, ports: PortAllocator, state: StackState) -> ComponentRecord:
         ctx = LaunchContext(
-            component.name, self.state_dir, self.settings, ports, die_with_parent=self._die_with_parent
+            component.name,
+            self.state_dir,
+            self.settings,
+            ports,
+            endpoints=state.endpoints(),
+            die_with_parent=self._die_with_parent,
         )
         try:
             started = component.start(ctx)

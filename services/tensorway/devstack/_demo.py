@@ -1,0 +1,127 @@
+"""Registers the demo models in the local stack's registry and sends the first request."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+from google.protobuf import field_mask_pb2
+
+from tensorway.common.v1 import tensor_pb2
+from tensorway.devstack._services import LOCAL_POOL, ROUTED_DEMO_MODELS
+from tensorway.devstack._state import StackState
+from tensorway.inference.v1 import inference_service_pb2 as inference_pb
+from tensorway.inference.v1 import inference_service_pb2_grpc as inference_grpc
+from tensorway.registry.v1 import registry_service_pb2 as registry_pb
+from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
+
+DEMO_VERSION = "1"
+DEMO_DEPLOYMENT = "local"
+
+
+def _create(method: Callable[..., object], request: object, timeout: float) -> None:
+    """Run a Create call; what exists already from an earlier `dev up` is kept."""
+    try:
+        method(request, timeout=timeout)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+
+
+def register_demo_models(state: StackState, timeout: float = 10.0) -> list[str]:
+    """Pool `pools/local` (the stack's orchestrator), and each demo model at version 1 in
+    PRODUCTION with all traffic. Safe to run again on a registry that has them."""
+    addresses = state.addresses()
+    with (
+        grpc.insecure_channel(addresses["registry"]) as registry_channel,
+        grpc.insecure_channel(addresses["orchestrator"]) as orchestrator_channel,
+    ):
+        registry = registry_grpc.RegistryServiceStub(registry_channel)
+        orchestrator = inference_grpc.InferenceServiceStub(orchestrator_channel)
+        pool = f"pools/{LOCAL_POOL}"
+        # The pool outlives `dev down` in PostgreSQL; its orchestrator's port does not.
+        local_pool = registry_pb.Pool(name=pool, endpoints=[addresses["orchestrator"]])
+        try:
+            registry.CreatePool(registry_pb.CreatePoolRequest(pool=local_pool), timeout=timeout)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            registry.UpdatePool(
+                registry_pb.UpdatePoolRequest(
+                    pool=local_pool, update_mask=field_mask_pb2.FieldMask(paths=["endpoints"])
+                ),
+                timeout=timeout,
+            )
+        for model in ROUTED_DEMO_MODELS:
+            metadata = orchestrator.GetModelMetadata(
+                inference_pb.GetModelMetadataRequest(model_name=model), timeout=timeout
+            )
+            name = f"models/{model}"
+            _create(
+                registry.CreateModel,
+                registry_pb.CreateModelRequest(
+                    model=registry_pb.Model(name=name, description=f"demo model {model}")
+                ),
+                timeout,
+            )
+            version = registry_pb.ModelVersion(
+                platform=metadata.platform,
+                inputs=metadata.inputs,
+                outputs=metadata.outputs,
+                max_batch_size=metadata.max_batch_size,
+                artifact_uri=f"file://demo-models/{model}/{DEMO_VERSION}",
+            )
+            _create(
+                registry.CreateModelVersion,
+                registry_pb.CreateModelVersionRequest(
+                    parent=name, model_version_id=DEMO_VERSION, model_version=version
+                ),
+                timeout,
+            )
+            version_name = f"{name}/versions/{DEMO_VERSION}"
+            current = registry.GetModelVersion(
+                registry_pb.GetModelVersionRequest(name=version_name), timeout=timeout
+            ).model_version
+            for stage in (registry_pb.STAGE_STAGING, registry_pb.STAGE_PRODUCTION):
+                if current.stage < stage:
+                    registry.TransitionModelVersionStage(
+                        registry_pb.TransitionModelVersionStageRequest(name=version_name, stage=stage),
+                        timeout=timeout,
+                    )
+            _create(
+                registry.CreateDeployment,
+                registry_pb.CreateDeploymentRequest(
+                    parent=name,
+                    deployment_id=DEMO_DEPLOYMENT,
+                    deployment=registry_pb.Deployment(
+                        pool=pool,
+                        traffic=[registry_pb.TrafficSplit(version=DEMO_VERSION, weight=100)],
+                        aliases={"production": DEMO_VERSION},
+                    ),
+                ),
+                timeout,
+            )
+    return list(ROUTED_DEMO_MODELS)
+
+
+def demo_request(router_address: str, timeout: float = 10.0) -> tuple[list[int], list[int]]:
+    """`simple` through the router with INPUT0 = 0..15 and INPUT1 = 1: its sums and differences."""
+    first = np.arange(16, dtype=np.int32).reshape(1, 16)
+    second = np.ones((1, 16), dtype=np.int32)
+    request = inference_pb.InferRequest(
+        model_name="simple",
+        inputs=[
+            tensor_pb2.Tensor(name="INPUT0", datatype="INT32", shape=[1, 16], raw_contents=first.tobytes()),
+            tensor_pb2.Tensor(name="INPUT1", datatype="INT32", shape=[1, 16], raw_contents=second.tobytes()),
+        ],
+    )
+    with grpc.insecure_channel(router_address) as channel:
+        response = inference_grpc.InferenceServiceStub(channel).Infer(request, timeout=timeout)
+    outputs = {}
+    for tensor in response.outputs:
+        if tensor.raw_contents:
+            outputs[tensor.name] = np.frombuffer(tensor.raw_contents, dtype=np.int32).tolist()
+        else:
+            outputs[tensor.name] = list(tensor.contents.int_contents)
+    return outputs["OUTPUT0"], outputs["OUTPUT1"]

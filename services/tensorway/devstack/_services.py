@@ -1,0 +1,106 @@
+"""tensorway's own services as components of the local stack: `tensorway serve <name>`
+processes wired to the servers started before them."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import ClassVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tensorway.devstack._component import Component, LaunchContext, Started, loopback, venv_bin_dir
+from tensorway.devstack._errors import DevStackError
+from tensorway.devstack._state import Endpoint
+
+LOCAL_POOL = "local"
+# Registry names are DNS labels, so Triton's `simple_string` stays reachable on Triton only.
+ROUTED_DEMO_MODELS = ("simple", "digits", "iris")
+
+
+class TensorwayService(Component):
+    """A tensorway service on a free port, ready once its gRPC health check says SERVING."""
+
+    env_prefix: ClassVar[str]
+
+    def environment(self, ctx: LaunchContext) -> dict[str, str]:
+        """The service's own settings, from the endpoints of what it requires."""
+        return {}
+
+    def start(self, ctx: LaunchContext) -> Started:
+        port, metrics_port = ctx.free_port(), ctx.free_port()
+        env = {
+            **os.environ,
+            f"{self.env_prefix}HOST": "127.0.0.1",
+            f"{self.env_prefix}PORT": str(port),
+            f"{self.env_prefix}METRICS_PORT": str(metrics_port),
+            **self.environment(ctx),
+        }
+        process = ctx.spawn([str(venv_bin_dir() / "tensorway"), "serve", self.name], env=env)
+        address = loopback(port)
+        ctx.wait_ready(process, lambda: _check_serving(address), what="grpc.health.v1 Check")
+        return Started(
+            process=process,
+            endpoints={self.name.replace("-", "_"): Endpoint(address=address)},
+            internal={"metrics": f"http://{loopback(metrics_port)}/metrics"},
+        )
+
+
+def _check_serving(address: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise ConnectionError(f"health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+
+
+def _endpoint(ctx: LaunchContext, name: str, field: str = "address") -> str:
+    endpoint = ctx.endpoints.get(name)
+    if endpoint is None:
+        raise DevStackError(
+            ctx.name, f"needs {name}, which is not running", f"start it: tensorway dev up {name}"
+        )
+    value = endpoint.url if field == "url" else endpoint.address
+    return value or endpoint.address
+
+
+class Registry(TensorwayService):
+    """The model registry on PostgreSQL and Redis."""
+
+    name = "registry"
+    requires = ("postgres", "redis")
+    env_prefix = "TENSORWAY_REGISTRY_"
+
+    def environment(self, ctx: LaunchContext) -> dict[str, str]:
+        return {
+            "TENSORWAY_REGISTRY_POSTGRES_URL": _endpoint(ctx, "postgres", "url"),
+            "TENSORWAY_REGISTRY_REDIS_URL": _endpoint(ctx, "redis", "url"),
+        }
+
+
+class Orchestrator(TensorwayService):
+    """One orchestrator beside the local Triton, serving the pool `pools/local`."""
+
+    name = "orchestrator"
+    requires = ("triton", "registry")
+    env_prefix = "TENSORWAY_ORCHESTRATOR_"
+
+    def environment(self, ctx: LaunchContext) -> dict[str, str]:
+        return {
+            "TENSORWAY_ORCHESTRATOR_TRITONS": json.dumps([_endpoint(ctx, "triton_grpc")]),
+            "TENSORWAY_ORCHESTRATOR_POOL": LOCAL_POOL,
+            "TENSORWAY_ORCHESTRATOR_REGISTRY_ADDRESS": _endpoint(ctx, "registry"),
+            # Kept loaded whatever the registry says, so they can be registered from their metadata.
+            "TENSORWAY_ORCHESTRATOR_MODELS": json.dumps(ROUTED_DEMO_MODELS),
+        }
+
+
+class Router(TensorwayService):
+    """The public inference API, routing from the registry's route table."""
+
+    name = "router"
+    requires = ("registry", "orchestrator")
+    env_prefix = "TENSORWAY_ROUTER_"
+
+    def environment(self, ctx: LaunchContext) -> dict[str, str]:
+        return {"TENSORWAY_ROUTER_REGISTRY": _endpoint(ctx, "registry")}
