@@ -14,12 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tensorway.cli.addresses import service_address
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.orchestrator.converters import BYTES, FIXED_SIZE_DTYPES, pack_bytes, unpack_bytes
 
-DEFAULT_ROUTER = "127.0.0.1:50051"
 ROUTE_KEY_HEADER = "x-tensorway-route-key"
 
 Array = npt.NDArray[Any]
@@ -68,14 +68,20 @@ def infer_command(
         ),
     ],
     version: Annotated[str, typer.Option(help="A version or alias; empty lets the router choose.")] = "",
-    router: Annotated[str, typer.Option(help="The router's gRPC address.")] = DEFAULT_ROUTER,
+    router: Annotated[
+        str,
+        typer.Option(
+            envvar="TENSORWAY_ROUTER_ADDRESS", help="The router's gRPC address; default: the local stack's."
+        ),
+    ] = "",
     route_key: Annotated[str | None, typer.Option(help="Pins you to one version of a split.")] = None,
     timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 30.0,
 ) -> None:
     """Send one request to MODEL through the router and print its outputs."""
     console = Console()
     metadata = ((ROUTE_KEY_HEADER, route_key),) if route_key else ()
-    with grpc.insecure_channel(router) as channel:
+    address = service_address(router, "router", "--router", "TENSORWAY_ROUTER_ADDRESS")
+    with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         try:
             signature = stub.GetModelMetadata(

@@ -1,5 +1,5 @@
 """`tensorway models`: register, list, show, deploy, promote and split traffic, against the
-registry's gRPC API at `--registry` or TENSORWAY_REGISTRY_ADDRESS."""
+registry's gRPC API at `--registry` or TENSORWAY_REGISTRY_ADDRESS, else the local stack's."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tensorway.cli.addresses import service_address
 from tensorway.common.v1 import tensor_pb2
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
@@ -58,12 +59,8 @@ def models(
 
 @contextmanager
 def _stub() -> Iterator[pb_grpc.RegistryServiceStub]:
-    if not _registry.address:
-        _err.print(
-            "[red]no registry address[/red]: pass --registry HOST:PORT or set TENSORWAY_REGISTRY_ADDRESS"
-        )
-        raise typer.Exit(2)
-    with grpc.insecure_channel(_registry.address) as channel:
+    address = service_address(_registry.address, "registry", "--registry", "TENSORWAY_REGISTRY_ADDRESS")
+    with grpc.insecure_channel(address) as channel:
         yield pb_grpc.RegistryServiceStub(channel)
 
 
