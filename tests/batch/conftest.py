@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,19 +140,48 @@ def s3(s3_endpoint: str, s3_credentials: S3Credentials) -> Iterator[Minio]:
 
 @dataclass
 class Pipeline:
-    """Settings shared by the API and workers of one test module: its own topic and group."""
+    """Settings of one batch pipeline: its own topic and consumer group, its workers."""
 
-    env: dict[str, str]
-    api_settings: batch_service.Settings
+    backends: dict[str, str]
+    worker_options: dict[str, str]
+    inference_target: str
     logs: Path
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def api_settings(self) -> batch_service.Settings:
+        return batch_service.Settings(
+            **{k.lower(): v for k, v in self.backends.items()},
+            shards_topic=f"batch-tests-{self.run}",
+            default_output_prefix=f"s3://{BUCKET}/results/{{job}}/",
+            watch_interval="PT0.2S",
+            poll_interval="PT0.5S",
+            lease_check_interval="PT0.5S",
+            metrics_enabled=False,
+        )
+
+    def sibling(self, inference_target: str) -> Pipeline:
+        """Another pipeline on the same backends, inferring through `inference_target`."""
+        return Pipeline(self.backends, self.worker_options, inference_target, self.logs)
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         """A `tensorway serve batch-worker` process, tied to this test process's life."""
-        log = (self.logs / f"worker-{len(self.workers)}.log").open("wb")
+        worker = {
+            **self.backends,
+            **self.worker_options,
+            "SHARDS_TOPIC": f"batch-tests-{self.run}",
+            "CONSUMER_GROUP": f"batch-tests-{self.run}",
+            "INFERENCE_TARGET": self.inference_target,
+        }
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TENSORWAY_BATCH")},
+            **{f"TENSORWAY_BATCH_WORKER_{k}": v for k, v in worker.items()},
+        }
+        log = (self.logs / f"worker-{self.run}-{len(self.workers)}.log").open("wb")
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "tensorway"), "serve", "batch-worker"],
-            env=self.env,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -185,21 +215,17 @@ def pipeline(
     inference_target: str,
     s3: Minio,
 ) -> Iterator[Pipeline]:
-    run = uuid.uuid4().hex[:8]
-    common = {
+    """The pipeline most tests share: two workers inferring through the Triton forwarder."""
+    backends = {
         "POSTGRES_URL": postgres_url,
         "KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "SHARDS_TOPIC": f"batch-tests-{run}",
         "SHARDS_TOPIC_PARTITIONS": "8",
         "S3_ENDPOINT": s3_endpoint,
         "S3_ACCESS_KEY": s3_credentials.access_key,
         "S3_SECRET_KEY": s3_credentials.secret_key,
         "URL_EXPIRY": "PT10M",
     }
-    worker = {
-        **common,
-        "INFERENCE_TARGET": inference_target,
-        "CONSUMER_GROUP": f"batch-tests-{run}",
+    worker_options = {
         "KAFKA_SESSION_TIMEOUT": f"PT{kafka_session_timeout_ms / 1000}S",
         "KAFKA_HEARTBEAT_INTERVAL": "PT0.5S",
         "KAFKA_COMMIT_INTERVAL": "PT0.5S",
@@ -208,24 +234,13 @@ def pipeline(
         "METRICS_ENABLED": "false",
         "LOG_JSON": "false",
     }
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TENSORWAY_BATCH")},
-        **{f"TENSORWAY_BATCH_WORKER_{k}": v for k, v in worker.items()},
-    }
-    api_settings = batch_service.Settings(
-        **{k.lower(): v for k, v in common.items()},
-        default_output_prefix=f"s3://{BUCKET}/results/{{job}}/",
-        watch_interval="PT0.2S",
-        poll_interval="PT0.5S",
-        lease_check_interval="PT0.5S",
-        metrics_enabled=False,
-    )
     logs = Path(tempfile.mkdtemp(prefix="tensorway-batch-workers-"))
-    pipeline = Pipeline(env=env, api_settings=api_settings, logs=logs)
+    pipeline = Pipeline(backends, worker_options, inference_target, logs)
     pipeline.start_worker()
     pipeline.start_worker()
     yield pipeline
     pipeline.stop_all()
+    shutil.rmtree(logs, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

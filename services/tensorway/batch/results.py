@@ -46,8 +46,12 @@ def manifest_ref(job: Job) -> ObjectRef:
     return _prefix(job).child("manifest.json")
 
 
+# One encoder for every line: json.dumps with options builds a new one each call.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def jsonl(items: Iterable[Any]) -> bytes:
-    return "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in items).encode()
+    return "".join(_compact_json(item) + "\n" for item in items).encode()
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def _text(item: Any) -> Any:
 
 
 def to_json_value(array: npt.NDArray[Any]) -> Any:
-    """A JSON-ready value for one row's output: nested lists; bytes as UTF-8 text where they are."""
+    """A JSON-ready value for an output: nested lists; bytes as UTF-8 text where they are."""
     if array.dtype == np.object_:
         return np.vectorize(_text, otypes=[np.object_])(array).tolist()
     # float32 values widen to the double that prints back to the same float32, so JSON

@@ -284,13 +284,10 @@ class ShardRunner:
                 errors.extend(row_errors)
             return lines, errors
         outputs = {tensor.name: from_tensor(tensor) for tensor in response.outputs}
-        if not batched:
-            outputs = {name: array[None] for name, array in outputs.items()}
+        # One conversion per output for the whole batch: per-row conversions cost more than inference.
+        values = {name: to_json_value(array if batched else array[None]) for name, array in outputs.items()}
         return [
-            {
-                "id": _json_id(row_id),
-                "outputs": {name: to_json_value(array[i]) for name, array in outputs.items()},
-            }
+            {"id": _json_id(row_id), "outputs": {name: rows[i] for name, rows in values.items()}}
             for i, row_id in enumerate(batch.ids)
         ], []
 
