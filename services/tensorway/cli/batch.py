@@ -26,6 +26,7 @@ from rich.table import Column, Table
 
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
+from tensorway.cli.addresses import local_s3, service_address
 
 T = TypeVar("T")
 
@@ -58,14 +59,22 @@ _target = _Target()
 def batch(
     *,
     api: Annotated[
-        str, typer.Option("--api", envvar="TENSORWAY_BATCH_ADDRESS", help="The batch API's gRPC address.")
-    ] = "127.0.0.1:50061",
+        str,
+        typer.Option(
+            "--api",
+            envvar="TENSORWAY_BATCH_ADDRESS",
+            help="The batch API's gRPC address; default: the local stack's.",
+        ),
+    ] = "",
     tenant: Annotated[
         str, typer.Option(envvar="TENSORWAY_TENANT", help="Act as this tenant (x-tenant-id); Envoy sets it.")
     ] = "",
     s3_endpoint: Annotated[
-        str, typer.Option(envvar="TENSORWAY_S3_ENDPOINT", help="S3 endpoint URL for uploads.")
-    ] = "http://127.0.0.1:9000",
+        str,
+        typer.Option(
+            envvar="TENSORWAY_S3_ENDPOINT", help="S3 endpoint URL for uploads; default: the local stack's."
+        ),
+    ] = "",
     s3_access_key: Annotated[str, typer.Option(envvar="AWS_ACCESS_KEY_ID", help="S3 access key.")] = "",
     s3_secret_key: Annotated[
         str, typer.Option(envvar="AWS_SECRET_ACCESS_KEY", help="S3 secret key.", show_default=False)
@@ -90,7 +99,8 @@ def _metadata() -> tuple[tuple[str, str], ...]:
 
 @contextmanager
 def _stub() -> Iterator[pb_grpc.BatchServiceStub]:
-    with grpc.insecure_channel(_target.api) as channel:
+    address = service_address(_target.api, "batch", "--api", "TENSORWAY_BATCH_ADDRESS")
+    with grpc.insecure_channel(address) as channel:
         yield pb_grpc.BatchServiceStub(channel)
 
 
@@ -125,11 +135,11 @@ def _state(job: pb.Job) -> str:
 
 def _upload(path: Path) -> str:
     """Put a local file in the upload bucket; returns its s3:// URI."""
-    endpoint = urlsplit(_target.s3_endpoint)
+    endpoint = urlsplit(_target.s3_endpoint or local_s3().endpoint)
     client = Minio(
         endpoint.netloc,
-        access_key=_target.s3_access_key,
-        secret_key=_target.s3_secret_key,
+        access_key=_target.s3_access_key or local_s3().access_key,
+        secret_key=_target.s3_secret_key or local_s3().secret_key,
         secure=endpoint.scheme == "https",
     )
     if not client.bucket_exists(_target.upload_bucket):

@@ -104,3 +104,39 @@ class Router(TensorwayService):
 
     def environment(self, ctx: LaunchContext) -> dict[str, str]:
         return {"TENSORWAY_ROUTER_REGISTRY": _endpoint(ctx, "registry")}
+
+
+def _batch_environment(ctx: LaunchContext, prefix: str) -> dict[str, str]:
+    """What the batch API and its workers share: PostgreSQL, Kafka and S3."""
+    return {
+        f"{prefix}POSTGRES_URL": _endpoint(ctx, "postgres", "url"),
+        f"{prefix}KAFKA_BOOTSTRAP": _endpoint(ctx, "kafka"),
+        f"{prefix}S3_ENDPOINT": _endpoint(ctx, "s3", "url"),
+        f"{prefix}S3_ACCESS_KEY": ctx.settings.s3_access_key,
+        f"{prefix}S3_SECRET_KEY": ctx.settings.s3_secret_key,
+    }
+
+
+class Batch(TensorwayService):
+    """The batch jobs API; it also shards jobs and relays them to Kafka."""
+
+    name = "batch"
+    requires = ("postgres", "kafka", "s3")
+    env_prefix = "TENSORWAY_BATCH_"
+
+    def environment(self, ctx: LaunchContext) -> dict[str, str]:
+        return _batch_environment(ctx, self.env_prefix)
+
+
+class BatchWorker(TensorwayService):
+    """One batch worker, inferring through the stack's router."""
+
+    name = "batch-worker"
+    requires = ("batch", "router")
+    env_prefix = "TENSORWAY_BATCH_WORKER_"
+
+    def environment(self, ctx: LaunchContext) -> dict[str, str]:
+        return {
+            **_batch_environment(ctx, self.env_prefix),
+            f"{self.env_prefix}INFERENCE_TARGET": _endpoint(ctx, "router"),
+        }

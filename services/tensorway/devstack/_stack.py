@@ -19,7 +19,7 @@ from tensorway.devstack._postgres import Postgres
 from tensorway.devstack._process import ProcessIdentity, identify, stop_group
 from tensorway.devstack._redis import Redis
 from tensorway.devstack._s3 import S3
-from tensorway.devstack._services import Orchestrator, Registry, Router
+from tensorway.devstack._services import Batch, BatchWorker, Orchestrator, Registry, Router
 from tensorway.devstack._settings import DevStackSettings
 from tensorway.devstack._state import ComponentRecord, StackState, load_state, save_state
 from tensorway.devstack._triton import Triton
@@ -27,7 +27,19 @@ from tensorway.devstack._triton import Triton
 
 def default_components() -> list[Component]:
     """Every component of the local stack, in start order."""
-    return [Postgres(), Redis(), Kafka(), S3(), Triton(), Registry(), Orchestrator(), Router(), Envoy()]
+    return [
+        Postgres(),
+        Redis(),
+        Kafka(),
+        S3(),
+        Triton(),
+        Registry(),
+        Orchestrator(),
+        Router(),
+        Batch(),
+        BatchWorker(),
+        Envoy(),
+    ]
 
 
 COMPONENT_NAMES: tuple[str, ...] = tuple(component.name for component in default_components())
