@@ -120,6 +120,6 @@ def _grpc_socket_paths(ports: dict[str, int]) -> list[str]:
     weed removes them when it exits cleanly; these are what a killed one leaves.
     """
     return [
-        f"/tmp/seaweedfs-{service}-grpc-{ports[f'{service}.port.grpc']}.sock"  # noqa: S108
+        f"/tmp/seaweedfs-{service}-grpc-{ports[f'{service}.port.grpc']}.sock"  # noqa: S108  # nosec B108
         for service in ("master", "volume", "filer", "s3", "admin")
     ]
