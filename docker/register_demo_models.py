@@ -22,7 +22,10 @@ def stack(registry: str, orchestrator: str) -> StackState:
         return ComponentRecord(pid=0, start_ticks=0, log="", endpoints={name: Endpoint(address=address)})
 
     return StackState(
-        components={"registry": record("registry", registry), "orchestrator": record("orchestrator", orchestrator)}
+        components={
+            "registry": record("registry", registry),
+            "orchestrator": record("orchestrator", orchestrator),
+        }
     )
 
 
