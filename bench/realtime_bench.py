@@ -6,11 +6,14 @@ Each target runs each workload at concurrency 1 and 32; the report gives p50, p9
 and payload MB/s (tensor bytes in + out), and each figure's ratio against Triton direct.
 
 A target is anything with `infer(workload)`: Triton's own API through tritonclient.grpc.aio, or
-tensorway.inference.v1 at some address. More hops (router, Envoy) are more entries in
-`targets()`. Triton and the orchestrator run as their own processes, started here and stopped
-at the end.
+tensorway.inference.v1 at some address. The targets are Triton direct, the orchestrator, and the
+router in front of the orchestrator through both of its APIs (tensorway's and Triton's); more hops
+(Envoy) are more entries in `targets()`. Triton, the orchestrator and the router run as their own
+processes, started here and stopped at the end. The router's routes come from a fake registry in
+this process that sends one WatchRoutes snapshot and then stays quiet, so it costs nothing while
+the bench runs.
 
-    .venv/bin/python bench/realtime_bench.py [--seconds 4] [--concurrency 1 32]
+    .venv/bin/python bench/realtime_bench.py [--seconds 4] [--concurrency 1 32] [--workload simple]
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent import futures
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +48,8 @@ from tensorway.demo_models import build_repository
 from tensorway.devstack import DevStackSettings, Stack
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tensorway.registry.v1 import registry_service_pb2 as registry_pb
+from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 IDENTITY_MODEL = "identity_fp32"
 IDENTITY_CONFIG = f"""name: "{IDENTITY_MODEL}"
@@ -234,20 +241,26 @@ def triton(workdir: Path) -> Iterator[str]:
         stack.down()
 
 
-@contextmanager
-def orchestrator(triton_address: str, workdir: Path) -> Iterator[str]:
-    """`tensorway serve orchestrator` as its own process, in front of `triton_address`."""
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def service(name: str, environment: Mapping[str, str], workdir: Path) -> Iterator[str]:
+    """`tensorway serve NAME` as its own process, without metrics, until the block ends."""
+    port = free_port()
+    prefix = f"TENSORWAY_{name.upper()}_"
     env = {
         **os.environ,
-        "TENSORWAY_ORCHESTRATOR_TRITONS": json.dumps([triton_address]),
-        "TENSORWAY_ORCHESTRATOR_METRICS_ENABLED": "false",
-        "TENSORWAY_ORCHESTRATOR_LOG_LEVEL": "WARNING",
+        **{prefix + key: value for key, value in environment.items()},
+        prefix + "METRICS_ENABLED": "false",
+        prefix + "LOG_LEVEL": "WARNING",
     }
-    command = [str(Path(sys.executable).with_name("tensorway")), "serve", "orchestrator", "--port", str(port)]
-    with open(workdir / "orchestrator.log", "wb") as log:
+    command = [str(Path(sys.executable).with_name("tensorway")), "serve", name, "--port", str(port)]
+    with open(workdir / f"{name}.log", "wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         address = f"127.0.0.1:{port}"
@@ -256,6 +269,54 @@ def orchestrator(triton_address: str, workdir: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+class StaticRoutes(registry_grpc.RegistryServiceServicer):
+    """WatchRoutes only: one snapshot of fixed routes, then nothing until the bench ends."""
+
+    def __init__(self, routes: Sequence[registry_pb.Route]) -> None:
+        self._routes = list(routes)
+        self.stopped = threading.Event()
+
+    def WatchRoutes(self, request: Any, context: Any) -> Iterator[registry_pb.WatchRoutesResponse]:
+        yield registry_pb.WatchRoutesResponse(revision=1, snapshot=True, routes=self._routes)
+        self.stopped.wait()
+
+
+def routes_to(orchestrator_address: str, models: Sequence[str]) -> list[registry_pb.Route]:
+    """Every model on the one orchestrator, with the signature the orchestrator reports."""
+    routes = []
+    with grpc.insecure_channel(orchestrator_address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for model in models:
+            metadata = stub.GetModelMetadata(pb.GetModelMetadataRequest(model_name=model), timeout=30)
+            version = registry_pb.VersionRoute(
+                version=metadata.versions[0],
+                weight=100,
+                pool="pools/bench",
+                endpoints=[orchestrator_address],
+                inputs=metadata.inputs,
+                outputs=metadata.outputs,
+                max_batch_size=metadata.max_batch_size,
+                platform=metadata.platform,
+            )
+            routes.append(registry_pb.Route(model=model, versions=[version]))
+    return routes
+
+
+@contextmanager
+def registry(routes: Sequence[registry_pb.Route]) -> Iterator[str]:
+    """A registry that knows only `routes`, served from a thread of this process."""
+    servicer = StaticRoutes(routes)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    registry_grpc.add_RegistryServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        servicer.stopped.set()
+        server.stop(grace=None)
 
 
 def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
@@ -276,14 +337,18 @@ def targets(addresses: dict[str, str]) -> list[Target]:
     return [
         TritonProtocolTarget("triton-direct", addresses["triton"]),
         InferenceServiceTarget("orchestrator", addresses["orchestrator"]),
+        InferenceServiceTarget("router", addresses["router"]),
+        TritonProtocolTarget("router-triton", addresses["router"]),
     ]
 
 
-async def run(addresses: dict[str, str], seconds: float, concurrencies: Sequence[int]) -> list[Measurement]:
+async def run(
+    addresses: dict[str, str], seconds: float, concurrencies: Sequence[int], names: Sequence[str]
+) -> list[Measurement]:
     chosen = targets(addresses)
     results = []
     try:
-        for workload in workloads():
+        for workload in (workload for workload in workloads() if workload.name in names):
             for concurrency in concurrencies:
                 for target in chosen:
                     results.append(await measure(target, workload, concurrency, seconds))
@@ -299,13 +364,29 @@ def main() -> int:
     )
     parser.add_argument("--seconds", type=float, default=4.0, help="measured time per cell")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument(
+        "--workload", nargs="+", default=[w.name for w in workloads()], help="workloads to run (all)"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="tensorway-bench-"))
     try:
-        with triton(workdir) as triton_address, orchestrator(triton_address, workdir) as orchestrator_address:
-            addresses = {"triton": triton_address, "orchestrator": orchestrator_address}
-            print(f"{os.cpu_count()} CPUs; Triton {triton_address}; orchestrator {orchestrator_address}")
-            results = asyncio.run(run(addresses, args.seconds, args.concurrency))
+        with ExitStack() as running:
+            triton_address = running.enter_context(triton(workdir))
+            orchestrator_address = running.enter_context(
+                service("orchestrator", {"TRITONS": json.dumps([triton_address])}, workdir)
+            )
+            models = [workload.model for workload in workloads()]
+            registry_address = running.enter_context(registry(routes_to(orchestrator_address, models)))
+            router_address = running.enter_context(
+                service("router", {"REGISTRY_ADDRESS": registry_address}, workdir)
+            )
+            addresses = {
+                "triton": triton_address,
+                "orchestrator": orchestrator_address,
+                "router": router_address,
+            }
+            print(f"{os.cpu_count()} CPUs; " + "; ".join(f"{k} {v}" for k, v in addresses.items()))
+            results = asyncio.run(run(addresses, args.seconds, args.concurrency, args.workload))
         report(results)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

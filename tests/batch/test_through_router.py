@@ -101,7 +101,7 @@ async def router(postgres_url: str, redis_url: str, triton_grpc: str) -> AsyncIt
         started.append(orchestrator)
         await _register_digits(f"127.0.0.1:{registry_port}", f"127.0.0.1:{orchestrator_port}")
         server, port = await router_service.create(
-            router_service.Settings(registry=f"127.0.0.1:{registry_port}", metrics_enabled=False)
+            router_service.Settings(registry_address=f"127.0.0.1:{registry_port}", metrics_enabled=False)
         )
         await server.start()
         started.append(server)

@@ -9,15 +9,16 @@ import pytest
 import yaml
 
 from tensorway.devstack import DevStackError, render_envoy_config
-from tensorway.devstack._envoy import ENVOY_BINARY, default_envoy_dir
+from tensorway.devstack._envoy import ENVOY_BINARY
+from tensorway.edge.config import profiles, render_profile
 
-PROFILES = sorted(path.stem for path in (default_envoy_dir() / "values").glob("*.yaml"))
 
-
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", profiles())
 def test_profile_renders_a_config_envoy_validates(profile: str, tmp_path: Path) -> None:
-    config = tmp_path / "envoy.yaml"
-    config.write_text(render_envoy_config(profile))
+    # Deployed profiles read their files from a mount; here they are where render_profile wrote them.
+    config = render_profile(
+        profile, tmp_path, {"files": {"dir": str(tmp_path)}, "jwt": {"jwks_file": "jwks.json"}}
+    )
     validated = subprocess.run(
         [str(ENVOY_BINARY.locate("envoy")), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
         capture_output=True,

@@ -183,7 +183,7 @@ async def start_registry(registry: FakeRegistry, port: int = 0) -> Running:
 
 async def start_router(registry_address: str, **settings: Any) -> Running:
     server, bound = await router_service.create(
-        router_service.Settings(registry=registry_address, metrics_enabled=False, **settings)
+        router_service.Settings(registry_address=registry_address, metrics_enabled=False, **settings)
     )
     await server.start()
     return Running(server, f"127.0.0.1:{bound}")

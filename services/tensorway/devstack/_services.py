@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import ClassVar
 
 import grpc
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorway.devstack._component import Component, LaunchContext, Started, loopback, venv_bin_dir
 from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._state import Endpoint
+from tensorway.ratelimit.service import default_limits_file
 
 LOCAL_POOL = "local"
 # Registry names are DNS labels, so Triton's `simple_string` stays reachable on Triton only.
@@ -103,7 +105,7 @@ class Router(TensorwayService):
     env_prefix = "TENSORWAY_ROUTER_"
 
     def environment(self, ctx: LaunchContext) -> dict[str, str]:
-        return {"TENSORWAY_ROUTER_REGISTRY": _endpoint(ctx, "registry")}
+        return {"TENSORWAY_ROUTER_REGISTRY_ADDRESS": _endpoint(ctx, "registry")}
 
 
 def _batch_environment(ctx: LaunchContext, prefix: str) -> dict[str, str]:
@@ -139,4 +141,21 @@ class BatchWorker(TensorwayService):
         return {
             **_batch_environment(ctx, self.env_prefix),
             f"{self.env_prefix}INFERENCE_TARGET": _endpoint(ctx, "router"),
+        }
+
+
+class Ratelimit(TensorwayService):
+    """Envoy's global rate limit service, counting in Redis."""
+
+    name = "ratelimit"
+    requires = ("redis",)
+    env_prefix = "TENSORWAY_RATELIMIT_"
+
+    def __init__(self, limits_file: Path | None = None) -> None:
+        self._limits_file = limits_file or default_limits_file()
+
+    def environment(self, ctx: LaunchContext) -> dict[str, str]:
+        return {
+            "TENSORWAY_RATELIMIT_REDIS_URL": _endpoint(ctx, "redis", "url"),
+            "TENSORWAY_RATELIMIT_LIMITS_FILE": str(self._limits_file),
         }

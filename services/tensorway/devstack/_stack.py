@@ -19,7 +19,7 @@ from tensorway.devstack._postgres import Postgres
 from tensorway.devstack._process import ProcessIdentity, identify, stop_group
 from tensorway.devstack._redis import Redis
 from tensorway.devstack._s3 import S3
-from tensorway.devstack._services import Batch, BatchWorker, Orchestrator, Registry, Router
+from tensorway.devstack._services import Batch, BatchWorker, Orchestrator, Ratelimit, Registry, Router
 from tensorway.devstack._settings import DevStackSettings
 from tensorway.devstack._state import ComponentRecord, StackState, load_state, save_state
 from tensorway.devstack._triton import Triton
@@ -38,6 +38,7 @@ def default_components() -> list[Component]:
         Router(),
         Batch(),
         BatchWorker(),
+        Ratelimit(),
         Envoy(),
     ]
 

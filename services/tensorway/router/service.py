@@ -35,7 +35,7 @@ class Settings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="TENSORWAY_ROUTER_", extra="ignore")
 
-    registry: str = ""
+    registry_address: str = ""
     """The registry's gRPC address, host:port, whose WatchRoutes stream feeds the route table."""
     initial_routes_timeout: timedelta = timedelta(seconds=5)
     """How long startup waits for the first route table; until it comes, inference is UNAVAILABLE."""
@@ -130,9 +130,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 async def create(settings: Settings, route_source: RouteSource | None = None) -> tuple[ServiceServer, int]:
     """The router's server, watching routes from `route_source` (the registry by default)."""
     if route_source is None:
-        if not settings.registry:
-            raise ValueError("the router needs the registry's address: set TENSORWAY_ROUTER_REGISTRY")
-        route_source = RegistryRouteSource(settings.registry)
+        if not settings.registry_address:
+            raise ValueError(
+                "the router needs the registry's address: set TENSORWAY_ROUTER_REGISTRY_ADDRESS"
+            )
+        route_source = RegistryRouteSource(settings.registry_address)
     watcher = RouteWatcher(route_source, backoff_max=settings.watch_backoff_max)
     router = Router(watcher, settings.policy())
     server, port = create_server(
