@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tensorway.cli.envoy import token_command
 from tensorway.devstack import (
     COMPONENT_NAMES,
     DevStackError,
@@ -26,6 +27,8 @@ dev_app = typer.Typer(
     help="Run the local stack from pip packages on free loopback ports.",
     no_args_is_help=True,
 )
+# Signs with the key `dev up` made, so it lives with the edge code that made it.
+dev_app.command("token")(token_command)
 _out = Console()
 _err = Console(stderr=True)
 

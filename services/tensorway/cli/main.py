@@ -11,6 +11,7 @@ from rich.console import Console
 
 from tensorway.cli.batch import batch_app
 from tensorway.cli.dev import dev_app
+from tensorway.cli.envoy import envoy_app
 from tensorway.cli.infer import infer_command
 from tensorway.cli.models import models_app
 from tensorway.runtime import ServiceServer, ServiceSettings, configure_process, serve
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.add_typer(batch_app, name="batch")
 app.add_typer(dev_app, name="dev")
+app.add_typer(envoy_app, name="envoy")
 app.add_typer(models_app, name="models")
 app.command("infer")(infer_command)
 console = Console(stderr=True)

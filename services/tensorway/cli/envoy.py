@@ -1,0 +1,78 @@
+"""`tensorway envoy render`: write an Envoy config and the files it reads for a profile; and
+`tensorway dev token`: a signed token for the local stack's Envoy."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tensorway.devstack import DevStackSettings
+from tensorway.devstack._envoy import jwt_key_dir
+from tensorway.edge.config import UnknownProfileError, load_values, profiles, render_profile
+from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
+
+envoy_app = typer.Typer(
+    name="envoy",
+    help="The edge: render Envoy's config for a profile (local, compose, k8s).",
+    no_args_is_help=True,
+)
+_err = Console(stderr=True)
+
+
+@envoy_app.command("render")
+def render_command(
+    profile: Annotated[str, typer.Option(help=f"Values file under envoy/values: {', '.join(profiles())}.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Directory for envoy.yaml and its files; default .build/envoy/<profile>."),
+    ] = None,
+) -> None:
+    """Write envoy.yaml, the descriptor set, the OpenAPI document and the docs page.
+
+    A profile that reads its files from a mount (compose, k8s) expects this directory there.
+    """
+    target = out or Path(".build") / "envoy" / profile
+    try:
+        config = render_profile(profile, target)
+    except UnknownProfileError as error:
+        _err.print(f"[red]{error}[/red]; profiles: {', '.join(profiles())}")
+        raise typer.Exit(2) from None
+    typer.echo(str(config))
+
+
+def token_command(
+    tenant: Annotated[str, typer.Option(help="The tenant the token speaks for.")] = "default",
+    hours: Annotated[float, typer.Option(help="How long the token is valid.")] = 12.0,
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Private key to sign with; default the local stack's (made by `tensorway dev up`)."
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir", help="State dir of the stack; default TENSORWAY_DEV_STATE_DIR or .tensorway."
+        ),
+    ] = None,
+) -> None:
+    """Print a token for the local stack's Envoy: `-H "authorization: Bearer $(tensorway dev token)"`."""
+    settings = DevStackSettings()
+    private_key = key or jwt_key_dir(state_dir or settings.state_dir) / PRIVATE_KEY_FILE
+    if not private_key.exists():
+        _err.print(f"[red]no signing key at {private_key}[/red]; start Envoy first: tensorway dev up envoy")
+        raise typer.Exit(1)
+    jwt = load_values(settings.envoy_profile)["jwt"]
+    typer.echo(
+        mint_token(
+            private_key,
+            tenant=tenant,
+            issuer=jwt["issuer"],
+            audience=jwt["audiences"][0],
+            ttl=timedelta(hours=hours),
+        )
+    )
