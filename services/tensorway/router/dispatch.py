@@ -1,8 +1,10 @@
 """The router's core: model → version → pool → endpoint, with breakers, retries, shedding and shadows.
 
-Both public APIs (tensorway's InferenceService and Triton's GRPCInferenceService) convert their
-requests to `InferRequest` and call `Router.infer`; everything that decides where a request goes
-and what happens when it fails lives here.
+Both public APIs (tensorway's InferenceService and Triton's GRPCInferenceService) hand their
+requests to `Router.infer` as serialized `InferRequest`s; everything that decides where a request
+goes and what happens when it fails lives here. Requests and answers cross the router as the bytes
+they arrived as: routing reads only the model and version from the wire, so tensors are never
+parsed or serialized again on their way through.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from datetime import timedelta
 import grpc
 
 from tensorway.common.v1 import error_pb2
-from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.router import metrics
 from tensorway.router.balancer import pick
 from tensorway.router.breaker import BreakerPolicy
 from tensorway.router.endpoints import Endpoint, EndpointSet
 from tensorway.router.retry import RETRYABLE_CODES, RetryBudget, RetryPolicy
 from tensorway.router.routing import ModelRoute, RouteTable, RouteWatcher, VersionRoute
+from tensorway.router.serialized import SerializedRequest
 from tensorway.router.shadow import ShadowMirror
 from tensorway.runtime import ResourceExhausted, Unavailable
 
@@ -84,8 +86,9 @@ class Router:
         route = self.table.model(model)
         return route, route.choose(version, None, self._rng) if version else route.default()
 
-    async def infer(self, request: pb.InferRequest, route_key: str | None = None) -> pb.InferResponse:
-        """Run `request` on the version and endpoint the route table and endpoint health choose.
+    async def infer(self, request: SerializedRequest, route_key: str | None = None) -> bytes:
+        """Run `request` on the version and endpoint the route table and endpoint health choose;
+        returns the serialized InferResponse.
 
         Retryable failures (UNAVAILABLE, RESOURCE_EXHAUSTED) go to another endpoint of the pool
         while attempts and the retry budget last. `route_key` pins default traffic to one version.
@@ -98,11 +101,12 @@ class Router:
             )
         self._in_flight += 1
         try:
-            route, version = self.resolve(request.model_name, request.model_version, route_key)
-            request.model_version = version.version
+            route, version = self.resolve(request.model, request.version, route_key)
             primary_answer = self._shadow.mirror(route, version, request)
             try:
-                response = await self._call_with_retries(route.model, version, request)
+                response = await self._call_with_retries(
+                    route.model, version, request.for_version(version.version)
+                )
             except BaseException:
                 if primary_answer is not None:
                     primary_answer.set_result(None)
@@ -113,9 +117,7 @@ class Router:
         finally:
             self._in_flight -= 1
 
-    async def _call_with_retries(
-        self, model: str, version: VersionRoute, request: pb.InferRequest
-    ) -> pb.InferResponse:
+    async def _call_with_retries(self, model: str, version: VersionRoute, request: bytes) -> bytes:
         self._budget.record_request()
         tried: set[str] = set()
         while True:
@@ -164,7 +166,7 @@ class Router:
             return False
         return True
 
-    async def _shadow_call(self, version: VersionRoute, request: pb.InferRequest) -> pb.InferResponse:
+    async def _shadow_call(self, version: VersionRoute, request: bytes) -> bytes:
         # One attempt, no retry: a shadow must not spend the budget the primary traffic needs.
         endpoint = pick(self.endpoints.of(version.endpoints), self._rng)
         if endpoint is None:

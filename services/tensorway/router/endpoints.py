@@ -7,15 +7,20 @@ import contextlib
 import time
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 import grpc
 
-from tensorway.inference.v1 import inference_service_pb2 as pb
-from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.router import metrics
 from tensorway.router.balancer import LoadStats
 from tensorway.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Outcome
-from tensorway.runtime import Unavailable, create_channel
+from tensorway.runtime import Unavailable
+from tensorway.runtime.interceptors import downstream_metadata, downstream_timeout
+from tensorway.runtime.server import message_size_options
+
+INFER_METHOD = "/tensorway.inference.v1.InferenceService/Infer"
+# Large enough for the tensors the router accepts from its callers.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # The endpoint answered and the fault, if any, is the request's: its health is fine.
 _ANSWERED = frozenset(
@@ -53,14 +58,25 @@ class Endpoint:
         self.address = address
         self.breaker = breaker
         self.load = LoadStats()
-        self._channel = create_channel(address)
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._channel, self._infer = self._connect()
         self._retired: set[asyncio.Task[None]] = set()
-        metrics.BREAKER_OPEN.labels(address).set(0)
-        metrics.ENDPOINT_OUTSTANDING.labels(address).set(0)
+        # Children looked up once: `labels()` takes a lock and hashes the labels on every call.
+        self._breaker_open = metrics.BREAKER_OPEN.labels(address)
+        self._outstanding = metrics.ENDPOINT_OUTSTANDING.labels(address)
+        self._calls: dict[grpc.StatusCode, Any] = {}
+        self._breaker_open.set(0)
+        self._outstanding.set(0)
 
-    async def infer(self, request: pb.InferRequest) -> pb.InferResponse:
-        """Run `request` here, recording the outcome in the breaker and the load."""
+    def _connect(self) -> tuple[grpc.aio.Channel, Any]:
+        # A plain channel, no client interceptor: an intercepted call costs a task of its own, and
+        # `infer` passes the request's context and deadline itself. Requests and answers stay
+        # serialized (no serializers): the router forwards the bytes it was sent.
+        channel = grpc.aio.insecure_channel(self.address, options=message_size_options(MAX_MESSAGE_BYTES))
+        return channel, channel.unary_unary(INFER_METHOD)
+
+    async def infer(self, request: bytes) -> bytes:
+        """Run a serialized InferRequest here and return the serialized InferResponse, recording the
+        outcome in the breaker and the load."""
         probe = self.breaker.state is BreakerState.HALF_OPEN
         if not self.breaker.acquire():
             raise Unavailable(
@@ -69,11 +85,13 @@ class Endpoint:
         if probe:
             self._renew_failed_channel()
         self.load.started()
-        metrics.ENDPOINT_OUTSTANDING.labels(self.address).inc()
+        self._outstanding.inc()
         started = time.perf_counter()
         outcome, latency, code = Outcome.IGNORED, None, grpc.StatusCode.CANCELLED
         try:
-            response: pb.InferResponse = await self._stub.Infer(request)
+            response: bytes = await self._infer(
+                request, timeout=downstream_timeout(), metadata=downstream_metadata()
+            )
         except grpc.aio.AioRpcError as error:
             code = error.code()
             outcome = outcome_of(code)
@@ -84,11 +102,14 @@ class Endpoint:
             outcome, latency, code = Outcome.SUCCESS, time.perf_counter() - started, grpc.StatusCode.OK
             return response
         finally:
-            metrics.ENDPOINT_CALLS.labels(self.address, code.name).inc()
+            calls = self._calls.get(code)
+            if calls is None:
+                calls = self._calls[code] = metrics.ENDPOINT_CALLS.labels(self.address, code.name)
+            calls.inc()
             self.load.finished(latency)
             self.breaker.release(outcome)
-            metrics.ENDPOINT_OUTSTANDING.labels(self.address).dec()
-            metrics.BREAKER_OPEN.labels(self.address).set(0 if self.breaker.available() else 1)
+            self._outstanding.dec()
+            self._breaker_open.set(0 if self.breaker.available() else 1)
 
     def _renew_failed_channel(self) -> None:
         """Give a probe a fresh channel when the current one is failing.
@@ -99,8 +120,8 @@ class Endpoint:
         """
         if self._channel.get_state() is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
             return
-        failed, self._channel = self._channel, create_channel(self.address)
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        failed = self._channel
+        self._channel, self._infer = self._connect()
         task = asyncio.create_task(failed.close())
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)

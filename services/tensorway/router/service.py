@@ -22,6 +22,7 @@ from tensorway.router.breaker import BreakerPolicy
 from tensorway.router.dispatch import Router, RouterPolicy
 from tensorway.router.retry import RetryPolicy
 from tensorway.router.routing import RegistryRouteSource, RouteSource, RouteWatcher
+from tensorway.router.serialized import SerializedRequest
 from tensorway.router.streaming import answer_concurrently, route_key, status_of
 from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, create_server
 
@@ -84,16 +85,22 @@ class Settings(ServiceSettings):
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    """Thin: the request goes to the router's core as it is, the answer comes back as it is."""
+    """Thin: the request goes to the router's core as it is, the answer comes back as it is.
+
+    Infer takes and returns serialized messages (see `add_to_server`): the router forwards them
+    without parsing their tensors.
+    """
 
     def __init__(self, router: Router, route_key_header: str) -> None:
         self._router = router
         self._route_key_header = route_key_header
 
-    async def Infer(
-        self, request: pb.InferRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.InferResponse:
-        return await self._router.infer(request, route_key(context, self._route_key_header))
+    async def Infer(  # type: ignore[override]
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        return await self._router.infer(
+            SerializedRequest.parse(request), route_key(context, self._route_key_header)
+        )
 
     async def StreamInfer(
         self,
@@ -104,8 +111,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
         async def answer(item: pb.StreamInferRequest) -> pb.StreamInferResponse:
             try:
+                response = await self._router.infer(SerializedRequest.of(item.request), key)
                 return pb.StreamInferResponse(
-                    id=item.request.id, response=await self._router.infer(item.request, key)
+                    id=item.request.id, response=pb.InferResponse.FromString(response)
                 )
             except Exception as error:
                 return pb.StreamInferResponse(id=item.request.id, error=status_of(error))
@@ -127,13 +135,33 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
 
 
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated `add_InferenceServiceServicer_to_server`, except that Infer's request and
+    answer stay serialized."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Infer": grpc.unary_unary_rpc_method_handler(servicer.Infer),
+        "StreamInfer": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamInfer,
+            request_deserializer=pb.StreamInferRequest.FromString,
+            response_serializer=pb.StreamInferResponse.SerializeToString,
+        ),
+        "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelMetadata,
+            request_deserializer=pb.GetModelMetadataRequest.FromString,
+            response_serializer=pb.GetModelMetadataResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(INFERENCE_SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(INFERENCE_SERVICE.full_name, handlers)
+
+
 async def create(settings: Settings, route_source: RouteSource | None = None) -> tuple[ServiceServer, int]:
     """The router's server, watching routes from `route_source` (the registry by default)."""
     if route_source is None:
         if not settings.registry_address:
-            raise ValueError(
-                "the router needs the registry's address: set TENSORWAY_ROUTER_REGISTRY_ADDRESS"
-            )
+            raise ValueError("the router needs the registry's address: set TENSORWAY_ROUTER_REGISTRY_ADDRESS")
         route_source = RegistryRouteSource(settings.registry_address)
     watcher = RouteWatcher(route_source, backoff_max=settings.watch_backoff_max)
     router = Router(watcher, settings.policy())
@@ -142,7 +170,7 @@ async def create(settings: Settings, route_source: RouteSource | None = None) ->
         settings,
         [
             ServiceBinding(
-                pb_grpc.add_InferenceServiceServicer_to_server,
+                add_to_server,
                 InferenceServicer(router, settings.route_key_header),
                 INFERENCE_SERVICE,
             ),

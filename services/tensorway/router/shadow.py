@@ -14,10 +14,12 @@ from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.router import metrics
 from tensorway.router.routing import ModelRoute, VersionRoute
+from tensorway.router.serialized import SerializedRequest
 
 logger = logging.getLogger(__name__)
 
-ShadowCall = Callable[[VersionRoute, pb.InferRequest], Awaitable[pb.InferResponse]]
+# Serialized InferRequest in, serialized InferResponse out, as the router forwards them.
+ShadowCall = Callable[[VersionRoute, bytes], Awaitable[bytes]]
 
 # Float outputs of two builds of one model rarely agree to the last bit; these do not count as drift.
 _FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
@@ -59,8 +61,8 @@ class ShadowMirror:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def mirror(
-        self, route: ModelRoute, primary: VersionRoute, request: pb.InferRequest
-    ) -> asyncio.Future[pb.InferResponse | None] | None:
+        self, route: ModelRoute, primary: VersionRoute, request: SerializedRequest
+    ) -> asyncio.Future[bytes | None] | None:
         """Maybe start a shadow copy of `request`; returns the future to settle with the primary's
         answer (None when the primary failed), or None when no copy was made."""
         target = route.shadow_target()
@@ -74,11 +76,10 @@ class ShadowMirror:
         if len(self._tasks) >= self._max_in_flight:
             metrics.SHADOW.labels(route.model, target.version, "dropped").inc()
             return None
-        copy = pb.InferRequest()
-        copy.CopyFrom(request)
-        copy.model_version = target.version
-        primary_answer: asyncio.Future[pb.InferResponse | None] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._compare(route.model, target, copy, primary_answer))
+        primary_answer: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            self._compare(route.model, target, request.for_version(target.version), primary_answer)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return primary_answer
@@ -87,8 +88,8 @@ class ShadowMirror:
         self,
         model: str,
         target: VersionRoute,
-        request: pb.InferRequest,
-        primary_answer: asyncio.Future[pb.InferResponse | None],
+        request: bytes,
+        primary_answer: asyncio.Future[bytes | None],
     ) -> None:
         try:
             shadow = await self._call(target, request)
@@ -100,7 +101,8 @@ class ShadowMirror:
             return
         primary = await primary_answer
         if primary is not None:
-            outcome = "match" if same_outputs(primary, shadow) else "mismatch"
+            same = same_outputs(pb.InferResponse.FromString(primary), pb.InferResponse.FromString(shadow))
+            outcome = "match" if same else "mismatch"
             metrics.SHADOW.labels(model, target.version, outcome).inc()
 
     async def close(self) -> None:

@@ -19,8 +19,10 @@ from tritonclient.grpc import service_pb2 as triton
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from tensorway.common.v1 import tensor_pb2
+from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.router.dispatch import Router
 from tensorway.router.routing import VersionRoute
+from tensorway.router.serialized import SerializedRequest
 from tensorway.router.streaming import answer_concurrently, route_key, status_of
 from tensorway.router.triton_converters import from_triton_request, to_triton_response
 from tensorway.runtime import NotFound, TensorwayError
@@ -146,5 +148,5 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         _, version = self._router.resolve(request.model_name, request.model_version, key)
         converted = from_triton_request(request, version.outputs)
         converted.model_version = version.version
-        response = await self._router.infer(converted, key)
-        return to_triton_response(response, request.id)
+        response = await self._router.infer(SerializedRequest.of(converted), key)
+        return to_triton_response(pb.InferResponse.FromString(response), request.id)

@@ -180,28 +180,45 @@ def _wrap(handler: Any, observed: Callable[[ServicerContext[Any, Any]], Any]) ->
     return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
 
 
+def downstream_metadata() -> list[tuple[str, str]]:
+    """What a downstream call carries of the current request: its id, tenant and trace context."""
+    return [*context.outgoing_metadata(), *tracing.inject()]
+
+
+def downstream_timeout(timeout: float | None = None) -> float | None:
+    """The downstream call's timeout: `timeout`, cut to what is left of the current request's."""
+    request = context.current.get()
+    remaining = request.time_remaining() if request is not None else None
+    if remaining is None:
+        return timeout
+    return max(0.0, remaining if timeout is None else min(timeout, remaining))
+
+
 class ClientInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor,
     grpc.aio.UnaryStreamClientInterceptor,
     grpc.aio.StreamUnaryClientInterceptor,
     grpc.aio.StreamStreamClientInterceptor,
 ):
-    """Carries the request id, tenant, trace context and remaining deadline downstream."""
+    """Carries the request id, tenant, trace context and remaining deadline downstream.
+
+    An intercepted call runs its interceptors in a task of its own; a hot path saves that by
+    calling through a plain channel with `downstream_metadata()` and `downstream_timeout()`.
+    """
 
     @staticmethod
     def _propagate(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
         present = {key for key, _ in metadata}
-        for key, value in (*context.outgoing_metadata(), *tracing.inject()):
+        for key, value in downstream_metadata():
             if key not in present:
                 metadata.add(key, value)
-        timeout = details.timeout
-        request = context.current.get()
-        remaining = request.time_remaining() if request is not None else None
-        if remaining is not None:
-            timeout = max(0.0, remaining if timeout is None else min(timeout, remaining))
         return grpc.aio.ClientCallDetails(
-            details.method, timeout, metadata, details.credentials, details.wait_for_ready
+            details.method,
+            downstream_timeout(details.timeout),
+            metadata,
+            details.credentials,
+            details.wait_for_ready,
         )
 
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:

@@ -1,0 +1,1 @@
+"""Tensors between tensorway's and Triton's messages: byte layouts, conversion, and the wire."""
