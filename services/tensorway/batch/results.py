@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import orjson
+
 from tensorway.batch.domain import Job, JobState, ObjectRef, RowError, ShardOutcome, StoredObject
 from tensorway.batch.storage import ObjectStore
 from tensorway.batch.store import JobStore, ShardRecord
@@ -50,8 +52,18 @@ def manifest_ref(job: Job) -> ObjectRef:
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
+def _line(item: Any) -> bytes:
+    try:
+        # Five times faster than the standard library's encoder, which output lines made the
+        # worker's largest cost.
+        return orjson.dumps(item, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:
+        # orjson refuses integers beyond 64 bits, which a JSONL row's id may be.
+        return (_compact_json(item) + "\n").encode()
+
+
 def jsonl(items: Iterable[Any]) -> bytes:
-    return "".join(_compact_json(item) + "\n" for item in items).encode()
+    return b"".join([_line(item) for item in items])
 
 
 @dataclass(frozen=True)
