@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,26 +15,6 @@ from .catalogue import OBSERVABILITY, CatalogueEntry, queried_series
 RULES = sorted((OBSERVABILITY / "alerts").glob("*.rules.yml"))
 RULE_TESTS = sorted((OBSERVABILITY / "alerts" / "tests").glob("*.test.yml"))
 DASHBOARDS = sorted((OBSERVABILITY / "dashboards").glob("*.json"))
-
-
-def _install_promtool() -> None:
-    # CI runs on Debian as root: promtool comes with Debian's prometheus package.
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "prometheus"]
-    if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
-        subprocess.run(install, env=env, capture_output=True, check=True)
-
-
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        _install_promtool()
-        path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool is missing: install Debian's prometheus package (apt-get install prometheus)")
-    return path
 
 
 def _run(argv: list[str]) -> None:

@@ -68,12 +68,21 @@ def up_command(
         typer.Argument(help=f"Components to start (default all): {', '.join(COMPONENT_NAMES)}."),
     ] = None,
     state_dir: StateDirOption = None,
+    with_prometheus: Annotated[
+        bool,
+        typer.Option(
+            "--with-prometheus", help="Also start Prometheus (Debian's package), scraping every service."
+        ),
+    ] = False,
 ) -> None:
     """Start the stack in the background and print its endpoints."""
     stack = _stack(state_dir)
     try:
         with _err.status("starting the local stack…"):
             state = stack.up(components or None)
+            if with_prometheus:
+                # Started last, so its scrape config lists everything the first call started.
+                state = stack.up(["prometheus"])
     except DevStackError as error:
         raise _fail(error) from None
     _out.print(_endpoint_table(state))

@@ -214,6 +214,8 @@ class Component(abc.ABC):
     """Components that must be running before this one starts."""
     port_settings: ClassVar[tuple[str, ...]] = ()
     """DevStackSettings fields that pin this component's ports."""
+    optional: ClassVar[bool] = False
+    """Started only when asked for by name, not by a plain `up` of the whole stack."""
 
     @abc.abstractmethod
     def start(self, ctx: LaunchContext) -> Started:

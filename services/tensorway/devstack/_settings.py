@@ -90,6 +90,20 @@ class DevStackSettings(BaseSettings):
     envoy_router_address: str = "127.0.0.1:50051"
     """host:port of the router service Envoy forwards to."""
 
+    prometheus_port: int | None = None
+    """Fixed port of the optional Prometheus (`dev up --with-prometheus`); a free one when unset."""
+
+    prometheus_scrape_interval: Duration = timedelta(seconds=5)
+    """How often the local Prometheus scrapes every service: short, so a dev sees changes at once."""
+
+    triton_otlp_traces_url: str | None = None
+    """OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces) Triton exports OpenTelemetry
+    spans to; Triton's tracing stays off when unset. Triton speaks only OTLP over HTTP."""
+
+    triton_trace_rate: int = 0
+    """With Triton tracing on, also trace one in this many requests that arrive without a trace
+    context; 0 traces only the requests a traced caller sends."""
+
     def without_pinned_ports(self) -> DevStackSettings:
         """These settings with every port left to be picked free (for tests)."""
         return self.model_copy(

@@ -17,6 +17,7 @@ from tensorway.devstack._kafka import Kafka
 from tensorway.devstack._ports import PortAllocator, port_is_free
 from tensorway.devstack._postgres import Postgres
 from tensorway.devstack._process import ProcessIdentity, identify, stop_group
+from tensorway.devstack._prometheus import Prometheus
 from tensorway.devstack._redis import Redis
 from tensorway.devstack._s3 import S3
 from tensorway.devstack._services import Batch, BatchWorker, Orchestrator, Ratelimit, Registry, Router
@@ -26,7 +27,8 @@ from tensorway.devstack._triton import Triton
 
 
 def default_components() -> list[Component]:
-    """Every component of the local stack, in start order."""
+    """Every component of the local stack, in start order; optional ones come last, since they
+    watch the others."""
     return [
         Postgres(),
         Redis(),
@@ -40,6 +42,7 @@ def default_components() -> list[Component]:
         BatchWorker(),
         Ratelimit(),
         Envoy(),
+        Prometheus(),
     ]
 
 
@@ -70,12 +73,16 @@ class Stack:
         self._catalog = {component.name: component for component in components or default_components()}
 
     def up(self, components: Iterable[str] | None = None) -> StackState:
-        """Start the named components (all when None) and those they require.
+        """Start the named components (all but the optional ones when None) and those they require.
 
         Raises DevStackError when one of them is already running in this state dir,
         a pinned port is taken, a binary is missing or a server fails to start.
         """
-        requested = list(components) if components is not None else list(self._catalog)
+        requested = (
+            list(components)
+            if components is not None
+            else [name for name, component in self._catalog.items() if not component.optional]
+        )
         wanted = self._with_requirements(requested)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = self._drop_dead(load_state(self.state_dir))

@@ -22,6 +22,7 @@ from tensorway.devstack._component import (
     path_with_venv_first,
 )
 from tensorway.devstack._errors import DevStackError
+from tensorway.devstack._settings import DevStackSettings
 from tensorway.devstack._state import Endpoint
 
 # Where the Python backend keeps its shared-memory regions (POSIX shm_open).
@@ -81,6 +82,7 @@ class Triton(Component):
                 "--allow-vertex-ai=false",
                 f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
                 "--exit-timeout-secs=2",
+                *_trace_options(ctx.settings),
             ],
             env=env,
         )
@@ -99,6 +101,27 @@ class Triton(Component):
             internal={"metrics": f"http://{loopback(metrics_port)}/metrics"},
             cleanup=[str(_SHM_ROOT / f"{shm_prefix}*")],
         )
+
+
+def _trace_options(settings: DevStackSettings) -> list[str]:
+    """Triton's own OpenTelemetry spans, exported over OTLP/HTTP, when a URL is configured.
+
+    Triton joins the trace of a request whose gRPC metadata carries a W3C `traceparent`, so
+    its spans (request, model, compute) land under the caller's trace.
+    """
+    url = settings.triton_otlp_traces_url
+    if not url:
+        return []
+    return [
+        "--trace-config=mode=opentelemetry",
+        f"--trace-config=opentelemetry,url={url}",
+        "--trace-config=opentelemetry,resource=service.name=triton",
+        "--trace-config=level=TIMESTAMPS",
+        f"--trace-config=rate={settings.triton_trace_rate}",
+        "--trace-config=count=-1",
+        # Spans reach the collector within a second instead of Triton's default five.
+        "--trace-config=opentelemetry,bsp_schedule_delay=1000",
+    ]
 
 
 def _install_server(wheel_tree: Path, target: Path) -> Path:
