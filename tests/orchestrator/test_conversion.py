@@ -9,19 +9,17 @@ from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
-from tensorway.orchestrator.converters import (
+from tensorway.orchestrator.triton_errors import ModelGone, from_rpc_error, from_stream_error
+from tensorway.runtime import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from tensorway.tensors.layouts import (
     CONTENTS_FIELDS,
     FIXED_SIZE_DTYPES,
-    from_triton_response,
     pack_bytes,
     pack_contents,
-    raw_inputs,
-    to_triton_request,
     unpack_bytes,
     unpack_contents,
 )
-from tensorway.orchestrator.triton_errors import ModelGone, from_rpc_error, from_stream_error
-from tensorway.runtime import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from tensorway.tensors.triton import from_triton_response, raw_inputs, to_triton_request
 
 VALUES = {
     "BOOL": [True, False, True],

@@ -17,9 +17,9 @@ from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.orchestrator import ModelSignature, TensorSignature
-from tensorway.orchestrator.converters import raw_inputs
 from tensorway.orchestrator.validation import validate_request
 from tensorway.runtime import InvalidArgument
+from tensorway.tensors.triton import raw_inputs
 
 from .conftest import StartOrchestrator, TcpProxy
 

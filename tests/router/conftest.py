@@ -25,11 +25,11 @@ from tensorway.devstack import DevStackSettings, Stack
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.orchestrator import service as orchestrator_service
-from tensorway.orchestrator.converters import from_triton_response, raw_inputs, to_triton_request
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from tensorway.router import service as router_service
 from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, context, create_server
+from tensorway.tensors.triton import from_triton_response, raw_inputs, to_triton_request
 
 DEMO_MODELS = ("simple", "simple_string", "digits", "iris")
 

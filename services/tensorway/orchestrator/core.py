@@ -12,18 +12,14 @@ from datetime import timedelta
 
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.orchestrator import metrics
-from tensorway.orchestrator.converters import (
-    from_triton_response,
-    metadata_response,
-    raw_inputs,
-    to_triton_request,
-)
+from tensorway.orchestrator.converters import metadata_response
 from tensorway.orchestrator.models import ModelCatalog
 from tensorway.orchestrator.pool import TritonPool
 from tensorway.orchestrator.triton_errors import ModelGone
 from tensorway.orchestrator.validation import validate_request
 from tensorway.runtime import DeadlineExceeded, Internal, ResourceExhausted, TensorwayError, context
 from tensorway.runtime.errors import GENERIC_INTERNAL_MESSAGE, reason_name
+from tensorway.tensors.triton import from_triton_response, raw_inputs, to_triton_request
 
 logger = logging.getLogger(__name__)
 

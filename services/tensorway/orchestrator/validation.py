@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 from tensorway.common.v1 import error_pb2, tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
-from tensorway.orchestrator.converters import BYTES, CONTENTS_FIELDS, FIXED_SIZE_DTYPES
 from tensorway.orchestrator.signatures import ModelSignature, TensorSignature
 from tensorway.runtime import FieldViolation, InvalidArgument
+from tensorway.tensors.layouts import BYTES, CONTENTS_FIELDS, FIXED_SIZE_DTYPES
 
 # Triton's raw BYTES elements each start with a 4-byte length.
 _BYTES_PREFIX_SIZE = 4

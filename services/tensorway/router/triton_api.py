@@ -24,8 +24,8 @@ from tensorway.router.dispatch import Router
 from tensorway.router.routing import VersionRoute
 from tensorway.router.serialized import SerializedRequest
 from tensorway.router.streaming import answer_concurrently, route_key, status_of
-from tensorway.router.triton_converters import from_triton_request, to_triton_response
 from tensorway.runtime import NotFound, TensorwayError
+from tensorway.tensors.triton import from_triton_request, to_triton_response
 
 SERVICE = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 add_to_server = triton_grpc.add_GRPCInferenceServiceServicer_to_server

@@ -1,0 +1,137 @@
+"""Conversion between tensorway's inference messages and Triton's, both ways, in one place.
+
+The orchestrator turns tensorway requests into Triton's and Triton's answers into tensorway's; the
+router, facing Triton clients, does the other two. Triton takes every input as raw bytes when any
+input is raw, so requests to Triton always leave raw: raw tensors pass through untouched and typed
+contents are packed with numpy. Triton's gRPC answers are always raw; outputs stay raw when the
+caller asked for binary and are unpacked with numpy otherwise. Raw buffers move as bytes, each
+referenced, never walked element by element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from google.protobuf.internal.containers import MessageMap
+from tritonclient.grpc import service_pb2 as triton
+
+from tensorway.common.v1 import tensor_pb2
+from tensorway.inference.v1 import inference_service_pb2 as pb
+from tensorway.tensors.layouts import pack_contents, unpack_contents
+
+
+def raw_inputs(request: pb.InferRequest) -> list[bytes]:
+    """Each input's raw_contents (empty when typed). Every read of a protobuf bytes field copies
+    it, so validation and conversion share this one read."""
+    return [tensor.raw_contents for tensor in request.inputs]
+
+
+def to_triton_request(request: pb.InferRequest, raw: Sequence[bytes]) -> Any:
+    """The Triton ModelInferRequest for `request`, whose inputs validation has checked; `raw` is
+    `raw_inputs(request)`."""
+    converted = triton.ModelInferRequest(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    parameters_to_triton(request.parameters, converted.parameters)
+    for tensor, tensor_raw in zip(request.inputs, raw, strict=True):
+        entry = converted.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        parameters_to_triton(tensor.parameters, entry.parameters)
+        converted.raw_input_contents.append(tensor_raw or pack_contents(tensor.datatype, tensor.contents))
+    for output in request.outputs:
+        wanted = converted.outputs.add(name=output.name)
+        parameters_to_triton(output.parameters, wanted.parameters)
+    return converted
+
+
+def from_triton_response(response: Any, request: pb.InferRequest) -> pb.InferResponse:
+    """The tensorway InferResponse for Triton's answer to `request`: the caller's id, and each
+    output raw or typed as the caller asked."""
+    binary = {output.name for output in request.outputs if output.binary}
+    converted = pb.InferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=request.id
+    )
+    for key, value in response.parameters.items():
+        converted.parameters[key].CopyFrom(parameter_from_triton(value))
+    raw_outputs = response.raw_output_contents
+    for index, output in enumerate(response.outputs):
+        tensor = converted.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        # Triton omits the raw buffer of an empty trailing output.
+        raw = raw_outputs[index] if index < len(raw_outputs) else b""
+        if output.name in binary:
+            tensor.raw_contents = raw
+        else:
+            unpack_contents(output.datatype, raw, tensor.contents)
+    return converted
+
+
+def from_triton_request(request: Any, default_outputs: Iterable[tensor_pb2.TensorSpec]) -> pb.InferRequest:
+    """The tensorway InferRequest for a Triton ModelInferRequest.
+
+    Outputs always come back raw, since Triton's gRPC clients read only raw output buffers; a
+    request that names no outputs asks for all of them, `default_outputs` (the signature's).
+    """
+    converted = pb.InferRequest(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    for key, value in request.parameters.items():
+        converted.parameters[key].CopyFrom(parameter_from_triton(value))
+    raw_inputs = request.raw_input_contents
+    for index, tensor in enumerate(request.inputs):
+        entry = converted.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        for key, value in tensor.parameters.items():
+            entry.parameters[key].CopyFrom(parameter_from_triton(value))
+        if raw_inputs:
+            entry.raw_contents = raw_inputs[index] if index < len(raw_inputs) else b""
+        else:
+            # Triton's InferTensorContents and tensorway's TensorContents share field numbers and
+            # types, so the typed values cross as one serialized buffer instead of field by field.
+            entry.contents.MergeFromString(tensor.contents.SerializeToString())
+    for output in request.outputs:
+        wanted = converted.outputs.add(name=output.name, binary=True)
+        for key, value in output.parameters.items():
+            wanted.parameters[key].CopyFrom(parameter_from_triton(value))
+    if not request.outputs:
+        converted.outputs.extend(pb.RequestedOutput(name=spec.name, binary=True) for spec in default_outputs)
+    return converted
+
+
+def to_triton_response(response: pb.InferResponse, request_id: str) -> Any:
+    """The Triton ModelInferResponse for a tensorway InferResponse: every output in raw bytes."""
+    converted = triton.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=request_id
+    )
+    parameters_to_triton(response.parameters, converted.parameters)
+    for tensor in response.outputs:
+        output = converted.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        parameters_to_triton(tensor.parameters, output.parameters)
+        converted.raw_output_contents.append(
+            tensor.raw_contents if tensor.raw_contents else pack_contents(tensor.datatype, tensor.contents)
+        )
+    return converted
+
+
+def parameters_to_triton(source: Mapping[str, tensor_pb2.Parameter], target: MessageMap[str, Any]) -> None:
+    """Copy tensorway parameters into a Triton message's parameter map."""
+    for key, parameter in source.items():
+        kind = parameter.WhichOneof("value")
+        if kind == "bool_value":
+            target[key].bool_param = parameter.bool_value
+        elif kind == "int64_value":
+            target[key].int64_param = parameter.int64_value
+        elif kind == "string_value":
+            target[key].string_param = parameter.string_value
+        elif kind == "double_value":
+            target[key].double_param = parameter.double_value
+
+
+def parameter_from_triton(parameter: Any) -> tensor_pb2.Parameter:
+    """A Triton InferParameter as a tensorway Parameter (unsigned integers as int64)."""
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind == "bool_param":
+        return tensor_pb2.Parameter(bool_value=parameter.bool_param)
+    if kind in ("int64_param", "uint64_param"):
+        return tensor_pb2.Parameter(int64_value=getattr(parameter, kind))
+    if kind == "double_param":
+        return tensor_pb2.Parameter(double_value=parameter.double_param)
+    return tensor_pb2.Parameter(string_value=parameter.string_param)
