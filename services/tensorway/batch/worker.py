@@ -36,11 +36,11 @@ from tensorway.batch.inference import (
 )
 from tensorway.batch.inputs import Batch, InputError, coalesce, decode_jsonl, npy_batches
 from tensorway.batch.outbox import ensure_topic
-from tensorway.batch.results import ResultWriter
+from tensorway.batch.results import ResultWriter, answer_lines
 from tensorway.batch.settings import BatchSettings
 from tensorway.batch.storage import ObjectStore, StorageError
 from tensorway.batch.store import JobStore
-from tensorway.batch.tensors import from_tensor, to_json_value, to_tensor
+from tensorway.batch.tensors import from_tensor, json_rows, to_tensor
 from tensorway.batch.v1 import shard_task_pb2
 from tensorway.inference.v1 import inference_service_pb2 as infer_pb
 from tensorway.runtime import ServiceServer, create_server, tracing
@@ -88,9 +88,9 @@ class JobCannotRun(Exception):
 
 @dataclass(frozen=True)
 class Answers:
-    """A shard's outcome before it is written: answer lines in row order, and row errors."""
+    """A shard's outcome before it is written: answer lines (JSONL) in row order, and row errors."""
 
-    lines: list[dict[str, Any]]
+    lines: list[bytes]
     errors: list[RowError]
 
 
@@ -227,7 +227,7 @@ class ShardRunner:
         except InputError as exc:
             raise JobCannotRun(f"the input {lease.job.spec.input_uri} {exc}") from exc
         answered = await asyncio.gather(*(self._infer(lease, signature, b, i) for i, b in enumerate(batches)))
-        lines: list[dict[str, Any]] = []
+        lines: list[bytes] = []
         for batch_lines, batch_errors in answered:
             lines.extend(batch_lines)
             errors.extend(batch_errors)
@@ -236,7 +236,7 @@ class ShardRunner:
 
     async def _infer(
         self, lease: ShardLease, signature: ModelSignature, batch: Batch, number: int
-    ) -> tuple[list[dict[str, Any]], list[RowError]]:
+    ) -> tuple[list[bytes], list[RowError]]:
         """Answers for a batch's rows; a batch the model refuses is retried row by row, so only
         the rows at fault fail."""
         job = lease.job
@@ -277,19 +277,15 @@ class ShardRunner:
                 )
                 for i, (row, row_id) in enumerate(zip(batch.rows, batch.ids, strict=True))
             ]
-            lines: list[dict[str, Any]] = []
+            lines: list[bytes] = []
             errors: list[RowError] = []
             for row_lines, row_errors in await asyncio.gather(*singles):
                 lines.extend(row_lines)
                 errors.extend(row_errors)
             return lines, errors
         outputs = {tensor.name: from_tensor(tensor) for tensor in response.outputs}
-        # One conversion per output for the whole batch: per-row conversions cost more than inference.
-        values = {name: to_json_value(array if batched else array[None]) for name, array in outputs.items()}
-        return [
-            {"id": _json_id(row_id), "outputs": {name: rows[i] for name, rows in values.items()}}
-            for i, row_id in enumerate(batch.ids)
-        ], []
+        values = {name: json_rows(array if batched else array[None]) for name, array in outputs.items()}
+        return answer_lines([_json_id(row_id) for row_id in batch.ids], values), []
 
 
 def parse_task(value: bytes) -> tuple[str, int]:
