@@ -9,6 +9,8 @@ import io
 import json
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import grpc
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from minio import Minio
 
+from tensorway.batch import service as batch_service
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tensorway.batch.v1.shard_task_pb2 import ShardTask
@@ -205,6 +208,31 @@ async def test_watch_streams_progress_forward_to_the_final_counts(
     order = [pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING, pb.JOB_STATE_SUCCEEDED]
     states = [j.state for j in seen]
     assert states == sorted(states, key=order.index)
+
+
+async def test_watch_is_told_of_changes_without_waiting_out_its_interval(
+    pipeline: Pipeline, s3: Minio
+) -> None:
+    settings = pipeline.api_settings.model_copy(update={"watch_interval": timedelta(minutes=10)})
+    server, port = await batch_service.create(settings)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.BatchServiceStub(channel)
+            job = await create(
+                stub, "acme", upload(s3, npy_of(digits_rows(1000, seed=6)), ".npy"), shard_size=250
+            )
+            watch = stub.WatchJob(pb.WatchJobRequest(name=job.name), metadata=tenant("acme"))
+            # Looking only every ten minutes, the watch would not end within the minute.
+            seen = await asyncio.wait_for(_collect(watch), timeout=60)
+    finally:
+        await server.stop()
+    assert seen[-1].state == pb.JOB_STATE_SUCCEEDED
+    assert len(seen) > 2, "the watch saw no progress between the first look and the end"
+
+
+async def _collect(watch: AsyncIterator[pb.WatchJobResponse]) -> list[pb.Job]:
+    return [response.job async for response in watch]
 
 
 async def test_cancel_stops_the_job_and_no_further_shard_is_written(

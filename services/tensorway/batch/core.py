@@ -19,7 +19,7 @@ from tensorway.batch.domain import InputFormat, InputPlan, Job, JobDraft, JobSpe
 from tensorway.batch.inputs import NPY_HEADER_PROBE_BYTES, InputError, plan_jsonl, plan_npy
 from tensorway.batch.results import PresignedObject, ResultWriter
 from tensorway.batch.storage import ObjectStore, StorageError
-from tensorway.batch.store import JobStore
+from tensorway.batch.store import JobChanges, JobStore
 from tensorway.runtime import FieldViolation, InvalidArgument, tracing
 
 logger = logging.getLogger(__name__)
@@ -111,12 +111,15 @@ class BatchJobs:
         results: ResultWriter,
         limits: BatchLimits,
         watch_interval: timedelta,
+        *,
+        changes: JobChanges,
         on_created: Callable[[], None],
     ) -> None:
         self._store = store
         self._results = results
         self._limits = limits
         self._watch_interval = watch_interval
+        self._changes = changes
         self._on_created = on_created
 
     def _status(self, job: Job, rate: float | None = None) -> JobStatus:
@@ -155,9 +158,16 @@ class BatchJobs:
 
     async def watch(self, tenant: str, job_id: str) -> AsyncIterator[JobStatus]:
         """The job now, then each time its progress or state changes, until it ends."""
+        with self._changes.watching(job_id) as changed:
+            async for status in self._watch(tenant, job_id, changed):
+                yield status
+
+    async def _watch(self, tenant: str, job_id: str, changed: asyncio.Event) -> AsyncIterator[JobStatus]:
         samples: deque[tuple[float, int]] = deque()
         last: tuple[object, ...] | None = None
         while True:
+            # Cleared before the look, so a change after it wakes the next one.
+            changed.clear()
             job = await self._store.get_job(tenant, job_id)
             now = time.monotonic()
             samples.append((now, job.progress.rows_finished))
@@ -173,7 +183,8 @@ class BatchJobs:
                 yield self._status(job, None if job.state.final else rate)
             if job.state.final:
                 return
-            await asyncio.sleep(self._watch_interval.total_seconds())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), self._watch_interval.total_seconds())
 
 
 class Periodic:

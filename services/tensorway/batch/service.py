@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic_settings import SettingsConfigDict
 
@@ -18,7 +18,7 @@ from tensorway.batch.core import BatchJobs, BatchLimits, JobPlanner, LeaseReaper
 from tensorway.batch.outbox import OutboxRelay, ensure_topic
 from tensorway.batch.results import ResultWriter
 from tensorway.batch.settings import BatchSettings
-from tensorway.batch.store import JobStore
+from tensorway.batch.store import JobChanges, JobStore
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tensorway.runtime import (
@@ -45,7 +45,7 @@ class Settings(BatchSettings):
     default_output_prefix: str = "s3://tensorway-batch/results/{job}/"
     """Where results go when a job names no output prefix; {job} is the job's id."""
     watch_interval: timedelta = timedelta(milliseconds=500)
-    """How often WatchJob looks at a job's progress."""
+    """How often WatchJob looks at a job's progress when PostgreSQL has not told it of a change."""
     poll_interval: timedelta = timedelta(seconds=1)
     """How often the planner and the outbox relay look for work that other replicas left."""
     outbox_batch_size: int = 500
@@ -97,10 +97,19 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
             yield pb.WatchJobResponse(job=converters.job_to_proto(status))
 
 
+class BackgroundLoop(Protocol):
+    """Work that runs until cancelled."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def run(self) -> None: ...
+
+
 class BackgroundWork:
     """The API process's loops, started together and stopped together."""
 
-    def __init__(self, loops: list[Periodic]) -> None:
+    def __init__(self, loops: list[BackgroundLoop]) -> None:
         self._loops = loops
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -141,8 +150,11 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
     reaper = LeaseReaper(store, results, settings.max_shard_attempts, on_requeued=relaying.wake)
     reaping = Periodic("lease reaper", reaper.sweep, settings.lease_check_interval)
     limits = BatchLimits(settings.default_shard_size, settings.max_shard_size, settings.default_output_prefix)
-    jobs = BatchJobs(store, results, limits, settings.watch_interval, on_created=planning.wake)
-    background = BackgroundWork([relaying, planning, reaping])
+    changes = JobChanges(settings.postgres_url, settings.retry_after)
+    jobs = BatchJobs(
+        store, results, limits, settings.watch_interval, changes=changes, on_created=planning.wake
+    )
+    background = BackgroundWork([relaying, planning, reaping, changes])
     try:
         server, port = create_server(
             "batch",

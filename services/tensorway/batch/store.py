@@ -8,11 +8,12 @@ counted once however many workers finish it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, LiteralString
@@ -115,7 +116,22 @@ MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = (
             "CREATE INDEX batch_outbox_in_order ON batch_outbox (priority DESC, id)",
         ),
     ),
+    (
+        2,
+        (
+            # Every change of a job tells the API processes' watchers, who would otherwise only
+            # see it at their next look: the channel is JOB_CHANGES_CHANNEL, the payload the id.
+            """CREATE FUNCTION batch_job_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify('tensorway_batch_job_changes', NEW.id);
+                RETURN NULL;
+            END $$""",
+            """CREATE TRIGGER batch_job_changed AFTER UPDATE ON batch_jobs
+                FOR EACH ROW EXECUTE FUNCTION batch_job_changed()""",
+        ),
+    ),
 )
+JOB_CHANGES_CHANNEL: LiteralString = "tensorway_batch_job_changes"
 
 # The results of a job are its done shards' objects, in shard order.
 JOB_QUERY: LiteralString = """SELECT j.id, j.seq, j.tenant, j.model, j.model_version, j.input_uri,
@@ -667,6 +683,49 @@ class JobStore:
                 job_id,
             ),
         )
+
+
+class JobChanges:
+    """Wakes the watchers of a job when its row changes, from the notifications PostgreSQL
+    sends on every update of a job. Watchers still look on their own at their interval, so a
+    lost connection only makes them slower until it is back."""
+
+    name = "job changes"
+
+    def __init__(self, url: str, retry_after: timedelta) -> None:
+        self._url = url
+        self._retry_after = retry_after
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+
+    @contextmanager
+    def watching(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event set whenever the job changes, for as long as the block runs."""
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters[job_id]
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[job_id]
+
+    async def run(self) -> None:
+        """Listen until cancelled, connecting again after a failure."""
+        while True:
+            try:
+                async with await AsyncConnection.connect(self._url, autocommit=True) as connection:
+                    await connection.execute("LISTEN " + JOB_CHANGES_CHANNEL)
+                    # What changed while nobody listened is seen by looking again.
+                    for waiters in self._waiters.values():
+                        for event in waiters:
+                            event.set()
+                    async for notify in connection.notifies():
+                        for event in self._waiters.get(notify.payload, ()):
+                            event.set()
+            except Exception:
+                logger.warning("job change notifications lost; listening again", exc_info=True)
+            await asyncio.sleep(self._retry_after.total_seconds())
 
 
 async def _lock_active_job(connection: Connection, job_id: str) -> bool:
