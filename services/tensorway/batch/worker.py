@@ -66,8 +66,9 @@ class Settings(BatchSettings):
     """Most rows per inference request; 0 takes the model's max_batch_size."""
     infer_concurrency: int = 8
     """Inference requests in flight at once, across all the worker's shards."""
-    shard_concurrency: int = 2
-    """Shards one worker processes at once."""
+    shard_concurrency: int = 4
+    """Shards one worker processes at once; more than two keep inference busy while other
+    shards' objects are read and written."""
     consumer_group: str = "tensorway-batch-workers"
     """The Kafka consumer group all workers join."""
     kafka_session_timeout: timedelta = timedelta(seconds=10)
