@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from tensorway.ratelimit.limits import Limit, LimitsFile, RedisFailure
+from tensorway.ratelimit.limits import Limit, LimitsFile, RedisFailure, read_descriptor
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,11 @@ DECISIONS = Counter(
 
 @dataclass(frozen=True)
 class Descriptor:
-    """What Envoy asks about: the entries and what this request adds to their counter."""
+    """What Envoy asks about: the entries, and the hits Envoy says the request adds (its
+    hits_addend, else 1); a cost entry among the entries overrides them."""
 
     entries: tuple[tuple[str, str], ...]
-    hits: int
+    hits: int = 1
 
 
 @dataclass(frozen=True)
@@ -132,17 +133,21 @@ class RateLimiter:
         if domain != self.limits.domain:
             return Decision([Status(over_limit=False) for _ in descriptors], retry_after=None)
         now = self._clock()
-        matched = [(i, self.limits.find(d.entries)) for i, d in enumerate(descriptors)]
-        counted = [(i, limit) for i, limit in matched if limit is not None and descriptors[i].hits > 0]
-        statuses = [Status(over_limit=False, limit=limit) for _, limit in matched]
-        if not counted:
-            return Decision(statuses, retry_after=None)
+        read = [read_descriptor(d.entries, d.hits) for d in descriptors]
+        matched = [None if r is None else self.limits.find(r) for r in read]
+        statuses = [Status(over_limit=False, limit=limit) for limit in matched]
+        counted: list[tuple[int, Limit]] = []
         increments = []
-        for i, limit in counted:
+        for i, (reading, limit) in enumerate(zip(read, matched, strict=True)):
+            if reading is None or limit is None or reading.hits <= 0:
+                continue
             window = limit.per.length.total_seconds()
             index = math.floor(now / window)
-            key = f"{PREFIX}{self.limits.domain}:{limit.name}:{_key_part(descriptors[i].entries)}:{index}"
-            increments.append((key, descriptors[i].hits, limit.per.length + timedelta(seconds=1)))
+            key = f"{PREFIX}{self.limits.domain}:{limit.name}:{_key_part(reading.entries)}:{index}"
+            counted.append((i, limit))
+            increments.append((key, reading.hits, limit.per.length + timedelta(seconds=1)))
+        if not counted:
+            return Decision(statuses, retry_after=None)
         try:
             totals = await self._add(increments)
         except RedisError:

@@ -1,16 +1,18 @@
 """The limits the ratelimit service enforces, read from a YAML file.
 
 A limit names the descriptor entries it applies to. Envoy sends descriptors such as
-``[tenant=acme]``, ``[tenant=acme, cost=rows]`` (with the request's row count as its hits) or
-``[model=digits]``; a limit applies to a descriptor whose keys are exactly the limit's keys plus,
-for cost-counted limits, ``cost``. A value ``"*"`` gives every value its own counter; a literal
-value is more specific and wins over ``"*"`` (a bigger quota for one tenant, say).
+``[tenant=acme]``, ``[tenant=acme, rows=64]`` or ``[model=digits]``. An entry ``rows`` or ``bytes``
+is the request's cost, not a key to match: it makes the descriptor count that many hits against
+a limit whose ``cost`` it names. A limit applies to a descriptor whose other keys are exactly
+the limit's keys. A value ``"*"`` gives every value its own counter; a literal value is more
+specific and wins over ``"*"`` (a bigger quota for one tenant, say).
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +20,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ANY = "*"
-COST_KEY = "cost"
 
 
 class Cost(enum.StrEnum):
@@ -27,6 +28,37 @@ class Cost(enum.StrEnum):
     REQUESTS = "requests"
     ROWS = "rows"
     BYTES = "bytes"
+
+
+COST_KEYS = {Cost.ROWS.value, Cost.BYTES.value}
+"""Descriptor entries whose value is the request's cost in that unit."""
+
+
+@dataclass(frozen=True)
+class Counted:
+    """A descriptor read against the limits: what it matches on, its cost and its hits."""
+
+    entries: tuple[tuple[str, str], ...]
+    """The entries to match and count under, without the cost entry."""
+    cost: Cost
+    hits: int
+
+
+def read_descriptor(entries: Sequence[tuple[str, str]], hits: int) -> Counted | None:
+    """Split a descriptor's cost entry from its match entries; None when it cannot be counted.
+
+    ``hits`` is what the request says it costs otherwise (Envoy's hits_addend, or 1).
+    """
+    if any(not value for _, value in entries):
+        return None  # a blank value would share one counter among everything that lacks it
+    costs = [(key, value) for key, value in entries if key in COST_KEYS]
+    rest = tuple((key, value) for key, value in entries if key not in COST_KEYS)
+    if not costs:
+        return Counted(rest, Cost.REQUESTS, hits)
+    if len(costs) > 1 or not costs[0][1].isdigit():
+        return None
+    key, value = costs[0]
+    return Counted(rest, Cost(key), int(value))
 
 
 class Window(enum.StrEnum):
@@ -74,9 +106,12 @@ class Limit(BaseModel):
 
     @field_validator("match")
     @classmethod
-    def _cost_is_not_a_match_key(cls, match: dict[str, str]) -> dict[str, str]:
-        if COST_KEY in match:
-            raise ValueError(f"say what a hit counts with `cost:`, not as a `{COST_KEY}` match entry")
+    def _costs_are_not_match_keys(cls, match: dict[str, str]) -> dict[str, str]:
+        costs = sorted(set(match) & COST_KEYS)
+        if costs:
+            raise ValueError(
+                f"{', '.join(costs)} carry a request's cost; say what a limit counts with `cost:`"
+            )
         return match
 
     def specificity(self) -> int:
@@ -108,16 +143,12 @@ class LimitsFile(BaseModel):
     def load(cls, path: Path) -> LimitsFile:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
 
-    def find(self, entries: Sequence[tuple[str, str]]) -> Limit | None:
-        """The most specific limit for a descriptor's entries, or None when none applies."""
-        values: Mapping[str, str] = dict(entries)
-        cost = Cost(values[COST_KEY]) if values.get(COST_KEY) in set(Cost) else None
-        keys = set(values) - {COST_KEY}
-        if COST_KEY in values and cost is None:
-            return None
+    def find(self, counted: Counted) -> Limit | None:
+        """The most specific limit for a descriptor, or None when none applies."""
+        values: Mapping[str, str] = dict(counted.entries)
         best: Limit | None = None
         for limit in self.limits:
-            if set(limit.match) != keys or limit.cost != (cost or Cost.REQUESTS):
+            if set(limit.match) != set(values) or limit.cost != counted.cost:
                 continue
             if all(want in (ANY, values[key]) for key, want in limit.match.items()) and (
                 best is None or limit.specificity() > best.specificity()
