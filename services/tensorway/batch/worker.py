@@ -18,11 +18,12 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import faust
 import grpc
-from faust.types import EventT, StreamT
+from faust.transport.drivers import aiokafka as faust_kafka
+from faust.types import EventT, StreamT, TransportT
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from pydantic_settings import SettingsConfigDict
@@ -77,6 +78,9 @@ class Settings(BatchSettings):
     """How often a worker tells the group it is alive."""
     kafka_commit_interval: timedelta = timedelta(seconds=1)
     """How often processed offsets are committed; what is not yet committed is delivered again."""
+    kafka_fetch_max_wait: timedelta = timedelta(milliseconds=100)
+    """How long the broker may hold a fetch that finds nothing new. Tansu hands over a message
+    that arrives meanwhile late: 0.15-0.9 s with faust's own 1.5 s, under 10 ms with 100 ms."""
     lease_timeout: timedelta = timedelta(seconds=30)
     """How long a shard stays a silent worker's; the worker renews it every third of this."""
     worker_id: str = ""
@@ -310,14 +314,43 @@ def text_headers(headers: Mapping[str, bytes] | Iterable[tuple[str, bytes]] | No
     }
 
 
+class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: faust_kafka.Transport) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # faust fixes the fetch wait at 1.5 s and offers no setting; aiokafka reads it at start.
+        consumer._fetch_max_wait_ms = int(cast(_App, self.app).fetch_max_wait.total_seconds() * 1000)
+        return consumer
+
+
+class _Consumer(faust_kafka.Consumer):
+    def _new_consumer_thread(self) -> _ConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(faust_kafka.Transport):
+    Consumer = _Consumer
+
+
+class _App(faust.App):
+    """faust's app on its aiokafka transport, with the fetch wait the worker's settings give."""
+
+    def __init__(self, *args: Any, fetch_max_wait: timedelta, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fetch_max_wait = fetch_max_wait
+
+    def _new_transport(self) -> TransportT:
+        return _Transport(self.conf.broker_consumer, self)
+
+
 class BatchWorker:
     """The faust app: a consumer group on the shards topic, each message run by a ShardRunner."""
 
     def __init__(self, settings: Settings, runner: ShardRunner) -> None:
         self._runner = runner
         self._stopping: asyncio.Task[None] | None = None
-        self.app = faust.App(
+        self.app = _App(
             settings.consumer_group,
+            fetch_max_wait=settings.kafka_fetch_max_wait,
             broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
             web_enabled=False,
             autodiscover=False,
