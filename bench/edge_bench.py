@@ -25,6 +25,8 @@ import grpc
 
 from tensorway.devstack import DevStackSettings, Stack, register_demo_models
 from tensorway.devstack._envoy import jwt_key_dir
+from tensorway.devstack._services import Ratelimit
+from tensorway.devstack._stack import default_components
 from tensorway.edge.config import load_values
 from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
 from tensorway.inference.v1 import inference_service_pb2 as pb
@@ -120,9 +122,24 @@ def main() -> None:
     args = parser.parse_args()
     state_dir = Path(tempfile.mkdtemp(prefix="tensorway-edge-bench-"))
     state_dir.chmod(0o755)  # PostgreSQL runs as an unprivileged user under root
+    # The shipped limits' shape, high enough that no request is refused: the ratelimit service is
+    # still asked about every request.
+    limits = state_dir / "limits.json"
+    limits.write_text(
+        json.dumps(
+            {
+                "limits": [
+                    {"name": "tenant-requests", "match": {"tenant": "*"}, "limit": 10**8, "per": "second"},
+                    {"name": "model-requests", "match": {"model": "*"}, "limit": 10**8, "per": "second"},
+                ]
+            }
+        )
+    )
+    components = [Ratelimit(limits) if c.name == "ratelimit" else c for c in default_components()]
     stack = Stack(
         DevStackSettings(state_dir=state_dir).without_pinned_ports(),
         state_dir=state_dir,
+        components=components,
         die_with_parent=True,
     )
     try:
