@@ -13,13 +13,7 @@ import numpy.typing as npt
 import orjson
 
 from tensorway.common.v1 import tensor_pb2
-from tensorway.orchestrator.converters import (
-    BYTES,
-    FIXED_SIZE_DTYPES,
-    pack_bytes,
-    pack_contents,
-    unpack_bytes,
-)
+from tensorway.tensors.layouts import BYTES, FIXED_SIZE_DTYPES, pack_bytes, pack_contents, unpack_bytes
 
 # The NumPy kinds a JSON value may have to be taken as a datatype without losing meaning:
 # integers become floats, but floats never silently truncate to integers.

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -348,12 +350,15 @@ class BatchWorker:
     def __init__(self, settings: Settings, runner: ShardRunner) -> None:
         self._runner = runner
         self._stopping: asyncio.Task[None] | None = None
+        # faust makes a data dir even with in-memory stores; by default it lands in the cwd.
+        self._datadir = tempfile.mkdtemp(prefix="tensorway-batch-worker-")
         self.app = _App(
             settings.consumer_group,
             fetch_max_wait=settings.kafka_fetch_max_wait,
             broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
             web_enabled=False,
             autodiscover=False,
+            datadir=self._datadir,
             store="memory://",
             # Only the shards topic: no tables, so no leader topic or changelogs.
             topic_disable_leader=True,
@@ -410,6 +415,7 @@ class BatchWorker:
         if self._stopping is None:
             self._stopping = asyncio.ensure_future(self.app.stop())
         await asyncio.shield(self._stopping)
+        shutil.rmtree(self._datadir, ignore_errors=True)
 
 
 def worker_name(settings: Settings) -> str:

@@ -18,7 +18,7 @@ from tensorway.cli.addresses import service_address
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tensorway.orchestrator.converters import BYTES, FIXED_SIZE_DTYPES, pack_bytes, unpack_bytes
+from tensorway.tensors.layouts import BYTES, FIXED_SIZE_DTYPES, pack_bytes, unpack_bytes
 
 ROUTE_KEY_HEADER = "x-tensorway-route-key"
 
