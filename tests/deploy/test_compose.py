@@ -20,7 +20,7 @@ from .manifests import ROOT, cli_environment_variables, unknown_settings
 SCHEMA = Path(__file__).with_name("schemas") / "compose-spec.json"
 # Servers whose images have no shell or client to run a check with; nothing waits on them.
 NO_HEALTHCHECK = {"otel-collector", "jaeger"}
-ONE_SHOT = {"demo-setup"}
+ONE_SHOT = {"demo-setup", "jwt-keys"}
 
 
 def tensorway_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -33,8 +33,8 @@ def stages() -> dict[str, str]:
 
 
 def test_bases_are_pinned_to_exact_releases() -> None:
-    bases = dict(ARG.findall(DOCKERFILE.read_text()))
-    assert set(bases) >= {"PYTHON_IMAGE", "TRITON_IMAGE"}
+    bases = {name: value for name, value in ARG.findall(DOCKERFILE.read_text()) if name.endswith("_IMAGE")}
+    assert set(bases) >= {"PYTHON_IMAGE", "TRITON_IMAGE", "ENVOY_IMAGE"}
     for name, image in bases.items():
         tag = image.split("@", 1)[0].rsplit(":", 1)[-1]
         assert re.search(r"\d+\.\d+", tag), f"{name}={image} is not an exact release"

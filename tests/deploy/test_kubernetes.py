@@ -4,12 +4,14 @@ NetworkPolicies that leave only Envoy open."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 
 from tensorway.cli.main import SERVICES
+from tensorway.edge.config import load_values
 
 from .manifests import Container, by_kind, containers, unknown_settings
 
@@ -126,12 +128,17 @@ def test_orchestrators_have_a_headless_service(overlay: list[dict[str, Any]]) ->
     assert service["spec"]["clusterIP"] == "None"
 
 
-def test_envoy_config_comes_from_a_generated_configmap(overlay: list[dict[str, Any]]) -> None:
-    envoy = by_kind(overlay, "Deployment")["envoy"]
-    volume = next(v for v in envoy["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
-    # The generator's hash suffix: a config change rolls Envoy.
-    assert volume["configMap"]["name"].startswith("envoy-config-")
-    assert volume["configMap"]["name"] in by_kind(overlay, "ConfigMap")
+def test_envoy_runs_the_rendered_image_with_the_jwks_from_a_secret(overlay: list[dict[str, Any]]) -> None:
+    values = load_values("k8s")
+    pod = by_kind(overlay, "Deployment")["envoy"]["spec"]["template"]["spec"]
+    (envoy,) = pod["containers"]
+    # The overlays map the name to the Dockerfile's `envoy` target, built with this profile.
+    assert "tensorway-envoy" in envoy["image"]
+    assert envoy["args"][:2] == ["-c", f"{values['files']['dir']}/envoy.yaml"]
+    jwks = Path(values["jwt"]["jwks_file"])
+    mount = next(m for m in envoy["volumeMounts"] if m["mountPath"] == str(jwks.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "envoy-jwks"
 
 
 def test_secrets_are_referenced_never_shipped(overlay: list[dict[str, Any]]) -> None:

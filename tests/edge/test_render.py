@@ -63,8 +63,9 @@ def test_cli_renders_a_profile_and_mints_tokens_the_stack_accepts(tmp_path: Path
         "api.pb",
         "openapi.json",
         "docs",
-        "jwks.json",
     }
+    # A deployed profile reads its JWKS from a mount, so no key is baked in beside the config.
+    assert not (tmp_path / "compose" / "jwks.json").exists()
     unknown = runner.invoke(app, ["envoy", "render", "--profile", "moon", "--out", str(tmp_path / "moon")])
     assert unknown.exit_code == 2
 
@@ -78,3 +79,20 @@ def test_cli_renders_a_profile_and_mints_tokens_the_stack_accepts(tmp_path: Path
     claims = jwt.decode(minted.output.strip(), public.key, algorithms=["RS256"], audience="tensorway")
     assert claims["tenant"] == "acme"
     assert claims["iss"] == "tensorway-local"
+
+
+def test_cli_makes_a_key_pair_whose_tokens_verify_against_its_jwks(tmp_path: Path) -> None:
+    runner = CliRunner()
+    made = runner.invoke(app, ["envoy", "keys", "--out", str(tmp_path / "keys")])
+    assert made.exit_code == 0, made.output
+    jwks = Path(made.output.strip())
+    assert jwks == tmp_path / "keys" / "jwks.json"
+    first = jwks.read_text()
+    again = runner.invoke(app, ["envoy", "keys", "--out", str(tmp_path / "keys")])
+    assert again.exit_code == 0
+    assert jwks.read_text() == first, "an existing key pair is kept, so issued tokens stay valid"
+    minted = runner.invoke(app, ["dev", "token", "--key", str(tmp_path / "keys" / "jwt-private.pem")])
+    assert minted.exit_code == 0, minted.output
+    public = jwt.PyJWKSet.from_dict(json.loads(jwks.read_text())).keys[0]
+    claims = jwt.decode(minted.output.strip(), public.key, algorithms=["RS256"], audience="tensorway")
+    assert claims["tenant"] == "default"

@@ -1,5 +1,6 @@
-"""`tensorway envoy render`: write an Envoy config and the files it reads for a profile; and
-`tensorway dev token`: a signed token for the local stack's Envoy."""
+"""`tensorway envoy render`: write an Envoy config and the files it reads for a profile;
+`tensorway envoy keys`: a signing key pair and its JWKS; and `tensorway dev token`: a signed
+token for the local stack's Envoy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from tensorway.devstack import DevStackSettings
 from tensorway.devstack._envoy import jwt_key_dir
 from tensorway.edge.config import UnknownProfileError, load_values, profiles, render_profile
-from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
+from tensorway.edge.keys import PRIVATE_KEY_FILE, ensure_key_pair, mint_token
 
 envoy_app = typer.Typer(
     name="envoy",
@@ -42,6 +43,18 @@ def render_command(
         _err.print(f"[red]{error}[/red]; profiles: {', '.join(profiles())}")
         raise typer.Exit(2) from None
     typer.echo(str(config))
+
+
+@envoy_app.command("keys")
+def keys_command(
+    out: Annotated[Path, typer.Option(help="Directory for jwt-private.pem and jwks.json.")],
+) -> None:
+    """Make a token signing key pair in OUT (kept if it exists) and print the JWKS's path.
+
+    For a deployment without an identity provider, e.g. docker-compose's `jwt-keys` volume:
+    Envoy reads the JWKS, `tensorway dev token --key OUT/jwt-private.pem` signs tokens.
+    """
+    typer.echo(str(ensure_key_pair(out).jwks))
 
 
 def token_command(
