@@ -241,10 +241,6 @@ def test_one_trace_covers_router_orchestrator_and_triton(mesh: ObservedMesh) -> 
     assert triton_spans["compute"].parent_span_id == triton_spans["iris"].span_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the router records no routing decision on its span yet (services/tensorway/router/)",
-)
 def test_router_span_records_the_routing_decision(mesh: ObservedMesh) -> None:
     _, spans = _traced(mesh)
     (router,) = [span for span in spans if span.service == "router" and span.name.endswith("/Infer")]

@@ -98,6 +98,7 @@ def test_a_failed_probe_opens_it_again(clock: Clock) -> None:
     assert cb.acquire()
     cb.release(Outcome.FAILURE)
     assert cb.state is BreakerState.OPEN
+    assert cb.trips == 2, "the first opening and the failed probe's"
     clock.now += 1.9
     assert not cb.available()
     clock.now += 0.1

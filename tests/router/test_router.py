@@ -249,9 +249,15 @@ async def test_unavailable_and_shed_endpoints_are_retried_elsewhere_and_breakers
     stub = connect(running)
     broken, healthy = running.orchestrators
     broken.fail_with = grpc.StatusCode.UNAVAILABLE
+    answered = {"model": "simple", "version": "1", "grpc_code": "OK"}
+    before = REGISTRY.get_sample_value("tensorway_router_request_seconds_count", answered) or 0
     results = await send_many(stub, 200, concurrency=4)
     assert all(isinstance(result, pb.InferResponse) for result in results)
-    assert REGISTRY.get_sample_value("tensorway_router_breaker_open", {"endpoint": running.endpoints[0]}) == 1
+    ejected = {"endpoint": running.endpoints[0]}
+    assert REGISTRY.get_sample_value("tensorway_router_breaker_open", ejected) == 1
+    assert REGISTRY.get_sample_value("tensorway_router_breaker_trips_total", ejected)
+    # Each answer timed once, retries included.
+    assert REGISTRY.get_sample_value("tensorway_router_request_seconds_count", answered) == before + 200
     assert broken.calls <= 10  # the breaker stopped sending it traffic
     assert healthy.calls >= 200
 

@@ -60,6 +60,8 @@ class CircuitBreaker:
         self._consecutive_failures = 0
         self._opened_at = 0.0
         self._probe_in_flight = False
+        self.trips = 0
+        """How often the breaker has opened: a trip between two scrapes leaves no trace on a gauge."""
 
     @property
     def state(self) -> BreakerState:
@@ -120,6 +122,7 @@ class CircuitBreaker:
     def _open(self) -> None:
         self._state = BreakerState.OPEN
         self._opened_at = self._clock()
+        self.trips += 1
 
     def _close(self) -> None:
         self._state = BreakerState.CLOSED

@@ -9,12 +9,15 @@ parsed or serialized again on their way through.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import grpc
+from opentelemetry import trace
 
 from tensorway.common.v1 import error_pb2
 from tensorway.router import metrics
@@ -100,12 +103,13 @@ class Router:
                 retry_after=self._policy.shed_retry_after,
             )
         self._in_flight += 1
+        arrived = time.perf_counter()
         try:
             route, version = self.resolve(request.model, request.version, route_key)
             primary_answer = self._shadow.mirror(route, version, request)
             try:
                 response = await self._call_with_retries(
-                    route.model, version, request.for_version(version.version)
+                    route.model, version, request.for_version(version.version), arrived
                 )
             except BaseException:
                 if primary_answer is not None:
@@ -117,23 +121,45 @@ class Router:
         finally:
             self._in_flight -= 1
 
-    async def _call_with_retries(self, model: str, version: VersionRoute, request: bytes) -> bytes:
+    async def _call_with_retries(
+        self, model: str, version: VersionRoute, request: bytes, arrived: float
+    ) -> bytes:
         self._budget.record_request()
+        metrics.REQUEST_BYTES.labels(model, version.version).inc(len(request))
+        # The routing decision on the request's server span: which version and endpoint ran it.
+        span = trace.get_current_span()
+        recording = span.is_recording()
+        if recording:
+            span.set_attribute("tensorway.route.version", version.version)
+            span.set_attribute("tensorway.route.pool", version.pool)
         tried: set[str] = set()
-        while True:
-            endpoint = self._choose_endpoint(version, tried)
-            tried.add(endpoint.address)
-            try:
-                response = await endpoint.infer(request)
-            except grpc.aio.AioRpcError as error:
-                code = error.code()
-                if not self._may_retry(model, version, code, tried):
-                    metrics.ROUTED.labels(model, version.version, code.name).inc()
-                    raise
-                metrics.RETRIES.labels(model, code.name).inc()
-                continue
-            metrics.ROUTED.labels(model, version.version, "OK").inc()
-            return response
+        code = grpc.StatusCode.UNAVAILABLE
+        try:
+            while True:
+                endpoint = self._choose_endpoint(version, tried)
+                tried.add(endpoint.address)
+                if recording:
+                    span.set_attribute("tensorway.route.endpoint", endpoint.address)
+                    span.set_attribute("tensorway.route.attempts", len(tried))
+                try:
+                    response = await endpoint.infer(request)
+                except grpc.aio.AioRpcError as error:
+                    code = error.code()
+                    if not self._may_retry(model, version, code, tried):
+                        raise
+                    metrics.RETRIES.labels(model, code.name).inc()
+                    continue
+                code = grpc.StatusCode.OK
+                metrics.RESPONSE_BYTES.labels(model, version.version).inc(len(response))
+                return response
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            metrics.ROUTED.labels(model, version.version, code.name).inc()
+            metrics.REQUEST_SECONDS.labels(model, version.version, code.name).observe(
+                time.perf_counter() - arrived
+            )
 
     def _choose_endpoint(self, version: VersionRoute, tried: set[str]) -> Endpoint:
         candidates = [

@@ -62,6 +62,7 @@ class Endpoint:
         self._retired: set[asyncio.Task[None]] = set()
         # Children looked up once: `labels()` takes a lock and hashes the labels on every call.
         self._breaker_open = metrics.BREAKER_OPEN.labels(address)
+        self._breaker_trips = metrics.BREAKER_TRIPS.labels(address)
         self._outstanding = metrics.ENDPOINT_OUTSTANDING.labels(address)
         self._calls: dict[grpc.StatusCode, Any] = {}
         self._breaker_open.set(0)
@@ -107,7 +108,10 @@ class Endpoint:
                 calls = self._calls[code] = metrics.ENDPOINT_CALLS.labels(self.address, code.name)
             calls.inc()
             self.load.finished(latency)
+            trips = self.breaker.trips
             self.breaker.release(outcome)
+            if self.breaker.trips != trips:
+                self._breaker_trips.inc()
             self._outstanding.dec()
             self._breaker_open.set(0 if self.breaker.available() else 1)
 
@@ -158,6 +162,7 @@ class EndpointSet:
             # Another router in the same process (tests) may have removed the series already.
             with contextlib.suppress(KeyError):
                 metrics.BREAKER_OPEN.remove(address)
+                metrics.BREAKER_TRIPS.remove(address)
                 metrics.ENDPOINT_OUTSTANDING.remove(address)
 
     async def close(self) -> None:

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 ROUTED = Counter(
     "tensorway_router_routed_total",
     "Requests answered by a model version, by model, version and status code.",
     ["model", "version", "grpc_code"],
+)
+REQUEST_SECONDS = Histogram(
+    "tensorway_router_request_seconds",
+    "Time from a request's arrival at the router to its answer, retries included.",
+    ["model", "version", "grpc_code"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+REQUEST_BYTES = Counter(
+    "tensorway_router_request_bytes_total",
+    "Serialized InferRequest bytes received, by model and the version that ran them.",
+    ["model", "version"],
+)
+RESPONSE_BYTES = Counter(
+    "tensorway_router_response_bytes_total",
+    "Serialized InferResponse bytes returned, by model and version.",
+    ["model", "version"],
 )
 RETRIES = Counter(
     "tensorway_router_retries_total",
@@ -26,6 +42,11 @@ SHED = Counter(
 BREAKER_OPEN = Gauge(
     "tensorway_router_breaker_open",
     "1 while an endpoint's circuit breaker is open or half-open, else 0.",
+    ["endpoint"],
+)
+BREAKER_TRIPS = Counter(
+    "tensorway_router_breaker_trips_total",
+    "Times an endpoint's circuit breaker opened (the endpoint was ejected).",
     ["endpoint"],
 )
 ENDPOINT_CALLS = Counter(
