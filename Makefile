@@ -37,7 +37,7 @@ gen: setup
 	$(BIN)/python -m tensorway.protogen
 
 bench: setup
-	$(BIN)/python bench/run.py
+	$(BIN)/tensorway bench
 
 clean: stop
 	rm -rf $(VENV) .build .tensorway

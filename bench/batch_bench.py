@@ -4,9 +4,9 @@ of the same Triton, in one run on one machine.
 - batch job: CreateJob → planned into shards → Kafka → `tensorway serve batch-worker` processes →
   the orchestrator (the mesh hop in front of Triton) → result parts in S3 → SUCCEEDED. Timed
   from CreateJob until the job has ended; the input is already in S3, as a batch job's is.
-- direct batched: asyncio tritonclient, 256-row requests straight to Triton, with as many in
-  flight as the workers allow in total (workers x infer concurrency), answers dropped: the
-  issue's baseline, which the 0.8x aim is judged against.
+- direct batched: asyncio tritonclient, 256-row requests straight to Triton, answers dropped, at
+  each concurrency of the sweep and at as many in flight as the workers allow in total (workers x
+  infer concurrency): the issue's baseline, which the 0.8x aim is judged against.
 - direct batched + parts: the same, but it also writes what the job writes (the same JSONL
   lines, a part per shard's rows, to the same S3): the like-for-like comparison, printed
   beside the issue's, never instead of it.
@@ -17,7 +17,8 @@ temporary state dir, as are the orchestrator, the batch API and the workers; all
 the end. The job's time is split into phases from its timestamps, and each timed run shows the
 CPU seconds of every process: on a small machine the CPUs, not any one process, set the pace.
 
-    .venv/bin/python bench/batch_bench.py [--rows 200000] [--shard-size 10000] [--workers 1]
+    .venv/bin/python bench/batch_bench.py [--quick] [--json PATH] [--rows 200000] [--shard-size 10000]
+        [--workers 1] [--concurrency 1 4 16 64]
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 import urllib3
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from benchkit import Cell, Results, add_common_arguments, mode, percentile_ms, prefixed, serve
 from minio import Minio
 from sklearn.datasets import load_digits
 
@@ -54,52 +53,18 @@ from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tensorway.devstack import DevStackSettings, Stack
 
 BUCKET = "batch-bench"
-TENSORWAY = str(Path(sys.executable).with_name("tensorway"))
+BATCHED = "digits, up to 256 rows a request"
+ONE_ROW = "digits, 1 row a request"
+DIRECT = "direct batched (Triton)"
+# Full run, then --quick: rows in the job, rows a shard, rows the naive loop is timed over.
+SIZES = {"full": (200_000, 10_000, 2_000), "quick": (20_000, 2_000, 200)}
 ACTIVE = (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise RuntimeError(f"{address} did not become SERVING")
-
-
 @contextmanager
-def serve(service: str, env: dict[str, str], workdir: Path, name: str) -> Iterator[str]:
-    """`tensorway serve SERVICE` as its own process; yields its gRPC address."""
-    port = free_port()
-    with open(workdir / f"{name}.log", "wb") as log:
-        process = subprocess.Popen(
-            [TENSORWAY, "serve", service, "--port", str(port)],
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        address = f"127.0.0.1:{port}"
-        wait_serving(address, process)
+def service(name: str, settings: dict[str, str], workdir: Path, log_name: str | None = None) -> Iterator[str]:
+    with serve(name, prefixed(name, settings), workdir / f"{log_name or name}.log") as address:
         yield address
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class CpuMeter:
@@ -240,10 +205,10 @@ class PartWriter:
 
 async def direct_batched(
     triton: str, rows: np.ndarray, concurrency: int, part_rows: int, output: PartWriter | None = None
-) -> float:
-    """Seconds for all rows, up to 256 rows a request (a request never spans two parts, as it
-    never spans two shards), `concurrency` requests in flight; with `output`, the answers are
-    also written as the batch job's parts."""
+) -> tuple[float, list[float]]:
+    """Seconds for all rows and each request's latency, up to 256 rows a request (a request never
+    spans two parts, as it never spans two shards), `concurrency` requests in flight; with
+    `output`, the answers are also written as the batch job's parts."""
     client = triton_aio.InferenceServerClient(triton)
     starts = iter(
         (start, min(start + 256, part + part_rows, len(rows)))
@@ -251,12 +216,16 @@ async def direct_batched(
         for start in range(part, min(part + part_rows, len(rows)), 256)
     )
 
+    latencies: list[float] = []
+
     async def worker() -> None:
         for start, end in starts:
             chunk = rows[start:end]
             item = triton_aio.InferInput("input", list(chunk.shape), "FP32")
             item.set_data_from_numpy(chunk)
+            sent = time.perf_counter()
             result = await client.infer("digits", [item])
+            latencies.append(time.perf_counter() - sent)
             labels, probabilities = result.as_numpy("label"), result.as_numpy("probabilities")
             if output is not None:
                 output.add(start, labels, probabilities)
@@ -266,35 +235,77 @@ async def direct_batched(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         if output is not None:
             await output.flush()
-        return time.perf_counter() - started
+        return time.perf_counter() - started, latencies
     finally:
         await client.close()
 
 
-async def naive(triton: str, rows: np.ndarray) -> float:
-    """Seconds for the rows, one row a request, one request at a time."""
+async def naive(triton: str, rows: np.ndarray) -> tuple[float, list[float]]:
+    """Seconds for the rows and each request's latency, one row a request, one request at a time."""
     client = triton_aio.InferenceServerClient(triton)
+    latencies: list[float] = []
     try:
         started = time.perf_counter()
         for row in rows:
             item = triton_aio.InferInput("input", [1, 64], "FP32")
             item.set_data_from_numpy(row[None])
+            sent = time.perf_counter()
             await client.infer("digits", [item])
-        return time.perf_counter() - started
+            latencies.append(time.perf_counter() - sent)
+        return time.perf_counter() - started, latencies
     finally:
         await client.close()
+
+
+def rows_cell(
+    group: str, path: str, concurrency: int, rows: int, seconds: float, latencies: list[float]
+) -> Cell:
+    """A cell whose throughput is rows per second; latencies (of requests) where it has them."""
+    return Cell(
+        group=group,
+        path=path,
+        concurrency=concurrency,
+        seconds=seconds,
+        throughput=rows / seconds,
+        requests=len(latencies) or None,
+        p50_ms=percentile_ms(latencies, 50),
+        p99_ms=percentile_ms(latencies, 99),
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--shard-size", type=int, default=10_000)
+    add_common_arguments(parser, seconds=False)
+    parser.add_argument("--rows", type=int, help="rows in the job (default: full 200,000, quick 20,000)")
+    parser.add_argument("--shard-size", type=int, help="rows a shard (default: full 10,000, quick 2,000)")
     parser.add_argument("--workers", type=int, default=1, help="batch worker processes")
     parser.add_argument("--infer-concurrency", type=int, default=8, help="requests in flight per worker")
-    parser.add_argument("--naive-rows", type=int, default=2_000, help="rows the naive loop is timed over")
+    parser.add_argument(
+        "--naive-rows", type=int, help="rows the naive loop is timed over (default: full 2,000, quick 200)"
+    )
     args = parser.parse_args()
+    default_rows, default_shard, default_naive = SIZES[mode(args)]
+    total_rows = args.rows or default_rows
+    shard_size = args.shard_size or default_shard
+    naive_rows = args.naive_rows or default_naive
+    in_flight = args.workers * args.infer_concurrency
+    results = Results(
+        benchmark="batch",
+        title="Batch: a digits job end to end beside direct clients of the same Triton",
+        mode=mode(args),
+        baseline=DIRECT,
+        throughput_unit="rows/s",
+        settings={
+            "rows": total_rows,
+            "shard size": shard_size,
+            "workers": args.workers,
+            "requests in flight per worker": args.infer_concurrency,
+            "naive rows": naive_rows,
+            "concurrency": args.concurrency,
+        },
+    )
     workdir = Path(tempfile.mkdtemp(prefix="tensorway-batch-bench-"))
     workdir.chmod(0o755)  # PostgreSQL runs as an unprivileged user when this runs as root
     settings = DevStackSettings(state_dir=workdir / "stack").without_pinned_ports()
@@ -315,43 +326,27 @@ def main() -> int:
                 "LOG_LEVEL": "WARNING",
             }
             orchestrator = running.enter_context(
-                serve(
+                service(
                     "orchestrator",
-                    {
-                        "TENSORWAY_ORCHESTRATOR_TRITONS": json.dumps([triton]),
-                        "TENSORWAY_ORCHESTRATOR_METRICS_ENABLED": "false",
-                        "TENSORWAY_ORCHESTRATOR_LOG_LEVEL": "WARNING",
-                    },
+                    {"TRITONS": json.dumps([triton]), "METRICS_ENABLED": "false", "LOG_LEVEL": "WARNING"},
                     workdir,
-                    "orchestrator",
                 )
             )
             api = running.enter_context(
-                serve(
+                service(
                     "batch",
-                    {
-                        **{f"TENSORWAY_BATCH_{k}": v for k, v in backends.items()},
-                        "TENSORWAY_BATCH_DEFAULT_OUTPUT_PREFIX": f"s3://{BUCKET}/results/{{job}}/",
-                    },
+                    {**backends, "DEFAULT_OUTPUT_PREFIX": f"s3://{BUCKET}/results/{{job}}/"},
                     workdir,
-                    "batch",
                 )
             )
             for number in range(args.workers):
-                worker_env = {
+                worker_settings = {
                     **backends,
                     "INFERENCE_TARGET": orchestrator,
                     "INFER_CONCURRENCY": str(args.infer_concurrency),
                     "KAFKA_SESSION_TIMEOUT": "PT6S",
                 }
-                running.enter_context(
-                    serve(
-                        "batch-worker",
-                        {f"TENSORWAY_BATCH_WORKER_{k}": v for k, v in worker_env.items()},
-                        workdir,
-                        f"worker-{number}",
-                    )
-                )
+                running.enter_context(service("batch-worker", worker_settings, workdir, f"worker-{number}"))
 
             http = urllib3.PoolManager(maxsize=4)
             s3 = Minio(
@@ -363,77 +358,89 @@ def main() -> int:
             )
             if not s3.bucket_exists(BUCKET):
                 s3.make_bucket(BUCKET)
-            rows = digits_rows(args.rows)
+            rows = digits_rows(total_rows)
             for key, array in (("inputs/digits.npy", rows), ("inputs/warmup.npy", rows[:2_000])):
                 data = npy_bytes(array)
                 s3.put_object(BUCKET, key, io.BytesIO(data), len(data))
             http.clear()
 
-            concurrency = args.workers * args.infer_concurrency
             print(
-                f"{os.cpu_count()} CPUs; {args.rows} rows of digits; {args.workers} worker(s); "
-                f"{concurrency} requests in flight; shards of {args.shard_size} rows"
+                f"{os.cpu_count()} CPUs; {total_rows} rows of digits; {args.workers} worker(s); "
+                f"{in_flight} requests in flight; shards of {shard_size} rows"
             )
             # The warm-up job waits out the consumer group's first join and loads every path once.
             asyncio.run(run_job(api, f"s3://{BUCKET}/inputs/warmup.npy", 500))
-            asyncio.run(direct_batched(triton, rows[:2_000], concurrency, part_rows=2_000))
+            asyncio.run(direct_batched(triton, rows[:2_000], in_flight, part_rows=2_000))
 
             cpu = CpuMeter()
-            run = asyncio.run(run_job(api, f"s3://{BUCKET}/inputs/digits.npy", args.shard_size))
+            run = asyncio.run(run_job(api, f"s3://{BUCKET}/inputs/digits.npy", shard_size))
             cpu_used = {"batch job": cpu.since()}
-            batch_seconds, job = run.seconds, run.job
-            if job.state != pb.JOB_STATE_SUCCEEDED or job.progress.rows_done != args.rows:
+            job = run.job
+            if job.state != pb.JOB_STATE_SUCCEEDED or job.progress.rows_done != total_rows:
                 print(
                     f"the batch job ended {pb.JobState.Name(job.state)}: {job.failure_reason}",
                     file=sys.stderr,
                 )
                 return 1
+            job_cell = rows_cell(BATCHED, "batch job (end to end)", in_flight, total_rows, run.seconds, [])
+            job_cell.extra["CPU s"] = sum(cpu_used["batch job"].values())
+            results.cells.append(job_cell)
             # The issue's baseline: the same requests as the batch job, and no answer kept.
+            for concurrency in sorted({*args.concurrency, in_flight}):
+                cpu = CpuMeter()
+                seconds, latencies = asyncio.run(
+                    direct_batched(triton, rows, concurrency, part_rows=len(rows))
+                )
+                cell = rows_cell(BATCHED, DIRECT, concurrency, total_rows, seconds, latencies)
+                used = cpu.since()
+                cell.extra["CPU s"] = sum(used.values())
+                if concurrency == in_flight:
+                    cpu_used["direct"] = used
+                results.cells.append(cell)
+            output = PartWriter(s3, "direct/", len(rows), shard_size)
             cpu = CpuMeter()
-            direct_seconds = asyncio.run(direct_batched(triton, rows, concurrency, part_rows=len(rows)))
-            cpu_used["direct"] = cpu.since()
-            output = PartWriter(s3, "direct/", len(rows), args.shard_size)
-            cpu = CpuMeter()
-            writing_seconds = asyncio.run(direct_batched(triton, rows, concurrency, args.shard_size, output))
+            seconds, latencies = asyncio.run(direct_batched(triton, rows, in_flight, shard_size, output))
             cpu_used["direct + parts"] = cpu.since()
-            naive_seconds = asyncio.run(naive(triton, rows[: args.naive_rows]))
+            cell = rows_cell(
+                BATCHED, "direct batched + the same parts in S3", in_flight, total_rows, seconds, latencies
+            )
+            cell.extra["CPU s"] = sum(cpu_used["direct + parts"].values())
+            results.cells.append(cell)
+            seconds, latencies = asyncio.run(naive(triton, rows[:naive_rows]))
+            results.cells.append(
+                rows_cell(ONE_ROW, "naive (Triton direct)", 1, naive_rows, seconds, latencies)
+            )
     finally:
         stack.down()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    batch_rate = args.rows / batch_seconds
-    direct_rate = args.rows / direct_seconds
-    writing_rate = args.rows / writing_seconds
-    naive_rate = args.naive_rows / naive_seconds
-    print(f"{'client':<46}{'rows/s':>12}{'seconds':>10}{'CPU s':>8}")
-    table = (
-        ("batch job (end to end)", batch_rate, batch_seconds, "batch job"),
-        ("direct batched, answers dropped (issue's)", direct_rate, direct_seconds, "direct"),
-        ("direct batched + the same parts in S3 (fair)", writing_rate, writing_seconds, "direct + parts"),
+    results.cells.sort(key=lambda cell: (cell.group, cell.concurrency, cell.path != DIRECT))
+    by_path = {cell.path: cell for cell in results.cells if cell.concurrency in (in_flight, 1)}
+    batch_rate = by_path["batch job (end to end)"].throughput
+    direct_rate = next(c.throughput for c in results.cells if c.path == DIRECT and c.concurrency == in_flight)
+    writing_rate = by_path["direct batched + the same parts in S3"].throughput
+    naive_rate = by_path["naive (Triton direct)"].throughput
+    results.aim(
+        "batch job >= 0.8x direct batched (answers dropped, same requests in flight)",
+        f"{batch_rate / direct_rate:.2f}x",
+        batch_rate >= 0.8 * direct_rate,
     )
-    for name, rate, seconds, measured in table:
-        print(f"{name:<46}{rate:>12,.0f}{seconds:>10.2f}{sum(cpu_used[measured].values()):>8.2f}")
-    print(
-        f"{'naive (1 row/request)':<46}{naive_rate:>12,.0f}{naive_seconds:>10.2f}  ({args.naive_rows} rows)"
+    results.aim("batch job >= 50x naive", f"{batch_rate / naive_rate:.1f}x", batch_rate >= 50 * naive_rate)
+    results.notes.append(
+        f"batch / direct batched + the same parts: {batch_rate / writing_rate:.2f}x"
+        " (NOT the issue's baseline: this direct client also writes the job's output)"
     )
-    print(
-        f"batch / direct batched, answers dropped: {batch_rate / direct_rate:.2f}x (the issue's aim: >= 0.8x)"
+    results.notes.append(
+        "the batch job's time: "
+        + "; ".join(f"{phase} {seconds:.2f} s" for phase, seconds in run.phases.items())
     )
-    print(
-        f"batch / direct batched + the same parts: {batch_rate / writing_rate:.2f}x "
-        "(NOT the issue's baseline: this direct client also writes the job's output)"
-    )
-    print(f"batch / naive:                           {batch_rate / naive_rate:.1f}x (aim >= 50x)")
-    print("the batch job's time:")
-    for phase, seconds in run.phases.items():
-        print(f"  {phase:<34}{seconds:>8.2f} s")
-    print("CPU seconds by process (all on this machine's CPUs):")
     for measured, used in cpu_used.items():
         busiest = sorted(used.items(), key=lambda item: -item[1])
-        print(
-            f"  {measured:<16}"
+        results.notes.append(
+            f"CPU seconds by process, {measured}: "
             + ", ".join(f"{name} {seconds:.2f}" for name, seconds in busiest if seconds >= 0.01)
         )
+    results.write(args.json)
     return 0
 
 

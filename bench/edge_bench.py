@@ -1,11 +1,12 @@
-"""The edge's cost: the `simple` model through the router directly and through Envoy, over gRPC
-and over REST (transcoded), with JWT checks and both rate limits on.
+"""The edge's cost: the `simple` model straight to Triton, through the router directly and through
+Envoy, over gRPC and over REST (transcoded), with JWT checks and both rate limits on.
 
 Starts a private local stack (router, registry, orchestrator, Triton, ratelimit on Redis,
-Envoy), registers the demo models, then runs each target at each concurrency for a fixed time
-and prints p50, p99 and requests/s, with each row's p50 against the router direct.
+Envoy), registers the demo models, then runs each target at each concurrency of the sweep for a
+fixed time and prints p50, p99 and requests/s, with each row's ratios against Triton direct (and
+the p50 against the router direct, the edge's own share).
 
-    .venv/bin/python bench/edge_bench.py [--seconds 4] [--concurrency 1 32]
+    .venv/bin/python bench/edge_bench.py [--quick] [--json PATH] [--seconds 5] [--concurrency 1 4 16 64]
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ import argparse
 import asyncio
 import json
 import shutil
-import statistics
+import subprocess
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import grpc
+from benchkit import Results, add_common_arguments, cell_seconds, mode, sweep_cell
+from tritonclient.grpc import service_pb2 as triton_pb
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from tensorway.devstack import DevStackSettings, Stack, register_demo_models
-from tensorway.devstack._envoy import jwt_key_dir
+from tensorway.devstack._envoy import ENVOY_BINARY, jwt_key_dir
 from tensorway.devstack._services import Ratelimit
 from tensorway.devstack._stack import default_components
 from tensorway.edge.config import load_values
@@ -32,12 +35,22 @@ from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
+GROUP = "simple (INT32 [1,16] x2)"
+TRITON_DIRECT = "Triton direct"
+ROUTER_DIRECT = "router gRPC (direct)"
 ONES = [1] * 16
 SEQUENCE = list(range(16))
 
 
 def grpc_request() -> pb.InferRequest:
     request = pb.InferRequest(model_name="simple")
+    for name, values in (("INPUT0", SEQUENCE), ("INPUT1", ONES)):
+        request.inputs.add(name=name, datatype="INT32", shape=[1, 16]).contents.int_contents.extend(values)
+    return request
+
+
+def triton_request() -> triton_pb.ModelInferRequest:
+    request = triton_pb.ModelInferRequest(model_name="simple")
     for name, values in (("INPUT0", SEQUENCE), ("INPUT1", ONES)):
         request.inputs.add(name=name, datatype="INT32", shape=[1, 16]).contents.int_contents.extend(values)
     return request
@@ -53,32 +66,23 @@ REST_BODY = json.dumps(
 )
 
 
-async def measure(call: Callable[[], Awaitable[None]], concurrency: int, seconds: float) -> list[float]:
-    latencies: list[float] = []
-    deadline = time.monotonic() + seconds
-
-    async def worker() -> None:
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - started)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
-
-
 async def run(
-    router: str, envoy: str, token: str, seconds: float, concurrencies: list[int]
-) -> list[dict[str, object]]:
-    rows: list[dict[str, object]] = []
+    addresses: dict[str, str], token: str, seconds: float, concurrencies: list[int], results: Results
+) -> None:
+    router, envoy = addresses["router"], addresses["envoy"]
     auth = (("authorization", f"Bearer {token}"),)
-    request = grpc_request()
+    request, to_triton = grpc_request(), triton_request()
     async with (
+        grpc.aio.insecure_channel(addresses["triton_grpc"]) as triton,
         grpc.aio.insecure_channel(router) as direct,
         grpc.aio.insecure_channel(envoy) as edge,
         aiohttp.ClientSession() as http,
     ):
+        triton_stub = triton_grpc.GRPCInferenceServiceStub(triton)
         direct_stub, edge_stub = pb_grpc.InferenceServiceStub(direct), pb_grpc.InferenceServiceStub(edge)
+
+        async def triton_direct() -> None:
+            await triton_stub.ModelInfer(to_triton, timeout=10)
 
         async def router_grpc() -> None:
             await direct_stub.Infer(request, timeout=10)
@@ -96,30 +100,49 @@ async def run(
                 if reply.status != 200:
                     raise RuntimeError(f"REST answered {reply.status}")
 
-        targets = {"router gRPC (direct)": router_grpc, "Envoy gRPC": envoy_grpc, "Envoy REST": envoy_rest}
+        targets: dict[str, Callable[[], Awaitable[None]]] = {
+            TRITON_DIRECT: triton_direct,
+            ROUTER_DIRECT: router_grpc,
+            "Envoy gRPC": envoy_grpc,
+            "Envoy REST": envoy_rest,
+        }
         for concurrency in concurrencies:
             for name, call in targets.items():
-                await measure(call, concurrency, min(1.0, seconds))  # warm up
-                latencies = sorted(await measure(call, concurrency, seconds))
-                rows.append(
-                    {
-                        "target": name,
-                        "concurrency": concurrency,
-                        "p50_ms": statistics.median(latencies) * 1000,
-                        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
-                        "rps": len(latencies) / seconds,
-                    }
-                )
-    return rows
+                results.cells.append(await sweep_cell(GROUP, name, call, concurrency, seconds))
+    for cell in results.cells:
+        router_cell = next(
+            c for c in results.cells if c.path == ROUTER_DIRECT and c.concurrency == cell.concurrency
+        )
+        cell.extra["p50 / router p50"] = (
+            cell.p50_ms / router_cell.p50_ms if cell.p50_ms and router_cell.p50_ms else None
+        )
+
+
+def envoy_version() -> str:
+    """The version Envoy reports of itself, e.g. `1.40.0/Clean/RELEASE/BoringSSL`."""
+    answer = subprocess.run(
+        [str(ENVOY_BINARY.locate("envoy")), "--version"], capture_output=True, text=True, check=True
+    )
+    return answer.stdout.strip().rpartition("version: ")[2].split("/", 1)[-1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    add_common_arguments(parser)
     args = parser.parse_args()
+    seconds = cell_seconds(args)
+    results = Results(
+        benchmark="edge",
+        title="The edge: Triton direct, the router direct, and Envoy (gRPC and REST) in front of it",
+        mode=mode(args),
+        baseline=TRITON_DIRECT,
+        throughput_unit="req/s",
+        settings={"seconds per cell": seconds, "concurrency": args.concurrency},
+        versions={"Envoy": envoy_version()},
+        notes=["Envoy checks a JWT and asks the ratelimit service (on Redis) about every request."],
+    )
     state_dir = Path(tempfile.mkdtemp(prefix="tensorway-edge-bench-"))
     state_dir.chmod(0o755)  # PostgreSQL runs as an unprivileged user under root
     # The shipped limits' shape, high enough that no request is refused: the ratelimit service is
@@ -152,21 +175,11 @@ def main() -> None:
             issuer=jwt["issuer"],
             audience=jwt["audiences"][0],
         )
-        addresses = state.addresses()
-        rows = asyncio.run(
-            run(addresses["router"], addresses["envoy"], token, args.seconds, args.concurrency)
-        )
+        asyncio.run(run(state.addresses(), token, seconds, args.concurrency, results))
     finally:
         stack.down()
         shutil.rmtree(state_dir, ignore_errors=True)
-    baseline = {row["concurrency"]: row["p50_ms"] for row in rows if row["target"] == "router gRPC (direct)"}
-    print(f"{'target':24} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'p50 vs direct':>14}")
-    for row in rows:
-        ratio = float(row["p50_ms"]) / float(baseline[row["concurrency"]])  # type: ignore[arg-type]
-        print(
-            f"{row['target']:24} {row['concurrency']:>4} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}"
-            f" {row['rps']:>8.0f} {ratio:>13.2f}x"
-        )
+    results.write(args.json)
 
 
 if __name__ == "__main__":

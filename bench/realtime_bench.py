@@ -2,8 +2,9 @@
 
 Workloads: `simple` (two INT32 [1,16] in, two out) and a 4 MiB FP32 tensor through an identity
 model (4 MiB in, 4 MiB out; no demo model takes 4 MiB: `digits` stops at 256 rows = 64 KiB).
-Each target runs each workload at concurrency 1 and 32; the report gives p50, p99, requests/s
-and payload MB/s (tensor bytes in + out), and each figure's ratio against Triton direct.
+Each target runs each workload at each concurrency of the sweep (1, 4, 16, 64 requests in flight);
+the report gives p50, p99, requests/s and payload MB/s (tensor bytes in + out), and each figure's
+ratio against Triton direct.
 
 A target is anything with `infer(workload)`: Triton's own API through tritonclient.grpc.aio, or
 tensorway.inference.v1 at some address. The targets are Triton direct, the orchestrator, and the
@@ -13,7 +14,8 @@ processes, started here and stopped at the end. The router's routes come from a 
 this process that sends one WatchRoutes snapshot and then stays quiet, so it costs nothing while
 the bench runs.
 
-    .venv/bin/python bench/realtime_bench.py [--seconds 4] [--concurrency 1 32] [--workload simple]
+    .venv/bin/python bench/realtime_bench.py [--quick] [--json PATH] [--seconds 5]
+        [--concurrency 1 4 16 64] [--workload simple]
 """
 
 from __future__ import annotations
@@ -23,24 +25,20 @@ import asyncio
 import json
 import os
 import shutil
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from benchkit import Results, add_common_arguments, cell_seconds, mode, prefixed, serve, sweep_cell
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from tensorway.common.v1 import tensor_pb2
@@ -163,68 +161,6 @@ class InferenceServiceTarget:
         await self._channel.close()
 
 
-@dataclass
-class Measurement:
-    target: str
-    workload: Workload
-    concurrency: int
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-
-    @property
-    def p50_ms(self) -> float:
-        return statistics.median(self.latencies) * 1000
-
-    @property
-    def p99_ms(self) -> float:
-        return float(np.percentile(self.latencies, 99)) * 1000
-
-    @property
-    def requests_per_second(self) -> float:
-        return len(self.latencies) / self.seconds
-
-    @property
-    def megabytes_per_second(self) -> float:
-        return self.requests_per_second * self.workload.payload_bytes / 1e6
-
-
-async def measure(target: Target, workload: Workload, concurrency: int, seconds: float) -> Measurement:
-    """Keep `concurrency` requests going for `seconds` after a warm-up; every latency is kept."""
-    for _ in range(max(concurrency, 20)):
-        await target.infer(workload)
-    result = Measurement(target.name, workload, concurrency)
-    started = time.perf_counter()
-    deadline = started + seconds
-
-    async def worker() -> None:
-        while time.perf_counter() < deadline:
-            sent = time.perf_counter()
-            await target.infer(workload)
-            result.latencies.append(time.perf_counter() - sent)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    result.seconds = time.perf_counter() - started
-    return result
-
-
-def report(results: Sequence[Measurement]) -> None:
-    header = (
-        f"{'workload':<10} {'conc':>4}  {'target':<14} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'MB/s':>8}"
-    )
-    ratios = f"{'p50 x':>6} {'+p50 ms':>8} {'req/s x':>8} {'MB/s x':>7}"
-    print(f"{header}   {ratios}")
-    direct = {(r.workload.name, r.concurrency): r for r in results if r.target == "triton-direct"}
-    for r in results:
-        base = direct[(r.workload.name, r.concurrency)]
-        print(
-            f"{r.workload.name:<10} {r.concurrency:>4}  {r.target:<14} {r.p50_ms:>8.3f} {r.p99_ms:>8.3f} "
-            f"{r.requests_per_second:>9.1f} {r.megabytes_per_second:>8.1f}   "
-            f"{r.p50_ms / base.p50_ms:>6.2f} {r.p50_ms - base.p50_ms:>8.3f} "
-            f"{r.requests_per_second / base.requests_per_second:>8.2f} "
-            f"{r.megabytes_per_second / base.megabytes_per_second:>7.2f}"
-        )
-
-
 @contextmanager
 def triton(workdir: Path) -> Iterator[str]:
     """Triton serving the demo models and the identity model, from the local stack's launcher."""
@@ -241,34 +177,12 @@ def triton(workdir: Path) -> Iterator[str]:
         stack.down()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
-def service(name: str, environment: Mapping[str, str], workdir: Path) -> Iterator[str]:
-    """`tensorway serve NAME` as its own process, without metrics, until the block ends."""
-    port = free_port()
-    prefix = f"TENSORWAY_{name.upper()}_"
-    env = {
-        **os.environ,
-        **{prefix + key: value for key, value in environment.items()},
-        prefix + "METRICS_ENABLED": "false",
-        prefix + "LOG_LEVEL": "WARNING",
-    }
-    command = [str(Path(sys.executable).with_name("tensorway")), "serve", name, "--port", str(port)]
-    with open(workdir / f"{name}.log", "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        address = f"127.0.0.1:{port}"
-        wait_serving(address, process)
+def service(name: str, settings: dict[str, str], workdir: Path) -> Iterator[str]:
+    """`tensorway serve NAME` without metrics, quiet, logging into the work dir."""
+    environment = prefixed(name, {**settings, "METRICS_ENABLED": "false", "LOG_LEVEL": "WARNING"})
+    with serve(name, environment, workdir / f"{name}.log") as address:
         yield address
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 class StaticRoutes(registry_grpc.RegistryServiceServicer):
@@ -319,19 +233,6 @@ def registry(routes: Sequence[registry_pb.Route]) -> Iterator[str]:
         server.stop(grace=None)
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise RuntimeError(f"{address} did not become SERVING")
-
-
 def targets(addresses: dict[str, str]) -> list[Target]:
     """Triton direct first: every ratio is against it."""
     return [
@@ -343,31 +244,52 @@ def targets(addresses: dict[str, str]) -> list[Target]:
 
 
 async def run(
-    addresses: dict[str, str], seconds: float, concurrencies: Sequence[int], names: Sequence[str]
-) -> list[Measurement]:
+    addresses: dict[str, str],
+    seconds: float,
+    concurrencies: Sequence[int],
+    names: Sequence[str],
+    results: Results,
+) -> None:
     chosen = targets(addresses)
-    results = []
+    triton_client = triton_aio.InferenceServerClient(addresses["triton"])
+    results.versions["Triton"] = (await triton_client.get_server_metadata()).version
+    await triton_client.close()
     try:
         for workload in (workload for workload in workloads() if workload.name in names):
             for concurrency in concurrencies:
                 for target in chosen:
-                    results.append(await measure(target, workload, concurrency, seconds))
+                    cell = await sweep_cell(
+                        workload.name,
+                        target.name,
+                        lambda target=target, workload=workload: target.infer(workload),
+                        concurrency,
+                        seconds,
+                    )
+                    cell.extra["MB/s"] = cell.throughput * workload.payload_bytes / 1e6
+                    results.cells.append(cell)
     finally:
         for target in chosen:
             await target.close()
-    return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured time per cell")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    add_common_arguments(parser)
     parser.add_argument(
         "--workload", nargs="+", default=[w.name for w in workloads()], help="workloads to run (all)"
     )
     args = parser.parse_args()
+    seconds = cell_seconds(args)
+    results = Results(
+        benchmark="realtime",
+        title="Real-time inference: Triton direct, the orchestrator and the router",
+        mode=mode(args),
+        baseline="triton-direct",
+        throughput_unit="req/s",
+        settings={"seconds per cell": seconds, "concurrency": args.concurrency, "workloads": args.workload},
+    )
     workdir = Path(tempfile.mkdtemp(prefix="tensorway-bench-"))
     try:
         with ExitStack() as running:
@@ -386,8 +308,8 @@ def main() -> int:
                 "router": router_address,
             }
             print(f"{os.cpu_count()} CPUs; " + "; ".join(f"{k} {v}" for k, v in addresses.items()))
-            results = asyncio.run(run(addresses, args.seconds, args.concurrency, args.workload))
-        report(results)
+            asyncio.run(run(addresses, seconds, args.concurrency, args.workload, results))
+        results.write(args.json)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from tensorway.cli.batch import batch_app
+from tensorway.cli.bench import bench_command
 from tensorway.cli.dev import dev_app
 from tensorway.cli.envoy import envoy_app
 from tensorway.cli.infer import infer_command
@@ -27,6 +28,7 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(envoy_app, name="envoy")
 app.add_typer(models_app, name="models")
 app.command("infer")(infer_command)
+app.command("bench")(bench_command)
 console = Console(stderr=True)
 
 # Service name → the module that builds it. Each module has `Settings` (a ServiceSettings with

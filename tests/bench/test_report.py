@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from tensorway.cli.bench import Report, render
+
+
+def rows_of(markdown: str, first_cell: str) -> list[list[str]]:
+    """The cells of every table row whose first cell is `first_cell`."""
+    rows = []
+    for line in markdown.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            rows.append(cells)
+    return rows
+
+
+def test_quick_run_is_labelled_with_its_date_and_commands(recorded_report: Report, tmp_path: Path) -> None:
+    markdown = render(recorded_report, tmp_path / "benchmarks.md", tmp_path / "benchmarks")
+
+    assert "**Quick run.**" in markdown
+    assert "Produced 2026-11-22 08:05 UTC by a **quick** run" in markdown
+    assert "| realtime | `python bench/realtime_bench.py --quick` | 0 | 1.0 |" in markdown
+    assert "| Triton | 2.51.0 |" in markdown
+    assert "| `tensorway` package | 0.1.0 |" in markdown
+    assert (tmp_path / "benchmarks.md").read_text() == markdown
+
+
+def test_ratios_are_against_the_baseline_at_the_same_concurrency(
+    recorded_report: Report, tmp_path: Path
+) -> None:
+    markdown = render(recorded_report, tmp_path / "benchmarks.md", tmp_path / "benchmarks")
+
+    simple = rows_of(markdown, "simple")
+    # group, path, in flight, requests, p50, p99, req/s, MB/s, then p50, p99 and req/s against the baseline
+    assert (
+        simple[0][1:]
+        == ["**triton-direct**", "1", "600", "0.800", "1.600", "1,200.0", "0.310"] + ["1.00x"] * 3
+    )
+    assert simple[1][1:] == [
+        "router",
+        "1",
+        "150",
+        "3.200",
+        "6.400",
+        "300.0",
+        "0.080",
+        "4.00x",
+        "4.00x",
+        "0.25x",
+    ]
+    assert simple[3][8:] == ["6.25x", "4.50x", "0.16x"]
+    batch = rows_of(markdown, "digits, up to 256 rows a request")
+    assert batch[1][1:] == [
+        "batch job (end to end)", "8", "-", "-", "-", "80,000.0", "0.540", "-", "-", "0.20x"
+    ]  # fmt: skip
+    # No baseline ran for this group: no ratio, rather than a made-up one.
+    assert rows_of(markdown, "digits, 1 row a request")[0][-3:] == ["-", "-", "-"]
+
+
+def test_aims_and_a_benchmark_without_results(recorded_report: Report, tmp_path: Path) -> None:
+    markdown = render(recorded_report, tmp_path / "benchmarks.md", tmp_path / "benchmarks")
+
+    assert rows_of(markdown, "batch")[1:] == [
+        ["batch", "batch job >= 0.8x direct batched", "0.200x", "**missed**"],
+        ["batch", "batch job >= 50x naive", "64.0x", "met"],
+    ]
+    assert "**No results**: `python bench/edge_bench.py --quick` exited with status 1" in markdown
+
+
+def test_chaos_criteria_are_marked_on_the_measured_values(recorded_report: Report, tmp_path: Path) -> None:
+    markdown = render(recorded_report, tmp_path / "benchmarks.md", tmp_path / "benchmarks")
+
+    marks = {
+        fault: cells[12:15]
+        for fault in (
+            "SIGKILL router-2",
+            "SIGKILL orchestrator-1",
+            "SIGKILL postgres",
+            "SIGKILL batch-worker-1",
+        )
+        for cells in rows_of(markdown, fault)
+    }
+    assert marks == {
+        "SIGKILL router-2": ["met", "n/a", "met"],
+        # 0.11% is over the 0.1% aim; recovery of exactly 10 s meets "within 10 s".
+        "SIGKILL orchestrator-1": ["**missed**", "n/a", "met"],
+        # PostgreSQL is the only one of its kind: its failed requests are shown, not judged.
+        "SIGKILL postgres": ["n/a", "**missed**", "**missed**"],
+        "SIGKILL batch-worker-1": ["n/a", "met", "n/a"],
+    }
+    assert rows_of(markdown, "SIGKILL orchestrator-1")[0][5] == "0.110"
+    assert "criteria missed by 2: SIGKILL orchestrator-1, SIGKILL postgres." in markdown
+
+
+def test_chaos_not_run_says_why(recorded_report: Report, tmp_path: Path) -> None:
+    recorded_report.chaos = None
+    recorded_report.chaos_note = "Not run: `tests/chaos` does not exist in this checkout yet."
+
+    markdown = render(recorded_report, tmp_path / "benchmarks.md", tmp_path / "benchmarks")
+
+    assert "## Chaos\n\nNot run: `tests/chaos` does not exist in this checkout yet.\n" in markdown
+
+
+def test_a_plot_per_group_with_a_latency_curve(recorded_report: Report, tmp_path: Path) -> None:
+    plots = tmp_path / "benchmarks"
+    plots.mkdir()
+    (plots / "realtime-gone.png").write_bytes(b"from an earlier run")
+
+    markdown = render(recorded_report, tmp_path / "benchmarks.md", plots)
+
+    # Batch groups have latencies at one concurrency each: nothing to draw a curve through.
+    assert sorted(path.name for path in plots.glob("*.png")) == ["realtime-simple.png"]
+    assert (plots / "realtime-simple.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "![realtime: simple](benchmarks/realtime-simple.png)" in markdown
