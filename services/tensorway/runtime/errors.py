@@ -22,6 +22,17 @@ from tensorway.common.v1 import error_pb2
 
 DOMAIN = "tensorway.io"
 GENERIC_INTERNAL_MESSAGE = "internal error; the server logged the details"
+# The status travels in trailing metadata, which clients refuse past 16 KiB (8 KiB by default
+# for some): text a caller sent, echoed back in full, must not push an error over that.
+MAX_ECHOED_CHARS = 512
+MAX_FIELD_VIOLATIONS = 10
+
+
+def clipped(text: str) -> str:
+    """`text`, cut to MAX_ECHOED_CHARS with a note of how much was left out."""
+    if len(text) <= MAX_ECHOED_CHARS:
+        return text
+    return f"{text[:MAX_ECHOED_CHARS]}... ({len(text) - MAX_ECHOED_CHARS} more characters)"
 
 
 def reason_name(reason: int) -> str:
@@ -62,14 +73,16 @@ class TensorwayError(Exception):
     def to_status_proto(self) -> Any:
         """The google.rpc.Status message for this error."""
         info = error_details_pb2.ErrorInfo(
-            reason=reason_name(self.reason), domain=DOMAIN, metadata=self.metadata
+            reason=reason_name(self.reason),
+            domain=DOMAIN,
+            metadata={clipped(key): clipped(value) for key, value in self.metadata.items()},
         )
         packed = []
         for detail in (info, *self.details()):
             wrapper = any_pb2.Any()
             wrapper.Pack(detail)
             packed.append(wrapper)
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+        return status_pb2.Status(code=self.code.value[0], message=clipped(self.message), details=packed)
 
     def to_grpc_status(self) -> grpc.Status:
         status: grpc.Status = rpc_status.to_status(self.to_status_proto())
@@ -99,8 +112,10 @@ class InvalidArgument(TensorwayError):
         return [
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in self.violations
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=clipped(v.field), description=clipped(v.description)
+                    )
+                    for v in self.violations[:MAX_FIELD_VIOLATIONS]
                 ]
             )
         ]
@@ -120,14 +135,16 @@ class _ResourceError(TensorwayError):
         reason: int | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        default = self.template.format(type=resource_type, name=resource_name)
+        default = self.template.format(type=resource_type, name=clipped(resource_name))
         super().__init__(message or default, reason=reason, metadata=metadata)
         self.resource_type = resource_type
         self.resource_name = resource_name
 
     def details(self) -> list[Message]:
         return [
-            error_details_pb2.ResourceInfo(resource_type=self.resource_type, resource_name=self.resource_name)
+            error_details_pb2.ResourceInfo(
+                resource_type=self.resource_type, resource_name=clipped(self.resource_name)
+            )
         ]
 
 
