@@ -35,6 +35,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tensorway.cli.bench import BenchResults
+
 # Requests in flight for each cell of the latency-against-concurrency curves.
 SWEEP = (1, 4, 16, 64)
 TENSORWAY = str(Path(sys.executable).with_name("tensorway"))
@@ -130,18 +132,10 @@ class Results:
     def aim(self, aim: str, measured: str, met: bool) -> None:
         self.aims.append({"aim": aim, "measured": measured, "met": met})
 
-    def baseline_of(self, cell: Cell) -> Cell | None:
-        return next(
-            (
-                c
-                for c in self.cells
-                if c.path == self.baseline and c.group == cell.group and c.concurrency == cell.concurrency
-            ),
-            None,
-        )
-
     def print_table(self) -> None:
-        """The human-readable table: every cell, and its ratios against the baseline."""
+        """The human-readable table: every cell, and its ratios against the baseline as the report
+        computes them."""
+        as_reported = BenchResults.from_json(asdict(self))
         extras = list(dict.fromkeys(name for cell in self.cells for name in cell.extra))
         unit = self.throughput_unit
         print(f"\n{self.title}  (ratios: against {self.baseline}, same group and concurrency)")
@@ -150,8 +144,8 @@ class Results:
             + "".join(f" {name:>10}" for name in extras)
             + f"   {'p50 x':>6} {'p99 x':>6} {unit + ' x':>9}"
         )
-        for cell in self.cells:
-            base = self.baseline_of(cell)
+        for cell in as_reported.cells:
+            base = as_reported.baseline_of(cell)
             print(
                 f"{cell.group:<26} {cell.path:<40} {cell.concurrency:>4} {number(cell.p50_ms, 3):>8}"
                 f" {number(cell.p99_ms, 3):>8} {number(cell.throughput, 1):>10}"

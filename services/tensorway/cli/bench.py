@@ -305,7 +305,7 @@ def plot_groups(results: BenchResults, plots_dir: Path) -> dict[str, Path]:
         paths = list(dict.fromkeys(path for path, _ in latencies))
         if not any(sum(1 for p, _ in latencies if p == path) > 1 for path in paths):
             continue
-        figure = Figure(figsize=(8, 5), dpi=100)
+        figure = Figure(figsize=(11, 5), dpi=100)
         FigureCanvasAgg(figure)
         axes = figure.add_subplot()
         for index, path in enumerate(paths):
@@ -323,7 +323,8 @@ def plot_groups(results: BenchResults, plots_dir: Path) -> dict[str, Path]:
         axes.set_ylabel("latency, ms (log)")
         axes.set_title(f"{results.benchmark}: {group} ({results.mode} run)")
         axes.grid(True, which="both", alpha=0.3)
-        axes.legend(fontsize="small")
+        # Beside the axes, so the legend never hides a curve.
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
         figure.tight_layout()
         png = plots_dir / f"{results.benchmark}-{slug(group)}.png"
         figure.savefig(png)
@@ -598,8 +599,7 @@ def bench_command(
 ) -> None:
     """Run every benchmark (bench/*_bench.py) and the chaos suite, and write the report with plots.
 
-    Run it from the repository's root: the benchmarks and tests/chaos live in the checkout, not in
-    the installed package.
+    Run it from the repository's root, where bench/ and tests/chaos are.
     """
     root = Path.cwd()
     missing = [name for name in BENCHMARKS if not (root / "bench" / f"{name}_bench.py").exists()]
