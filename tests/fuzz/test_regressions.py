@@ -31,3 +31,12 @@ def test_a_huge_model_name_is_not_found_with_details_a_client_can_read(
     request = method.input_type._concrete_class(model_name="m" * 70_000)
     error = refusal(fuzz_mesh, "router", method_path(method), request.SerializeToString())
     assert error.code() is grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "method", ["ModelStatistics", "RepositoryModelLoad", "CudaSharedMemoryStatus", "LogSettings"]
+)
+def test_triton_methods_the_router_leaves_out_are_unimplemented(fuzz_mesh: FuzzMesh, method: str) -> None:
+    # They raised the generated servicer's NotImplementedError, which became INTERNAL.
+    error = refusal(fuzz_mesh, "router", method_path(TRITON.methods_by_name[method]), b"")
+    assert error.code() is grpc.StatusCode.UNIMPLEMENTED

@@ -15,6 +15,7 @@ from tensorway.runtime.errors import (
     TensorwayError,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
 )
 from tensorway.runtime.server import (
     ServiceBinding,
@@ -43,6 +44,7 @@ __all__ = [
     "TensorwayError",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "configure_process",
     "create_channel",
     "create_server",

@@ -233,6 +233,13 @@ class PermissionDenied(TensorwayError):
     default_reason = error_pb2.ERROR_REASON_PERMISSION_DENIED
 
 
+class Unimplemented(TensorwayError):
+    """The server does not serve this method (a generated servicer method left as it came)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = error_pb2.ERROR_REASON_FAILED_PRECONDITION
+
+
 class Internal(TensorwayError):
     """A failure inside tensorway that the caller cannot fix. The message must be safe to show."""
 

@@ -44,6 +44,10 @@ async def abort_for(exc: BaseException, ctx: ServicerContext[Any, Any]) -> None:
             (key, value) for key, value in (exc.trailing_metadata() or ()) if key == STATUS_DETAILS_KEY
         ]
         await ctx.abort(exc.code(), exc.details() or "", tuple(downstream))
+    if isinstance(exc, NotImplementedError):
+        # What generated servicers raise for a method the service leaves out.
+        status = errors.Unimplemented("this server does not serve the method").to_grpc_status()
+        await ctx.abort(status.code, status.details, status.trailing_metadata)
     logger.error("unhandled error", exc_info=exc)
     status = errors.internal_status()
     await ctx.abort(status.code, status.details, status.trailing_metadata)
@@ -57,6 +61,8 @@ def _code_of(exc: BaseException | None, ctx: ServicerContext[Any, Any]) -> str:
         return exc.code.name
     if isinstance(exc, AioRpcError):
         return exc.code().name
+    if isinstance(exc, NotImplementedError):
+        return "UNIMPLEMENTED"
     if isinstance(exc, asyncio.CancelledError):
         return "CANCELLED"
     if isinstance(exc, grpc.aio.AbortError):
