@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from tensorway.cli.bench import Report, render
+from tensorway.cli.bench import Report, load_chaos, physical_cores, render
 
 
 def rows_of(markdown: str, first_cell: str) -> list[list[str]]:
@@ -113,3 +114,25 @@ def test_a_plot_per_group_with_a_latency_curve(recorded_report: Report, tmp_path
     assert sorted(path.name for path in plots.glob("*.png")) == ["realtime-simple.png"]
     assert (plots / "realtime-simple.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "![realtime: simple](benchmarks/realtime-simple.png)" in markdown
+
+
+def test_chaos_fields_the_report_does_not_know_are_left_out(tmp_path: Path) -> None:
+    results = tmp_path / "chaos.json"
+    results.write_text(
+        json.dumps(
+            {"faults": [{"fault": "slow Triton", "component": "triton", "hedged": 3, "p99_ms": 250.0}]}
+        )
+    )
+
+    (fault,) = load_chaos(results)
+
+    assert (fault.fault, fault.p99_ms, fault.requests) == ("slow Triton", 250.0, None)
+    assert (fault.failures_mark(), fault.rows_mark(), fault.recovery_mark()) == ("n/a", "n/a", "n/a")
+
+
+def test_physical_cores_from_cpuinfo() -> None:
+    block = "processor\t: {}\nphysical id\t: 0\ncore id\t\t: {}\n"
+    cpuinfo = "\n".join(block.format(cpu, cpu // 2) for cpu in range(4))  # two threads a core
+
+    assert physical_cores(cpuinfo) == 2
+    assert physical_cores("processor\t: 0\nmodel name\t: a VM\n") is None

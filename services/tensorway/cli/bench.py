@@ -18,7 +18,7 @@ import subprocess  # nosec B404
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
@@ -194,9 +194,11 @@ def machine() -> dict[str, str]:
     memory = re.search(r"^MemTotal:\s*(\d+) kB", _read("/proc/meminfo"), re.MULTILINE)
     os_name = re.search(r'^PRETTY_NAME="?([^"\n]+)"?', _read("/etc/os-release"), re.MULTILINE)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "CPU": f"{cpu} ({platform.machine()})",
-        "logical CPUs": str(os.cpu_count()),
+        "cores": f"{physical_cores(cpuinfo) or 'unknown'} physical, {os.cpu_count()} logical,"
+        f" {usable} usable by the benchmarks",
         "memory": f"{int(memory.group(1)) / 1024**2:.1f} GiB" if memory else "unknown",
         "OS": f"{os_name.group(1) if os_name else platform.system()}, kernel {platform.release()}",
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
@@ -204,6 +206,17 @@ def machine() -> dict[str, str]:
             ", ".join(f"{value:.2f}" for value in load) if load else "unknown"
         ),
     }
+
+
+def physical_cores(cpuinfo: str) -> int | None:
+    """Distinct (package, core) pairs of /proc/cpuinfo; None where it does not say (some VMs)."""
+    cores = set()
+    for block in cpuinfo.split("\n\n"):
+        entries = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        entries = {key.strip(): value.strip() for key, value in entries.items()}
+        if "physical id" in entries and "core id" in entries:
+            cores.add((entries["physical id"], entries["core id"]))
+    return len(cores) or None
 
 
 def _read(path: str) -> str:
@@ -224,8 +237,10 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
 
 
 def load_chaos(path: Path) -> list[ChaosFault]:
+    """The chaos suite's faults; fields this report does not know are left out, not fatal."""
+    known = {f.name for f in fields(ChaosFault)}
     data = json.loads(path.read_text())
-    return [ChaosFault(**fault) for fault in data["faults"]]
+    return [ChaosFault(**{k: v for k, v in fault.items() if k in known}) for fault in data["faults"]]
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -580,12 +595,16 @@ def run_chaos(root: Path, results_dir: Path) -> tuple[Step, list[ChaosFault] | N
             None,
             f"**No chaos results**: `{shown}` exited with status {step.returncode} and wrote none.",
         )
+    try:
+        faults = load_chaos(output)
+    except (ValueError, KeyError, TypeError) as error:
+        return step, None, f"**Unreadable chaos results** from `{shown}`: {error!r}."
     note = (
         None
         if step.returncode == 0
         else f"**The chaos suite failed** (pytest exit status {step.returncode})."
     )
-    return step, load_chaos(output), note
+    return step, faults, note
 
 
 def bench_command(
