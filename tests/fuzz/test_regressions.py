@@ -40,3 +40,34 @@ def test_triton_methods_the_router_leaves_out_are_unimplemented(fuzz_mesh: FuzzM
     # They raised the generated servicer's NotImplementedError, which became INTERNAL.
     error = refusal(fuzz_mesh, "router", method_path(TRITON.methods_by_name[method]), b"")
     assert error.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+# A string field (model_name, 1) holding bytes that are not UTF-8: no parser takes it.
+NOT_UTF8 = b"\x0a\x01\xff"
+
+
+@pytest.mark.parametrize(
+    ("service", "method"),
+    [
+        ("router", INFERENCE.methods_by_name["GetModelMetadata"]),
+        ("router", TRITON.methods_by_name["ModelInfer"]),
+        ("orchestrator", INFERENCE.methods_by_name["Infer"]),
+    ],
+)
+def test_bytes_no_parser_takes_are_invalid_argument(
+    fuzz_mesh: FuzzMesh, service: str, method: object
+) -> None:
+    error = refusal(fuzz_mesh, service, method_path(method), NOT_UTF8)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_stream_request_no_parser_takes_is_invalid_argument(fuzz_mesh: FuzzMesh) -> None:
+    # The deserializer's exception ended the stream with INTERNAL.
+    with pytest.raises(grpc.RpcError) as caught, fuzz_mesh.channel("router") as channel:
+        list(
+            channel.stream_stream(method_path(INFERENCE.methods_by_name["StreamInfer"]))(
+                iter([NOT_UTF8]), timeout=10
+            )
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert_client_error(caught.value)

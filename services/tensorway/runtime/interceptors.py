@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -145,10 +146,46 @@ def _observer(service: str, method: str) -> Callable[[ServicerContext[Any, Any]]
     return observed
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """Request bytes the method's deserializer refused, and why."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The deserializer, except that bytes it refuses become `_Undecodable`: gRPC would answer a
+    deserializer's exception with INTERNAL or UNKNOWN, before any handler could say INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # whatever the parser raises, the bytes are the caller's
+            return _Undecodable(str(exc))
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(
+            "the request is not a serialized message of the method's type",
+            [errors.FieldViolation("request", request.error)],
+        )
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
+
+
 def _wrap(handler: Any, observed: Callable[[ServicerContext[Any, Any]], Any]) -> Any:
     """The same handler with every call run inside `observed`."""
     serializers = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
@@ -156,7 +193,7 @@ def _wrap(handler: Any, observed: Callable[[ServicerContext[Any, Any]], Any]) ->
 
         async def unary_unary(request: Any, ctx: ServicerContext[Any, Any]) -> Any:
             async with observed(ctx):
-                return await inner_uu(request, ctx)
+                return await inner_uu(_decoded(request), ctx)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
     if handler.unary_stream is not None:
@@ -164,7 +201,7 @@ def _wrap(handler: Any, observed: Callable[[ServicerContext[Any, Any]], Any]) ->
 
         async def unary_stream(request: Any, ctx: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             async with observed(ctx):
-                async for response in inner_us(request, ctx):
+                async for response in inner_us(_decoded(request), ctx):
                     yield response
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
@@ -173,14 +210,14 @@ def _wrap(handler: Any, observed: Callable[[ServicerContext[Any, Any]], Any]) ->
 
         async def stream_unary(requests: Any, ctx: ServicerContext[Any, Any]) -> Any:
             async with observed(ctx):
-                return await inner_su(requests, ctx)
+                return await inner_su(_decoded_stream(requests), ctx)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
     inner_ss = handler.stream_stream
 
     async def stream_stream(requests: Any, ctx: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         async with observed(ctx):
-            async for response in inner_ss(requests, ctx):
+            async for response in inner_ss(_decoded_stream(requests), ctx):
                 yield response
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
