@@ -193,7 +193,6 @@ def machine() -> dict[str, str]:
         cpu = model.group(1).strip()
     memory = re.search(r"^MemTotal:\s*(\d+) kB", _read("/proc/meminfo"), re.MULTILINE)
     os_name = re.search(r'^PRETTY_NAME="?([^"\n]+)"?', _read("/etc/os-release"), re.MULTILINE)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "CPU": f"{cpu} ({platform.machine()})",
@@ -202,10 +201,13 @@ def machine() -> dict[str, str]:
         "memory": f"{int(memory.group(1)) / 1024**2:.1f} GiB" if memory else "unknown",
         "OS": f"{os_name.group(1) if os_name else platform.system()}, kernel {platform.release()}",
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
-        "load average when it started (1, 5, 15 min)": (
-            ", ".join(f"{value:.2f}" for value in load) if load else "unknown"
-        ),
+        "load average when it started (1, 5, 15 min)": load_average(),
     }
+
+
+def load_average() -> str:
+    """Other work on the machine, which the figures share it with."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
 
 
 def physical_cores(cpuinfo: str) -> int | None:
@@ -644,6 +646,7 @@ def bench_command(
     else:
         step, report.chaos, report.chaos_note = run_chaos(root, results_dir)
         report.steps.append(step)
+    report.machine["load average when it finished (1, 5, 15 min)"] = load_average()
     render(report, output, plots_dir)
     failed = [step.name for step in report.steps if step.returncode]
     typer.echo(f"\nwrote {output} and plots in {plots_dir}", err=True)
