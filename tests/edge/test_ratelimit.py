@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pydantic
 import pytest
+from prometheus_client import REGISTRY
 
 from tensorway.ratelimit.core import Descriptor, RateLimiter, RedisWindowCounters
 from tensorway.ratelimit.envoy import rls_pb2 as pb
@@ -80,6 +81,12 @@ async def test_counts_per_window_in_redis_until_over_limit(redis_url: str) -> No
         LIMITS, RedisWindowCounters.connect(redis_url, timedelta(seconds=1)), clock=lambda: now
     )
     tenant = f"t-{uuid.uuid4().hex[:8]}"
+
+    def cost(limit: str, unit: str) -> float:
+        labels = {"limit": limit, "unit": unit}
+        return REGISTRY.get_sample_value("tensorway_ratelimit_cost_total", labels) or 0
+
+    rows_before = cost("tenant-rows", "rows")
     try:
         decisions = [await limiter.check("tensorway", [Descriptor((("tenant", tenant),))]) for _ in range(4)]
         assert [d.over_limit for d in decisions] == [False, False, False, True]
@@ -89,6 +96,7 @@ async def test_counts_per_window_in_redis_until_over_limit(redis_url: str) -> No
         rows = await limiter.check("tensorway", [Descriptor((("tenant", tenant), ("rows", "8")))])
         assert not rows.over_limit
         assert rows.statuses[0].remaining == 2
+        assert cost("tenant-rows", "rows") == rows_before + 8
         other = await limiter.check("tensorway", [Descriptor((("tenant", f"{tenant}-b"),))])
         assert not other.over_limit
         # The next window starts from zero.

@@ -27,6 +27,11 @@ DECISIONS = Counter(
     "Descriptors checked, by limit and outcome (ok, over_limit, redis_down).",
     ["limit", "outcome"],
 )
+COST = Counter(
+    "tensorway_ratelimit_cost_total",
+    "Cost counted against a limit, by limit and unit (requests, rows, bytes).",
+    ["limit", "unit"],
+)
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,7 @@ class RateLimiter:
         except RedisError:
             return self._redis_down(statuses, counted)
         blocking: list[timedelta] = []
-        for (i, limit), total in zip(counted, totals, strict=True):
+        for (i, limit), (_, cost, _), total in zip(counted, increments, totals, strict=True):
             window = limit.per.length.total_seconds()
             reset_in = timedelta(seconds=window - (now % window))
             over = total > limit.limit
@@ -161,6 +166,7 @@ class RateLimiter:
                 over_limit=over, limit=limit, remaining=max(0, limit.limit - total), reset_in=reset_in
             )
             DECISIONS.labels(limit.name, "over_limit" if over else "ok").inc()
+            COST.labels(limit.name, limit.cost.value).inc(cost)
             if over:
                 blocking.append(reset_in)
         return Decision(statuses, retry_after=min(blocking) if blocking else None)
