@@ -18,7 +18,10 @@ from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
+from tensorway.runtime import FieldViolation, InvalidArgument
 from tensorway.tensors.layouts import pack_contents, unpack_contents
+
+INT64_MAX = 2**63 - 1
 
 
 def raw_inputs(request: pb.InferRequest) -> list[bytes]:
@@ -126,8 +129,14 @@ def parameters_to_triton(source: Mapping[str, tensor_pb2.Parameter], target: Mes
 
 
 def parameter_from_triton(parameter: Any) -> tensor_pb2.Parameter:
-    """A Triton InferParameter as a tensorway Parameter (unsigned integers as int64)."""
+    """A Triton InferParameter as a tensorway Parameter (unsigned integers as int64);
+    INVALID_ARGUMENT for an unsigned value int64 cannot hold."""
     kind = parameter.WhichOneof("parameter_choice")
+    if kind == "uint64_param" and parameter.uint64_param > INT64_MAX:
+        raise InvalidArgument(
+            f"parameter value {parameter.uint64_param} is past the largest int64 tensorway carries",
+            [FieldViolation("parameters", "uint64_param must be at most 2**63 - 1")],
+        )
     if kind == "bool_param":
         return tensor_pb2.Parameter(bool_value=parameter.bool_param)
     if kind in ("int64_param", "uint64_param"):
