@@ -7,6 +7,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
+from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tests.fuzz.calls import method_path
 from tests.fuzz.conftest import FuzzMesh
 from tests.fuzz.outcomes import assert_client_error
@@ -71,3 +72,14 @@ def test_a_stream_request_no_parser_takes_is_invalid_argument(fuzz_mesh: FuzzMes
         )
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert_client_error(caught.value)
+
+
+@pytest.mark.parametrize("seconds", [-(2**63), 2**63 - 1])
+def test_a_timestamp_out_of_range_is_invalid_argument(fuzz_mesh: FuzzMesh, seconds: int) -> None:
+    # ToDatetime's ValueError on an output-only create_time became INTERNAL.
+    version = registry_pb.ModelVersion(platform="onnxruntime_onnx")
+    version.create_time.seconds = seconds
+    request = registry_pb.CreateModelVersionRequest(parent="models/simple", model_version=version)
+    method = registry_pb.DESCRIPTOR.services_by_name["RegistryService"].methods_by_name["CreateModelVersion"]
+    error = refusal(fuzz_mesh, "registry", method_path(method), request.SerializeToString())
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT

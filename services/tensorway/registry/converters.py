@@ -29,6 +29,7 @@ from tensorway.registry.domain import (
 )
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.validation import parse_name
+from tensorway.runtime import FieldViolation, InvalidArgument
 
 T = TypeVar("T")
 
@@ -70,8 +71,13 @@ def _timestamp(value: datetime | None) -> Timestamp | None:
     return stamp
 
 
-def _datetime(message: Timestamp, present: bool) -> datetime | None:
-    return message.ToDatetime(tzinfo=UTC) if present else None
+def _datetime(message: Timestamp, present: bool, field: str) -> datetime | None:
+    if not present:
+        return None
+    try:
+        return message.ToDatetime(tzinfo=UTC)
+    except ValueError as exc:  # seconds or nanos outside what a Timestamp may hold
+        raise InvalidArgument(f"{field} is not a valid timestamp", [FieldViolation(field, str(exc))]) from exc
 
 
 def specs_to_proto(specs: Iterable[TensorSpec]) -> list[tensor_pb2.TensorSpec]:
@@ -99,8 +105,8 @@ def model_from_proto(message: pb.Model, field: str = "model.name") -> Model:
         name=name,
         description=message.description,
         labels=dict(message.labels),
-        create_time=_datetime(message.create_time, message.HasField("create_time")),
-        update_time=_datetime(message.update_time, message.HasField("update_time")),
+        create_time=_datetime(message.create_time, message.HasField("create_time"), "create_time"),
+        update_time=_datetime(message.update_time, message.HasField("update_time"), "update_time"),
         etag=message.etag,
     )
 
@@ -133,8 +139,8 @@ def model_version_from_proto(message: pb.ModelVersion, model: str, version: str)
         artifact_uri=message.artifact_uri,
         stage=stage_from_proto(message.stage) or Stage.DRAFT,
         metrics=dict(message.metrics),
-        create_time=_datetime(message.create_time, message.HasField("create_time")),
-        update_time=_datetime(message.update_time, message.HasField("update_time")),
+        create_time=_datetime(message.create_time, message.HasField("create_time"), "create_time"),
+        update_time=_datetime(message.update_time, message.HasField("update_time"), "update_time"),
         etag=message.etag,
     )
 
@@ -154,8 +160,8 @@ def pool_from_proto(message: pb.Pool, field: str = "pool.name") -> Pool:
     return Pool(
         name=name,
         endpoints=tuple(message.endpoints),
-        create_time=_datetime(message.create_time, message.HasField("create_time")),
-        update_time=_datetime(message.update_time, message.HasField("update_time")),
+        create_time=_datetime(message.create_time, message.HasField("create_time"), "create_time"),
+        update_time=_datetime(message.update_time, message.HasField("update_time"), "update_time"),
         etag=message.etag,
     )
 
@@ -193,8 +199,8 @@ def deployment_from_proto(message: pb.Deployment, model: str, name: str) -> Depl
         traffic=tuple(TrafficSplit(s.version, s.weight) for s in message.traffic),
         aliases=dict(message.aliases),
         shadow=_shadow_from_proto(message.shadow, message.HasField("shadow")),
-        create_time=_datetime(message.create_time, message.HasField("create_time")),
-        update_time=_datetime(message.update_time, message.HasField("update_time")),
+        create_time=_datetime(message.create_time, message.HasField("create_time"), "create_time"),
+        update_time=_datetime(message.update_time, message.HasField("update_time"), "update_time"),
         etag=message.etag,
     )
 
