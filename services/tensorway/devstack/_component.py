@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from tensorway.devstack._errors import DevStackError
-from tensorway.devstack._ports import PortAllocator, PortInUseError
+from tensorway.devstack._ports import PortAllocator, PortInUseError, port_is_free
 from tensorway.devstack._process import log_tail, reap, spawn
 from tensorway.devstack._settings import DevStackSettings
 from tensorway.devstack._state import Endpoint
@@ -77,7 +77,10 @@ class LaunchContext:
         *,
         endpoints: Mapping[str, Endpoint] | None = None,
         die_with_parent: bool = False,
+        reuse_ports: Sequence[int] = (),
     ) -> None:
+        """``reuse_ports`` are the ports an earlier start of the component was given, handed out
+        again in the same order, so a restarted server is found where its clients look."""
         self.name = name
         self.endpoints = dict(endpoints or {})
         """Endpoints of the components already running, for wiring this one to them."""
@@ -90,24 +93,46 @@ class LaunchContext:
         self.log_path = state_dir / "logs" / f"{name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.spawned: list[subprocess.Popen[bytes]] = []
+        self._reuse_ports = list(reuse_ports)
+        self.ports: list[int] = []
+        """Every port this start handed out, in order: what a restart is given again."""
 
     def port(self, setting: str) -> int:
         """The port a user pinned in ``setting``, or a free one when it is unset."""
+        if self._reuse_ports:
+            return self._given(self._reused())
         pinned: int | None = getattr(self.settings, setting)
         if pinned is None:
-            return self._ports.free()
+            return self._given(self._ports.free())
         try:
-            return self._ports.pinned(pinned)
+            return self._given(self._ports.pinned(pinned))
         except PortInUseError as error:
             raise port_in_use_error(self.name, setting, pinned) from error
 
     def free_port(self) -> int:
         """A free port for a service nobody needs to pin (internal ones)."""
-        return self._ports.free()
+        return self._given(self._reused() if self._reuse_ports else self._ports.free())
 
     def free_port_pair(self, offset: int) -> tuple[int, int]:
         """Two free ports ``offset`` apart, for servers that derive one from the other."""
-        return self._ports.free_with_partner(offset)
+        if self._reuse_ports:
+            return self._given(self._reused()), self._given(self._reused())
+        port, partner = self._ports.free_with_partner(offset)
+        return self._given(port), self._given(partner)
+
+    def _given(self, port: int) -> int:
+        self.ports.append(port)
+        return port
+
+    def _reused(self) -> int:
+        port = self._reuse_ports.pop(0)
+        # The killed server's sockets close as the kernel reaps it, a moment after the kill.
+        deadline = time.monotonic() + self.settings.start_timeout.total_seconds()
+        while not port_is_free(port):
+            if time.monotonic() > deadline:
+                raise self.failure(f"port 127.0.0.1:{port} of the earlier start is still taken")
+            time.sleep(0.05)
+        return port
 
     def spawn(
         self,
@@ -207,12 +232,16 @@ def port_in_use_error(component: str, setting: str, port: int) -> DevStackError:
 
 
 class Component(abc.ABC):
-    """One server of the local stack."""
+    """One server of the local stack.
 
-    name: ClassVar[str]
-    requires: ClassVar[tuple[str, ...]] = ()
+    ``name`` and ``requires`` may be set per instance, so a stack can run replicas of a
+    component (``router`` and ``router-2``) wired to different peers.
+    """
+
+    name: str
+    requires: tuple[str, ...] = ()
     """Components that must be running before this one starts."""
-    port_settings: ClassVar[tuple[str, ...]] = ()
+    port_settings: tuple[str, ...] = ()
     """DevStackSettings fields that pin this component's ports."""
     optional: ClassVar[bool] = False
     """Started only when asked for by name, not by a plain `up` of the whole stack."""

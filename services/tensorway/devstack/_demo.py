@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
 from google.protobuf import field_mask_pb2
 
 from tensorway.common.v1 import tensor_pb2
-from tensorway.devstack._services import LOCAL_POOL, ROUTED_DEMO_MODELS
+from tensorway.devstack._services import LOCAL_POOL, ROUTED_DEMO_MODELS, endpoint_key
 from tensorway.devstack._state import StackState
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as inference_grpc
@@ -29,19 +29,22 @@ def _create(method: Callable[..., object], request: object, timeout: float) -> N
             raise
 
 
-def register_demo_models(state: StackState, timeout: float = 10.0) -> list[str]:
-    """Pool `pools/local` (the stack's orchestrator), and each demo model at version 1 in
-    PRODUCTION with all traffic. Safe to run again on a registry that has them."""
+def register_demo_models(
+    state: StackState, timeout: float = 10.0, orchestrators: Sequence[str] = ("orchestrator",)
+) -> list[str]:
+    """Pool `pools/local` (the stack's orchestrators, named by ``orchestrators``), and each demo
+    model at version 1 in PRODUCTION with all traffic. Safe to run again on a registry that has them."""
     addresses = state.addresses()
+    pool_endpoints = [addresses[endpoint_key(orchestrator)] for orchestrator in orchestrators]
     with (
         grpc.insecure_channel(addresses["registry"]) as registry_channel,
-        grpc.insecure_channel(addresses["orchestrator"]) as orchestrator_channel,
+        grpc.insecure_channel(pool_endpoints[0]) as orchestrator_channel,
     ):
         registry = registry_grpc.RegistryServiceStub(registry_channel)
         orchestrator = inference_grpc.InferenceServiceStub(orchestrator_channel)
         pool = f"pools/{LOCAL_POOL}"
         # The pool outlives `dev down` in PostgreSQL; its orchestrator's port does not.
-        local_pool = registry_pb.Pool(name=pool, endpoints=[addresses["orchestrator"]])
+        local_pool = registry_pb.Pool(name=pool, endpoints=pool_endpoints)
         try:
             registry.CreatePool(registry_pb.CreatePoolRequest(pool=local_pool), timeout=timeout)
         except grpc.RpcError as error:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tensorway.devstack._component import Component, LaunchContext, PackageFile, Started, loopback
 from tensorway.devstack._errors import DevStackError
+from tensorway.devstack._services import endpoint_key
 from tensorway.devstack._state import Endpoint
 from tensorway.edge import config as edge
 from tensorway.edge.keys import SigningKey, ensure_key_pair
@@ -62,9 +63,17 @@ class Envoy(Component):
         self,
         binary: PackageFile = ENVOY_BINARY,
         envoy_dir: Path | None = None,
+        *,
+        routers: Sequence[str] = ("router",),
+        values: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        """``routers`` names the router components Envoy balances over, when they run;
+        ``values`` overrides sections of the profile's values (``{"health_check": {"interval":
+        "1s"}}``)."""
         self._binary = binary
         self._envoy_dir = envoy_dir
+        self._routers = tuple(routers)
+        self._values = {section: dict(keys) for section, keys in (values or {}).items()}
 
     def start(self, ctx: LaunchContext) -> Started:
         envoy = self._binary.locate(self.name)
@@ -80,6 +89,11 @@ class Envoy(Component):
             running = ctx.endpoints.get(upstream)
             if running is not None:
                 overrides[upstream] = _address(running.address, upstream)
+        routers = [ctx.endpoints[key] for key in map(endpoint_key, self._routers) if key in ctx.endpoints]
+        if len(routers) > 1:
+            overrides["router"]["endpoints"] = [_address(router.address, "router") for router in routers]
+        for section, keys in self._values.items():
+            overrides.setdefault(section, {}).update(keys)
         key = local_signing_key(ctx.state_dir)
         overrides["files"] = {"dir": str(ctx.home)}
         overrides["jwt"] = {"jwks_file": str(key.jwks)}

@@ -152,6 +152,14 @@ def stop_group(
     reap(identity.pid)
 
 
+def signal_group(identity: ProcessIdentity, signum: int) -> None:
+    """Send ``signum`` to a running server's process group (a fault injected on purpose: SIGKILL,
+    SIGSTOP, SIGCONT); ProcessLookupError when the server is not running."""
+    if not is_alive(identity):
+        raise ProcessLookupError(identity.pid)
+    os.killpg(identity.pid, signum)
+
+
 def _pid_reused(identity: ProcessIdentity) -> bool:
     fields = _stat_fields(identity.pid)
     return fields is not None and int(fields[19]) != identity.start_ticks

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,10 +22,23 @@ LOCAL_POOL = "local"
 ROUTED_DEMO_MODELS = ("simple", "digits", "iris")
 
 
+def endpoint_key(component: str) -> str:
+    """The name a component's endpoint is listed under: ``router-2`` serves ``router_2``."""
+    return component.replace("-", "_")
+
+
 class TensorwayService(Component):
     """A tensorway service on a free port, ready once its gRPC health check says SERVING."""
 
     env_prefix: ClassVar[str]
+    service: ClassVar[str]
+    """What `tensorway serve` calls the service; the component's name by default."""
+
+    def __init__(self, name: str | None = None, settings: Mapping[str, str] | None = None) -> None:
+        """``name`` makes this a replica (``router-2``); ``settings`` are the service's own
+        settings by the names after its prefix (``{"BREAKER_OPEN_FOR": "0.5"}``)."""
+        self.name = name or self.service
+        self._settings = dict(settings or {})
 
     def environment(self, ctx: LaunchContext) -> dict[str, str]:
         """The service's own settings, from the endpoints of what it requires."""
@@ -38,13 +52,14 @@ class TensorwayService(Component):
             f"{self.env_prefix}PORT": str(port),
             f"{self.env_prefix}METRICS_PORT": str(metrics_port),
             **self.environment(ctx),
+            **{f"{self.env_prefix}{key}": value for key, value in self._settings.items()},
         }
-        process = ctx.spawn([str(venv_bin_dir() / "tensorway"), "serve", self.name], env=env)
+        process = ctx.spawn([str(venv_bin_dir() / "tensorway"), "serve", self.service], env=env)
         address = loopback(port)
         ctx.wait_ready(process, lambda: _check_serving(address), what="grpc.health.v1 Check")
         return Started(
             process=process,
-            endpoints={self.name.replace("-", "_"): Endpoint(address=address)},
+            endpoints={endpoint_key(self.name): Endpoint(address=address)},
             internal={"metrics": f"http://{loopback(metrics_port)}/metrics"},
         )
 
@@ -69,7 +84,7 @@ def _endpoint(ctx: LaunchContext, name: str, field: str = "address") -> str:
 class Registry(TensorwayService):
     """The model registry on PostgreSQL and Redis."""
 
-    name = "registry"
+    service = "registry"
     requires = ("postgres", "redis")
     env_prefix = "TENSORWAY_REGISTRY_"
 
@@ -81,15 +96,27 @@ class Registry(TensorwayService):
 
 
 class Orchestrator(TensorwayService):
-    """One orchestrator beside the local Triton, serving the pool `pools/local`."""
+    """An orchestrator in front of the stack's Triton(s), serving the pool `pools/local`."""
 
-    name = "orchestrator"
-    requires = ("triton", "registry")
+    service = "orchestrator"
     env_prefix = "TENSORWAY_ORCHESTRATOR_"
 
+    def __init__(
+        self,
+        name: str | None = None,
+        settings: Mapping[str, str] | None = None,
+        *,
+        tritons: Sequence[str] = ("triton",),
+    ) -> None:
+        """``tritons`` names the Triton components of its pool."""
+        super().__init__(name, settings)
+        self._tritons = tuple(tritons)
+        self.requires = (*self._tritons, "registry")
+
     def environment(self, ctx: LaunchContext) -> dict[str, str]:
+        tritons = [_endpoint(ctx, f"{endpoint_key(triton)}_grpc") for triton in self._tritons]
         return {
-            "TENSORWAY_ORCHESTRATOR_TRITONS": json.dumps([_endpoint(ctx, "triton_grpc")]),
+            "TENSORWAY_ORCHESTRATOR_TRITONS": json.dumps(tritons),
             "TENSORWAY_ORCHESTRATOR_POOL": LOCAL_POOL,
             "TENSORWAY_ORCHESTRATOR_REGISTRY_ADDRESS": _endpoint(ctx, "registry"),
             # Kept loaded whatever the registry says, so they can be registered from their metadata.
@@ -100,7 +127,7 @@ class Orchestrator(TensorwayService):
 class Router(TensorwayService):
     """The public inference API, routing from the registry's route table."""
 
-    name = "router"
+    service = "router"
     requires = ("registry", "orchestrator")
     env_prefix = "TENSORWAY_ROUTER_"
 
@@ -122,7 +149,7 @@ def _batch_environment(ctx: LaunchContext, prefix: str) -> dict[str, str]:
 class Batch(TensorwayService):
     """The batch jobs API; it also shards jobs and relays them to Kafka."""
 
-    name = "batch"
+    service = "batch"
     requires = ("postgres", "kafka", "s3")
     env_prefix = "TENSORWAY_BATCH_"
 
@@ -131,27 +158,49 @@ class Batch(TensorwayService):
 
 
 class BatchWorker(TensorwayService):
-    """One batch worker, inferring through the stack's router."""
+    """One batch worker, inferring through the stack's router(s)."""
 
-    name = "batch-worker"
-    requires = ("batch", "router")
+    service = "batch-worker"
     env_prefix = "TENSORWAY_BATCH_WORKER_"
 
+    def __init__(
+        self,
+        name: str | None = None,
+        settings: Mapping[str, str] | None = None,
+        *,
+        routers: Sequence[str] = ("router",),
+    ) -> None:
+        """``routers`` names the router components it infers through."""
+        super().__init__(name, settings)
+        self._routers = tuple(routers)
+        self.requires = ("batch", *self._routers)
+
     def environment(self, ctx: LaunchContext) -> dict[str, str]:
+        routers = [_endpoint(ctx, endpoint_key(router)) for router in self._routers]
+        # Several addresses make one gRPC target whose channel moves to the next router
+        # when the one it uses goes away.
+        target = routers[0] if len(routers) == 1 else "ipv4:" + ",".join(routers)
         return {
             **_batch_environment(ctx, self.env_prefix),
-            f"{self.env_prefix}INFERENCE_TARGET": _endpoint(ctx, "router"),
+            f"{self.env_prefix}INFERENCE_TARGET": target,
         }
 
 
 class Ratelimit(TensorwayService):
     """Envoy's global rate limit service, counting in Redis."""
 
-    name = "ratelimit"
+    service = "ratelimit"
     requires = ("redis",)
     env_prefix = "TENSORWAY_RATELIMIT_"
 
-    def __init__(self, limits_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        limits_file: Path | None = None,
+        *,
+        name: str | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(name, settings)
         self._limits_file = limits_file or default_limits_file()
 
     def environment(self, ctx: LaunchContext) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess  # nosec B404
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._kafka import Kafka
 from tensorway.devstack._ports import PortAllocator, port_is_free
 from tensorway.devstack._postgres import Postgres
-from tensorway.devstack._process import ProcessIdentity, identify, stop_group
+from tensorway.devstack._process import ProcessIdentity, identify, signal_group, stop_group
 from tensorway.devstack._prometheus import Prometheus
 from tensorway.devstack._redis import Redis
 from tensorway.devstack._s3 import S3
@@ -144,6 +145,39 @@ class Stack:
             save_state(self.state_dir, state)
         return stopped
 
+    def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
+        """Send ``signum`` to a running component's process group, as a fault would: SIGKILL
+        kills it where it stands (no shutdown), SIGSTOP stalls it, SIGCONT resumes it.
+
+        The record stays, so `restart` can bring the component back on its ports and `down`
+        still stops it.
+        """
+        record = self._record(name)
+        try:
+            signal_group(record.identity, signum)
+        except ProcessLookupError:
+            raise DevStackError(name, "is not running", f"start it: tensorway dev up {name}") from None
+
+    def restart(self, name: str) -> ComponentRecord:
+        """Stop what is left of a component (killed or not) and start it again on the same ports,
+        so the peers configured with its address find it again; returns its new record."""
+        record = self._record(name)
+        state = load_state(self.state_dir)
+        self._stop(name, record)
+        state.components[name] = self._start(
+            self._catalog[name], PortAllocator(), state, reuse_ports=record.ports
+        )
+        save_state(self.state_dir, state)
+        return state.components[name]
+
+    def _record(self, name: str) -> ComponentRecord:
+        record = load_state(self.state_dir).components.get(name)
+        if record is None:
+            raise DevStackError(
+                name, f"was not started in {self.state_dir}", f"start it: tensorway dev up {name}"
+            )
+        return record
+
     def status(self) -> StackState:
         """The recorded components whose servers are still running."""
         state = load_state(self.state_dir)
@@ -184,7 +218,13 @@ class Stack:
                 if port is not None and not port_is_free(port):
                     raise port_in_use_error(name, setting, port)
 
-    def _start(self, component: Component, ports: PortAllocator, state: StackState) -> ComponentRecord:
+    def _start(
+        self,
+        component: Component,
+        ports: PortAllocator,
+        state: StackState,
+        reuse_ports: Sequence[int] = (),
+    ) -> ComponentRecord:
         ctx = LaunchContext(
             component.name,
             self.state_dir,
@@ -192,6 +232,7 @@ class Stack:
             ports,
             endpoints=state.endpoints(),
             die_with_parent=self._die_with_parent,
+            reuse_ports=reuse_ports,
         )
         try:
             started = component.start(ctx)
@@ -209,6 +250,7 @@ class Stack:
             endpoints=started.endpoints,
             internal=started.internal,
             cleanup=started.cleanup,
+            ports=ctx.ports,
         )
 
     def _stop(self, name: str, record: ComponentRecord) -> None:

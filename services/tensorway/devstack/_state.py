@@ -39,6 +39,9 @@ class ComponentRecord(BaseModel):
     """Other addresses (admin, metrics) by name."""
     cleanup: list[str] = Field(default_factory=list)
     """Glob patterns of runtime files to remove once the component is stopped."""
+    ports: list[int] = Field(default_factory=list)
+    """The loopback ports the component was given, in the order it asked for them; a restart
+    gets the same ones."""
 
     @property
     def identity(self) -> ProcessIdentity:

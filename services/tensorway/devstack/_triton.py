@@ -38,19 +38,30 @@ class Triton(Component):
     """
 
     name = "triton"
-    port_settings = ("triton_grpc_port", "triton_http_port")
+    port_settings: tuple[str, ...] = ("triton_grpc_port", "triton_http_port")
 
     def __init__(
         self,
         server_tree: PackageFile = TRITON_SERVER_TREE,
+        *,
+        name: str = "triton",
     ) -> None:
+        """A ``name`` other than ``triton`` makes a replica (``triton-2``): its endpoints are
+        ``triton_2_grpc`` and ``triton_2_http``, on free ports whatever the pinned ones."""
         self._server_tree = server_tree
+        self.name = name
+        if name != Triton.name:
+            self.port_settings = ()
 
     def start(self, ctx: LaunchContext) -> Started:
         server_root = _install_server(self._server_tree.locate(self.name), ctx.home / "server")
         repository, models = _model_repository(ctx)
-        grpc_port = ctx.port("triton_grpc_port")
-        http_port = ctx.port("triton_http_port")
+        grpc_port, http_port = (
+            (ctx.port("triton_grpc_port"), ctx.port("triton_http_port"))
+            if self.port_settings
+            else (ctx.free_port(), ctx.free_port())
+        )
+        key = self.name.replace("-", "_")
         metrics_port = ctx.free_port()
         # Triton's Python backend names its shared-memory regions by this prefix; one
         # per state dir lets `down` remove what a killed server left in /dev/shm.
@@ -95,8 +106,8 @@ class Triton(Component):
         return Started(
             process=process,
             endpoints={
-                "triton_grpc": Endpoint(address=loopback(grpc_port)),
-                "triton_http": Endpoint(address=loopback(http_port), url=f"http://{loopback(http_port)}"),
+                f"{key}_grpc": Endpoint(address=loopback(grpc_port)),
+                f"{key}_http": Endpoint(address=loopback(http_port), url=f"http://{loopback(http_port)}"),
             },
             internal={"metrics": f"http://{loopback(metrics_port)}/metrics"},
             cleanup=[str(_SHM_ROOT / f"{shm_prefix}*")],
