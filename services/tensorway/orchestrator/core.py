@@ -6,18 +6,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.orchestrator import metrics
 from tensorway.orchestrator.converters import metadata_response
 from tensorway.orchestrator.models import ModelCatalog
-from tensorway.orchestrator.pool import TritonPool
+from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
 from tensorway.orchestrator.triton_errors import ModelGone
 from tensorway.orchestrator.validation import validate_request
-from tensorway.runtime import DeadlineExceeded, Internal, ResourceExhausted, TensorwayError, context
+from tensorway.runtime import (
+    DeadlineExceeded,
+    Internal,
+    ResourceExhausted,
+    TensorwayError,
+    Unavailable,
+    context,
+)
 from tensorway.runtime.errors import GENERIC_INTERNAL_MESSAGE, reason_name
 from tensorway.tensors.triton import from_triton_response, raw_inputs, to_triton_request
 
@@ -30,6 +39,12 @@ class Orchestrator:
     At most `max_in_flight` requests are at Triton at once; up to `max_queued` more wait for a
     slot, and beyond that requests are refused with RESOURCE_EXHAUSTED. A request without a
     deadline gets `default_timeout`.
+
+    A Triton that cannot take a request (down, its stream broken, the model gone from it) is
+    passed over and the request runs on another Triton of the pool: inference has no side
+    effects, so running it again is safe. With `hedge_after`, a request the chosen Triton has
+    not answered by then is sent to a second one as well, and the first answer wins, so a
+    stalled Triton costs its requests that delay rather than their deadline.
     """
 
     def __init__(
@@ -40,8 +55,10 @@ class Orchestrator:
         max_in_flight: int,
         max_queued: int,
         default_timeout: timedelta,
+        hedge_after: timedelta | None = None,
     ) -> None:
         self._pool = pool
+        self._hedge_after = None if hedge_after is None else hedge_after.total_seconds()
         self._catalog = catalog
         self._slots = asyncio.Semaphore(max_in_flight)
         self._max_queued = max_queued
@@ -61,7 +78,7 @@ class Orchestrator:
                 validate_request(request, signature, raw)
                 triton_request = to_triton_request(request, raw)
                 async with self._in_flight_slot(model):
-                    answer = await self._pool.choose(model).infer(triton_request)
+                    answer = await self._run(model, triton_request)
             return from_triton_response(answer, request)
         except TimeoutError as timeout:
             failure: TensorwayError = DeadlineExceeded(
@@ -78,6 +95,47 @@ class Orchestrator:
             raise
         finally:
             metrics.REQUEST_SECONDS.labels(model, code).observe(time.perf_counter() - started)
+
+    async def _run(self, model: str, request: Any) -> Any:
+        """Triton's answer to `request`, from the first Triton of the pool that gives one."""
+        tried: set[str] = set()
+        running: dict[asyncio.Future[Any], TritonEndpoint] = {}
+
+        def launch() -> None:
+            endpoint = self._pool.choose(model, exclude=tried)
+            tried.add(endpoint.address)
+            # Each attempt sends its own copy: a stream stamps its request id on what it sends.
+            attempt = request if not running else _copy(request)
+            running[asyncio.ensure_future(endpoint.infer(attempt))] = endpoint
+
+        launch()
+        hedged = self._hedge_after is None
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    running, timeout=None if hedged else self._hedge_after, return_when=FIRST_COMPLETED
+                )
+                if not done:
+                    hedged = True
+                    if len(tried) < len(self._pool.endpoints):
+                        launch()
+                    continue
+                for finished in done:
+                    endpoint = running.pop(finished)
+                    try:
+                        return finished.result()
+                    except Unavailable as failure:
+                        if isinstance(failure, ModelGone):
+                            endpoint.mark_model_gone(model)
+                        else:
+                            endpoint.mark_down()
+                        if not running:
+                            if len(tried) == len(self._pool.endpoints):
+                                raise
+                            launch()
+        finally:
+            for future in running:
+                future.cancel()
 
     async def model_metadata(self, request: pb.GetModelMetadataRequest) -> pb.GetModelMetadataResponse:
         """The signature of a model version, as the pool's Tritons declare it."""
@@ -154,3 +212,9 @@ class Orchestrator:
         finally:
             metrics.IN_FLIGHT.labels(model).dec()
             self._slots.release()
+
+
+def _copy(message: Any) -> Any:
+    copied = type(message)()
+    copied.CopyFrom(message)
+    return copied

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -13,10 +13,11 @@ import grpc
 from tritonclient.grpc import service_pb2 as triton
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
+from tensorway.common.v1 import error_pb2
 from tensorway.orchestrator import metrics
 from tensorway.orchestrator.streams import InferStream, UnaryInfer
 from tensorway.orchestrator.triton_errors import from_rpc_error
-from tensorway.runtime import create_channel
+from tensorway.runtime import Unavailable, create_channel
 from tensorway.runtime.server import message_size_options
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,18 @@ class TritonEndpoint:
 
     def serves(self, model: str) -> bool:
         return self.ready and (self.ready_models is None or model in self.ready_models)
+
+    def mark_down(self) -> None:
+        """A request found this Triton unreachable: send it nothing until the next `refresh()`
+        sees it live again."""
+        self.ready = False
+        metrics.TRITON_READY.labels(self.address).set(False)
+
+    def mark_model_gone(self, model: str) -> None:
+        """This Triton answered that it does not serve `model`: send it none until the next
+        `refresh()` finds the model ready again."""
+        if self.ready_models is not None:
+            self.ready_models = self.ready_models - {model}
 
     async def infer(self, request: Any) -> Any:
         """Run a Triton ModelInferRequest on the least busy stream."""
@@ -162,9 +175,17 @@ class TritonPool:
     def add_listener(self, listener: ReadinessListener) -> None:
         self._listeners.append(listener)
 
-    def choose(self, model: str) -> TritonEndpoint:
-        """The least busy Triton that has the model ready; any least busy one when none has."""
-        candidates = [endpoint for endpoint in self.endpoints if endpoint.serves(model)] or self.endpoints
+    def choose(self, model: str, exclude: Collection[str] = ()) -> TritonEndpoint:
+        """The least busy Triton not in `exclude` (addresses) that has the model ready; any least
+        busy one not in `exclude` when none has. Unavailable when every Triton is excluded."""
+        left = [endpoint for endpoint in self.endpoints if endpoint.address not in exclude]
+        if not left:
+            raise Unavailable(
+                f"no other Triton of the pool can take model {model!r}",
+                reason=error_pb2.ERROR_REASON_MODEL_NOT_READY,
+                metadata={"model": model},
+            )
+        candidates = [endpoint for endpoint in left if endpoint.serves(model)] or left
         return min(candidates, key=lambda endpoint: endpoint.pending)
 
     async def refresh(self, endpoints: Sequence[TritonEndpoint] | None = None) -> None:

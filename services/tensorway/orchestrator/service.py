@@ -45,6 +45,11 @@ class Settings(ServiceSettings):
     """Requests that may wait for a slot; beyond them requests get RESOURCE_EXHAUSTED."""
     default_timeout: timedelta = timedelta(seconds=60)
     """Deadline of a request whose caller set none."""
+    hedge_after: timedelta | None = None
+    """With it set, a request the chosen Triton has not answered after this long is sent to a
+    second Triton of the pool as well and the first answer wins: a stalled Triton then costs a
+    request this delay instead of its deadline, at the price of running it twice. Unset, requests
+    are not hedged (they still move to another Triton when theirs fails)."""
     health_interval: timedelta = timedelta(seconds=1)
     """How often the Tritons' readiness and their ready models are polled."""
     control_timeout: timedelta = timedelta(seconds=5)
@@ -116,6 +121,7 @@ async def create(
         max_in_flight=settings.max_in_flight,
         max_queued=settings.max_queued,
         default_timeout=settings.default_timeout,
+        hedge_after=settings.hedge_after,
     )
     if deployments is None and settings.registry_address is not None:
         from tensorway.orchestrator.registry import RegistryDeployments

@@ -87,7 +87,12 @@ class InferStream:
                 # may carry it.
                 self._forget(call)
                 call = self._open()
-                await call.write(request)
+                try:
+                    await call.write(request)
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+                    # Triton cannot be reached at all: UNAVAILABLE, so the caller tries elsewhere.
+                    self._forget(call)
+                    raise StreamBroken(f"cannot open a stream to Triton {self._triton}") from error
             return call
 
     def _open(self) -> Any:
