@@ -257,22 +257,32 @@ class JobPlanner:
 
 
 class LeaseReaper:
-    """Hands out again the shards of workers that died (their lease ran out) and finishes jobs
-    whose last shard's worker died before it could."""
+    """Hands out again the shards of workers that died (their lease ran out) and the shards whose
+    message the broker lost (offered long ago, never leased), and finishes jobs whose last
+    shard's worker died before it could."""
 
     def __init__(
-        self, store: JobStore, results: ResultWriter, max_attempts: int, on_requeued: Callable[[], None]
+        self,
+        store: JobStore,
+        results: ResultWriter,
+        max_attempts: int,
+        on_requeued: Callable[[], None],
+        unclaimed_timeout: timedelta,
     ) -> None:
         self._store = store
         self._results = results
         self._max_attempts = max_attempts
         self._on_requeued = on_requeued
+        self._unclaimed_timeout = unclaimed_timeout
 
     async def sweep(self) -> bool:
         requeued, failed = await self._store.requeue_expired(self._max_attempts)
         if requeued or failed:
             logger.info("expired shard leases", extra={"requeued": requeued, "failed": failed})
-        if requeued:
+        republished = await self._store.republish_unclaimed(self._unclaimed_timeout)
+        if republished:
+            logger.warning("shards nobody took were published again", extra={"shards": republished})
+        if requeued or republished:
             self._on_requeued()
         for job_id in await self._store.jobs_to_finalize():
             await self._results.finalize(self._store, job_id)

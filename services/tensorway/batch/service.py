@@ -53,6 +53,10 @@ class Settings(BatchSettings):
     lease_check_interval: timedelta = timedelta(seconds=2)
     """How often expired shard leases are looked for; with the workers' lease timeout, this
     bounds how long a dead worker's shard waits."""
+    unclaimed_shard_timeout: timedelta = timedelta(minutes=2)
+    """A pending shard offered to the workers this long ago that none has taken is published
+    again: its message was lost (a broker restarted without its data). Longer than shards wait
+    in a normal backlog, or they are published twice (harmless: a shard is counted once)."""
     max_shard_attempts: int = 5
     """Leases a shard gets before it fails with all its rows."""
 
@@ -147,7 +151,13 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
     relaying = Periodic("outbox relay", relay.relay_batch, settings.poll_interval)
     planner = JobPlanner(store, objects, on_planned=relaying.wake)
     planning = Periodic("job planner", planner.plan_next, settings.poll_interval)
-    reaper = LeaseReaper(store, results, settings.max_shard_attempts, on_requeued=relaying.wake)
+    reaper = LeaseReaper(
+        store,
+        results,
+        settings.max_shard_attempts,
+        on_requeued=relaying.wake,
+        unclaimed_timeout=settings.unclaimed_shard_timeout,
+    )
     reaping = Periodic("lease reaper", reaper.sweep, settings.lease_check_interval)
     limits = BatchLimits(settings.default_shard_size, settings.max_shard_size, settings.default_output_prefix)
     changes = JobChanges(settings.postgres_url, settings.retry_after)

@@ -130,6 +130,14 @@ MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = (
                 FOR EACH ROW EXECUTE FUNCTION batch_job_changed()""",
         ),
     ),
+    (
+        3,
+        (
+            # When a pending shard was last offered to the workers (its message published, or
+            # it became pending): one offered long ago and never leased has lost its message.
+            "ALTER TABLE batch_shards ADD COLUMN offered_at timestamptz NOT NULL DEFAULT now()",
+        ),
+    ),
 )
 JOB_CHANGES_CHANNEL: LiteralString = "tensorway_batch_job_changes"
 
@@ -486,6 +494,13 @@ class JobStore:
                 await connection.execute(
                     "DELETE FROM batch_outbox WHERE id = ANY(%s)", ([m.id for m in messages],)
                 )
+                shards = [m.key.decode().rpartition("/") for m in messages]
+                await connection.execute(
+                    """UPDATE batch_shards SET offered_at = now()
+                    WHERE (job_id, shard) IN (SELECT * FROM unnest(%s::text[], %s::integer[]))
+                      AND state = 'PENDING'""",
+                    ([job for job, _, _ in shards], [int(shard) for _, _, shard in shards]),
+                )
 
     # --- workers --------------------------------------------------------------------------
 
@@ -597,7 +612,8 @@ class JobStore:
             exhausted = [r for r in expired if r["attempts"] >= max_attempts]
             async with connection.cursor() as batch:
                 await batch.executemany(
-                    """UPDATE batch_shards SET state = 'PENDING', lease_owner = NULL, lease_expires = NULL
+                    """UPDATE batch_shards SET state = 'PENDING', lease_owner = NULL, lease_expires = NULL,
+                        offered_at = now()
                     WHERE job_id = %s AND shard = %s""",
                     [(r["job_id"], r["shard"]) for r in requeue],
                 )
@@ -619,6 +635,38 @@ class JobStore:
                     [(r["row_count"], r["job_id"]) for r in exhausted],
                 )
         return len(requeue), len(exhausted)
+
+    async def republish_unclaimed(self, offered_before: timedelta) -> int:
+        """Publish again the pending shards of active jobs that were offered longer than
+        `offered_before` ago and that no worker took, unless their message still waits in the
+        outbox: the broker lost it (a broker restarted without its data, a topic recreated).
+        A shard is leased and counted once, so a message that was only slow costs a look-up.
+        Returns how many were republished."""
+        async with self._transaction() as connection:
+            cursor = await connection.execute(
+                """SELECT s.job_id, s.shard, j.tenant, j.trace_context, j.priority
+                FROM batch_shards s JOIN batch_jobs j ON j.id = s.job_id
+                WHERE s.state = 'PENDING' AND s.offered_at < now() - %s
+                  AND j.state IN ('QUEUED', 'RUNNING')
+                  AND NOT EXISTS (SELECT 1 FROM batch_outbox o
+                      WHERE o.job_id = s.job_id AND o.key = convert_to(s.job_id || '/' || s.shard, 'UTF8'))
+                FOR UPDATE OF s SKIP LOCKED""",
+                (offered_before,),
+            )
+            unclaimed = await cursor.fetchall()
+            async with connection.cursor() as batch:
+                await batch.executemany(
+                    "UPDATE batch_shards SET offered_at = now() WHERE job_id = %s AND shard = %s",
+                    [(r["job_id"], r["shard"]) for r in unclaimed],
+                )
+                await batch.executemany(
+                    INSERT_OUTBOX,
+                    [
+                        shard_message(r["job_id"], r["shard"], r["tenant"], r["trace_context"], r["priority"])
+                        for r in unclaimed
+                    ],
+                )
+        return len(unclaimed)
 
     async def jobs_to_finalize(self) -> list[str]:
         """Running jobs whose every shard has finished."""
