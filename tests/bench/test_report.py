@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tensorway.cli.bench import Report, load_chaos, physical_cores, render
+from tensorway.cli.bench import Report, load_chaos, physical_cores, render, run_chaos
 
 
 def rows_of(markdown: str, first_cell: str) -> list[list[str]]:
@@ -91,7 +91,7 @@ def test_chaos_criteria_are_marked_on_the_measured_values(recorded_report: Repor
         "SIGKILL batch-worker-1": ["n/a", "met", "n/a"],
     }
     assert rows_of(markdown, "SIGKILL orchestrator-1")[0][5] == "0.110"
-    assert "criteria missed by 2: SIGKILL orchestrator-1, SIGKILL postgres." in markdown
+    assert "4 faults recorded; criteria missed by 2: SIGKILL orchestrator-1, SIGKILL postgres." in markdown
 
 
 def test_chaos_not_run_says_why(recorded_report: Report, tmp_path: Path) -> None:
@@ -136,3 +136,31 @@ def test_physical_cores_from_cpuinfo() -> None:
 
     assert physical_cores(cpuinfo) == 2
     assert physical_cores("processor\t: 0\nmodel name\t: a VM\n") is None
+
+
+def test_the_chaos_run_hands_its_results_file_over_and_names_failing_tests(tmp_path: Path) -> None:
+    # A stand-in suite in a checkout of its own: one fault recorded, one test that fails.
+    suite = tmp_path / "tests" / "chaos"
+    suite.mkdir(parents=True)
+    (suite / "test_stand_in.py").write_text(
+        "import json, os\n"
+        "def test_records():\n"
+        "    with open(os.environ['TENSORWAY_CHAOS_RESULTS'], 'w') as out:\n"
+        "        json.dump({'faults': [{'fault': 'SIGKILL router-2', 'component': 'router',"
+        " 'redundant': True, 'requests': 10, 'failed': 0}]}, out)\n"
+        "def test_postgres():\n"
+        "    assert False\n"
+    )
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+
+    step, faults, note = run_chaos(tmp_path, results_dir)
+
+    assert step.returncode == 1
+    assert step.command == "TENSORWAY_CHAOS_RESULTS=results/chaos.json python -m pytest tests/chaos"
+    assert faults is not None
+    assert [(f.fault, f.failures_mark()) for f in faults] == [("SIGKILL router-2", "met")]
+    assert note == (
+        "**The chaos suite failed** (pytest exit status 1). Failing tests, whose faults are missing"
+        " from the table or incomplete: `test_postgres`"
+    )
