@@ -61,36 +61,36 @@ def dev_stack() -> Iterator[Stack]:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _local(stack: Stack, component: str, endpoint: str) -> Endpoint:
-    return stack.ensure([component]).endpoints()[endpoint]
+def _given_or_local(
+    given: str | None, request: pytest.FixtureRequest, component: str, endpoint: str = "", *, url: bool
+) -> str:
+    """The address the environment gives, else that of the component started locally: the URL
+    or ``host:port`` of its endpoint named ``endpoint`` (by default, the component's name)."""
+    if given:
+        return given
+    stack: Stack = request.getfixturevalue("dev_stack")
+    found: Endpoint = stack.ensure([component]).endpoints()[endpoint or component]
+    value = found.url if url else found.address
+    assert value is not None
+    return value
 
 
 @pytest.fixture(scope="session")
 def postgres_url(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
     """``postgresql://`` URL of the ``tensorway`` database."""
-    if service_endpoints.postgres_url:
-        return service_endpoints.postgres_url
-    url = _local(request.getfixturevalue("dev_stack"), "postgres", "postgres").url
-    assert url is not None
-    return url
+    return _given_or_local(service_endpoints.postgres_url, request, "postgres", url=True)
 
 
 @pytest.fixture(scope="session")
 def redis_url(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
     """``redis://`` URL."""
-    if service_endpoints.redis_url:
-        return service_endpoints.redis_url
-    url = _local(request.getfixturevalue("dev_stack"), "redis", "redis").url
-    assert url is not None
-    return url
+    return _given_or_local(service_endpoints.redis_url, request, "redis", url=True)
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
     """Kafka bootstrap servers, ``host:port``."""
-    if service_endpoints.kafka_bootstrap:
-        return service_endpoints.kafka_bootstrap
-    return _local(request.getfixturevalue("dev_stack"), "kafka", "kafka").address
+    return _given_or_local(service_endpoints.kafka_bootstrap, request, "kafka", url=False)
 
 
 @pytest.fixture(scope="session")
@@ -102,11 +102,7 @@ def kafka_session_timeout_ms(service_endpoints: ServiceEndpoints) -> int:
 @pytest.fixture(scope="session")
 def s3_endpoint(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
     """S3 endpoint URL, ``http://host:port``."""
-    if service_endpoints.s3_endpoint:
-        return service_endpoints.s3_endpoint
-    url = _local(request.getfixturevalue("dev_stack"), "s3", "s3").url
-    assert url is not None
-    return url
+    return _given_or_local(service_endpoints.s3_endpoint, request, "s3", url=True)
 
 
 @pytest.fixture(scope="session")
@@ -121,16 +117,10 @@ def s3_credentials(service_endpoints: ServiceEndpoints, request: pytest.FixtureR
 @pytest.fixture(scope="session")
 def triton_grpc(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
     """Triton's gRPC address, ``host:port``, serving the demo models."""
-    if service_endpoints.triton_grpc:
-        return service_endpoints.triton_grpc
-    return _local(request.getfixturevalue("dev_stack"), "triton", "triton_grpc").address
+    return _given_or_local(service_endpoints.triton_grpc, request, "triton", "triton_grpc", url=False)
 
 
 @pytest.fixture(scope="session")
 def envoy_url(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
     """Envoy's public listener, ``http://host:port``."""
-    if service_endpoints.envoy_url:
-        return service_endpoints.envoy_url
-    url = _local(request.getfixturevalue("dev_stack"), "envoy", "envoy").url
-    assert url is not None
-    return url
+    return _given_or_local(service_endpoints.envoy_url, request, "envoy", url=True)
