@@ -168,7 +168,7 @@ class Step:
 
     name: str
     command: str
-    returncode: int | None
+    returncode: int
     seconds: float
 
 
@@ -455,7 +455,7 @@ def render(report: Report, markdown: Path, plots_dir: Path) -> str:
         "## Commands",
         "",
         "```sh",
-        "make bench                          # .venv/bin/tensorway bench: every benchmark, full sizes",
+        "make bench                          # .venv/bin/tensorway bench: the benchmarks and chaos suite",
         ".venv/bin/tensorway bench --quick   # CI-size: short cells, small inputs",
         "```",
         "",
@@ -468,7 +468,7 @@ def render(report: Report, markdown: Path, plots_dir: Path) -> str:
             [
                 step.name,
                 f"`{step.command}`",
-                "did not run" if step.returncode is None else str(step.returncode),
+                str(step.returncode),
                 f"{step.seconds / 60:.1f}",
             ]
             for step in report.steps
