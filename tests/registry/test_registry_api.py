@@ -74,11 +74,24 @@ async def test_duplicate_model_is_already_exists(stub: Stub) -> None:
     assert error.resource == ("tensorway.registry.v1.Model", created.name)
 
 
+async def test_model_ids_take_the_names_triton_serves_models_by(stub: Stub) -> None:
+    # Underscores and capitals, as in Triton's model names; the same rule holds in resource names.
+    name = f"models/Resnet50_onnx_{unique().replace('-', '_')}"
+    created = (await stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name=name)))).model
+    assert created.name == name
+    assert (await stub.GetModel(pb.GetModelRequest(name=name))).model == created
+
+
 async def test_bad_names_and_labels_are_field_violations(stub: Stub) -> None:
-    error = await failure(stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name="models/Not_A_Label"))))
+    for bad in ("models/_leading", "models/has space", "models/dot.ted", f"models/{'x' * 64}"):
+        error = await failure(stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name=bad))))
+        assert error.code == INVALID, bad
+        assert error.reason == "INVALID_ARGUMENT"
+        assert [field for field, _ in error.violations] == ["model.name"]
+    # Pools and other ids stay DNS labels.
+    error = await failure(stub.CreatePool(pb.CreatePoolRequest(pool=pb.Pool(name="pools/Not_A_Label"))))
     assert error.code == INVALID
-    assert error.reason == "INVALID_ARGUMENT"
-    assert [field for field, _ in error.violations] == ["model.name"]
+    assert [field for field, _ in error.violations] == ["pool.name"]
 
     error = await failure(
         stub.CreateModel(

@@ -155,7 +155,7 @@ def _deployment_table(deployments: Sequence[pb.Deployment]) -> Table:
 
 @models_app.command("register")
 def register_command(
-    model: Annotated[str, typer.Argument(help="Model id, a DNS label, e.g. digits.")],
+    model: Annotated[str, typer.Argument(help="Model id, the name Triton serves it by, e.g. digits.")],
     *,
     artifact_uri: Annotated[
         str, typer.Option("--artifact-uri", help="Where the artifact lives, e.g. s3://models/digits/1.")

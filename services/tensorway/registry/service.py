@@ -17,7 +17,7 @@ from tensorway.registry.routes import RouteSync, RouteTable
 from tensorway.registry.store import RegistryStore
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
-from tensorway.registry.validation import dns_label, parse_name, raise_if
+from tensorway.registry.validation import model_id, parse_name, raise_if
 from tensorway.runtime import (
     FieldViolation,
     InvalidArgument,
@@ -227,7 +227,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def WatchRoutes(
         self, request: pb.WatchRoutesRequest, context: Any
     ) -> AsyncIterator[pb.WatchRoutesResponse]:
-        raise_if([v for i, m in enumerate(request.models) for v in dns_label(m, f"models[{i}]")], "models")
+        raise_if([v for i, m in enumerate(request.models) for v in model_id(m, f"models[{i}]")], "models")
         watcher = self._registry.watch_routes(request.models)
         try:
             while True:

@@ -22,6 +22,9 @@ from tensorway.registry.domain import (
 from tensorway.runtime import FieldViolation, InvalidArgument
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# Model ids are the names Triton serves the models by, and Triton's names often carry
+# underscores or capitals (resnet50_onnx): so they may too, still safe in a URL path.
+MODEL_ID = re.compile(r"[a-zA-Z0-9]([-_a-zA-Z0-9]{0,61}[a-zA-Z0-9])?")
 # Label keys and values as Kubernetes has them: short, and safe in a filter without quoting.
 LABEL_KEY = re.compile(r"[a-z0-9A-Z]([-a-zA-Z0-9_./]{0,61}[a-zA-Z0-9])?")
 LABEL_VALUE = re.compile(r"([a-zA-Z0-9]([-a-zA-Z0-9_.]{0,61}[a-zA-Z0-9])?)?")
@@ -56,6 +59,16 @@ def dns_label(value: str, field: str) -> list[FieldViolation]:
     return [FieldViolation(field, f"{value!r} is not a DNS label (a-z, 0-9 and '-', at most 63)")]
 
 
+def model_id(value: str, field: str) -> list[FieldViolation]:
+    if MODEL_ID.fullmatch(value):
+        return []
+    return [
+        FieldViolation(
+            field, f"{value!r} is not a model id (letters, digits, '-' and '_' inside, at most 63)"
+        )
+    ]
+
+
 def parse_name(name: str, field: str, *collections: str) -> tuple[str, ...]:
     """The ids in a resource name such as "models/digits/versions/3" for ("models", "versions")."""
     parts = name.split("/")
@@ -63,12 +76,19 @@ def parse_name(name: str, field: str, *collections: str) -> tuple[str, ...]:
     if len(parts) != 2 * len(collections) or tuple(parts[0::2]) != collections:
         pattern = "/".join(f"{collection}/{{id}}" for collection in collections)
         raise InvalidArgument(f"{field} must look like {pattern}", [FieldViolation(field, f"not {pattern}")])
-    raise_if([v for part in ids for v in dns_label(part, field)], field)
+    raise_if(
+        [
+            violation
+            for collection, part in zip(collections, ids, strict=True)
+            for violation in (model_id if collection == "models" else dns_label)(part, field)
+        ],
+        field,
+    )
     return tuple(ids)
 
 
 def check_model(model: Model, prefix: str = "model") -> None:
-    violations = dns_label(model.name, f"{prefix}.name")
+    violations = model_id(model.name, f"{prefix}.name")
     if len(model.description) > MAX_DESCRIPTION:
         violations.append(FieldViolation(f"{prefix}.description", f"longer than {MAX_DESCRIPTION}"))
     violations += _labels(sorted(model.labels.items()), f"{prefix}.labels")
