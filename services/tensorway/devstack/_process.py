@@ -9,12 +9,12 @@ kernel has since handed to someone else is never signalled.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess  # nosec B404
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,9 +87,15 @@ def spawn(
     with log_path.open("ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         log.flush()
+        command = list(argv)
+        if die_with_parent:
+            # The guard takes the server's account itself: it must arm the signal after that.
+            account = ["" if user is None else str(user), "" if group is None else str(group)]
+            command = [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *account, *command]
+            user = group = None
         # argv comes from the launcher's own components, never from a shell string.
         process = subprocess.Popen(  # noqa: S603  # nosec B603
-            list(argv),
+            command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -99,24 +105,28 @@ def spawn(
             user=user,
             group=group,
             extra_groups=[] if user is not None else None,
-            preexec_fn=_parent_death_signal(os.getpid()) if die_with_parent else None,  # noqa: PLW1509
         )
     _children[process.pid] = process
     return process
 
 
-def _parent_death_signal(parent_pid: int) -> Callable[[], None]:
-    # Loaded before the fork: the child between fork and exec should only make the call.
-    libc = ctypes.CDLL(None, use_errno=True)
-    set_parent_death_signal = 1  # PR_SET_PDEATHSIG from <linux/prctl.h>
-
-    def arm() -> None:
-        libc.prctl(set_parent_death_signal, signal.SIGTERM)
-        if os.getppid() != parent_pid:
-            # The parent died before the signal was armed.
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arm
+# Arms the parent-death signal in a small Python that then becomes the server (same PID), rather
+# than in a preexec_fn: Python code between fork and exec can crash the child when other threads
+# of the parent are inside a C library (gRPC's, say) at the moment of the fork.
+# A change of user clears the signal, so the guard switches to the server's account first.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+parent, user, group = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+if group:
+    os.setgroups([])
+    os.setgid(int(group))
+if user:
+    os.setuid(int(user))
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG from <linux/prctl.h>
+if os.getppid() != parent:
+    os.kill(os.getpid(), signal.SIGTERM)  # the parent died before the signal was armed
+os.execvp(sys.argv[4], sys.argv[4:])
+"""
 
 
 def stop_group(
