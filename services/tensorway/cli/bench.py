@@ -570,7 +570,6 @@ def run_benchmarks(
     steps, results = [], {}
     for name in BENCHMARKS:
         output = results_dir / f"{name}.json"
-        output.unlink(missing_ok=True)
         arguments = [f"bench/{name}_bench.py", *(["--quick"] if quick else []), "--json"]
         step = _run(
             name,
@@ -599,7 +598,6 @@ def failed_tests(junit: Path) -> list[str]:
 
 def run_chaos(root: Path, results_dir: Path) -> tuple[Step, list[ChaosFault] | None, str | None]:
     output = results_dir / "chaos.json"
-    output.unlink(missing_ok=True)
     pytest = ["-m", "pytest", CHAOS_TESTS]
     shown = f"{CHAOS_RESULTS_VARIABLE}={_shown(output, root)} python {' '.join(pytest)}"
     # The JUnit report names the failing tests; it holds the host's name, so it is not kept.
@@ -651,6 +649,10 @@ def bench_command(
     plots_dir = output.parent / output.stem
     results_dir = plots_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
+    # Results of an earlier run, of a benchmark or a chaos suite that does not run now, must not
+    # sit beside this run's as if it had produced them.
+    for stale in results_dir.glob("*.json"):
+        stale.unlink()
     report = Report(
         mode="quick" if quick else "full",
         produced=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
