@@ -1,0 +1,218 @@
+"""Faults injected one at a time into the redundant mesh while real-time requests flow through
+Envoy and a batch job runs, each measured and held to the done-when criteria:
+
+- at most 0.1% of real-time requests fail while a redundant component is down, and while a
+  component the real-time path must not depend on is (registry, Redis, PostgreSQL, the broker);
+- no batch row is lost or duplicated, whatever failed;
+- requests and batch progress flow steadily again within 10 s of the fault.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from tensorway.batch.v1 import batch_service_pb2 as batch_pb
+
+from .conftest import REQUEST_DEADLINE, ChaosMesh, collect_probe_leftovers
+from .load import ProgressSampler, percentile
+
+MAX_FAILED_SHARE = 0.001
+MAX_RECOVERY_SECONDS = 10.0
+# Batch progress that stops for longer than this counts as stalled.
+STALL_SECONDS = 1.0
+# How long the load runs on after the fault is healed, inside the measured window.
+OBSERVE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault: how it is caused, how it ends, and what it may cost."""
+
+    label: str
+    component: str
+    redundant: bool
+    inject: Callable[[ChaosMesh], None]
+    heal: Callable[[ChaosMesh], None]
+    down_for: float
+    note: str
+
+
+def _sigkill(name: str, component: str, redundant: bool, note: str) -> Fault:
+    return Fault(
+        label=f"SIGKILL {name}",
+        component=component,
+        redundant=redundant,
+        inject=lambda mesh: mesh.stack.kill(name, signal.SIGKILL),
+        heal=lambda mesh: mesh.stack.restart(name),
+        down_for=2.0,
+        note=note,
+    )
+
+
+def _stall(mesh: ChaosMesh) -> None:
+    mesh.stack.kill("triton-2", signal.SIGSTOP)
+
+
+def _resume(mesh: ChaosMesh) -> None:
+    mesh.stack.kill("triton-2", signal.SIGCONT)
+
+
+def _unload_simple(mesh: ChaosMesh) -> None:
+    client = triton_grpc.InferenceServerClient(mesh.address("triton_2_grpc"))
+    try:
+        client.unload_model("simple")
+    finally:
+        client.close()
+
+
+def _load_simple(mesh: ChaosMesh) -> None:
+    client = triton_grpc.InferenceServerClient(mesh.address("triton_2_grpc"))
+    try:
+        client.load_model("simple")
+    finally:
+        client.close()
+
+
+FAULTS = [
+    _sigkill("router-2", "router", True, "Envoy balances over both routers"),
+    _sigkill("orchestrator-2", "orchestrator", True, "routers retry on the pool's other orchestrator"),
+    _sigkill("triton-2", "triton", True, "orchestrators move requests to the other Triton"),
+    Fault(
+        label="SIGSTOP triton-2 3 s",
+        component="triton",
+        redundant=True,
+        inject=_stall,
+        heal=_resume,
+        down_for=3.0,
+        note="a stalled Triton: orchestrators hedge to the other one after 250 ms",
+    ),
+    Fault(
+        label="unload simple on triton-2",
+        component="triton",
+        redundant=True,
+        inject=_unload_simple,
+        heal=_load_simple,
+        down_for=3.0,
+        note="Triton answers 'unknown model': orchestrators fail over and stop choosing it",
+    ),
+    _sigkill("registry", "registry", False, "routers keep their last route table"),
+    _sigkill("redis", "redis", False, "the ratelimit service fails open"),
+    _sigkill("postgres", "postgres", False, "batch leases and completions wait for it"),
+    _sigkill("kafka", "kafka", False, "in-memory broker: topic and messages lost, shards republished"),
+    _sigkill("batch-worker-2", "batch-worker", True, "its leases expire and its shards are handed out again"),
+]
+
+
+def _stall_end(samples: list[tuple[float, int]], since: float) -> float | None:
+    """When batch progress resumed after its last stall that began after `since`."""
+    reference, resumed = since, None
+    previous = next((rows for t, rows in reversed(samples) if t < since), 0)
+    for at, rows in samples:
+        if at < since or rows <= previous:
+            continue
+        if at - reference > STALL_SECONDS:
+            resumed = at
+        reference, previous = at, rows
+    return resumed
+
+
+def _wait_steady(mesh: ChaosMesh, timeout: float = 30.0) -> None:
+    """Until the last two seconds of requests all succeeded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = time.monotonic()
+        recent = mesh.realtime.samples(now - 2.5, now)
+        if recent and all(sample.ok for sample in recent):
+            return
+        if now > deadline:
+            failed = [s for s in recent if not s.ok]
+            raise AssertionError(f"the mesh is not steady before the fault: {failed[:3]}")
+        time.sleep(0.2)
+
+
+def _wait_for_progress(mesh: ChaosMesh, job: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not mesh.batch.rows_finished(job):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{job} made no progress within {timeout:g}s")
+        time.sleep(0.05)
+
+
+def run_fault(mesh: ChaosMesh, fault: Fault) -> dict[str, Any]:
+    """Cause the fault under load with a batch job running, heal it, and measure."""
+    _wait_steady(mesh)
+    job = mesh.batch.submit()
+    sampler = ProgressSampler(mesh.batch, job)
+    sampler.start()
+    healed = False
+    try:
+        _wait_for_progress(mesh, job)
+        injected = time.monotonic()
+        fault.inject(mesh)
+        time.sleep(fault.down_for)
+        fault.heal(mesh)
+        healed = True
+        healed_at = time.monotonic()
+        collect_probe_leftovers()
+        time.sleep(OBSERVE_SECONDS)
+        ended = time.monotonic()
+        outcome = mesh.batch.wait(job, timeout=60)
+    finally:
+        if not healed:
+            fault.heal(mesh)
+        sampler.stop()
+    # Requests still in flight at the window's end have their deadline to finish.
+    time.sleep(max(0.0, ended + REQUEST_DEADLINE - time.monotonic()))
+    samples = mesh.realtime.samples(injected, ended)
+    failed = [sample for sample in samples if not sample.ok]
+    latencies = [sample.seconds * 1000 for sample in samples]
+    realtime_recovery = max((sample.ended for sample in failed), default=injected) - injected
+    resumed = _stall_end(sampler.samples, injected)
+    batch_recovery = 0.0 if resumed is None else resumed - injected
+    failures = sorted({f"{sample.code.name}: {sample.details}" for sample in failed})
+    note = f"{fault.note}; healed {healed_at - injected:.1f} s after the fault"
+    if failures:
+        note += "; failures: " + " | ".join(failures[:3])
+    if outcome.state != batch_pb.JOB_STATE_SUCCEEDED:
+        note += f"; batch job ended {batch_pb.JobState.Name(outcome.state)}: {outcome.failure_reason}"
+    return {
+        "fault": fault.label,
+        "component": fault.component,
+        "redundant": fault.redundant,
+        "requests": len(samples),
+        "failed": len(failed),
+        "failed_pct": round(100.0 * len(failed) / len(samples), 3) if samples else 0.0,
+        "p50_ms": _rounded(percentile(latencies, 0.50)),
+        "p99_ms": _rounded(percentile(latencies, 0.99)),
+        "recovery_s": round(max(realtime_recovery, batch_recovery), 2),
+        "batch_rows": outcome.rows,
+        "rows_lost": outcome.rows_lost,
+        "rows_duplicated": outcome.rows_duplicated,
+        "batch_state": outcome.state,
+        "note": note,
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", FAULTS, ids=[fault.label for fault in FAULTS])
+def test_the_mesh_survives(fault: Fault, chaos_mesh: ChaosMesh, chaos_results: list[dict[str, Any]]) -> None:
+    result = run_fault(chaos_mesh, fault)
+    batch_state = result.pop("batch_state")
+    chaos_results.append(result)
+
+    assert result["requests"] > 0
+    assert result["failed"] <= MAX_FAILED_SHARE * result["requests"], result["note"]
+    assert batch_state == batch_pb.JOB_STATE_SUCCEEDED, result["note"]
+    assert (result["rows_lost"], result["rows_duplicated"]) == (0, 0), result["note"]
+    assert result["recovery_s"] <= MAX_RECOVERY_SECONDS, result["note"]
