@@ -15,6 +15,7 @@ from pydantic_settings import SettingsConfigDict
 
 from tensorway.batch import converters
 from tensorway.batch.core import BatchJobs, BatchLimits, JobPlanner, LeaseReaper, Periodic
+from tensorway.batch.metrics import JobCensus
 from tensorway.batch.outbox import OutboxRelay, ensure_topic
 from tensorway.batch.results import ResultWriter
 from tensorway.batch.settings import BatchSettings
@@ -59,6 +60,8 @@ class Settings(BatchSettings):
     in a normal backlog, or they are published twice (harmless: a shard is counted once)."""
     max_shard_attempts: int = 5
     """Leases a shard gets before it fails with all its rows."""
+    census_interval: timedelta = timedelta(seconds=10)
+    """How often the jobs-by-state and shards-left gauges are counted from PostgreSQL."""
 
 
 def _tenant() -> str:
@@ -141,7 +144,11 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
     try:
         await ensure_topic(settings.kafka_bootstrap, settings.shards_topic, settings.shards_topic_partitions)
         relay = await OutboxRelay.connect(
-            store, settings.kafka_bootstrap, settings.shards_topic, settings.outbox_batch_size
+            store,
+            settings.kafka_bootstrap,
+            settings.shards_topic,
+            settings.outbox_batch_size,
+            settings.shards_topic_partitions,
         )
     except BaseException:
         await store.close()
@@ -164,7 +171,8 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
     jobs = BatchJobs(
         store, results, limits, settings.watch_interval, changes=changes, on_created=planning.wake
     )
-    background = BackgroundWork([relaying, planning, reaping, changes])
+    counting = Periodic("job census", JobCensus(store).refresh, settings.census_interval)
+    background = BackgroundWork([relaying, planning, reaping, counting, changes])
     try:
         server, port = create_server(
             "batch",

@@ -138,6 +138,15 @@ MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = (
             "ALTER TABLE batch_shards ADD COLUMN offered_at timestamptz NOT NULL DEFAULT now()",
         ),
     ),
+    (
+        4,
+        (
+            # The census counts the shards left every few seconds: from this small index of the
+            # open ones, not from a scan of every shard ever run.
+            """CREATE INDEX batch_shards_open ON batch_shards (state)
+                WHERE state IN ('PENDING', 'LEASED')""",
+        ),
+    ),
 )
 JOB_CHANGES_CHANNEL: LiteralString = "tensorway_batch_job_changes"
 
@@ -576,6 +585,17 @@ class JobStore:
             )
             row = await cursor.fetchone()
         return Completion(recorded=True, job_finished=bool(row and row["finished"]))
+
+    async def census(self) -> tuple[dict[str, int], int]:
+        """Jobs by state, and shards not yet done (pending or leased) across all jobs."""
+        async with self._transaction() as connection:
+            cursor = await connection.execute("SELECT state, count(*) AS n FROM batch_jobs GROUP BY state")
+            jobs = {row["state"]: int(row["n"]) for row in await cursor.fetchall()}
+            cursor = await connection.execute(
+                "SELECT count(*) AS n FROM batch_shards WHERE state IN ('PENDING', 'LEASED')"
+            )
+            row = await cursor.fetchone()
+        return jobs, int(row["n"]) if row else 0
 
     async def shard_state(self, job_id: str, shard: int) -> str | None:
         async with self._transaction() as connection:

@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from pydantic_settings import SettingsConfigDict
 
+from tensorway.batch import metrics
 from tensorway.batch.domain import ObjectRef, RowError, ShardLease
 from tensorway.batch.inference import (
     GrpcInferenceClient,
@@ -87,6 +89,8 @@ class Settings(BatchSettings):
     """How long a shard stays a silent worker's; the worker renews it every third of this."""
     worker_id: str = ""
     """This worker's name in shard leases; empty makes one from the host and process id."""
+    lag_report_interval: timedelta = timedelta(seconds=5)
+    """How often the consumer lag gauge is updated from the worker's partitions."""
 
 
 class JobCannotRun(Exception):
@@ -132,7 +136,9 @@ class ShardRunner:
         lease = await self._store.lease_shard(job_id, shard, self._owner, self._settings.lease_timeout)
         if lease is None:
             logger.info("shard skipped: finished, cancelled or leased", extra={"job": job_id, "shard": shard})
+            metrics.SHARDS.labels("duplicate").inc()
             return
+        leased_at = time.perf_counter()
         work = asyncio.create_task(self._answer(lease))
         lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep_lease(lease, work, lost))
@@ -142,20 +148,23 @@ class ShardRunner:
             if not lost.is_set():
                 raise
             logger.info("shard lease lost; dropping the attempt", extra={"job": job_id, "shard": shard})
+            metrics.SHARDS.labels("failed").inc()
             return
         except JobCannotRun as exc:
             logger.info("job cannot run", extra={"job": job_id, "reason": str(exc)})
             await self._store.fail_job(job_id, str(exc))
+            metrics.SHARDS.labels("failed").inc()
             return
         except Exception as exc:
             logger.exception("shard attempt failed", extra={"job": job_id, "shard": shard})
             await self._store.release_shard(lease, f"{type(exc).__name__}: {exc}")
+            metrics.SHARDS.labels("failed").inc()
             return
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-        await self._finish(lease, answers)
+        await self._finish(lease, answers, leased_at)
 
     async def _keep_lease(self, lease: ShardLease, work: asyncio.Task[Answers], lost: asyncio.Event) -> None:
         interval = self._settings.lease_timeout.total_seconds() / 3
@@ -171,7 +180,7 @@ class ShardRunner:
                 work.cancel()
                 return
 
-    async def _finish(self, lease: ShardLease, answers: Answers) -> None:
+    async def _finish(self, lease: ShardLease, answers: Answers, leased_at: float) -> None:
         job, index = lease.job, lease.shard.index
         try:
             outcome = await self._results.write_shard(job, index, answers.lines, answers.errors)
@@ -180,14 +189,21 @@ class ShardRunner:
                 "cannot write shard result", extra={"job": job.name, "shard": index, "error": str(exc)}
             )
             await self._store.release_shard(lease, str(exc))
+            metrics.SHARDS.labels("failed").inc()
             return
         completion = await self._store.complete_shard(lease, outcome)
         if not completion.recorded:
+            metrics.SHARDS.labels("duplicate").inc()
             # Either another worker finished it (same bytes, same key: keep them) or the job
             # ended meanwhile: then nothing of this shard may stay behind.
             if await self._store.shard_state(job.id, index) == "CANCELLED":
                 await self._results.discard_shard(job, index)
             return
+        model = job.spec.model
+        metrics.SHARDS.labels("done").inc()
+        metrics.ROWS.labels(model, "ok").inc(outcome.rows_done)
+        metrics.ROWS.labels(model, "failed").inc(outcome.rows_failed)
+        metrics.SHARD_SECONDS.labels(model).observe(time.perf_counter() - leased_at)
         logger.info(
             "shard done",
             extra={
@@ -350,6 +366,9 @@ class BatchWorker:
     def __init__(self, settings: Settings, runner: ShardRunner) -> None:
         self._runner = runner
         self._stopping: asyncio.Task[None] | None = None
+        self._lag = metrics.ConsumerLag()
+        self._lag_interval = settings.lag_report_interval.total_seconds()
+        self._lag_reporting: asyncio.Task[None] | None = None
         # faust makes a data dir even with in-memory stores; by default it lands in the cwd.
         self._datadir = tempfile.mkdtemp(prefix="tensorway-batch-worker-")
         self.app = _App(
@@ -389,6 +408,7 @@ class BatchWorker:
                 "skipping a malformed shard message",
                 extra={"partition": message.partition, "offset": message.offset, "error": str(exc)},
             )
+            metrics.SHARDS.labels("malformed").inc()
             return
         request = RequestContext(
             request_id=f"jobs/{job_id}/shards/{shard}", tenant=headers.get(TENANT_HEADER) or DEFAULT_TENANT
@@ -409,9 +429,31 @@ class BatchWorker:
 
     async def start(self) -> None:
         await self.app.start()
+        self._lag_reporting = asyncio.create_task(self._report_lag(), name="consumer lag")
+
+    async def _report_lag(self) -> None:
+        consumer = self.app.consumer
+        while True:
+            await asyncio.sleep(self._lag_interval)
+            try:
+                self._lag.report(
+                    [
+                        metrics.PartitionPosition(
+                            tp.topic, tp.partition, await consumer.position(tp), consumer.highwater(tp)
+                        )
+                        for tp in consumer.assignment()
+                    ]
+                )
+            # A rebalance or a broker outage leaves the gauge as it was until the next look.
+            except Exception:
+                logger.debug("consumer lag not read this time", exc_info=True)
 
     async def shutdown(self) -> None:
         """Leave the group and stop; safe to call twice."""
+        if self._lag_reporting is not None:
+            self._lag_reporting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_reporting
         if self._stopping is None:
             self._stopping = asyncio.ensure_future(self.app.stop())
         await asyncio.shield(self._stopping)

@@ -1,0 +1,111 @@
+"""The batch pipeline's metrics tell what happened: the API's census of jobs and shards left,
+read from PostgreSQL, and a worker's shards, rows, shard time and consumer lag on its /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import timedelta
+
+import grpc
+from minio import Minio
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from tensorway.batch import service as batch_service
+from tensorway.batch.v1 import batch_service_pb2 as pb
+from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
+
+from .conftest import Pipeline, digits_rows, wait_for_state
+from .test_jobs import create, npy_of, upload
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    # A loopback URL of the worker this test started.
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def eventually(check: Callable[[], bool], patience: float = 15.0) -> None:
+    deadline = time.monotonic() + patience
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def census(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_job_shows_in_the_api_census_and_the_worker_metrics(
+    pipeline: Pipeline, inference_target: str, s3: Minio
+) -> None:
+    mesh = pipeline.sibling(inference_target)
+    metrics_port = free_port()
+    mesh.worker_options = {
+        **mesh.worker_options,
+        "METRICS_ENABLED": "true",
+        "METRICS_PORT": str(metrics_port),
+        "LAG_REPORT_INTERVAL": "PT0.2S",
+    }
+    settings = mesh.api_settings.model_copy(update={"census_interval": timedelta(milliseconds=200)})
+    api, port = await batch_service.create(settings)
+    await api.start()
+    try:
+        # The census has run once the gauge has a series for every state.
+        await eventually(
+            lambda: REGISTRY.get_sample_value("tensorway_batch_jobs", {"state": "QUEUED"}) is not None
+        )
+        succeeded_before = census("tensorway_batch_jobs", state="SUCCEEDED")
+        mesh.start_worker()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.BatchServiceStub(channel)
+            job = await create(
+                stub, "acme", upload(s3, npy_of(digits_rows(1200, seed=11)), ".npy"), shard_size=300
+            )
+            done = await wait_for_state(stub, job.name, "acme")
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
+
+        # The API's census counts it among the succeeded jobs (other tests' jobs may end meanwhile).
+        await eventually(lambda: census("tensorway_batch_jobs", state="SUCCEEDED") >= succeeded_before + 1)
+
+        # The worker's own counts: every shard done once, every row answered, each shard timed,
+        # and no lag left on the partitions it holds once the topic is worked off.
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+        def worked_off() -> bool:
+            samples = scrape(url)
+            lags = [
+                v for (name, labels), v in samples.items() if name == "tensorway_batch_consumer_lag_messages"
+            ]
+            return bool(lags) and all(lag == 0 for lag in lags)
+
+        await eventually(worked_off)
+        samples = scrape(url)
+        assert samples[("tensorway_batch_shards_total", (("outcome", "done"),))] == 4
+        assert samples[("tensorway_batch_rows_total", (("model", "digits"), ("outcome", "ok")))] == 1200
+        assert samples[("tensorway_batch_rows_total", (("model", "digits"), ("outcome", "failed")))] == 0
+        assert samples[("tensorway_batch_shard_seconds_count", (("model", "digits"),))] == 4
+        lag_topics = {
+            dict(labels)["topic"]
+            for (name, labels), _ in samples.items()
+            if name == "tensorway_batch_consumer_lag_messages"
+        }
+        assert lag_topics == {mesh.api_settings.shards_topic}
+    finally:
+        mesh.stop_all()
+        await api.stop()
