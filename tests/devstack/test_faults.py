@@ -1,0 +1,80 @@
+"""Faults a test injects into a stack: a component killed where it stands, stalled and resumed,
+then restarted where its peers look for it."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import redis
+import yaml
+
+from tensorway.devstack import DevStackError, DevStackSettings, Stack, render_envoy_config
+from tensorway.devstack._redis import Redis
+from tensorway.devstack._services import Orchestrator
+from tensorway.devstack._triton import Triton
+
+
+def _ping(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def test_a_killed_component_restarts_on_its_ports(settings: DevStackSettings) -> None:
+    stack = Stack(settings, components=[Redis()])
+    try:
+        before = stack.up().components["redis"]
+        url = before.endpoints["redis"].url
+        assert url is not None
+        assert _ping(url)
+
+        stack.kill("redis", signal.SIGSTOP)
+        assert not _ping(url)
+        stack.kill("redis", signal.SIGCONT)
+        assert _ping(url)
+
+        stack.kill("redis")
+        assert not _ping(url)
+        assert stack.status().components == {}
+
+        after = stack.restart("redis")
+        assert after.pid != before.pid
+        assert after.ports == before.ports
+        assert after.endpoints == before.endpoints
+        assert _ping(url)
+    finally:
+        stack.down()
+
+
+def test_faults_need_a_component_the_stack_started(settings: DevStackSettings) -> None:
+    stack = Stack(settings, components=[Redis()])
+    with pytest.raises(DevStackError, match="was not started"):
+        stack.kill("redis")
+    with pytest.raises(DevStackError, match="was not started"):
+        stack.restart("redis")
+
+
+def test_replicas_are_named_and_wired_to_the_peers_given() -> None:
+    replica = Triton(name="triton-2")
+    assert (replica.name, replica.port_settings) == ("triton-2", ())
+    assert Triton().port_settings == ("triton_grpc_port", "triton_http_port")
+    orchestrator = Orchestrator("orchestrator-2", tritons=("triton", "triton-2"))
+    assert orchestrator.name == "orchestrator-2"
+    assert orchestrator.requires == ("triton", "triton-2", "registry")
+
+
+def test_envoy_balances_over_every_router_replica() -> None:
+    routers = [{"host": "127.0.0.1", "port": 50061}, {"host": "127.0.0.1", "port": 50062}]
+    config = yaml.safe_load(render_envoy_config("local", {"router": {"endpoints": routers}}))
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "router"]
+    members = [
+        endpoint["endpoint"]["address"]["socket_address"]["port_value"]
+        for locality in cluster["load_assignment"]["endpoints"]
+        for endpoint in locality["lb_endpoints"]
+    ]
+    assert members == [50061, 50062]
