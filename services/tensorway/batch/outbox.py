@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
-from aiokafka.errors import TopicAlreadyExistsError  # type: ignore[import-untyped]
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError  # type: ignore[import-untyped]
 
 from tensorway.batch.store import JobStore
 
@@ -41,28 +41,48 @@ def kafka_headers(headers: dict[str, str]) -> Sequence[tuple[str, bytes]]:
 class OutboxRelay:
     """Moves outbox rows to the shards topic, a batch at a time, most urgent jobs first."""
 
-    def __init__(self, store: JobStore, producer: AIOKafkaProducer, topic: str, batch_size: int) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        producer: AIOKafkaProducer,
+        topic: str,
+        batch_size: int,
+        *,
+        bootstrap: str,
+        partitions: int,
+    ) -> None:
         self._store = store
         self._producer = producer
         self._topic = topic
         self._batch_size = batch_size
+        self._bootstrap = bootstrap
+        self._partitions = partitions
 
     @classmethod
-    async def connect(cls, store: JobStore, bootstrap: str, topic: str, batch_size: int) -> OutboxRelay:
+    async def connect(
+        cls, store: JobStore, bootstrap: str, topic: str, batch_size: int, partitions: int
+    ) -> OutboxRelay:
         # acks="all" and no idempotence: Kafka-compatible brokers without idempotent producers
         # (Tansu) accept it, and duplicates are harmless here anyway.
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False)
         await producer.start()
-        return cls(store, producer, topic, batch_size)
+        return cls(store, producer, topic, batch_size, bootstrap=bootstrap, partitions=partitions)
 
     async def relay_batch(self) -> bool:
         """Publish one batch; True when there may be more waiting."""
-        async with self._store.outbox_batch(self._batch_size) as messages:
-            sent = [
-                await self._producer.send(self._topic, m.value, key=m.key, headers=kafka_headers(m.headers))
-                for m in messages
-            ]
-            await asyncio.gather(*sent)
+        try:
+            async with self._store.outbox_batch(self._batch_size) as messages:
+                send = self._producer.send
+                sent = [
+                    await send(self._topic, m.value, key=m.key, headers=kafka_headers(m.headers))
+                    for m in messages
+                ]
+                await asyncio.gather(*sent)
+        except KafkaError:
+            # A broker that came back without its data has no topic either, and a broker that
+            # does not create topics on use would refuse every send until it is made again.
+            await ensure_topic(self._bootstrap, self._topic, self._partitions)
+            raise
         return len(messages) == self._batch_size
 
     async def close(self) -> None:
