@@ -191,6 +191,9 @@ def decode_jsonl(
             good.append(
                 (row, row_id, {name: _decode_value(given[name], spec) for name, spec in wanted.items()})
             )
+        except RecursionError:
+            # Nested deeper than the parser recurses: this row's fault, not the shard's.
+            errors.append(RowError(row=row, id=row_id, reason="nested too deeply to read"))
         except (ValueError, TypeError, OverflowError) as exc:
             reason = f"not valid JSON: {exc}" if isinstance(exc, json.JSONDecodeError) else str(exc)
             errors.append(RowError(row=row, id=row_id, reason=reason))
