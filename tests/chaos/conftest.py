@@ -144,7 +144,8 @@ def _wait_until_served(state: StackState, timeout: float = 30.0) -> None:
                 time.sleep(0.2)
 
 
-@pytest.fixture(scope="session")
+# Package scope: the mesh stops once the last chaos test ran, not at the end of a whole `make test`.
+@pytest.fixture(scope="package")
 def chaos_mesh() -> Iterator[ChaosMesh]:
     state_dir = Path(tempfile.mkdtemp(prefix="tensorway-chaos-"))
     # PostgreSQL runs as `nobody` under root and must reach its data dir.

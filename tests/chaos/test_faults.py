@@ -110,14 +110,14 @@ FAULTS = [
 ]
 
 
-def _stall_end(samples: list[tuple[float, int]], since: float) -> float | None:
-    """When batch progress resumed after its last stall that began after `since`."""
+def _stall_end(samples: list[tuple[float, int]], since: float, until: float) -> float | None:
+    """When batch progress resumed after its last stall that began in [since, until)."""
     reference, resumed = since, None
     previous = next((rows for t, rows in reversed(samples) if t < since), 0)
     for at, rows in samples:
         if at < since or rows <= previous:
             continue
-        if at - reference > STALL_SECONDS:
+        if at - reference > STALL_SECONDS and reference < until:
             resumed = at
         reference, previous = at, rows
     return resumed
@@ -174,7 +174,7 @@ def run_fault(mesh: ChaosMesh, fault: Fault) -> dict[str, Any]:
     failed = [sample for sample in samples if not sample.ok]
     latencies = [sample.seconds * 1000 for sample in samples]
     realtime_recovery = max((sample.ended for sample in failed), default=injected) - injected
-    resumed = _stall_end(sampler.samples, injected)
+    resumed = _stall_end(sampler.samples, injected, ended)
     batch_recovery = 0.0 if resumed is None else resumed - injected
     failures = sorted({f"{sample.code.name}: {sample.details}" for sample in failed})
     note = f"{fault.note}; healed {healed_at - injected:.1f} s after the fault"
