@@ -4,32 +4,24 @@ accepted ends (FAILED with a reason, or with each bad row reported) within a bou
 
 from __future__ import annotations
 
-import io
 import json
 import struct
-import time
-import uuid
 
-import grpc
 import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tensorway.batch.v1 import batch_service_pb2 as pb
-from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tests.batch.test_jobs import npy_of
 from tests.fuzz.budget import fuzz_budget
 from tests.fuzz.calls import call, call_raw
 from tests.fuzz.conftest import BUCKET, FuzzMesh
-from tests.fuzz.outcomes import assert_client_error, assert_mesh_serves
+from tests.fuzz.jobs import GOOD_LINE, run_to_the_end, upload
+from tests.fuzz.outcomes import assert_mesh_serves
 from tests.fuzz.strategies import edgy_text, messages, wire_garbage
 
 BATCH = pb.DESCRIPTOR.services_by_name["BatchService"]
-# An accepted job with a handful of rows ends well within this, broken input or not.
-JOB_BOUND = 60.0
-FINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_PARTIALLY_FAILED, pb.JOB_STATE_FAILED)
-TENANT = (("x-tenant-id", "fuzz"),)
 
 
 @pytest.mark.parametrize("method", list(BATCH.methods), ids=lambda m: m.name)
@@ -50,44 +42,7 @@ def test_bytes_that_are_no_request_get_a_client_error(
     call_raw(fuzz_mesh, "batch", method, [data.draw(wire_garbage(method.input_type))])
 
 
-def upload(mesh: FuzzMesh, data: bytes, suffix: str) -> str:
-    key = f"inputs/{uuid.uuid4().hex}{suffix}"
-    mesh.s3.put_object(BUCKET, key, io.BytesIO(data), len(data))
-    return f"s3://{BUCKET}/{key}"
-
-
-def run_to_the_end(mesh: FuzzMesh, job: pb.Job) -> pb.Job | None:
-    """Create the job and wait for its end; None when the API refused it (with a client error)."""
-    with mesh.channel("batch") as channel:
-        stub = pb_grpc.BatchServiceStub(channel)
-        try:
-            created = stub.CreateJob(
-                pb.CreateJobRequest(job=job, request_id=uuid.uuid4().hex), metadata=TENANT, timeout=30
-            )
-        except grpc.RpcError as error:
-            assert_client_error(error)
-            return None
-        deadline = time.monotonic() + JOB_BOUND
-        while True:
-            current = stub.GetJob(pb.GetJobRequest(name=created.job.name), metadata=TENANT, timeout=10).job
-            if current.state in FINAL_STATES:
-                break
-            assert time.monotonic() < deadline, f"stuck: {current}"
-            time.sleep(0.2)
-    assert not mesh.dead_processes(), f"crashed: {mesh.dead_processes()}"
-    if current.state == pb.JOB_STATE_FAILED:
-        assert current.failure_reason, current
-    else:
-        progress = current.progress
-        assert progress.rows_done + progress.rows_failed == progress.rows_total, current
-        assert (progress.rows_failed > 0) == (current.state == pb.JOB_STATE_PARTIALLY_FAILED), current
-    return current
-
-
 # --- JSONL -------------------------------------------------------------------------------------
-
-GOOD_ROW = {"id": 1, "inputs": {"input": [5.1, 3.5, 1.4, 0.2]}}
-GOOD_LINE = json.dumps(GOOD_ROW).encode()
 
 
 def json_values() -> st.SearchStrategy[object]:
