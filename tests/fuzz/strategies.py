@@ -13,6 +13,7 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
@@ -45,6 +46,22 @@ def edgy_text() -> st.SearchStrategy[str]:
             ["models/", "models/-", "pools/", "jobs/", "jobs/0", "models/x/versions/", "*", ".."]
         ),
         st.sampled_from(HUGE_STRING_SIZES).map(lambda size: "x" * size),
+    )
+
+
+def json_values() -> st.SearchStrategy[object]:
+    """JSON values of every kind, nested a few levels."""
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        edgy_text(),
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_leaves=12,
     )
 
 
@@ -283,3 +300,36 @@ def almost_right_requests(draw: st.DrawFn) -> inference_pb.InferRequest:
     ).items():
         request.parameters[key].CopyFrom(parameter)
     return request
+
+
+@st.composite
+def almost_right_triton_requests(draw: st.DrawFn) -> Any:
+    """A Triton ModelInferRequest made from an almost right tensorway one: raw buffers in
+    raw_input_contents (sometimes one too few or too many) or typed contents, and parameters of
+    every Triton kind, unsigned ones past int64 included."""
+    request = draw(almost_right_requests())
+    converted = triton.ModelInferRequest(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    raw = draw(st.booleans())
+    for tensor in request.inputs:
+        entry = converted.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        if raw:
+            converted.raw_input_contents.append(tensor.raw_contents)
+        else:
+            entry.contents.MergeFromString(tensor.contents.SerializeToString())
+    if raw:
+        extra = draw(st.sampled_from(["none", "one-less", "one-more"]))
+        if extra == "one-less" and converted.raw_input_contents:
+            del converted.raw_input_contents[-1]
+        elif extra == "one-more":
+            converted.raw_input_contents.append(draw(st.binary(max_size=16)))
+    for output in request.outputs:
+        converted.outputs.add(name=output.name)
+    for key, parameter in draw(
+        st.dictionaries(edgy_text(), messages(triton.InferParameter.DESCRIPTOR), max_size=2)
+    ).items():
+        converted.parameters[key].CopyFrom(parameter)
+        if converted.inputs:
+            converted.inputs[0].parameters[key].CopyFrom(parameter)
+    return converted

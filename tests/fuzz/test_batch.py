@@ -19,7 +19,7 @@ from tests.fuzz.calls import call, call_raw
 from tests.fuzz.conftest import BUCKET, FuzzMesh
 from tests.fuzz.jobs import GOOD_LINE, run_to_the_end, upload
 from tests.fuzz.outcomes import assert_mesh_serves
-from tests.fuzz.strategies import edgy_text, messages, wire_garbage
+from tests.fuzz.strategies import edgy_text, json_values, messages, wire_garbage
 
 BATCH = pb.DESCRIPTOR.services_by_name["BatchService"]
 
@@ -43,22 +43,6 @@ def test_bytes_that_are_no_request_get_a_client_error(
 
 
 # --- JSONL -------------------------------------------------------------------------------------
-
-
-def json_values() -> st.SearchStrategy[object]:
-    """JSON values of every kind, nested a few levels."""
-    scalars = st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(-(2**70), 2**70),
-        st.floats(allow_nan=True, allow_infinity=True),
-        edgy_text(),
-    )
-    return st.recursive(
-        scalars,
-        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-        max_leaves=12,
-    )
 
 
 def rows() -> st.SearchStrategy[bytes]:
