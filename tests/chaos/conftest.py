@@ -79,6 +79,7 @@ BATCH_ROWS = 6000
 BATCH_SHARD_SIZE = 100
 RESULTS_ENV = "TENSORWAY_CHAOS_RESULTS"
 RESULTS_KEY = pytest.StashKey[list[dict[str, Any]]]()
+LOGS_KEY = pytest.StashKey[Path]()
 
 
 def chaos_components() -> list[Component]:
@@ -146,7 +147,7 @@ def _wait_until_served(state: StackState, timeout: float = 30.0) -> None:
 
 # Package scope: the mesh stops once the last chaos test ran, not at the end of a whole `make test`.
 @pytest.fixture(scope="package")
-def chaos_mesh() -> Iterator[ChaosMesh]:
+def chaos_mesh(request: pytest.FixtureRequest) -> Iterator[ChaosMesh]:
     state_dir = Path(tempfile.mkdtemp(prefix="tensorway-chaos-"))
     # PostgreSQL runs as `nobody` under root and must reach its data dir.
     state_dir.chmod(0o755)
@@ -182,6 +183,11 @@ def chaos_mesh() -> Iterator[ChaosMesh]:
         if batch is not None:
             batch.close()
         stack.down()
+        if request.session.testsfailed:
+            # The servers' logs say what went wrong; they outlive the state dir.
+            kept = Path(tempfile.mkdtemp(prefix="tensorway-chaos-logs-"))
+            shutil.copytree(state_dir / "logs", kept, dirs_exist_ok=True)
+            request.config.stash[LOGS_KEY] = kept
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
@@ -206,6 +212,9 @@ _COLUMNS = (
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    logs = config.stash.get(LOGS_KEY, None)
+    if logs is not None:
+        terminalreporter.write_line(f"chaos: a test failed; the servers' logs are in {logs}")
     results = config.stash.get(RESULTS_KEY, [])
     if not results:
         return

@@ -145,8 +145,15 @@ def _wait_for_progress(mesh: ChaosMesh, job: str, timeout: float = 20.0) -> None
         time.sleep(0.05)
 
 
+def _not_running(mesh: ChaosMesh) -> list[str]:
+    return sorted(set(mesh.state.components) - set(mesh.stack.status().components))
+
+
 def run_fault(mesh: ChaosMesh, fault: Fault) -> dict[str, Any]:
     """Cause the fault under load with a batch job running, heal it, and measure."""
+    # A component an earlier fault left dead (its test failed) would skew this one.
+    for name in _not_running(mesh):
+        mesh.stack.restart(name)
     _wait_steady(mesh)
     job = mesh.batch.submit()
     sampler = ProgressSampler(mesh.batch, job)
@@ -163,11 +170,12 @@ def run_fault(mesh: ChaosMesh, fault: Fault) -> dict[str, Any]:
         collect_probe_leftovers()
         time.sleep(OBSERVE_SECONDS)
         ended = time.monotonic()
+        dead_after = _not_running(mesh)
         outcome = mesh.batch.wait(job, timeout=60)
     finally:
+        sampler.stop()
         if not healed:
             fault.heal(mesh)
-        sampler.stop()
     # Requests still in flight at the window's end have their deadline to finish.
     time.sleep(max(0.0, ended + REQUEST_DEADLINE - time.monotonic()))
     samples = mesh.realtime.samples(injected, ended)
@@ -180,6 +188,8 @@ def run_fault(mesh: ChaosMesh, fault: Fault) -> dict[str, Any]:
     note = f"{fault.note}; healed {healed_at - injected:.1f} s after the fault"
     if failures:
         note += "; failures: " + " | ".join(failures[:3])
+    if dead_after:
+        note += "; not running after it: " + ", ".join(dead_after)
     if outcome.state != batch_pb.JOB_STATE_SUCCEEDED:
         note += f"; batch job ended {batch_pb.JobState.Name(outcome.state)}: {outcome.failure_reason}"
     return {
@@ -196,6 +206,7 @@ def run_fault(mesh: ChaosMesh, fault: Fault) -> dict[str, Any]:
         "rows_lost": outcome.rows_lost,
         "rows_duplicated": outcome.rows_duplicated,
         "batch_state": outcome.state,
+        "dead_after": dead_after,
         "note": note,
     }
 
@@ -209,8 +220,10 @@ def _rounded(value: float | None) -> float | None:
 def test_the_mesh_survives(fault: Fault, chaos_mesh: ChaosMesh, chaos_results: list[dict[str, Any]]) -> None:
     result = run_fault(chaos_mesh, fault)
     batch_state = result.pop("batch_state")
+    dead_after = result.pop("dead_after")
     chaos_results.append(result)
 
+    assert dead_after == [], result["note"]
     assert result["requests"] > 0
     assert result["failed"] <= MAX_FAILED_SHARE * result["requests"], result["note"]
     assert batch_state == batch_pb.JOB_STATE_SUCCEEDED, result["note"]
