@@ -20,7 +20,7 @@ import tritonclient.grpc as triton_grpc
 
 from tensorway.batch.v1 import batch_service_pb2 as batch_pb
 
-from .conftest import REQUEST_DEADLINE, ChaosMesh, collect_probe_leftovers
+from .conftest import REQUEST_DEADLINE, WORKERS, ChaosMesh, collect_probe_leftovers
 from .load import ProgressSampler, percentile
 
 MAX_FAILED_SHARE = 0.001
@@ -80,6 +80,22 @@ def _load_simple(mesh: ChaosMesh) -> None:
         client.close()
 
 
+def _lose_the_queue(mesh: ChaosMesh) -> None:
+    # Workers frozen first: the shards they had fetched but not run are then known only to a
+    # consumer group the broker forgets.
+    for worker in WORKERS:
+        mesh.stack.kill(worker, signal.SIGSTOP)
+    mesh.stack.kill("kafka", signal.SIGKILL)
+
+
+def _broker_back(mesh: ChaosMesh) -> None:
+    try:
+        mesh.stack.restart("kafka")
+    finally:
+        for worker in WORKERS:
+            mesh.stack.kill(worker, signal.SIGCONT)
+
+
 FAULTS = [
     _sigkill("router-2", "router", True, "Envoy balances over both routers"),
     _sigkill("orchestrator-2", "orchestrator", True, "routers retry on the pool's other orchestrator"),
@@ -106,6 +122,15 @@ FAULTS = [
     _sigkill("redis", "redis", False, "the ratelimit service fails open"),
     _sigkill("postgres", "postgres", False, "batch leases and completions wait for it"),
     _sigkill("kafka", "kafka", False, "in-memory broker: topic and messages lost, shards republished"),
+    Fault(
+        label="SIGKILL kafka, workers frozen",
+        component="kafka",
+        redundant=False,
+        inject=_lose_the_queue,
+        heal=_broker_back,
+        down_for=2.0,
+        note="every queued shard message lost with the group: the batch API republishes them",
+    ),
     _sigkill("batch-worker-2", "batch-worker", True, "its leases expire and its shards are handed out again"),
 ]
 
