@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from google.protobuf import descriptor
 from google.protobuf.message import Message
@@ -21,7 +23,11 @@ def method_path(method: descriptor.MethodDescriptor) -> str:
 
 
 def call_raw(
-    mesh: FuzzMesh, service: str, method: descriptor.MethodDescriptor, requests: list[bytes]
+    mesh: FuzzMesh,
+    service: str,
+    method: descriptor.MethodDescriptor,
+    requests: list[bytes],
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> list[bytes]:
     """Send serialized `requests` (one unless the method takes a stream) to `service`; the
     serialized answers. A client-error status passes; any other failure fails the test."""
@@ -29,17 +35,19 @@ def call_raw(
     with mesh.channel(service) as channel:
         try:
             if not method.client_streaming and not method.server_streaming:
-                return [channel.unary_unary(path)(requests[0], timeout=UNARY_TIMEOUT)]
+                return [channel.unary_unary(path)(requests[0], timeout=UNARY_TIMEOUT, metadata=metadata)]
             if not method.client_streaming:
                 answers: list[bytes] = []
                 try:
-                    for answer in channel.unary_stream(path)(requests[0], timeout=STREAM_PATIENCE):
+                    for answer in channel.unary_stream(path)(
+                        requests[0], timeout=STREAM_PATIENCE, metadata=metadata
+                    ):
                         answers.append(answer)
                 except grpc.RpcError as error:
                     if error.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
                         raise
                 return answers
-            return list(channel.stream_stream(path)(iter(requests), timeout=UNARY_TIMEOUT))
+            return list(channel.stream_stream(path)(iter(requests), timeout=UNARY_TIMEOUT, metadata=metadata))
         except grpc.RpcError as error:
             assert_client_error(error)
             return []
@@ -48,9 +56,13 @@ def call_raw(
 
 
 def call(
-    mesh: FuzzMesh, service: str, method: descriptor.MethodDescriptor, requests: list[Message]
+    mesh: FuzzMesh,
+    service: str,
+    method: descriptor.MethodDescriptor,
+    requests: list[Message],
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> list[bytes]:
-    return call_raw(mesh, service, method, [request.SerializeToString() for request in requests])
+    return call_raw(mesh, service, method, [request.SerializeToString() for request in requests], metadata)
 
 
 def assert_stream_error_is_clients(status_code: int, message: str) -> None:

@@ -29,14 +29,16 @@ CLIENT_ERRORS = frozenset(
         grpc.StatusCode.PERMISSION_DENIED,
     }
 )
+# How gRPC words its refusals of oversized messages and headers.
+GRPC_SIZE_LIMITS = ("larger than max", "metadata size exceeds")
 GRPC_SERVICES = ("registry", "orchestrator", "router", "batch", "batch_worker")
 
 
 def assert_client_error(error: grpc.RpcError) -> None:
     """A client-error code, with google.rpc details naming the reason.
 
-    The one exception is a message over the server's size limit: gRPC itself refuses it
-    before any tensorway code runs, with RESOURCE_EXHAUSTED and no details to carry.
+    The one exception is a message or headers over gRPC's size limits: gRPC itself refuses
+    them before any tensorway code runs, with RESOURCE_EXHAUSTED and no details to carry.
     """
     assert isinstance(error, grpc.Call)
     code = error.code()
@@ -44,7 +46,7 @@ def assert_client_error(error: grpc.RpcError) -> None:
     status = rpc_status.from_call(error)
     if status is None:
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, f"{code.name} without details: {error.details()}"
-        assert "larger than max" in (error.details() or ""), error.details()
+        assert any(limit in (error.details() or "") for limit in GRPC_SIZE_LIMITS), error.details()
         return
     infos = [detail for detail in status.details if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
     assert infos, f"{code.name} without ErrorInfo: {status}"

@@ -333,3 +333,20 @@ def almost_right_triton_requests(draw: st.DrawFn) -> Any:
         if converted.inputs:
             converted.inputs[0].parameters[key].CopyFrom(parameter)
     return converted
+
+
+def request_metadata() -> st.SearchStrategy[list[tuple[str, str]]]:
+    """Request headers the services read (tenant, request id, route key, trace context), with
+    values of any printable ASCII, the most gRPC lets a client send in a text header."""
+    keys = st.sampled_from(
+        ["x-tenant-id", "x-request-id", "x-tensorway-route-key", "traceparent", "tracestate", "baggage"]
+    )
+    printable = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
+    values = st.one_of(
+        printable,
+        st.sampled_from(
+            ["00-zz-zz-01", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "ff-" * 40, "a=b,c", "=,=,="]
+        ),
+        st.sampled_from([1_000, 7_000]).map(lambda size: "t" * size),
+    )
+    return st.lists(st.tuples(keys, values), max_size=4)

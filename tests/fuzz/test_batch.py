@@ -19,13 +19,13 @@ from tests.fuzz.calls import call, call_raw
 from tests.fuzz.conftest import BUCKET, FuzzMesh
 from tests.fuzz.jobs import GOOD_LINE, run_to_the_end, upload
 from tests.fuzz.outcomes import assert_mesh_serves
-from tests.fuzz.strategies import edgy_text, json_values, messages, wire_garbage
+from tests.fuzz.strategies import edgy_text, json_values, messages, request_metadata, wire_garbage
 
 BATCH = pb.DESCRIPTOR.services_by_name["BatchService"]
 
 
 @pytest.mark.parametrize("method", list(BATCH.methods), ids=lambda m: m.name)
-@fuzz_budget(max_examples=15)
+@fuzz_budget(max_examples=20)
 @given(data=st.data())
 def test_any_message_to_any_batch_rpc_gets_an_answer_or_a_client_error(
     fuzz_mesh: FuzzMesh, method: object, data: st.DataObject
@@ -34,7 +34,7 @@ def test_any_message_to_any_batch_rpc_gets_an_answer_or_a_client_error(
 
 
 @pytest.mark.parametrize("method", list(BATCH.methods), ids=lambda m: m.name)
-@fuzz_budget(max_examples=6)
+@fuzz_budget(max_examples=15)
 @given(data=st.data())
 def test_bytes_that_are_no_request_get_a_client_error(
     fuzz_mesh: FuzzMesh, method: object, data: st.DataObject
@@ -83,7 +83,7 @@ def rows() -> st.SearchStrategy[bytes]:
     )
 
 
-@fuzz_budget(max_examples=10)
+@fuzz_budget(max_examples=15)
 @given(
     lines=st.lists(rows(), min_size=1, max_size=8),
     newline=st.sampled_from([b"\n", b"\r\n"]),
@@ -150,7 +150,7 @@ def npy_files() -> st.SearchStrategy[bytes]:
     )
 
 
-@fuzz_budget(max_examples=10)
+@fuzz_budget(max_examples=15)
 @given(data=npy_files(), shard_size=st.integers(1, 3))
 @example(data=npy_header("{'descr': '<f4', 'fortran_order': False, 'shape': (2**62, 4), }"), shard_size=1)
 def test_broken_npy_inputs_fail_the_job_with_a_reason(
@@ -163,7 +163,7 @@ def test_broken_npy_inputs_fail_the_job_with_a_reason(
 # --- odd jobs ----------------------------------------------------------------------------------
 
 
-@fuzz_budget(max_examples=15)
+@fuzz_budget(max_examples=20)
 @given(data=st.data())
 def test_odd_jobs_are_refused_or_end(fuzz_mesh: FuzzMesh, data: st.DataObject) -> None:
     uri = upload(fuzz_mesh, GOOD_LINE + b"\n", ".jsonl")
@@ -199,6 +199,17 @@ def test_odd_jobs_are_refused_or_end(fuzz_mesh: FuzzMesh, data: st.DataObject) -
         priority=data.draw(st.sampled_from([0, -(2**31), 2**31 - 1])),
     )
     run_to_the_end(fuzz_mesh, job)
+
+
+@fuzz_budget(max_examples=20)
+@given(
+    metadata=request_metadata(), method=st.sampled_from(["ListJobs", "GetJob", "CancelJob"]), data=st.data()
+)
+def test_odd_request_headers_are_tolerated(
+    fuzz_mesh: FuzzMesh, metadata: list[tuple[str, str]], method: str, data: st.DataObject
+) -> None:
+    rpc = BATCH.methods_by_name[method]
+    call(fuzz_mesh, "batch", rpc, [data.draw(messages(rpc.input_type))], metadata)
 
 
 def test_the_batch_pipeline_still_serves_after_the_fuzzing(fuzz_mesh: FuzzMesh) -> None:

@@ -21,13 +21,13 @@ from tests.fuzz.budget import fuzz_budget
 from tests.fuzz.calls import call, call_raw
 from tests.fuzz.conftest import FuzzMesh
 from tests.fuzz.outcomes import assert_client_error, assert_mesh_serves
-from tests.fuzz.strategies import DATATYPES, HUGE_DIMS, edgy_text, messages, wire_garbage
+from tests.fuzz.strategies import DATATYPES, HUGE_DIMS, edgy_text, messages, request_metadata, wire_garbage
 
 REGISTRY = pb.DESCRIPTOR.services_by_name["RegistryService"]
 
 
 @pytest.mark.parametrize("method", list(REGISTRY.methods), ids=lambda m: m.name)
-@fuzz_budget(max_examples=12)
+@fuzz_budget(max_examples=20)
 @given(data=st.data())
 def test_any_message_to_any_registry_rpc_gets_an_answer_or_a_client_error(
     fuzz_mesh: FuzzMesh, method: object, data: st.DataObject
@@ -36,7 +36,7 @@ def test_any_message_to_any_registry_rpc_gets_an_answer_or_a_client_error(
 
 
 @pytest.mark.parametrize("method", list(REGISTRY.methods), ids=lambda m: m.name)
-@fuzz_budget(max_examples=6)
+@fuzz_budget(max_examples=10)
 @given(data=st.data())
 def test_bytes_that_are_no_request_get_a_client_error(
     fuzz_mesh: FuzzMesh, method: object, data: st.DataObject
@@ -169,7 +169,7 @@ def write_or_refuse(
     assert not fuzz_mesh.dead_processes()
 
 
-@fuzz_budget(max_examples=40)
+@fuzz_budget(max_examples=60)
 @given(data=st.data())
 def test_versions_with_odd_signatures_are_created_whole_or_not_at_all(
     fuzz_mesh: FuzzMesh, target: Target, data: st.DataObject
@@ -186,7 +186,7 @@ def test_versions_with_odd_signatures_are_created_whole_or_not_at_all(
     write_or_refuse(fuzz_mesh, target, target.stub.CreateModelVersion, request)
 
 
-@fuzz_budget(max_examples=40)
+@fuzz_budget(max_examples=60)
 @given(data=st.data())
 def test_odd_deployments_are_written_whole_or_not_at_all(
     fuzz_mesh: FuzzMesh, target: Target, data: st.DataObject
@@ -214,7 +214,7 @@ def test_odd_deployments_are_written_whole_or_not_at_all(
         write_or_refuse(fuzz_mesh, target, target.stub.CreateDeployment, request)
 
 
-@fuzz_budget(max_examples=40)
+@fuzz_budget(max_examples=60)
 @given(data=st.data())
 def test_odd_updates_and_transitions_are_applied_whole_or_not_at_all(
     fuzz_mesh: FuzzMesh, target: Target, data: st.DataObject
@@ -255,7 +255,7 @@ def test_odd_updates_and_transitions_are_applied_whole_or_not_at_all(
         write_or_refuse(fuzz_mesh, target, stub.TransitionModelVersionStage, request)
 
 
-@fuzz_budget(max_examples=40)
+@fuzz_budget(max_examples=60)
 @given(data=st.data())
 def test_odd_lists_and_lookups_answer_or_refuse(
     fuzz_mesh: FuzzMesh, target: Target, data: st.DataObject
@@ -290,6 +290,14 @@ def test_odd_lists_and_lookups_answer_or_refuse(
         if field in message.DESCRIPTOR.fields_by_name and data.draw(st.booleans()):
             setattr(message, field, data.draw(value))
     call(fuzz_mesh, "registry", REGISTRY.methods_by_name[method], [message])
+
+
+@fuzz_budget(max_examples=20)
+@given(metadata=request_metadata(), request=messages(pb.ListModelsRequest.DESCRIPTOR))
+def test_odd_request_headers_are_tolerated(
+    fuzz_mesh: FuzzMesh, metadata: list[tuple[str, str]], request: pb.ListModelsRequest
+) -> None:
+    call(fuzz_mesh, "registry", REGISTRY.methods_by_name["ListModels"], [request], metadata)
 
 
 def test_the_registry_still_serves_after_the_fuzzing(fuzz_mesh: FuzzMesh) -> None:

@@ -156,7 +156,7 @@ def assert_client_answer(reply: requests.Response) -> None:
         assert status["code"] not in SERVER_FAULT_CODES, reply.text[:500]
 
 
-@fuzz_budget(max_examples=120)
+@fuzz_budget(max_examples=200)
 @given(data=st.data())
 def test_malformed_rest_calls_get_a_client_error(
     fuzz_mesh: FuzzMesh,
@@ -182,7 +182,7 @@ def test_malformed_rest_calls_get_a_client_error(
     assert not fuzz_mesh.dead_processes(), f"crashed: {fuzz_mesh.dead_processes()}"
 
 
-@fuzz_budget(max_examples=40)
+@fuzz_budget(max_examples=60)
 @given(body=bodies())
 @example(body=(b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json"))
 def test_malformed_infer_bodies_get_a_client_error(

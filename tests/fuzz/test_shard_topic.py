@@ -79,7 +79,7 @@ async def publish(bootstrap: str, topic: str, batch: Sequence[Record]) -> None:
         await producer.stop()
 
 
-@fuzz_budget(max_examples=12)
+@fuzz_budget(max_examples=15)
 @given(data=st.data())
 def test_malformed_shard_records_are_skipped_and_change_nothing(
     fuzz_mesh: FuzzMesh, finished_job: pb.Job, data: st.DataObject
