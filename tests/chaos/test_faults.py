@@ -240,7 +240,9 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-@pytest.mark.timeout(120)
+# The first test also starts the mesh (about a minute on a busy two-core machine), the last one
+# stops it; a Triton restart alone can take twenty seconds there.
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("fault", FAULTS, ids=[fault.label for fault in FAULTS])
 def test_the_mesh_survives(fault: Fault, chaos_mesh: ChaosMesh, chaos_results: list[dict[str, Any]]) -> None:
     result = run_fault(chaos_mesh, fault)
