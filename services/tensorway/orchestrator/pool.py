@@ -23,6 +23,12 @@ from tensorway.runtime.server import message_size_options
 logger = logging.getLogger(__name__)
 
 
+# A Triton that restarts is back in the pool within a second of answering again, rather than
+# after gRPC's reconnect backoff, which grows to two minutes: it sits beside the orchestrator,
+# so trying it often costs nothing.
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
+
+
 class TritonEndpoint:
     """One Triton: its channel, the streams (or unary calls) requests travel on, and its readiness.
 
@@ -42,12 +48,12 @@ class TritonEndpoint:
         self.address = address
         self.ready = True
         self.ready_models: frozenset[str] | None = None
-        self._channel = create_channel(address, max_message_bytes)
+        self._channel = create_channel(address, max_message_bytes, RECONNECT_OPTIONS)
         self._stub = triton_grpc.GRPCInferenceServiceStub(self._channel)
         # Streams carry no request's context, and a client interceptor on a stream call costs
         # an extra queue hop per message: streams get a channel of their own, without one.
         self._stream_channel = grpc.aio.insecure_channel(
-            address, options=message_size_options(max_message_bytes)
+            address, options=[*message_size_options(max_message_bytes), *RECONNECT_OPTIONS]
         )
         stream_stub = triton_grpc.GRPCInferenceServiceStub(self._stream_channel)
         self._senders: Sequence[InferStream | UnaryInfer] = [

@@ -44,10 +44,15 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [*message_size_options(max_message_bytes), ("grpc.so_reuseport", 0)]
 
 
-def create_channel(target: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
-    """A channel to another tensorway service (or Triton) that propagates request context."""
+def create_channel(
+    target: str, max_message_bytes: int = 64 * 1024 * 1024, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """A channel to another tensorway service (or Triton) that propagates request context;
+    ``options`` are further gRPC channel arguments."""
     return grpc.aio.insecure_channel(
-        target, options=message_size_options(max_message_bytes), interceptors=[ClientInterceptor()]
+        target,
+        options=[*message_size_options(max_message_bytes), *options],
+        interceptors=[ClientInterceptor()],
     )
 
 
