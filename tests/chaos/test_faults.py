@@ -5,6 +5,12 @@ Envoy and a batch job runs, each measured and held to the done-when criteria:
   component the real-time path must not depend on is (registry, Redis, PostgreSQL, the broker);
 - no batch row is lost or duplicated, whatever failed;
 - requests and batch progress flow steadily again within 10 s of the fault.
+
+Each fault's window runs from the fault until the load has run 3 s past its healing (the
+component restarted, resumed or its model loaded again). Its recovery time is the later of: the
+end of the last failed request, and the moment batch progress resumed after its last stall of
+more than a second that began in the window; 0 when requests never failed and the job never
+stalled, as when a replica's peers take its work at once.
 """
 
 from __future__ import annotations
@@ -121,7 +127,12 @@ FAULTS = [
     _sigkill("registry", "registry", False, "routers keep their last route table"),
     _sigkill("redis", "redis", False, "the ratelimit service fails open"),
     _sigkill("postgres", "postgres", False, "batch leases and completions wait for it"),
-    _sigkill("kafka", "kafka", False, "in-memory broker: topic and messages lost, shards republished"),
+    _sigkill(
+        "kafka",
+        "kafka",
+        False,
+        "in-memory broker: topics, messages and the group lost; workers run what they fetched",
+    ),
     Fault(
         label="SIGKILL kafka, workers frozen",
         component="kafka",
