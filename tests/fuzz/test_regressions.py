@@ -6,6 +6,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2 as triton
 
+from tensorway.batch.v1 import batch_service_pb2 as batch_pb
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tests.fuzz.calls import method_path
@@ -82,4 +83,26 @@ def test_a_timestamp_out_of_range_is_invalid_argument(fuzz_mesh: FuzzMesh, secon
     request = registry_pb.CreateModelVersionRequest(parent="models/simple", model_version=version)
     method = registry_pb.DESCRIPTOR.services_by_name["RegistryService"].methods_by_name["CreateModelVersion"]
     error = refusal(fuzz_mesh, "registry", method_path(method), request.SerializeToString())
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("method", "request_message"),
+    [
+        ("GetJob", batch_pb.GetJobRequest(name="jobs/\0")),
+        ("ListJobs", batch_pb.ListJobsRequest(page_token="\0")),
+        (
+            "CreateJob",
+            batch_pb.CreateJobRequest(
+                job=batch_pb.Job(model="iris", model_version="\0", input_uri="s3://fuzz/x.jsonl")
+            ),
+        ),
+    ],
+)
+def test_nul_in_a_batch_request_is_invalid_argument(
+    fuzz_mesh: FuzzMesh, method: str, request_message: object
+) -> None:
+    # PostgreSQL refused the NUL inside the store, which answered INTERNAL (HTTP 500 through Envoy).
+    rpc = batch_pb.DESCRIPTOR.services_by_name["BatchService"].methods_by_name[method]
+    error = refusal(fuzz_mesh, "batch", method_path(rpc), request_message.SerializeToString())
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
