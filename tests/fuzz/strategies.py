@@ -38,7 +38,7 @@ DATATYPES = (*FIXED_SIZE_DTYPES, "BYTES")
 
 
 def edgy_text() -> st.SearchStrategy[str]:
-    """Short text of any kind, names that look like resource names, or a huge string."""
+    """Short text of any kind, names that look like resource names, a huge string, or NUL."""
     return st.one_of(
         st.text(max_size=40),
         st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-/._*{}=:", max_size=60),
@@ -46,6 +46,8 @@ def edgy_text() -> st.SearchStrategy[str]:
             ["models/", "models/-", "pools/", "jobs/", "jobs/0", "models/x/versions/", "*", ".."]
         ),
         st.sampled_from(HUGE_STRING_SIZES).map(lambda size: "x" * size),
+        # NUL, which PostgreSQL text cannot hold, alone and inside names.
+        st.sampled_from(["\0", "models/a\0b", "pools/\0", "jobs/\0", "a\0"]),
     )
 
 

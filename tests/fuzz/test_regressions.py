@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.batch.v1 import batch_service_pb2 as batch_pb
@@ -105,4 +106,35 @@ def test_nul_in_a_batch_request_is_invalid_argument(
     # PostgreSQL refused the NUL inside the store, which answered INTERNAL (HTTP 500 through Envoy).
     rpc = batch_pb.DESCRIPTOR.services_by_name["BatchService"].methods_by_name[method]
     error = refusal(fuzz_mesh, "batch", method_path(rpc), request_message.SerializeToString())
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("method", "request_message"),
+    [
+        (
+            "CreateModel",
+            registry_pb.CreateModelRequest(model=registry_pb.Model(name="models/nul", description="\0")),
+        ),
+        (
+            "UpdateModel",
+            registry_pb.UpdateModelRequest(
+                model=registry_pb.Model(name="models/iris", description="a\0"),
+                update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+            ),
+        ),
+        (
+            "CreateModelVersion",
+            registry_pb.CreateModelVersionRequest(
+                parent="models/iris", model_version=registry_pb.ModelVersion(platform="\0")
+            ),
+        ),
+    ],
+)
+def test_nul_in_a_registry_request_is_invalid_argument(
+    fuzz_mesh: FuzzMesh, method: str, request_message: object
+) -> None:
+    # A NUL in a description reached PostgreSQL, which refused it: INTERNAL.
+    rpc = registry_pb.DESCRIPTOR.services_by_name["RegistryService"].methods_by_name[method]
+    error = refusal(fuzz_mesh, "registry", method_path(rpc), request_message.SerializeToString())
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT

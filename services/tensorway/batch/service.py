@@ -11,8 +11,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any, Protocol
 
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 from pydantic_settings import SettingsConfigDict
 
 from tensorway.batch import converters
@@ -32,6 +30,7 @@ from tensorway.runtime import (
     create_server,
 )
 from tensorway.runtime.context import DEFAULT_TENANT, current
+from tensorway.runtime.requests import refuse_nul
 
 SERVICE = pb.DESCRIPTOR.services_by_name["BatchService"]
 
@@ -71,22 +70,6 @@ def _tenant() -> str:
     return request.tenant if request is not None else DEFAULT_TENANT
 
 
-def _refuse_nul(message: Message, path: str = "") -> None:
-    """INVALID_ARGUMENT when a string field anywhere in the request holds NUL, which PostgreSQL
-    text cannot store: the query would fail inside the store instead of naming the field."""
-    for field, value in message.ListFields():
-        name = f"{path}{field.name}"
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            for item in value if field.is_repeated else [value]:
-                _refuse_nul(item, f"{name}.")
-        elif field.type == FieldDescriptor.TYPE_STRING and any(
-            "\0" in item for item in (value if field.is_repeated else [value])
-        ):
-            raise InvalidArgument(
-                f"{name} holds a NUL character", [FieldViolation(name, "no NUL characters")]
-            )
-
-
 def _job_id(name: str, field: str = "name") -> str:
     collection, _, job_id = name.partition("/")
     if collection != "jobs" or not job_id or "/" in job_id or "\0" in job_id:
@@ -101,7 +84,7 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
         self._jobs = jobs
 
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
-        _refuse_nul(request)
+        refuse_nul(request)
         draft = converters.draft_from_proto(request.job)
         status = await self._jobs.create(_tenant(), request.request_id, draft)
         return pb.CreateJobResponse(job=converters.job_to_proto(status))
@@ -111,7 +94,7 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
         return pb.GetJobResponse(job=converters.job_to_proto(status))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
-        _refuse_nul(request)
+        refuse_nul(request)
         jobs, token = await self._jobs.list(_tenant(), request.filter, request.page_size, request.page_token)
         return pb.ListJobsResponse(jobs=[converters.job_to_proto(j) for j in jobs], next_page_token=token)
 

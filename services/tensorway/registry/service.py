@@ -26,6 +26,7 @@ from tensorway.runtime import (
     ServiceSettings,
     create_server,
 )
+from tensorway.runtime.requests import refuse_nul
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RegistryService"]
 RESOLVED_RESPONSES_KEPT = 10_000
@@ -68,6 +69,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self._resolved: dict[tuple[str, str], tuple[Route, pb.ResolveModelResponse]] = {}
 
     async def CreateModel(self, request: pb.CreateModelRequest, context: Any) -> pb.CreateModelResponse:
+        refuse_nul(request)
         model = await self._registry.create_model(converters.model_from_proto(request.model))
         return pb.CreateModelResponse(model=converters.model_to_proto(model))
 
@@ -76,17 +78,20 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.GetModelResponse(model=converters.model_to_proto(await self._registry.get_model(model)))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        refuse_nul(request)
         page = await self._registry.list_models(request.filter, request.page_size, request.page_token)
         return pb.ListModelsResponse(
             models=[converters.model_to_proto(m) for m in page.items], next_page_token=page.next_page_token
         )
 
     async def UpdateModel(self, request: pb.UpdateModelRequest, context: Any) -> pb.UpdateModelResponse:
+        refuse_nul(request)
         model = converters.model_from_proto(request.model)
         updated = await self._registry.update_model(model, list(request.update_mask.paths))
         return pb.UpdateModelResponse(model=converters.model_to_proto(updated))
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context: Any) -> pb.DeleteModelResponse:
+        refuse_nul(request)
         (model,) = parse_name(request.name, "name", "models")
         await self._registry.delete_model(model, request.etag)
         return pb.DeleteModelResponse()
@@ -94,6 +99,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def CreateModelVersion(
         self, request: pb.CreateModelVersionRequest, context: Any
     ) -> pb.CreateModelVersionResponse:
+        refuse_nul(request)
         (model,) = parse_name(request.parent, "parent", "models")
         version = converters.model_version_from_proto(request.model_version, model, request.model_version_id)
         created = await self._registry.create_model_version(model, request.model_version_id, version)
@@ -109,6 +115,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: Any
     ) -> pb.ListModelVersionsResponse:
+        refuse_nul(request)
         (model,) = parse_name(request.parent, "parent", "models")
         page = await self._registry.list_model_versions(
             model, request.filter, request.page_size, request.page_token
@@ -121,6 +128,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def UpdateModelVersion(
         self, request: pb.UpdateModelVersionRequest, context: Any
     ) -> pb.UpdateModelVersionResponse:
+        refuse_nul(request)
         model, version = parse_name(request.model_version.name, "model_version.name", "models", "versions")
         given = converters.model_version_from_proto(request.model_version, model, version)
         updated = await self._registry.update_model_version(given, list(request.update_mask.paths))
@@ -129,6 +137,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def DeleteModelVersion(
         self, request: pb.DeleteModelVersionRequest, context: Any
     ) -> pb.DeleteModelVersionResponse:
+        refuse_nul(request)
         model, version = parse_name(request.name, "name", "models", "versions")
         await self._registry.delete_model_version(model, version, request.etag)
         return pb.DeleteModelVersionResponse()
@@ -136,6 +145,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def TransitionModelVersionStage(
         self, request: pb.TransitionModelVersionStageRequest, context: Any
     ) -> pb.TransitionModelVersionStageResponse:
+        refuse_nul(request)
         model, version = parse_name(request.name, "name", "models", "versions")
         stage = converters.stage_from_proto(request.stage)
         if stage is None:
@@ -149,6 +159,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
 
     async def CreatePool(self, request: pb.CreatePoolRequest, context: Any) -> pb.CreatePoolResponse:
+        refuse_nul(request)
         pool = await self._registry.create_pool(converters.pool_from_proto(request.pool))
         return pb.CreatePoolResponse(pool=converters.pool_to_proto(pool))
 
@@ -157,17 +168,20 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.GetPoolResponse(pool=converters.pool_to_proto(await self._registry.get_pool(pool)))
 
     async def ListPools(self, request: pb.ListPoolsRequest, context: Any) -> pb.ListPoolsResponse:
+        refuse_nul(request)
         page = await self._registry.list_pools(request.page_size, request.page_token)
         return pb.ListPoolsResponse(
             pools=[converters.pool_to_proto(p) for p in page.items], next_page_token=page.next_page_token
         )
 
     async def UpdatePool(self, request: pb.UpdatePoolRequest, context: Any) -> pb.UpdatePoolResponse:
+        refuse_nul(request)
         pool = converters.pool_from_proto(request.pool)
         updated = await self._registry.update_pool(pool, list(request.update_mask.paths))
         return pb.UpdatePoolResponse(pool=converters.pool_to_proto(updated))
 
     async def DeletePool(self, request: pb.DeletePoolRequest, context: Any) -> pb.DeletePoolResponse:
+        refuse_nul(request)
         (pool,) = parse_name(request.name, "name", "pools")
         await self._registry.delete_pool(pool, request.etag)
         return pb.DeletePoolResponse()
@@ -175,6 +189,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def CreateDeployment(
         self, request: pb.CreateDeploymentRequest, context: Any
     ) -> pb.CreateDeploymentResponse:
+        refuse_nul(request)
         (model,) = parse_name(request.parent, "parent", "models")
         deployment = converters.deployment_from_proto(request.deployment, model, request.deployment_id)
         created = await self._registry.create_deployment(deployment)
@@ -188,6 +203,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ListDeployments(
         self, request: pb.ListDeploymentsRequest, context: Any
     ) -> pb.ListDeploymentsResponse:
+        refuse_nul(request)
         (model,) = parse_name(request.parent, "parent", "models")
         page = await self._registry.list_deployments(model, request.page_size, request.page_token)
         return pb.ListDeploymentsResponse(
@@ -198,6 +214,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def UpdateDeployment(
         self, request: pb.UpdateDeploymentRequest, context: Any
     ) -> pb.UpdateDeploymentResponse:
+        refuse_nul(request)
         model, name = parse_name(request.deployment.name, "deployment.name", "models", "deployments")
         given = converters.deployment_from_proto(request.deployment, model, name)
         updated = await self._registry.update_deployment(given, list(request.update_mask.paths))
@@ -206,6 +223,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def DeleteDeployment(
         self, request: pb.DeleteDeploymentRequest, context: Any
     ) -> pb.DeleteDeploymentResponse:
+        refuse_nul(request)
         model, name = parse_name(request.name, "name", "models", "deployments")
         await self._registry.delete_deployment(model, name, request.etag)
         return pb.DeleteDeploymentResponse()
