@@ -23,6 +23,21 @@ PROFILE_VARIABLE = "TENSORWAY_FUZZ_PROFILE"
 SCALE_VARIABLE = "TENSORWAY_FUZZ_SCALE"
 CI_SEED = 20261122
 
+
+class KeepingDatabase(DirectoryBasedExampleDatabase):
+    """The seed database as a campaign writes it: new failing examples are added, none removed.
+
+    Hypothesis deletes a saved example once it passes, which after a fix is every seed this
+    folder keeps; a campaign run after the fixes must not take the regressions out of CI.
+    """
+
+    def delete(self, key: bytes, value: bytes) -> None:
+        pass
+
+    def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        self.save(dest, value)
+
+
 settings.register_profile(
     "fuzz-ci",
     deadline=None,
@@ -34,7 +49,7 @@ settings.register_profile(
 settings.register_profile(
     "fuzz-campaign",
     parent=settings.get_profile("fuzz-ci"),
-    database=DirectoryBasedExampleDatabase(EXAMPLES),
+    database=KeepingDatabase(EXAMPLES),
 )
 
 Test = TypeVar("Test", bound=Callable[..., Any])

@@ -108,7 +108,8 @@ def test_broken_jsonl_rows_fail_alone_and_the_job_ends(
 
 
 def npy_header(header: str, version: int = 1) -> bytes:
-    text = header.encode("latin1")
+    # NumPy reads version 3 headers as UTF-8 and the older ones as latin-1.
+    text = header.encode("utf-8" if version == 3 else "latin1", errors="replace")
     if version == 1:
         return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text
     return b"\x93NUMPY" + bytes([version, 0]) + struct.pack("<I", len(text)) + text
