@@ -16,6 +16,7 @@ stalled, as when a replica's peers take its work at once.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,12 +63,44 @@ def _sigkill(name: str, component: str, redundant: bool, note: str) -> Fault:
     )
 
 
+# The server stalls, not its Python backend's stubs (see Stack.kill).
 def _stall(mesh: ChaosMesh) -> None:
-    mesh.stack.kill("triton-2", signal.SIGSTOP)
+    mesh.stack.kill("triton-2", signal.SIGSTOP, server_only=True)
 
 
 def _resume(mesh: ChaosMesh) -> None:
-    mesh.stack.kill("triton-2", signal.SIGCONT)
+    mesh.stack.kill("triton-2", signal.SIGCONT, server_only=True)
+
+
+class SlowTriton:
+    """Triton-2 keeps answering, late: its server is stopped for `stalled` of every `period`
+    seconds, so each answer waits up to `stalled` and it does a quarter of its work."""
+
+    def __init__(self, stalled: float = 0.15, period: float = 0.2) -> None:
+        self._stalled, self._period = stalled, period
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def inject(self, mesh: ChaosMesh) -> None:
+        self._done.clear()
+        self._thread = threading.Thread(target=self._throttle, args=(mesh,), daemon=True)
+        self._thread.start()
+
+    def heal(self, mesh: ChaosMesh) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+        _resume(mesh)
+
+    def _throttle(self, mesh: ChaosMesh) -> None:
+        while not self._done.is_set():
+            _stall(mesh)
+            time.sleep(self._stalled)
+            _resume(mesh)
+            self._done.wait(self._period - self._stalled)
+
+
+SLOW_TRITON = SlowTriton()
 
 
 def _unload_simple(mesh: ChaosMesh) -> None:
@@ -114,6 +147,15 @@ FAULTS = [
         heal=_resume,
         down_for=3.0,
         note="a stalled Triton: orchestrators hedge to the other one after 250 ms",
+    ),
+    Fault(
+        label="slow triton-2, stalled 150 ms of every 200 ms for 4 s",
+        component="triton",
+        redundant=True,
+        inject=SLOW_TRITON.inject,
+        heal=SLOW_TRITON.heal,
+        down_for=4.0,
+        note="a slow Triton: orchestrators send each request to the Triton with fewer waiting",
     ),
     Fault(
         label="unload simple on triton-2",

@@ -3,16 +3,22 @@ then restarted where its peers look for it."""
 
 from __future__ import annotations
 
+import glob
 import signal
+from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
+import tritonclient.grpc as grpcclient
 import yaml
 
 from tensorway.devstack import DevStackError, DevStackSettings, Stack, render_envoy_config
 from tensorway.devstack._redis import Redis
 from tensorway.devstack._services import Orchestrator
 from tensorway.devstack._triton import Triton
+
+from .test_triton_repository import write_echo_repository
 
 
 def _ping(url: str) -> bool:
@@ -78,3 +84,54 @@ def test_envoy_balances_over_every_router_replica() -> None:
         for endpoint in locality["lb_endpoints"]
     ]
     assert members == [50061, 50062]
+
+
+def _state_of(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def _children_of(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def _echo(address: str) -> list[float]:
+    with grpcclient.InferenceServerClient(address) as client:
+        tensor = grpcclient.InferInput("INPUT0", [2], "FP32")
+        tensor.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
+        return client.infer("echo", [tensor], client_timeout=10).as_numpy("OUTPUT0").tolist()
+
+
+def test_triton_replicas_stall_and_restart_apart(settings: DevStackSettings, tmp_path: Path) -> None:
+    repository = write_echo_repository(tmp_path / "models")
+    stack = Stack(
+        settings.model_copy(update={"triton_model_repository": repository}),
+        components=[Triton(), Triton(name="triton-2")],
+    )
+    try:
+        state = stack.up()
+        first, second = state.components["triton"], state.components["triton-2"]
+        address = state.endpoints()["triton_grpc"].address
+        assert set(first.cleanup).isdisjoint(second.cleanup), "each replica its own shared memory"
+
+        # A stalled server: its Python backend stubs run on.
+        stack.kill("triton", signal.SIGSTOP, server_only=True)
+        stubs = _children_of(first.pid)
+        assert stubs
+        assert _state_of(first.pid) == "T"
+        assert all(_state_of(stub) != "T" for stub in stubs)
+        stack.kill("triton", signal.SIGCONT, server_only=True)
+        assert _echo(address) == [1.0, 2.0]
+
+        # A replica killed and restarted clears its own regions, not those the other one uses.
+        stack.kill("triton-2")
+        stack.restart("triton-2")
+        assert any(glob.glob(pattern) for pattern in first.cleanup)
+        assert _echo(address) == [1.0, 2.0]
+        assert _echo(state.endpoints()["triton_2_grpc"].address) == [1.0, 2.0]
+    finally:
+        stack.down()

@@ -162,12 +162,16 @@ def stop_group(
     reap(identity.pid)
 
 
-def signal_group(identity: ProcessIdentity, signum: int) -> None:
-    """Send ``signum`` to a running server's process group (a fault injected on purpose: SIGKILL,
-    SIGSTOP, SIGCONT); ProcessLookupError when the server is not running."""
+def signal_server(identity: ProcessIdentity, signum: int, *, whole_group: bool = True) -> None:
+    """Send ``signum`` to a running server's process group, or to the server's own process alone
+    (a fault injected on purpose: SIGKILL, SIGSTOP, SIGCONT); ProcessLookupError when the server
+    is not running."""
     if not is_alive(identity):
         raise ProcessLookupError(identity.pid)
-    os.killpg(identity.pid, signum)
+    if whole_group:
+        os.killpg(identity.pid, signum)
+    else:
+        os.kill(identity.pid, signum)
 
 
 def _pid_reused(identity: ProcessIdentity) -> bool:

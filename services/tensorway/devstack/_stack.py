@@ -17,7 +17,7 @@ from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._kafka import Kafka
 from tensorway.devstack._ports import PortAllocator, port_is_free
 from tensorway.devstack._postgres import Postgres
-from tensorway.devstack._process import ProcessIdentity, identify, signal_group, stop_group
+from tensorway.devstack._process import ProcessIdentity, identify, signal_server, stop_group
 from tensorway.devstack._prometheus import Prometheus
 from tensorway.devstack._redis import Redis
 from tensorway.devstack._s3 import S3
@@ -145,16 +145,21 @@ class Stack:
             save_state(self.state_dir, state)
         return stopped
 
-    def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
+    def kill(self, name: str, signum: int = signal.SIGKILL, *, server_only: bool = False) -> None:
         """Send ``signum`` to a running component's process group, as a fault would: SIGKILL
         kills it where it stands (no shutdown), SIGSTOP stalls it, SIGCONT resumes it.
+
+        ``server_only`` signals the server's own process and not the helpers it started, as when
+        the server alone stalls: Triton's Python backend runs each model in a stub process, and
+        a Triton 2.51 frozen together with its stubs can abort once resumed
+        (`boost::interprocess::lock_exception` in the backend).
 
         The record stays, so `restart` can bring the component back on its ports and `down`
         still stops it.
         """
         record = self._record(name)
         try:
-            signal_group(record.identity, signum)
+            signal_server(record.identity, signum, whole_group=not server_only)
         except ProcessLookupError:
             raise DevStackError(name, "is not running", f"start it: tensorway dev up {name}") from None
 

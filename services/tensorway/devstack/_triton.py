@@ -63,10 +63,11 @@ class Triton(Component):
         )
         key = self.name.replace("-", "_")
         metrics_port = ctx.free_port()
-        # Triton's Python backend names its shared-memory regions by this prefix; one
-        # per state dir lets `down` remove what a killed server left in /dev/shm.
-        state_dir_digest = hashlib.sha256(str(ctx.state_dir.resolve()).encode()).hexdigest()[:12]
-        shm_prefix = f"tensorway_{state_dir_digest}_"
+        # Triton's Python backend names its shared-memory regions by this prefix; one per
+        # component lets `down` or a restart remove what a killed server left in /dev/shm
+        # without touching the regions a replica beside it is using.
+        home_digest = hashlib.sha256(str(ctx.home.resolve()).encode()).hexdigest()[:12]
+        shm_prefix = f"tensorway_{home_digest}_"
         env = {
             **os.environ,
             "LD_LIBRARY_PATH": _join_paths(_wheel_libs(self._server_tree), os.environ.get("LD_LIBRARY_PATH")),
