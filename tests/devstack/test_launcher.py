@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import http.server
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from tensorway.devstack import (
     Stack,
     Started,
 )
+from tensorway.devstack._component import http_ready
 from tensorway.devstack._kafka import Kafka
 from tensorway.devstack._postgres import Postgres
 from tensorway.devstack._redis import Redis
@@ -179,3 +183,38 @@ def test_servers_tied_to_their_parent_stop_when_it_is_killed(settings: DevStackS
     assert Stack(settings).status().components == {}
     Stack(settings).down()
     assert not (settings.state_dir / STATE_FILE_NAME).exists()
+
+
+class _NotReady(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_error(503, "starting")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _refusal(url: str) -> Exception:
+    try:
+        http_ready(url, timeout=2)
+    except Exception as error:
+        # Kept as LaunchContext.wait_ready keeps its last error: in a cycle with this frame, so
+        # only the garbage collector frees it, and whatever socket it still holds.
+        refusal = error
+    return refusal
+
+
+def test_a_not_ready_answer_is_refused_and_closed() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotReady)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        refusal = _refusal(f"http://127.0.0.1:{server.server_address[1]}/ready")
+        assert isinstance(refusal, ConnectionError)
+        assert str(refusal).endswith("answered 503")
+        del refusal
+        # A socket left open warns when collected, and warnings are errors.
+        gc.collect()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -9,6 +9,8 @@ import signal
 import subprocess  # nosec B404
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -249,6 +251,20 @@ class Component(abc.ABC):
     @abc.abstractmethod
     def start(self, ctx: LaunchContext) -> Started:
         """Start the server and return once it answers a real request."""
+
+
+def http_ready(url: str, timeout: float) -> None:
+    """Raise unless GET ``url`` (a loopback URL of a server the stack started) answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310  # nosec B310
+            status = reply.status
+    except urllib.error.HTTPError as error:
+        # An error answer keeps its socket open until closed; a not-ready poll left to the
+        # garbage collector would leak one socket per poll.
+        error.close()
+        status = error.code
+    if status != 200:
+        raise ConnectionError(f"GET {url} answered {status}")
 
 
 def loopback(port: int) -> str:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tensorway.devstack._component import Component, LaunchContext, PackageFile, Started, loopback
+from tensorway.devstack._component import Component, LaunchContext, PackageFile, Started, http_ready, loopback
 from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._services import endpoint_key
 from tensorway.devstack._state import Endpoint
@@ -111,7 +110,7 @@ class Envoy(Component):
         )
         process = ctx.spawn(common)
         admin = f"http://{loopback(admin_port)}"
-        ctx.wait_ready(process, lambda: _admin_ready(admin), what="admin /ready")
+        ctx.wait_ready(process, lambda: http_ready(f"{admin}/ready", timeout=2), what="admin /ready")
         return Started(
             process=process,
             endpoints={"envoy": Endpoint(address=loopback(port), url=f"http://{loopback(port)}")},
@@ -125,10 +124,3 @@ def _address(address: str, source: str) -> dict[str, Any]:
     if not host or not port.isdigit():
         raise DevStackError("envoy", f"the address {address!r} of {source} is not host:port", f"fix {source}")
     return {"host": host, "port": int(port)}
-
-
-def _admin_ready(admin_url: str) -> None:
-    # An http:// URL to Envoy's loopback admin interface, built by the launcher.
-    with urllib.request.urlopen(f"{admin_url}/ready", timeout=2) as response:  # noqa: S310  # nosec B310
-        if response.status != 200:
-            raise ConnectionError(f"/ready answered {response.status}")

@@ -9,14 +9,13 @@ docs/observability expect).
 from __future__ import annotations
 
 import shutil
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import yaml
 
-from tensorway.devstack._component import Component, LaunchContext, Started, loopback
+from tensorway.devstack._component import Component, LaunchContext, Started, http_ready, loopback
 from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._settings import DevStackSettings
 from tensorway.devstack._state import Endpoint, load_state
@@ -62,7 +61,7 @@ class Prometheus(Component):
                 f"--web.listen-address={loopback(port)}",
             ]
         )
-        ctx.wait_ready(process, lambda: _check_ready(url), what="GET /-/ready")
+        ctx.wait_ready(process, lambda: http_ready(f"{url}/-/ready", timeout=1), what="GET /-/ready")
         return Started(process=process, endpoints={"prometheus": Endpoint(address=loopback(port), url=url)})
 
 
@@ -87,10 +86,3 @@ def scrape_config(
         "rule_files": [str(path) for path in rule_files],
         "scrape_configs": jobs,
     }
-
-
-def _check_ready(url: str) -> None:
-    # Loopback URL of the server this component just started.
-    with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as reply:  # noqa: S310  # nosec B310
-        if reply.status != 200:
-            raise ConnectionError(f"/-/ready answered {reply.status}")
