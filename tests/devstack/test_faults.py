@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,15 @@ def _state_of(pid: int) -> str:
     return stat[stat.rindex(")") + 2]
 
 
+def _settled_state_of(pid: int, expected: str, timeout: float = 5.0) -> str:
+    """The process's state once it is `expected`, or as it is after `timeout`: a signal takes
+    effect only when the kernel next schedules every thread of the process."""
+    deadline = time.monotonic() + timeout
+    while (state := _state_of(pid)) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return state
+
+
 def _children_of(pid: int) -> list[int]:
     return [
         int(child)
@@ -122,7 +132,7 @@ def test_triton_replicas_stall_and_restart_apart(settings: DevStackSettings, tmp
         stack.kill("triton", signal.SIGSTOP, server_only=True)
         stubs = _children_of(first.pid)
         assert stubs
-        assert _state_of(first.pid) == "T"
+        assert _settled_state_of(first.pid, "T") == "T"
         assert all(_state_of(stub) != "T" for stub in stubs)
         stack.kill("triton", signal.SIGCONT, server_only=True)
         assert _echo(address) == [1.0, 2.0]
