@@ -200,7 +200,8 @@ def _refusal(url: str) -> Exception:
         # Kept as LaunchContext.wait_ready keeps its last error: in a cycle with this frame, so
         # only the garbage collector frees it, and whatever socket it still holds.
         refusal = error
-    return refusal
+        return refusal
+    pytest.fail("a 503 answer was taken for ready")
 
 
 def test_a_not_ready_answer_is_refused_and_closed() -> None:
