@@ -197,15 +197,21 @@ class Job(_message.Message):
     model_version: _builtins.str
     """The version; empty lets the router choose."""
     input_uri: _builtins.str
-    """The input, "s3://bucket/key"."""
+    """The input, "s3://bucket/key": under the caller's uploads prefix (CreateUpload gives one),
+    or under a prefix the server's settings allow the caller.
+    """
     input_format: Global___InputFormat.ValueType
     """The input's layout."""
     output_prefix: _builtins.str
-    """Results go under this prefix, "s3://bucket/prefix/"."""
+    """Where the results go, "s3://bucket/prefix/": always the server's results prefix for the
+    caller and this job. Set by the server; a create that names any other prefix is refused.
+    """
     shard_size: _builtins.int
     """Rows per shard; 0 means the server's default."""
     priority: _builtins.int
-    """Higher runs first."""
+    """Among the caller's own jobs, higher runs first; the server's settings bound it (0 to 9 by
+    default). Tenants share the workers fairly whatever their priorities.
+    """
     state: Global___JobState.ValueType
     """The state."""
     failure_reason: _builtins.str
@@ -514,3 +520,63 @@ class WatchJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchJobResponse: _TypeAlias = WatchJobResponse  # noqa: Y015
+
+@_typing.final
+class CreateUploadRequest(_message.Message):
+    """Request for CreateUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    file_name: _builtins.str
+    """The local file's name; its extension (.jsonl, .npy) tells a job the input's format. The
+    server keeps a safe form of it in the object's key.
+    """
+    size_bytes: _builtins.int
+    """The file's size in bytes; the server refuses files larger than its single-upload limit."""
+    def __init__(
+        self,
+        *,
+        file_name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_name", b"file_name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateUploadRequest: _TypeAlias = CreateUploadRequest  # noqa: Y015
+
+@_typing.final
+class CreateUploadResponse(_message.Message):
+    """Response for CreateUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_URI_FIELD_NUMBER: _builtins.int
+    UPLOAD_URL_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    input_uri: _builtins.str
+    """The object the upload makes, "s3://bucket/key", to give CreateJob as the job's input_uri."""
+    upload_url: _builtins.str
+    """A presigned URL: PUT the file's bytes to it, with no credentials."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When upload_url stops working."""
+
+    def __init__(
+        self,
+        *,
+        input_uri: _builtins.str = ...,
+        upload_url: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "input_uri", b"input_uri", "upload_url", b"upload_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateUploadResponse: _TypeAlias = CreateUploadResponse  # noqa: Y015

@@ -61,6 +61,11 @@ class BatchServiceStub:
                 request_serializer=tensorway_dot_batch_dot_v1_dot_batch__service__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=tensorway_dot_batch_dot_v1_dot_batch__service__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.CreateUpload = channel.unary_unary(
+                '/tensorway.batch.v1.BatchService/CreateUpload',
+                request_serializer=tensorway_dot_batch_dot_v1_dot_batch__service__pb2.CreateUploadRequest.SerializeToString,
+                response_deserializer=tensorway_dot_batch_dot_v1_dot_batch__service__pb2.CreateUploadResponse.FromString,
+                _registered_method=True)
 
 
 class BatchServiceServicer:
@@ -103,6 +108,15 @@ class BatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUpload(self, request, context):
+        """Reserves a new object under the caller's uploads prefix and returns a presigned URL to PUT
+        its bytes to, so that clients never hold storage keys; the returned input_uri is what
+        CreateJob then takes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +144,11 @@ def add_BatchServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=tensorway_dot_batch_dot_v1_dot_batch__service__pb2.WatchJobRequest.FromString,
                     response_serializer=tensorway_dot_batch_dot_v1_dot_batch__service__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'CreateUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUpload,
+                    request_deserializer=tensorway_dot_batch_dot_v1_dot_batch__service__pb2.CreateUploadRequest.FromString,
+                    response_serializer=tensorway_dot_batch_dot_v1_dot_batch__service__pb2.CreateUploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +288,33 @@ class BatchService:
             '/tensorway.batch.v1.BatchService/WatchJob',
             tensorway_dot_batch_dot_v1_dot_batch__service__pb2.WatchJobRequest.SerializeToString,
             tensorway_dot_batch_dot_v1_dot_batch__service__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.batch.v1.BatchService/CreateUpload',
+            tensorway_dot_batch_dot_v1_dot_batch__service__pb2.CreateUploadRequest.SerializeToString,
+            tensorway_dot_batch_dot_v1_dot_batch__service__pb2.CreateUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,11 @@ class BatchServiceStub:
     """Cancels a job; shards not yet done are dropped."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_batch_service_pb2.WatchJobRequest, _batch_service_pb2.WatchJobResponse]
     """Streams a job's progress until it ends."""
+    CreateUpload: _grpc.UnaryUnaryMultiCallable[_batch_service_pb2.CreateUploadRequest, _batch_service_pb2.CreateUploadResponse]
+    """Reserves a new object under the caller's uploads prefix and returns a presigned URL to PUT
+    its bytes to, so that clients never hold storage keys; the returned input_uri is what
+    CreateJob then takes.
+    """
 
 @_typing.type_check_only
 class BatchServiceAsyncStub(BatchServiceStub):
@@ -63,6 +68,11 @@ class BatchServiceAsyncStub(BatchServiceStub):
     """Cancels a job; shards not yet done are dropped."""
     WatchJob: _aio.UnaryStreamMultiCallable[_batch_service_pb2.WatchJobRequest, _batch_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Streams a job's progress until it ends."""
+    CreateUpload: _aio.UnaryUnaryMultiCallable[_batch_service_pb2.CreateUploadRequest, _batch_service_pb2.CreateUploadResponse]  # type: ignore[assignment]
+    """Reserves a new object under the caller's uploads prefix and returns a presigned URL to PUT
+    its bytes to, so that clients never hold storage keys; the returned input_uri is what
+    CreateJob then takes.
+    """
 
 class BatchServiceServicer(metaclass=_abc_1.ABCMeta):
     """Offline batch inference: a job reads rows from object storage, runs them through the mesh
@@ -108,5 +118,16 @@ class BatchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_batch_service_pb2.WatchJobResponse], _abc.AsyncIterator[_batch_service_pb2.WatchJobResponse]]:
         """Streams a job's progress until it ends."""
+
+    @_abc_1.abstractmethod
+    def CreateUpload(
+        self,
+        request: _batch_service_pb2.CreateUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_batch_service_pb2.CreateUploadResponse, _abc.Awaitable[_batch_service_pb2.CreateUploadResponse]]:
+        """Reserves a new object under the caller's uploads prefix and returns a presigned URL to PUT
+        its bytes to, so that clients never hold storage keys; the returned input_uri is what
+        CreateJob then takes.
+        """
 
 def add_BatchServiceServicer_to_server(servicer: BatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
