@@ -1,6 +1,8 @@
 """Registry servers on real PostgreSQL and Redis, and backends a test may stop and restart.
 
 Most tests share the session's PostgreSQL and Redis and keep apart by unique model names.
+The stub a test gets calls as an admin (the identity Envoy forwards for an admin token), as
+every writer must; `RunningRegistry.stub_as` gives a stub with another identity, or none.
 Tests that take a server down get their own (`private_backends`), started through the
 local stack's launcher in a state dir of their own, so stopping one disturbs no other test.
 """
@@ -11,7 +13,7 @@ import asyncio
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,25 +26,56 @@ from grpc_status import rpc_status
 
 from tensorway.common.v1 import tensor_pb2
 from tensorway.devstack import Component, DevStackSettings, Stack, default_components
+from tensorway.registry.access import admin_metadata
 from tensorway.registry.service import Settings, create
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from tensorway.runtime import ServiceServer
 
 Stub = pb_grpc.RegistryServiceStub
+Identity = Sequence[tuple[str, str]]
+ADMIN = admin_metadata("registry-tests")
+
+
+class CallsAs(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds an identity to every call on a channel, as Envoy does for a token's holder."""
+
+    def __init__(self, identity: Identity) -> None:
+        self._identity = list(identity)
+
+    def _details(self, details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*self._identity, *(details.metadata or ()))
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
 
 
 @dataclass
 class RunningRegistry:
-    """A started registry server and a stub connected to it."""
+    """A started registry server and an admin's stub connected to it."""
 
     server: ServiceServer
     address: str
     channel: grpc.aio.Channel
     stub: Stub
 
+    def __post_init__(self) -> None:
+        self._other_channels: list[grpc.aio.Channel] = []
+
+    def stub_as(self, identity: Identity | None) -> Stub:
+        """A stub that calls with `identity` (None: with no identity at all)."""
+        interceptors = [] if identity is None else [CallsAs(identity)]
+        channel = grpc.aio.insecure_channel(self.address, interceptors=interceptors)
+        self._other_channels.append(channel)
+        return pb_grpc.RegistryServiceStub(channel)
+
     async def stop(self) -> None:
-        await self.channel.close()
+        for channel in [self.channel, *self._other_channels]:
+            await channel.close()
         await self.server.stop()
 
 
@@ -57,7 +90,7 @@ async def start_registry(postgres_url: str, redis_url: str, **overrides: Any) ->
     server, port = await create(settings)
     await server.start()
     address = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(address)
+    channel = grpc.aio.insecure_channel(address, interceptors=[CallsAs(ADMIN)])
     return RunningRegistry(server, address, channel, pb_grpc.RegistryServiceStub(channel))
 
 

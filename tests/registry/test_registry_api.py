@@ -468,9 +468,9 @@ async def test_pools(stub: Stub) -> None:
     names = sorted(f"pools/{unique('pool')}" for _ in range(2))
     for name in names:
         created = (
-            await stub.CreatePool(pb.CreatePoolRequest(pool=pb.Pool(name=name, endpoints=["10.0.0.1:8001"])))
+            await stub.CreatePool(pb.CreatePoolRequest(pool=pb.Pool(name=name, endpoints=["127.0.0.21:8001"])))
         ).pool
-        assert created.endpoints == ["10.0.0.1:8001"]
+        assert created.endpoints == ["127.0.0.21:8001"]
     assert (await stub.GetPool(pb.GetPoolRequest(name=names[0]))).pool.name == names[0]
     duplicate = await failure(stub.CreatePool(pb.CreatePoolRequest(pool=pb.Pool(name=names[0]))))
     assert duplicate.code == grpc.StatusCode.ALREADY_EXISTS
@@ -488,11 +488,11 @@ async def test_pools(stub: Stub) -> None:
 
     updated = await stub.UpdatePool(
         pb.UpdatePoolRequest(
-            pool=pb.Pool(name=names[0], endpoints=["10.0.0.1:8001", "10.0.0.2:8001"]),
+            pool=pb.Pool(name=names[0], endpoints=["127.0.0.21:8001", "127.0.0.22:8001"]),
             update_mask=mask("endpoints"),
         )
     )
-    assert list(updated.pool.endpoints) == ["10.0.0.1:8001", "10.0.0.2:8001"]
+    assert list(updated.pool.endpoints) == ["127.0.0.21:8001", "127.0.0.22:8001"]
     bad = await failure(
         stub.UpdatePool(
             pb.UpdatePoolRequest(
@@ -512,12 +512,12 @@ async def test_pool_in_use_cannot_be_deleted_and_its_endpoints_reach_the_route(s
     assert error.code == PRECONDITION
     await stub.UpdatePool(
         pb.UpdatePoolRequest(
-            pool=pb.Pool(name=f"pools/{deployed.pool}", endpoints=["10.9.9.9:1"]),
+            pool=pb.Pool(name=f"pools/{deployed.pool}", endpoints=["127.9.9.9:1"]),
             update_mask=mask("endpoints"),
         )
     )
     resolved = await stub.ResolveModel(pb.ResolveModelRequest(name=f"models/{deployed.model}"))
-    assert list(resolved.route.versions[0].endpoints) == ["10.9.9.9:1"]
+    assert list(resolved.route.versions[0].endpoints) == ["127.9.9.9:1"]
 
 
 # Deployments

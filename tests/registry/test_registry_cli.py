@@ -42,7 +42,7 @@ async def test_register_deploy_promote_split_and_show(registry: RunningRegistry)
     assert (await tensorway(registry, "register", model, *spec)).exit_code == 0  # version 2
 
     deployed = await tensorway(
-        registry, "deploy", model, "--version", "1", "--pool", pool, "--endpoint", "10.1.1.1:9000"
+        registry, "deploy", model, "--version", "1", "--pool", pool, "--endpoint", "127.1.1.1:9000"
     )
     assert deployed.exit_code == 0, deployed.output
     assert "1: 100%" in deployed.output
@@ -61,7 +61,7 @@ async def test_register_deploy_promote_split_and_show(registry: RunningRegistry)
     shown = await tensorway(registry, "show", model)
     assert shown.exit_code == 0, shown.output
     assert "default version 1" in shown.output
-    assert "10.1.1.1:9000" in shown.output
+    assert "127.1.1.1:9000" in shown.output
 
 
 async def test_failures_print_the_reason_and_the_fields(registry: RunningRegistry) -> None:

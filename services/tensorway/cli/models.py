@@ -1,5 +1,8 @@
 """`tensorway models`: register, list, show, deploy, promote and split traffic, against the
-registry's gRPC API at `--registry` or TENSORWAY_REGISTRY_ADDRESS, else the local stack's."""
+registry's gRPC API at `--registry` or TENSORWAY_REGISTRY_ADDRESS, else the local stack's.
+
+It talks to the registry directly, inside the network, as an operator: every call carries the
+admin identity of `access.OPERATOR_TENANT`, which may write and sees pool addresses."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from rich.table import Table
 
 from tensorway.cli.addresses import service_address
 from tensorway.common.v1 import tensor_pb2
+from tensorway.registry.access import OPERATOR_TENANT, admin_channel
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
@@ -61,7 +65,7 @@ def models(
 def _stub() -> Iterator[pb_grpc.RegistryServiceStub]:
     address = service_address(_registry.address, "registry", "--registry", "TENSORWAY_REGISTRY_ADDRESS")
     with grpc.insecure_channel(address) as channel:
-        yield pb_grpc.RegistryServiceStub(channel)
+        yield pb_grpc.RegistryServiceStub(admin_channel(channel, OPERATOR_TENANT))
 
 
 def _call(method: Callable[..., T], request: object) -> T:

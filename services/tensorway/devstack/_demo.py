@@ -1,4 +1,6 @@
-"""Registers the demo models in the local stack's registry and sends the first request."""
+"""Registers the demo models in the local stack's registry and sends the first request.
+
+The registration is the stack's own doing: it writes as `access.SYSTEM_TENANT` with admin scopes."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from tensorway.devstack._services import LOCAL_POOL, ROUTED_DEMO_MODELS, endpoin
 from tensorway.devstack._state import StackState
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as inference_grpc
+from tensorway.registry.access import SYSTEM_TENANT, admin_channel
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
@@ -40,7 +43,7 @@ def register_demo_models(
         grpc.insecure_channel(addresses["registry"]) as registry_channel,
         grpc.insecure_channel(pool_endpoints[0]) as orchestrator_channel,
     ):
-        registry = registry_grpc.RegistryServiceStub(registry_channel)
+        registry = registry_grpc.RegistryServiceStub(admin_channel(registry_channel, SYSTEM_TENANT))
         orchestrator = inference_grpc.InferenceServiceStub(orchestrator_channel)
         pool = f"pools/{LOCAL_POOL}"
         # The pool outlives `dev down` in PostgreSQL; its orchestrator's port does not.

@@ -132,9 +132,15 @@ class Registry:
     """Models, versions, pools and deployments, and the routes they make."""
 
     def __init__(
-        self, store: RegistryStore, cache: RedisCache, sync: RouteSync, resolve_from: ResolveSource
+        self,
+        store: RegistryStore,
+        cache: RedisCache,
+        sync: RouteSync,
+        resolve_from: ResolveSource,
+        endpoint_allow: validation.EndpointAllowList = validation.DEFAULT_ENDPOINT_ALLOW_LIST,
     ) -> None:
         self._store = store
+        self._endpoint_allow = endpoint_allow
         self._cache = cache
         self._sync = sync
         self._resolve_from = resolve_from
@@ -357,7 +363,7 @@ class Registry:
     # Pools
 
     async def create_pool(self, pool: Pool) -> Pool:
-        validation.check_pool(pool)
+        validation.check_pool(pool, allow=self._endpoint_allow)
         async with self._store.write() as tx:
             created = await tx.insert_pool(pool)
             tx.touch(keys=[pool_key(pool.name)])
@@ -376,7 +382,7 @@ class Registry:
             current = await tx.get_pool(pool.name)
             check_etag(current.etag, pool.etag, f"pools/{pool.name}")
             updated = _apply_mask(current, pool, fields)
-            validation.check_pool(updated)
+            validation.check_pool(updated, allow=self._endpoint_allow)
             saved = await tx.update_pool(updated, current)
             served = await tx.models_on_pool(pool.name)
             tx.touch(models=served, keys=[pool_key(pool.name), *(route_key(model) for model in served)])

@@ -1,23 +1,38 @@
 """The registry service: its settings, the gRPC servicer (convert, call the core, convert) and
-`create`, which `tensorway serve registry` runs."""
+`create`, which `tensorway serve registry` runs.
+
+Who may call what (`access` has the whole rule): writes need the `models.write` scope; reads
+are open to internal callers and to tokens with `models.read`, but only `models.write` sees
+where backends live (pool endpoints, a resolved route's endpoints); WatchRoutes is for the
+routers and orchestrators inside the network. Pool endpoints must lie where the
+`pool_endpoint_allow` setting lets pools live, and never at link-local or metadata addresses.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+from pydantic import field_validator
 from pydantic_settings import SettingsConfigDict
 
-from tensorway.registry import converters
+from tensorway.registry import access, converters
 from tensorway.registry.cache import RedisCache
 from tensorway.registry.core import Registry, ResolveSource
-from tensorway.registry.domain import Route
+from tensorway.registry.domain import Pool, Route
 from tensorway.registry.routes import RouteSync, RouteTable
 from tensorway.registry.store import RegistryStore
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
-from tensorway.registry.validation import model_id, parse_name, raise_if
+from tensorway.registry.validation import (
+    DEFAULT_POOL_ENDPOINT_ALLOW,
+    EndpointAllowList,
+    model_id,
+    parse_name,
+    raise_if,
+)
 from tensorway.runtime import (
     FieldViolation,
     InvalidArgument,
@@ -57,6 +72,17 @@ class Settings(ServiceSettings):
     """The RetryInfo delay sent with UNAVAILABLE when PostgreSQL is down."""
     resolve_from: ResolveSource = ResolveSource.MEMORY
     """Where ResolveModel reads routes: memory (the in-process table), redis or postgres."""
+    pool_endpoint_allow: tuple[str, ...] = DEFAULT_POOL_ENDPOINT_ALLOW
+    """Where pool endpoints may point: CIDRs ("10.0.0.0/8", "::1/128") and host patterns
+    ("*.svc.cluster.local", "orchestrator"), as a JSON list in the environment. The default
+    admits loopback and Kubernetes service names. Link-local and cloud metadata addresses are
+    refused whatever this says."""
+
+    @field_validator("pool_endpoint_allow")
+    @classmethod
+    def _allow_list_parses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        EndpointAllowList.parse(value)  # a bad entry stops the service at start, by name
+        return value
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
@@ -66,18 +92,22 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self._registry = registry
         # ResolveModel is the hot path: a response is built once per route and requested
         # version, and reused until the route table replaces that route object.
-        self._resolved: dict[tuple[str, str], tuple[Route, pb.ResolveModelResponse]] = {}
+        # Callers that may not see addresses get the same answer with the endpoints cleared.
+        self._resolved: dict[tuple[str, str, bool], tuple[Route, pb.ResolveModelResponse]] = {}
 
     async def CreateModel(self, request: pb.CreateModelRequest, context: Any) -> pb.CreateModelResponse:
+        access.require_write()
         refuse_nul(request)
         model = await self._registry.create_model(converters.model_from_proto(request.model))
         return pb.CreateModelResponse(model=converters.model_to_proto(model))
 
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+        access.require_read()
         (model,) = parse_name(request.name, "name", "models")
         return pb.GetModelResponse(model=converters.model_to_proto(await self._registry.get_model(model)))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        access.require_read()
         refuse_nul(request)
         page = await self._registry.list_models(request.filter, request.page_size, request.page_token)
         return pb.ListModelsResponse(
@@ -85,12 +115,14 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
 
     async def UpdateModel(self, request: pb.UpdateModelRequest, context: Any) -> pb.UpdateModelResponse:
+        access.require_write()
         refuse_nul(request)
         model = converters.model_from_proto(request.model)
         updated = await self._registry.update_model(model, list(request.update_mask.paths))
         return pb.UpdateModelResponse(model=converters.model_to_proto(updated))
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context: Any) -> pb.DeleteModelResponse:
+        access.require_write()
         refuse_nul(request)
         (model,) = parse_name(request.name, "name", "models")
         await self._registry.delete_model(model, request.etag)
@@ -99,6 +131,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def CreateModelVersion(
         self, request: pb.CreateModelVersionRequest, context: Any
     ) -> pb.CreateModelVersionResponse:
+        access.require_write()
         refuse_nul(request)
         (model,) = parse_name(request.parent, "parent", "models")
         version = converters.model_version_from_proto(request.model_version, model, request.model_version_id)
@@ -108,6 +141,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def GetModelVersion(
         self, request: pb.GetModelVersionRequest, context: Any
     ) -> pb.GetModelVersionResponse:
+        access.require_read()
         model, version = parse_name(request.name, "name", "models", "versions")
         found = await self._registry.get_model_version(model, version)
         return pb.GetModelVersionResponse(model_version=converters.model_version_to_proto(found))
@@ -115,6 +149,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: Any
     ) -> pb.ListModelVersionsResponse:
+        access.require_read()
         refuse_nul(request)
         (model,) = parse_name(request.parent, "parent", "models")
         page = await self._registry.list_model_versions(
@@ -128,6 +163,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def UpdateModelVersion(
         self, request: pb.UpdateModelVersionRequest, context: Any
     ) -> pb.UpdateModelVersionResponse:
+        access.require_write()
         refuse_nul(request)
         model, version = parse_name(request.model_version.name, "model_version.name", "models", "versions")
         given = converters.model_version_from_proto(request.model_version, model, version)
@@ -137,6 +173,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def DeleteModelVersion(
         self, request: pb.DeleteModelVersionRequest, context: Any
     ) -> pb.DeleteModelVersionResponse:
+        access.require_write()
         refuse_nul(request)
         model, version = parse_name(request.name, "name", "models", "versions")
         await self._registry.delete_model_version(model, version, request.etag)
@@ -145,6 +182,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def TransitionModelVersionStage(
         self, request: pb.TransitionModelVersionStageRequest, context: Any
     ) -> pb.TransitionModelVersionStageResponse:
+        access.require_write()
         refuse_nul(request)
         model, version = parse_name(request.name, "name", "models", "versions")
         stage = converters.stage_from_proto(request.stage)
@@ -159,28 +197,33 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
 
     async def CreatePool(self, request: pb.CreatePoolRequest, context: Any) -> pb.CreatePoolResponse:
+        access.require_write()
         refuse_nul(request)
         pool = await self._registry.create_pool(converters.pool_from_proto(request.pool))
         return pb.CreatePoolResponse(pool=converters.pool_to_proto(pool))
 
     async def GetPool(self, request: pb.GetPoolRequest, context: Any) -> pb.GetPoolResponse:
+        access.require_read()
         (pool,) = parse_name(request.name, "name", "pools")
-        return pb.GetPoolResponse(pool=converters.pool_to_proto(await self._registry.get_pool(pool)))
+        return pb.GetPoolResponse(pool=_shown(await self._registry.get_pool(pool)))
 
     async def ListPools(self, request: pb.ListPoolsRequest, context: Any) -> pb.ListPoolsResponse:
+        access.require_read()
         refuse_nul(request)
         page = await self._registry.list_pools(request.page_size, request.page_token)
         return pb.ListPoolsResponse(
-            pools=[converters.pool_to_proto(p) for p in page.items], next_page_token=page.next_page_token
+            pools=[_shown(p) for p in page.items], next_page_token=page.next_page_token
         )
 
     async def UpdatePool(self, request: pb.UpdatePoolRequest, context: Any) -> pb.UpdatePoolResponse:
+        access.require_write()
         refuse_nul(request)
         pool = converters.pool_from_proto(request.pool)
         updated = await self._registry.update_pool(pool, list(request.update_mask.paths))
         return pb.UpdatePoolResponse(pool=converters.pool_to_proto(updated))
 
     async def DeletePool(self, request: pb.DeletePoolRequest, context: Any) -> pb.DeletePoolResponse:
+        access.require_write()
         refuse_nul(request)
         (pool,) = parse_name(request.name, "name", "pools")
         await self._registry.delete_pool(pool, request.etag)
@@ -189,6 +232,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def CreateDeployment(
         self, request: pb.CreateDeploymentRequest, context: Any
     ) -> pb.CreateDeploymentResponse:
+        access.require_write()
         refuse_nul(request)
         (model,) = parse_name(request.parent, "parent", "models")
         deployment = converters.deployment_from_proto(request.deployment, model, request.deployment_id)
@@ -196,6 +240,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.CreateDeploymentResponse(deployment=converters.deployment_to_proto(created))
 
     async def GetDeployment(self, request: pb.GetDeploymentRequest, context: Any) -> pb.GetDeploymentResponse:
+        access.require_read()
         model, name = parse_name(request.name, "name", "models", "deployments")
         found = await self._registry.get_deployment(model, name)
         return pb.GetDeploymentResponse(deployment=converters.deployment_to_proto(found))
@@ -203,6 +248,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ListDeployments(
         self, request: pb.ListDeploymentsRequest, context: Any
     ) -> pb.ListDeploymentsResponse:
+        access.require_read()
         refuse_nul(request)
         (model,) = parse_name(request.parent, "parent", "models")
         page = await self._registry.list_deployments(model, request.page_size, request.page_token)
@@ -214,6 +260,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def UpdateDeployment(
         self, request: pb.UpdateDeploymentRequest, context: Any
     ) -> pb.UpdateDeploymentResponse:
+        access.require_write()
         refuse_nul(request)
         model, name = parse_name(request.deployment.name, "deployment.name", "models", "deployments")
         given = converters.deployment_from_proto(request.deployment, model, name)
@@ -223,20 +270,26 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def DeleteDeployment(
         self, request: pb.DeleteDeploymentRequest, context: Any
     ) -> pb.DeleteDeploymentResponse:
+        access.require_write()
         refuse_nul(request)
         model, name = parse_name(request.name, "name", "models", "deployments")
         await self._registry.delete_deployment(model, name, request.etag)
         return pb.DeleteDeploymentResponse()
 
     async def ResolveModel(self, request: pb.ResolveModelRequest, context: Any) -> pb.ResolveModelResponse:
+        access.require_read()
         (model,) = parse_name(request.name, "name", "models")
         resolution = await self._registry.resolve(model, request.version)
-        key = (model, request.version)
+        shows_addresses = access.shows_addresses()
+        key = (model, request.version, shows_addresses)
         built = self._resolved.get(key)
         if built is None or built[0] is not resolution.route:
             response = pb.ResolveModelResponse(
                 route=converters.route_to_proto(resolution.route), version=resolution.version
             )
+            if not shows_addresses:
+                for version in response.route.versions:
+                    del version.endpoints[:]
             if len(self._resolved) >= RESOLVED_RESPONSES_KEPT:
                 self._resolved.clear()  # entries of deleted models would otherwise pile up
             built = self._resolved[key] = (resolution.route, response)
@@ -245,6 +298,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def WatchRoutes(
         self, request: pb.WatchRoutesRequest, context: Any
     ) -> AsyncIterator[pb.WatchRoutesResponse]:
+        access.require_internal()
         raise_if([v for i, m in enumerate(request.models) for v in model_id(m, f"models[{i}]")], "models")
         watcher = self._registry.watch_routes(request.models)
         try:
@@ -252,6 +306,11 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 yield converters.route_update_to_proto(await watcher.next())
         finally:
             watcher.close()
+
+
+def _shown(pool: Pool) -> pb.Pool:
+    """The pool as the caller may see it: without its endpoints unless it may write the registry."""
+    return converters.pool_to_proto(pool if access.shows_addresses() else replace(pool, endpoints=()))
 
 
 async def open_registry(settings: Settings) -> Registry:
@@ -269,7 +328,9 @@ async def open_registry(settings: Settings) -> Registry:
         outage_backoff=settings.redis_outage_backoff,
     )
     sync = RouteSync(RouteTable(), store, cache, settings.reconnect_delay)
-    registry = Registry(store, cache, sync, settings.resolve_from)
+    registry = Registry(
+        store, cache, sync, settings.resolve_from, EndpointAllowList.parse(settings.pool_endpoint_allow)
+    )
     try:
         await sync.start()
     except BaseException:

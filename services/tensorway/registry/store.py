@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -202,29 +203,66 @@ def routes_from_row(row: Mapping[str, Any]) -> dict[str, Route]:
     return routes
 
 
-class PageCursor:
-    """Where a list continues: an opaque token of the last key and the query it belongs to."""
+MAX_PAGE_TOKEN = 512
+MAX_PAGE_KEY = 256
+MAX_SEQ = 2**63 - 1
 
-    def __init__(self, page_size: int, page_token: str, query: str) -> None:
+
+def _bad_page_token(why: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"bad page_token: {why}", [FieldViolation("page_token", "not a token this list returned")]
+    )
+
+
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL text can hold it: no NUL, no lone surrogate."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in text
+
+
+class PageCursor:
+    """Where a list continues: an opaque token of the last key and the query it belongs to.
+
+    A token is base64 JSON of that key and a digest of the query (the list, its parent and
+    filter), so it stays small whatever the filter. Anything that is not a token this very
+    query returned (broken base64, other JSON, a key of the wrong type or range, a token of
+    another list) is INVALID_ARGUMENT, before a query could run with it.
+    """
+
+    def __init__(self, page_size: int, page_token: str, query: str, key: type[str] | type[int] = str) -> None:
         if page_size < 0:
             raise InvalidArgument("page_size is negative", [FieldViolation("page_size", "0 or more")])
         self.limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        self.query = query
+        self.query = hashlib.sha256(query.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        self.key = key
         self.after: str | int | None = None
         if page_token:
-            try:
-                token = json.loads(base64.urlsafe_b64decode(page_token.encode()))
-                after, token_query = token["after"], token["query"]
-            except (binascii.Error, ValueError, TypeError, KeyError) as exc:
-                raise InvalidArgument(
-                    "bad page_token", [FieldViolation("page_token", "not a token this list returned")]
-                ) from exc
-            if token_query != query or not isinstance(after, str | int):
-                raise InvalidArgument(
-                    "page_token belongs to another query",
-                    [FieldViolation("page_token", "send the same parent and filter as the first page")],
-                )
-            self.after = after
+            self.after = self._parse(page_token)
+
+    def _parse(self, page_token: str) -> str | int:
+        if len(page_token) > MAX_PAGE_TOKEN:
+            raise _bad_page_token("too long")
+        try:
+            token = json.loads(base64.b64decode(page_token.encode("ascii"), altchars=b"-_", validate=True))
+        except (binascii.Error, ValueError, RecursionError) as exc:  # UnicodeError is a ValueError
+            raise _bad_page_token("not base64 JSON") from exc
+        if not isinstance(token, dict) or set(token) != {"after", "query"}:
+            raise _bad_page_token("not a page token")
+        if token["query"] != self.query:
+            raise InvalidArgument(
+                "page_token belongs to another query",
+                [FieldViolation("page_token", "send the same parent and filter as the first page")],
+            )
+        after: object = token["after"]
+        if self.key is int:
+            if isinstance(after, int) and not isinstance(after, bool) and 0 <= after <= MAX_SEQ:
+                return after
+        elif isinstance(after, str) and 0 < len(after) <= MAX_PAGE_KEY and _storable(after):
+            return after
+        raise _bad_page_token("not a position in this list")
 
     def page(self, rows: Sequence[Mapping[str, Any]], key: str) -> tuple[Sequence[Mapping[str, Any]], str]:
         """The rows of this page (the query fetched one more than `limit`) and the next token."""
@@ -336,7 +374,7 @@ class RegistryStore:
         return Versioned(model_from_row(row), row["revision"])
 
     async def list_models(self, where: ModelFilter, page_size: int, page_token: str) -> Page[Model]:
-        cursor = PageCursor(page_size, page_token, json.dumps(sorted(where.labels.items())))
+        cursor = PageCursor(page_size, page_token, json.dumps(["models", sorted(where.labels.items())]))
         rows = await self._all(
             "SELECT * FROM models WHERE labels @> %(labels)s"
             " AND (%(after)s::text IS NULL OR name > %(after)s) ORDER BY name LIMIT %(limit)s",
@@ -358,8 +396,8 @@ class RegistryStore:
     async def list_model_versions(
         self, model: str, where: ModelVersionFilter, page_size: int, page_token: str
     ) -> Page[ModelVersion]:
-        query = json.dumps([model, where.stage and where.stage.value, where.platform])
-        cursor = PageCursor(page_size, page_token, query)
+        query = json.dumps(["versions", model, where.stage and where.stage.value, where.platform])
+        cursor = PageCursor(page_size, page_token, query, int)
         rows = await self._all(
             "SELECT * FROM model_versions WHERE model = %(model)s"
             " AND (%(stage)s::text IS NULL OR stage = %(stage)s)"
@@ -388,7 +426,7 @@ class RegistryStore:
         return Versioned(pool_from_row(row), row["revision"])
 
     async def list_pools(self, page_size: int, page_token: str) -> Page[Pool]:
-        cursor = PageCursor(page_size, page_token, "")
+        cursor = PageCursor(page_size, page_token, json.dumps(["pools"]))
         rows = await self._all(
             "SELECT * FROM pools WHERE (%(after)s::text IS NULL OR name > %(after)s)"
             " ORDER BY name LIMIT %(limit)s",
@@ -407,7 +445,7 @@ class RegistryStore:
         return Versioned(deployment_from_row(row), row["revision"])
 
     async def list_deployments(self, model: str, page_size: int, page_token: str) -> Page[Deployment]:
-        cursor = PageCursor(page_size, page_token, model)
+        cursor = PageCursor(page_size, page_token, json.dumps(["deployments", model]))
         rows = await self._all(
             "SELECT * FROM deployments WHERE model = %(model)s"
             " AND (%(after)s::text IS NULL OR name > %(after)s) ORDER BY name LIMIT %(limit)s",

@@ -5,9 +5,13 @@ Each check collects every violation it finds, so one INVALID_ARGUMENT names all 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
+import socket
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from tensorway.registry.domain import (
     Deployment,
@@ -152,14 +156,134 @@ def _tensor_specs(specs: Sequence[TensorSpec], field: str) -> list[FieldViolatio
     return violations
 
 
-def check_pool(pool: Pool, prefix: str = "pool") -> None:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Cloud instance metadata services: whoever reaches them may read the node's credentials.
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(address)
+    for address in ("169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200")
+)
+METADATA_HOSTS = frozenset(
+    {"metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal"}
+)
+# IPv6 forms that carry an IPv4 address a connection may end up at: NAT64's well-known prefix
+# and the deprecated IPv4-compatible addresses (mapped and 6to4 addresses ipaddress unpacks).
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+DEFAULT_POOL_ENDPOINT_ALLOW = ("127.0.0.0/8", "::1/128", "localhost", "*.svc.cluster.local")
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    """The address a host names literally, as a resolver would read it: dotted IPv4 in any of
+    the legacy forms inet_aton takes (2852039166, 0xa9fea9fe, 169.254.43518), or IPv6."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def _addresses_behind(address: IPAddress) -> list[IPAddress]:
+    """The address and any IPv4 address it carries inside."""
+    found: list[IPAddress] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        for inner in (address.ipv4_mapped, address.sixtofour):
+            if inner is not None:
+                found.append(inner)
+        if address in NAT64 or (address in IPV4_COMPATIBLE and int(address) > 1):
+            found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
+
+
+def _never_a_pool(address: IPAddress) -> str | None:
+    for inner in _addresses_behind(address):
+        if inner in METADATA_ADDRESSES:
+            return f"{inner} is a cloud metadata service"
+        if inner.is_link_local:
+            return f"{inner} is link-local"
+        if inner.is_unspecified or inner.is_multicast:
+            return f"{inner} is not the address of one server"
+    return None
+
+
+@dataclass(frozen=True)
+class EndpointAllowList:
+    """Where pool endpoints may point: CIDRs ("10.0.0.0/8") for addresses and host patterns
+    ("*.svc.cluster.local", fnmatch style, case-insensitive) for names.
+
+    Link-local and cloud metadata addresses and names are refused whatever the list says: a
+    pool endpoint is where routers send every tenant's tensors, and an orchestrator never lives
+    there. A name is trusted to resolve where the pattern that admits it means; the list
+    should admit only names the operator's DNS controls.
+    """
+
+    networks: tuple[IPNetwork, ...]
+    host_patterns: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> EndpointAllowList:
+        """The list from settings entries; ValueError names an entry that is neither a CIDR nor
+        a host pattern."""
+        networks: list[IPNetwork] = []
+        patterns: list[str] = []
+        for given in entries:
+            entry = given.strip()
+            if not entry:
+                continue
+            if "/" in entry or _ip_literal(entry) is not None:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            elif re.fullmatch(r"[A-Za-z0-9*?.-]+", entry):
+                patterns.append(entry.lower().rstrip("."))
+            else:
+                raise ValueError(f"{entry!r} is neither a CIDR nor a host pattern (letters, digits, -.*?)")
+        return cls(tuple(networks), tuple(patterns))
+
+    def refusal(self, host: str) -> str | None:
+        """Why an endpoint at `host` (a name, an IPv4 address or a bracketed IPv6 one) is
+        refused, or None when a pool may live there."""
+        if host.startswith("["):
+            address: IPAddress | None = _ip_literal(host[1:-1])
+            if address is None:
+                return "not an IPv6 address"
+        else:
+            name = host.lower().removesuffix(".")
+            address = _ip_literal(name)
+            if address is None:
+                if name in METADATA_HOSTS:
+                    return f"{name} is a cloud metadata service"
+                if not name or not any(fnmatchcase(name, pattern) for pattern in self.host_patterns):
+                    return f"{host} matches no allowed host pattern ({', '.join(self.host_patterns)})"
+                return None
+        never = _never_a_pool(address)
+        if never is not None:
+            return never
+        if not any(address in network for network in self.networks):
+            allowed = ", ".join(str(network) for network in self.networks)
+            return f"{address} is in no allowed network ({allowed})"
+        return None
+
+
+DEFAULT_ENDPOINT_ALLOW_LIST = EndpointAllowList.parse(DEFAULT_POOL_ENDPOINT_ALLOW)
+
+
+def check_pool(
+    pool: Pool, prefix: str = "pool", allow: EndpointAllowList = DEFAULT_ENDPOINT_ALLOW_LIST
+) -> None:
+    """The pool's name and endpoints: each host:port, once, where `allow` lets pools live."""
     violations = dns_label(pool.name, f"{prefix}.name")
     for index, endpoint in enumerate(pool.endpoints):
+        field = f"{prefix}.endpoints[{index}]"
         match = ENDPOINT.fullmatch(endpoint)
         if match is None or not 0 < int(match["port"]) < 65536:
-            violations.append(
-                FieldViolation(f"{prefix}.endpoints[{index}]", f"{endpoint!r} is not host:port")
-            )
+            violations.append(FieldViolation(field, f"{endpoint!r} is not host:port"))
+            continue
+        refused = allow.refusal(match["host"])
+        if refused is not None:
+            violations.append(FieldViolation(field, f"{endpoint!r} is not where a pool may live: {refused}"))
     if len(set(pool.endpoints)) != len(pool.endpoints):
         violations.append(FieldViolation(f"{prefix}.endpoints", "an endpoint appears twice"))
     raise_if(violations, "pool")
