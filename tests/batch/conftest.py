@@ -5,6 +5,7 @@ that forwards to the real Triton, standing in for the router."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +41,13 @@ from tensorway.runtime import (
     ServiceSettings,
     create_server,
 )
+from tensorway.runtime.context import TENANT_SCOPES, Scope, caller, identity_metadata
 
 BUCKET = "batch-tests"
+# A bucket outside the service's, part of which settings let tenant acme read.
+SHARED_BUCKET = "batch-tests-shared"
+# Small, so that a backlog waits in the outbox where tenants take turns.
+SHARDS_IN_FLIGHT = 16
 LEASE_TIMEOUT = "PT3S"
 
 
@@ -50,10 +57,18 @@ class TritonForwarder(infer_grpc.InferenceServiceServicer):
     def __init__(self, triton: triton_aio.InferenceServerClient) -> None:
         self.triton = triton
         self.infer_calls = 0
+        # Job id → the identities (tenant, scopes) its shards' calls came with.
+        self.callers: dict[str, set[tuple[str, frozenset[str]]]] = defaultdict(set)
+
+    def _record_caller(self) -> None:
+        request = caller()
+        job_id = request.request_id.removeprefix("jobs/").partition("/")[0]
+        self.callers[job_id].add((request.tenant, request.scopes))
 
     async def GetModelMetadata(
         self, request: infer_pb.GetModelMetadataRequest, context: Any
     ) -> infer_pb.GetModelMetadataResponse:
+        self._record_caller()
         try:
             metadata = await self.triton.get_model_metadata(request.model_name, as_json=True)
             config = (await self.triton.get_model_config(request.model_name, as_json=True))["config"]
@@ -82,6 +97,7 @@ class TritonForwarder(infer_grpc.InferenceServiceServicer):
 
     async def Infer(self, request: infer_pb.InferRequest, context: Any) -> infer_pb.InferResponse:
         self.infer_calls += 1
+        self._record_caller()
         inputs = []
         for tensor in request.inputs:
             array = from_tensor(tensor)
@@ -105,19 +121,26 @@ class TritonForwarder(infer_grpc.InferenceServiceServicer):
 
 
 @pytest.fixture(scope="session")
-async def inference_target(triton_grpc: str) -> AsyncIterator[str]:
-    """host:port of an InferenceService that forwards to Triton."""
+async def forwarder(triton_grpc: str) -> AsyncIterator[tuple[str, TritonForwarder]]:
+    """An InferenceService that forwards to Triton: its host:port, and the servicer."""
     triton = triton_aio.InferenceServerClient(triton_grpc)
     service = infer_pb.DESCRIPTOR.services_by_name["InferenceService"]
+    servicer = TritonForwarder(triton)
     server, port = create_server(
         "triton-forwarder",
         ServiceSettings(metrics_enabled=False),
-        [ServiceBinding(infer_grpc.add_InferenceServiceServicer_to_server, TritonForwarder(triton), service)],
+        [ServiceBinding(infer_grpc.add_InferenceServiceServicer_to_server, servicer, service)],
     )
     await server.start()
-    yield f"127.0.0.1:{port}"
+    yield f"127.0.0.1:{port}", servicer
     await server.stop()
     await triton.close()
+
+
+@pytest.fixture(scope="session")
+def inference_target(forwarder: tuple[str, TritonForwarder]) -> str:
+    """host:port of an InferenceService that forwards to Triton."""
+    return forwarder[0]
 
 
 @pytest.fixture(scope="session")
@@ -132,8 +155,9 @@ def s3(s3_endpoint: str, s3_credentials: S3Credentials) -> Iterator[Minio]:
         region="us-east-1",
         http_client=http,
     )
-    if not client.bucket_exists(BUCKET):
-        client.make_bucket(BUCKET)
+    for bucket in (BUCKET, SHARED_BUCKET):
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
     yield client
     http.clear()
 
@@ -154,7 +178,10 @@ class Pipeline:
         return batch_service.Settings(
             **{k.lower(): v for k, v in self.backends.items()},
             shards_topic=f"batch-tests-{self.run}",
-            default_output_prefix=f"s3://{BUCKET}/results/{{job}}/",
+            uploads_uri=f"s3://{BUCKET}/uploads/{{tenant}}/",
+            results_uri=f"s3://{BUCKET}/results/{{tenant}}/{{job}}/",
+            extra_input_prefixes={"acme": [f"s3://{SHARED_BUCKET}/acme-data/"]},
+            shards_in_flight=SHARDS_IN_FLIGHT,
             watch_interval="PT0.2S",
             poll_interval="PT0.5S",
             lease_check_interval="PT0.5S",
@@ -258,8 +285,16 @@ async def batch(batch_api: str) -> AsyncIterator[pb_grpc.BatchServiceStub]:
         yield pb_grpc.BatchServiceStub(channel)
 
 
-def tenant(name: str) -> tuple[tuple[str, str]]:
-    return (("x-tenant-id", name),)
+def tenant(name: str, scopes: tuple[Scope, ...] = TENANT_SCOPES) -> tuple[tuple[str, str], ...]:
+    """The identity Envoy would send for a token of tenant `name`."""
+    return tuple(identity_metadata(name, scopes))
+
+
+def upload(s3: Minio, data: bytes, suffix: str, tenant_name: str = "acme") -> str:
+    """Put `data` under the tenant's uploads prefix, as its presigned upload would; its s3:// URI."""
+    key = f"uploads/{tenant_name}/{uuid.uuid4().hex}{suffix}"
+    s3.put_object(BUCKET, key, io.BytesIO(data), len(data))
+    return f"s3://{BUCKET}/{key}"
 
 
 async def poll_job(

@@ -8,17 +8,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+from minio import Minio
 from typer.testing import CliRunner
 
 from tensorway.cli.main import app
-from tensorway.devstack import S3Credentials
 
 from .conftest import BUCKET, digits_rows
 
 
-async def test_submit_wait_status_list_download(
-    batch_api: str, s3_endpoint: str, s3_credentials: S3Credentials, tmp_path: Path
-) -> None:
+async def test_submit_wait_status_list_download(batch_api: str, s3: Minio, tmp_path: Path) -> None:
     rows = digits_rows(700, seed=9)
     source = tmp_path / "digits.npy"
     np.save(source, rows)
@@ -28,14 +26,6 @@ async def test_submit_wait_status_list_download(
         batch_api,
         "--tenant",
         "cli-tenant",
-        "--s3-endpoint",
-        s3_endpoint,
-        "--s3-access-key",
-        s3_credentials.access_key,
-        "--s3-secret-key",
-        s3_credentials.secret_key,
-        "--upload-bucket",
-        BUCKET,
     ]
 
     def run(*args: str) -> str:
@@ -50,6 +40,9 @@ async def test_submit_wait_status_list_download(
     name = submitted.split()[0]
     assert name.startswith("jobs/")
     assert "SUCCEEDED" in submitted
+    # The file went up through the presigned URL, under the tenant's own prefix.
+    uploaded = [o.object_name for o in s3.list_objects(BUCKET, prefix="uploads/cli-tenant/", recursive=True)]
+    assert any(name.endswith("/digits.npy") for name in uploaded), uploaded
     assert "manifest" in submitted
     assert "700 done, 0 failed of 700" in await asyncio.to_thread(run, "status", name)
     assert name in await asyncio.to_thread(run, "list", "--filter", "model=digits")

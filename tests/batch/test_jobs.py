@@ -23,15 +23,18 @@ from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tensorway.batch.v1.shard_task_pb2 import ShardTask
 
-from .conftest import BUCKET, Pipeline, digits_rows, direct_answers, poll_job, tenant, wait_for_state
+from .conftest import (
+    BUCKET,
+    Pipeline,
+    digits_rows,
+    direct_answers,
+    poll_job,
+    tenant,
+    upload,
+    wait_for_state,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def upload(s3: Minio, data: bytes, suffix: str) -> str:
-    key = f"inputs/{uuid.uuid4().hex}{suffix}"
-    s3.put_object(BUCKET, key, io.BytesIO(data), len(data))
-    return f"s3://{BUCKET}/{key}"
 
 
 def jsonl_of(rows: np.ndarray, ids: list[str]) -> bytes:
@@ -132,6 +135,11 @@ async def test_a_repeated_create_returns_the_same_job(batch: pb_grpc.BatchServic
     first = (await batch.CreateJob(request, metadata=tenant("acme"))).job
     second = (await batch.CreateJob(request, metadata=tenant("acme"))).job
     assert first.name == second.name
+    # The same request from another tenant names acme's upload, which is not globex's to read.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await batch.CreateJob(request, metadata=tenant("globex"))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    request.job.input_uri = upload(s3, npy_of(digits_rows(10)), ".npy", "globex")
     other_tenant = (await batch.CreateJob(request, metadata=tenant("globex"))).job
     assert other_tenant.name != first.name
     listed = (await batch.ListJobs(pb.ListJobsRequest(page_size=1000), metadata=tenant("acme"))).jobs
@@ -152,7 +160,7 @@ async def test_another_tenant_gets_not_found(batch: pb_grpc.BatchServiceStub, s3
 
 
 async def test_a_missing_input_fails_the_job_with_the_reason(batch: pb_grpc.BatchServiceStub) -> None:
-    job = await create(batch, "acme", f"s3://{BUCKET}/inputs/no-such-object.jsonl", shard_size=10)
+    job = await create(batch, "acme", f"s3://{BUCKET}/uploads/acme/no-such-object.jsonl", shard_size=10)
     done = await wait_for_state(batch, job.name, "acme", within=20)
     assert done.state == pb.JOB_STATE_FAILED
     assert "no-such-object.jsonl does not exist" in done.failure_reason

@@ -19,8 +19,8 @@ from tensorway.batch import service as batch_service
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 
-from .conftest import Pipeline, digits_rows, wait_for_state
-from .test_jobs import create, npy_of, upload
+from .conftest import Pipeline, digits_rows, upload, wait_for_state
+from .test_jobs import create, npy_of
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -21,8 +21,8 @@ from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from tensorway.router import service as router_service
 
-from .conftest import Pipeline, digits_rows, direct_answers, tenant, wait_for_state
-from .test_jobs import create, npy_of, read_results, upload
+from .conftest import Pipeline, digits_rows, direct_answers, tenant, upload, wait_for_state
+from .test_jobs import create, npy_of, read_results
 
 pytestmark = pytest.mark.timeout(120)
 

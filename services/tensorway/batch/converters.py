@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tensorway.batch.core import JobStatus
+from tensorway.batch.core import JobStatus, Upload
 from tensorway.batch.domain import InputFormat, JobDraft, JobState
 from tensorway.batch.results import PresignedObject
 from tensorway.batch.v1 import batch_service_pb2 as pb
@@ -65,4 +65,10 @@ def job_to_proto(status: JobStatus) -> pb.Job:
         message.start_time.FromDatetime(job.start_time)
     if job.end_time is not None:
         message.end_time.FromDatetime(job.end_time)
+    return message
+
+
+def upload_to_proto(upload: Upload) -> pb.CreateUploadResponse:
+    message = pb.CreateUploadResponse(input_uri=upload.ref.uri, upload_url=upload.url)
+    message.expire_time.FromDatetime(upload.expire_time)
     return message

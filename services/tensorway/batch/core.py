@@ -20,7 +20,8 @@ from tensorway.batch.inputs import NPY_HEADER_PROBE_BYTES, InputError, plan_json
 from tensorway.batch.results import PresignedObject, ResultWriter
 from tensorway.batch.storage import ObjectStore, StorageError
 from tensorway.batch.store import JobChanges, JobStore
-from tensorway.runtime import FieldViolation, InvalidArgument, tracing
+from tensorway.batch.tenancy import TenantStorage
+from tensorway.runtime import FieldViolation, InvalidArgument, PermissionDenied, TensorwayError, tracing
 
 logger = logging.getLogger(__name__)
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -42,11 +43,14 @@ class JobStatus:
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """Shard sizes the API accepts, and the output prefix it picks when the caller gives none."""
+    """Shard sizes, priorities and upload sizes the API accepts."""
 
     default_shard_size: int
     max_shard_size: int
-    default_output_prefix: str
+    min_priority: int = 0
+    max_priority: int = 9
+    max_upload_bytes: int = 5 * 1024**3
+    upload_url_expiry: timedelta = timedelta(hours=1)
 
 
 def _eta(job: Job, rate: float) -> timedelta | None:
@@ -64,42 +68,67 @@ def average_rate(job: Job, now: datetime) -> float:
     return job.progress.rows_finished / seconds if seconds > 0 else 0.0
 
 
-def validate(draft: JobDraft, limits: BatchLimits, job_id: str) -> JobSpec:
-    """The draft with defaults filled in, or INVALID_ARGUMENT naming every bad field."""
+def validate(
+    draft: JobDraft, limits: BatchLimits, storage: TenantStorage, tenant: str, job_id: str
+) -> JobSpec:
+    """The draft with defaults filled in, or INVALID_ARGUMENT naming every malformed field, or
+    PERMISSION_DENIED naming an object outside the tenant's prefixes. Checks only: nothing is
+    read or written."""
     violations: list[FieldViolation] = []
     if not MODEL_NAME.match(draft.model):
         violations.append(FieldViolation("job.model", "a model name: letters, digits, '_', '.', '-'"))
     input_format = draft.input_format
+    refusals: list[TensorwayError] = []
+    input_ref: ObjectRef | None = None
+    output_ref: ObjectRef | None = None
     try:
-        input_ref = ObjectRef.parse(draft.input_uri)
-        if not input_ref.key:
-            raise ValueError("no key")
+        input_ref = storage.input(tenant, draft.input_uri)
+    except (InvalidArgument, PermissionDenied) as exc:
+        refusals.append(exc)
+    if input_ref is not None:
         input_format = input_format or InputFormat.from_key(input_ref.key)
         if input_format is None:
             violations.append(FieldViolation("job.input_format", "name it, or end the key in .jsonl or .npy"))
-    except ValueError:
-        violations.append(FieldViolation("job.input_uri", "an object URI, s3://bucket/key"))
-    output_prefix = draft.output_prefix or limits.default_output_prefix.format(job=job_id)
     try:
-        ObjectRef.parse(output_prefix)
-    except ValueError:
-        violations.append(FieldViolation("job.output_prefix", "a prefix URI, s3://bucket/prefix/"))
-    if not output_prefix.endswith("/"):
-        output_prefix += "/"
+        output_ref = storage.output(tenant, job_id, draft.output_prefix)
+    except (InvalidArgument, PermissionDenied) as exc:
+        refusals.append(exc)
     shard_size = draft.shard_size or limits.default_shard_size
     if not 0 < shard_size <= limits.max_shard_size:
         violations.append(FieldViolation("job.shard_size", f"between 1 and {limits.max_shard_size}, or 0"))
-    if violations or input_format is None:
+    if not limits.min_priority <= draft.priority <= limits.max_priority:
+        violations.append(
+            FieldViolation("job.priority", f"between {limits.min_priority} and {limits.max_priority}")
+        )
+    # A malformed request is told so first; only a well-formed one learns what it may not touch.
+    for refusal in refusals:
+        if isinstance(refusal, InvalidArgument):
+            violations.extend(refusal.violations)
+    if violations:
         raise InvalidArgument("the job is not valid", violations)
+    if refusals:
+        raise refusals[0]
+    assert input_ref is not None
+    assert output_ref is not None
+    assert input_format is not None
     return JobSpec(
         model=draft.model,
         model_version=draft.model_version,
-        input_uri=draft.input_uri,
+        input_uri=input_ref.uri,
         input_format=input_format,
-        output_prefix=output_prefix,
+        output_prefix=output_ref.uri,
         shard_size=shard_size,
         priority=draft.priority,
     )
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A reserved input object and the presigned URL its bytes go to."""
+
+    ref: ObjectRef
+    url: str
+    expire_time: datetime
 
 
 class BatchJobs:
@@ -112,12 +141,16 @@ class BatchJobs:
         limits: BatchLimits,
         watch_interval: timedelta,
         *,
+        storage: TenantStorage,
+        objects: ObjectStore,
         changes: JobChanges,
         on_created: Callable[[], None],
     ) -> None:
         self._store = store
         self._results = results
         self._limits = limits
+        self._storage = storage
+        self._objects = objects
         self._watch_interval = watch_interval
         self._changes = changes
         self._on_created = on_created
@@ -136,10 +169,27 @@ class BatchJobs:
     async def create(self, tenant: str, request_id: str, draft: JobDraft) -> JobStatus:
         """Record a job; the planner divides it into shards. A repeated request_id gives the first job."""
         job_id = uuid.uuid4().hex
-        spec = validate(draft, self._limits, job_id)
+        spec = validate(draft, self._limits, self._storage, tenant, job_id)
         job = await self._store.create_job(job_id, tenant, request_id, spec, dict(tracing.inject()))
         self._on_created()
         return self._status(job)
+
+    def create_upload(self, tenant: str, file_name: str, size_bytes: int) -> Upload:
+        """A fresh object under the tenant's uploads prefix and a presigned PUT URL for it.
+        Nothing is stored until the caller uploads; an upload never used is just an object."""
+        violations = []
+        if not file_name:
+            violations.append(FieldViolation("file_name", "the file's name, e.g. rows.jsonl"))
+        if not 0 < size_bytes <= self._limits.max_upload_bytes:
+            violations.append(
+                FieldViolation("size_bytes", f"between 1 and {self._limits.max_upload_bytes} bytes")
+            )
+        if violations:
+            raise InvalidArgument("the upload is not valid", violations)
+        ref = self._storage.new_upload(tenant, file_name)
+        expiry = self._limits.upload_url_expiry
+        url = self._objects.presign_upload(ref, expiry)
+        return Upload(ref, url, datetime.now(UTC) + expiry)
 
     async def get(self, tenant: str, job_id: str) -> JobStatus:
         return self._status(await self._store.get_job(tenant, job_id))
@@ -217,13 +267,23 @@ class JobPlanner:
     """Reads queued jobs' inputs and divides them into shards, recorded with their outbox
     messages in one transaction. An unusable input fails the job with the reason."""
 
-    def __init__(self, store: JobStore, objects: ObjectStore, on_planned: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        objects: ObjectStore,
+        on_planned: Callable[[], None],
+        storage: TenantStorage,
+    ) -> None:
         self._store = store
         self._objects = objects
         self._on_planned = on_planned
+        self._storage = storage
 
     async def _plan(self, job: Job) -> InputPlan:
-        ref = ObjectRef.parse(job.spec.input_uri)
+        # Checked again here: a job recorded before the rules (or by another writer) must not
+        # read or write outside its tenant's prefixes either.
+        ref = self._storage.input(job.tenant, job.spec.input_uri, "input_uri")
+        self._storage.output(job.tenant, job.id, job.spec.output_prefix, "output_prefix")
         if job.spec.input_format is InputFormat.JSONL:
             return await self._objects.scan(ref, lambda chunks: plan_jsonl(chunks, job.spec.shard_size))
         size = await self._objects.size(ref)
@@ -247,6 +307,18 @@ class JobPlanner:
             except InputError as exc:
                 await self._store.fail_planning(connection, job, f"the input {job.spec.input_uri} {exc}")
                 logger.info("job failed: input unusable", extra={"job": job.name, "reason": str(exc)})
+                return True
+            except TensorwayError as exc:
+                await self._store.fail_planning(connection, job, f"the job cannot run: {exc.message}")
+                logger.info("job failed: refused", extra={"job": job.name, "reason": exc.message})
+                return True
+            except Exception:
+                # Whatever else a job's input does to the planner, it ends that job only: retried,
+                # it would stall every job queued behind it.
+                logger.exception("job failed: planning raised", extra={"job": job.name})
+                await self._store.fail_planning(
+                    connection, job, "the job's input could not be planned; the server logged the details"
+                )
                 return True
             await self._store.record_plan(connection, job, plan)
         logger.info(
@@ -285,5 +357,9 @@ class LeaseReaper:
         if requeued or republished:
             self._on_requeued()
         for job_id in await self._store.jobs_to_finalize():
-            await self._results.finalize(self._store, job_id)
+            try:
+                await self._results.finalize(self._store, job_id)
+            except Exception:
+                # One job's manifest that cannot be written must not keep the others from ending.
+                logger.exception("job not finalized; trying again", extra={"job": f"jobs/{job_id}"})
         return False

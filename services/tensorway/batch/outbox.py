@@ -39,7 +39,8 @@ def kafka_headers(headers: dict[str, str]) -> Sequence[tuple[str, bytes]]:
 
 
 class OutboxRelay:
-    """Moves outbox rows to the shards topic, a batch at a time, most urgent jobs first."""
+    """Moves outbox rows to the shards topic, a batch at a time, each tenant's most urgent job
+    first and the tenants in turn; with `in_flight`, never more shards published and unfinished."""
 
     def __init__(
         self,
@@ -50,8 +51,10 @@ class OutboxRelay:
         *,
         bootstrap: str,
         partitions: int,
+        in_flight: int | None = None,
     ) -> None:
         self._store = store
+        self._in_flight = in_flight
         self._producer = producer
         self._topic = topic
         self._batch_size = batch_size
@@ -60,18 +63,33 @@ class OutboxRelay:
 
     @classmethod
     async def connect(
-        cls, store: JobStore, bootstrap: str, topic: str, batch_size: int, partitions: int
+        cls,
+        store: JobStore,
+        bootstrap: str,
+        topic: str,
+        batch_size: int,
+        partitions: int,
+        *,
+        in_flight: int | None = None,
     ) -> OutboxRelay:
         # acks="all" and no idempotence: Kafka-compatible brokers without idempotent producers
         # (Tansu) accept it, and duplicates are harmless here anyway.
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False)
         await producer.start()
-        return cls(store, producer, topic, batch_size, bootstrap=bootstrap, partitions=partitions)
+        return cls(
+            store,
+            producer,
+            topic,
+            batch_size,
+            bootstrap=bootstrap,
+            partitions=partitions,
+            in_flight=in_flight,
+        )
 
     async def relay_batch(self) -> bool:
         """Publish one batch; True when there may be more waiting."""
         try:
-            async with self._store.outbox_batch(self._batch_size) as messages:
+            async with self._store.outbox_batch(self._batch_size, self._in_flight) as messages:
                 send = self._producer.send
                 sent = [
                     await send(self._topic, m.value, key=m.key, headers=kafka_headers(m.headers))

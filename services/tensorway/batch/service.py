@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any, Protocol
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tensorway.batch import converters
@@ -19,7 +21,9 @@ from tensorway.batch.metrics import JobCensus
 from tensorway.batch.outbox import OutboxRelay, ensure_topic
 from tensorway.batch.results import ResultWriter
 from tensorway.batch.settings import BatchSettings
+from tensorway.batch.storage import StorageError
 from tensorway.batch.store import JobChanges, JobStore
+from tensorway.batch.tenancy import TenantStorage
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tensorway.runtime import (
@@ -29,10 +33,11 @@ from tensorway.runtime import (
     ServiceServer,
     create_server,
 )
-from tensorway.runtime.context import DEFAULT_TENANT, current
+from tensorway.runtime.context import Scope, require_scope
 from tensorway.runtime.requests import refuse_nul
 
 SERVICE = pb.DESCRIPTOR.services_by_name["BatchService"]
+logger = logging.getLogger(__name__)
 
 
 class Settings(BatchSettings):
@@ -44,8 +49,27 @@ class Settings(BatchSettings):
     """Rows per shard when a job does not say."""
     max_shard_size: int = 1_000_000
     """The most rows per shard a job may ask for."""
-    default_output_prefix: str = "s3://tensorway-batch/results/{job}/"
-    """Where results go when a job names no output prefix; {job} is the job's id."""
+    uploads_uri: str = "s3://tensorway-batch/uploads/{tenant}/"
+    """Each tenant's own prefix, {tenant} its id: CreateUpload puts files here, and a job's input
+    must lie here (or under one of the tenant's extra_input_prefixes). The service makes the bucket."""
+    results_uri: str = "s3://tensorway-batch/results/{tenant}/{job}/"
+    """Where a job's results always go, {tenant} and {job} its tenant's and its own id. The
+    service makes the bucket."""
+    extra_input_prefixes: dict[str, list[str]] = Field(default_factory=dict)
+    """Further prefixes a tenant's jobs may read, tenant → ["s3://bucket/prefix/", ...]
+    (JSON in the environment): data a tenant keeps elsewhere, never another tenant's."""
+    min_priority: int = 0
+    """The lowest priority a job may have."""
+    max_priority: int = 9
+    """The highest priority a job may have; priorities order a tenant's own jobs only."""
+    max_upload_bytes: int = 5 * 1024**3
+    """The largest file CreateUpload accepts: one presigned PUT, whose S3 limit is 5 GiB."""
+    upload_url_expiry: timedelta = timedelta(hours=1)
+    """How long a presigned upload URL works."""
+    shards_in_flight: int = 128
+    """Most shards published to the workers and not yet finished; the rest wait in the outbox,
+    from which each tenant's next shard is taken in turn. More keeps more workers busy; fewer
+    lets a tenant's new job overtake another's backlog sooner."""
     watch_interval: timedelta = timedelta(milliseconds=500)
     """How often WatchJob looks at a job's progress when PostgreSQL has not told it of a change."""
     poll_interval: timedelta = timedelta(seconds=1)
@@ -66,8 +90,8 @@ class Settings(BatchSettings):
 
 
 def _tenant() -> str:
-    request = current.get()
-    return request.tenant if request is not None else DEFAULT_TENANT
+    """The caller's tenant, once its token is known to allow batch calls."""
+    return require_scope(Scope.BATCH).tenant
 
 
 def _job_id(name: str, field: str = "name") -> str:
@@ -84,27 +108,38 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
         self._jobs = jobs
 
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
+        tenant = _tenant()
         refuse_nul(request)
         draft = converters.draft_from_proto(request.job)
-        status = await self._jobs.create(_tenant(), request.request_id, draft)
+        status = await self._jobs.create(tenant, request.request_id, draft)
         return pb.CreateJobResponse(job=converters.job_to_proto(status))
 
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
-        status = await self._jobs.get(_tenant(), _job_id(request.name))
+        tenant = _tenant()
+        status = await self._jobs.get(tenant, _job_id(request.name))
         return pb.GetJobResponse(job=converters.job_to_proto(status))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        tenant = _tenant()
         refuse_nul(request)
-        jobs, token = await self._jobs.list(_tenant(), request.filter, request.page_size, request.page_token)
+        jobs, token = await self._jobs.list(tenant, request.filter, request.page_size, request.page_token)
         return pb.ListJobsResponse(jobs=[converters.job_to_proto(j) for j in jobs], next_page_token=token)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.CancelJobResponse:
-        status = await self._jobs.cancel(_tenant(), _job_id(request.name))
+        tenant = _tenant()
+        status = await self._jobs.cancel(tenant, _job_id(request.name))
         return pb.CancelJobResponse(job=converters.job_to_proto(status))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.WatchJobResponse]:
-        async for status in self._jobs.watch(_tenant(), _job_id(request.name)):
+        tenant = _tenant()
+        async for status in self._jobs.watch(tenant, _job_id(request.name)):
             yield pb.WatchJobResponse(job=converters.job_to_proto(status))
+
+    async def CreateUpload(self, request: pb.CreateUploadRequest, context: Any) -> pb.CreateUploadResponse:
+        tenant = _tenant()
+        refuse_nul(request)
+        upload = self._jobs.create_upload(tenant, request.file_name, request.size_bytes)
+        return converters.upload_to_proto(upload)
 
 
 class BackgroundLoop(Protocol):
@@ -152,14 +187,22 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
             settings.shards_topic,
             settings.outbox_batch_size,
             settings.shards_topic_partitions,
+            in_flight=settings.shards_in_flight,
         )
     except BaseException:
         await store.close()
         raise
     objects = settings.object_store()
+    storage = TenantStorage(settings.uploads_uri, settings.results_uri, settings.extra_input_prefixes)
+    for bucket in sorted(storage.buckets):
+        try:
+            await objects.ensure_bucket(bucket)
+        except StorageError as exc:
+            # S3 down at start must not keep the API down: jobs wait, and their writes fail visibly.
+            logger.warning("cannot make the batch bucket", extra={"bucket": bucket, "error": str(exc)})
     results = ResultWriter(objects, settings.url_expiry)
     relaying = Periodic("outbox relay", relay.relay_batch, settings.poll_interval)
-    planner = JobPlanner(store, objects, on_planned=relaying.wake)
+    planner = JobPlanner(store, objects, on_planned=relaying.wake, storage=storage)
     planning = Periodic("job planner", planner.plan_next, settings.poll_interval)
     reaper = LeaseReaper(
         store,
@@ -169,10 +212,25 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
         unclaimed_timeout=settings.unclaimed_shard_timeout,
     )
     reaping = Periodic("lease reaper", reaper.sweep, settings.lease_check_interval)
-    limits = BatchLimits(settings.default_shard_size, settings.max_shard_size, settings.default_output_prefix)
-    changes = JobChanges(settings.postgres_url, settings.retry_after)
+    limits = BatchLimits(
+        default_shard_size=settings.default_shard_size,
+        max_shard_size=settings.max_shard_size,
+        min_priority=settings.min_priority,
+        max_priority=settings.max_priority,
+        max_upload_bytes=settings.max_upload_bytes,
+        upload_url_expiry=settings.upload_url_expiry,
+    )
+    # Every change of a job (a shard finished) may make room for more shards in flight.
+    changes = JobChanges(settings.postgres_url, settings.retry_after, on_any_change=relaying.wake)
     jobs = BatchJobs(
-        store, results, limits, settings.watch_interval, changes=changes, on_created=planning.wake
+        store,
+        results,
+        limits,
+        settings.watch_interval,
+        storage=storage,
+        objects=objects,
+        changes=changes,
+        on_created=planning.wake,
     )
     counting = Periodic("job census", JobCensus(store).refresh, settings.census_interval)
     background = BackgroundWork([relaying, planning, reaping, counting, changes])

@@ -33,8 +33,8 @@ class BatchSettings(ServiceSettings):
     """S3 secret key."""
     s3_region: str = "us-east-1"
     """S3 region; fixed so that presigning needs no round trip."""
-    url_expiry: timedelta = timedelta(hours=24)
-    """How long presigned result URLs work."""
+    url_expiry: timedelta = timedelta(hours=1)
+    """How long presigned result URLs work (the manifest's and each job's as the API shows it)."""
 
     def object_store(self) -> ObjectStore:
         return ObjectStore.connect(self.s3_endpoint, self.s3_access_key, self.s3_secret_key, self.s3_region)

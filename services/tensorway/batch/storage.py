@@ -28,6 +28,9 @@ class StorageError(Exception):
 
 
 def _describe(ref: ObjectRef, exc: BaseException) -> str:
+    if isinstance(exc, ValueError):
+        # The SDK's own refusal of a bucket name or key it will not send.
+        return f"{ref.uri} is not a usable object name: {exc}"
     if isinstance(exc, S3Error):
         if exc.code in ("NoSuchKey", "NoSuchObject"):
             return f"{ref.uri} does not exist"
@@ -68,7 +71,7 @@ class ObjectStore:
     async def _run(self, ref: ObjectRef, call: Callable[[], T]) -> T:
         try:
             return await asyncio.to_thread(call)
-        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise StorageError(_describe(ref, exc)) from exc
 
     async def read(self, ref: ObjectRef, offset: int = 0, length: int = 0) -> bytes:
@@ -125,6 +128,14 @@ class ObjectStore:
                 self._client.make_bucket(bucket)
 
         await self._run(ref, call)
+
+    def presign_upload(self, ref: ObjectRef, expiry: timedelta) -> str:
+        """A PUT URL that stores one object at `ref`, without credentials, until `expiry` passes.
+
+        One PUT takes up to 5 GiB (S3's limit); the API refuses larger uploads rather than
+        presigning multipart ones, which SeaweedFS and the SDK make awkward to hand out."""
+        url: str = self._client.presigned_put_object(ref.bucket, ref.key, expires=expiry)
+        return url
 
     def presign(self, uri: str, expiry: timedelta) -> str:
         """A GET URL for the object that works without credentials until `expiry` passes."""

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import hmac
+import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -147,6 +150,16 @@ MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = (
                 WHERE state IN ('PENDING', 'LEASED')""",
         ),
     ),
+    (
+        5,
+        (
+            # The relay takes each tenant's next message in turn, so the outbox knows whose
+            # each message is.
+            "ALTER TABLE batch_outbox ADD COLUMN tenant text NOT NULL DEFAULT ''",
+            "UPDATE batch_outbox o SET tenant = j.tenant FROM batch_jobs j WHERE j.id = o.job_id",
+            "CREATE INDEX batch_outbox_by_tenant ON batch_outbox (tenant, priority DESC, id)",
+        ),
+    ),
 )
 JOB_CHANGES_CHANNEL: LiteralString = "tensorway_batch_job_changes"
 
@@ -232,17 +245,36 @@ class OutboxMessage:
     headers: dict[str, str]
 
 
-def encode_page_token(seq: int) -> str:
-    return base64.urlsafe_b64encode(str(seq).encode()).decode()
+MAX_SEQ = 2**63 - 1
 
 
-def decode_page_token(token: str) -> int:
+def _listing(tenant: str, terms: Mapping[str, str]) -> str:
+    """What a page token is bound to: the tenant and the filter it lists (not the page size)."""
+    text = json.dumps([tenant, sorted(terms.items())], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def encode_page_token(seq: int, tenant: str, terms: Mapping[str, str]) -> str:
+    """Where the next page starts, for this tenant and filter only."""
+    return base64.urlsafe_b64encode(f"{seq}.{_listing(tenant, terms)}".encode()).decode()
+
+
+def decode_page_token(token: str, tenant: str, terms: Mapping[str, str]) -> int:
+    """The position a token of this listing holds; INVALID_ARGUMENT for anything else: a token
+    that is no token, one of another tenant or another filter, or a position out of range."""
+    refusal = InvalidArgument(
+        "page_token is not one this server gave for this listing",
+        [FieldViolation("page_token", "a next_page_token of the same listing (same filter), or empty")],
+    )
     try:
-        return int(base64.urlsafe_b64decode(token.encode()).decode())
+        seq_text, _, listing = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii").partition(".")
+        # int() takes '+', '_' and spaces: only plain digits came from this server.
+        seq = int(seq_text) if seq_text.isascii() and seq_text.isdigit() else 0
     except (ValueError, binascii.Error) as exc:
-        raise InvalidArgument(
-            "page_token is not one this server gave", [FieldViolation("page_token", "not a token")]
-        ) from exc
+        raise refusal from exc
+    if not 0 < seq <= MAX_SEQ or not hmac.compare_digest(listing, _listing(tenant, terms)):
+        raise refusal
+    return seq
 
 
 def parse_filter(text: str) -> dict[str, str]:
@@ -271,6 +303,7 @@ def shard_message(
     task = shard_task_pb2.ShardTask(job=f"jobs/{job_id}", shard=shard)
     return {
         "job_id": job_id,
+        "tenant": tenant,
         "priority": priority,
         # Keyed by job and shard, so a job's shards spread over the partitions and its workers.
         "key": f"{job_id}/{shard}".encode(),
@@ -279,8 +312,16 @@ def shard_message(
     }
 
 
-INSERT_OUTBOX: LiteralString = """INSERT INTO batch_outbox (job_id, priority, key, value, headers)
-    VALUES (%(job_id)s, %(priority)s, %(key)s, %(value)s, %(headers)s)"""
+INSERT_OUTBOX: LiteralString = """INSERT INTO batch_outbox (job_id, tenant, priority, key, value, headers)
+    VALUES (%(job_id)s, %(tenant)s, %(priority)s, %(key)s, %(value)s, %(headers)s)"""
+
+# Shards each tenant has in flight: open (pending or leased) and no longer waiting in the outbox.
+IN_FLIGHT_QUERY: LiteralString = """WITH open AS (
+        SELECT j.tenant, count(*) AS n FROM batch_shards s JOIN batch_jobs j ON j.id = s.job_id
+        WHERE s.state IN ('PENDING', 'LEASED') GROUP BY j.tenant),
+    waiting AS (SELECT tenant, count(*) AS n FROM batch_outbox GROUP BY tenant)
+    SELECT o.tenant, greatest(o.n - coalesce(w.n, 0), 0) AS n
+    FROM open o LEFT JOIN waiting w ON w.tenant = o.tenant"""
 
 
 class JobStore:
@@ -399,7 +440,7 @@ class JobStore:
             "tenant": tenant,
             "state": terms.get("state"),
             "model": terms.get("model"),
-            "before": decode_page_token(page_token) if page_token else None,
+            "before": decode_page_token(page_token, tenant, terms) if page_token else None,
             "limit": size + 1,
         }
         async with self._transaction() as connection:
@@ -413,7 +454,7 @@ class JobStore:
                 params,
             )
             rows = await cursor.fetchall()
-        token = encode_page_token(rows[size - 1]["seq"]) if len(rows) > size else ""
+        token = encode_page_token(rows[size - 1]["seq"], tenant, terms) if len(rows) > size else ""
         return Page(jobs=tuple(job_from_row(r) for r in rows[:size]), next_page_token=token)
 
     async def cancel_job(self, tenant: str, job_id: str) -> Job:
@@ -438,10 +479,24 @@ class JobStore:
         """The most urgent job not yet divided into shards, locked against other planners
         until the block ends; None when there is none."""
         async with self._transaction() as connection:
+            # Each tenant's jobs in its own priority order, and the tenants in turn: a job's
+            # place is its rank among its tenant's waiting jobs plus the jobs that tenant
+            # already has running, so a thousand queued jobs of one tenant do not hold up
+            # another's first.
             cursor = await connection.execute(
-                JOB_QUERY
-                + """ WHERE j.state = 'QUEUED' AND NOT j.planned
-                ORDER BY j.priority DESC, j.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED"""
+                # Constant text only: no value of a caller's is in it.
+                JOB_QUERY  # noqa: S608
+                + """ JOIN (
+                    SELECT q.id, q.rank + coalesce(a.n, 0) AS turn FROM (
+                        SELECT id, tenant, row_number() OVER (
+                            PARTITION BY tenant ORDER BY priority DESC, seq) AS rank
+                        FROM batch_jobs WHERE state = 'QUEUED' AND NOT planned) q
+                    LEFT JOIN (
+                        SELECT tenant, count(*) AS n FROM batch_jobs
+                        WHERE state IN ('QUEUED', 'RUNNING') AND planned GROUP BY tenant) a
+                    ON a.tenant = q.tenant) t ON t.id = j.id
+                WHERE j.state = 'QUEUED' AND NOT j.planned
+                ORDER BY t.turn, j.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED"""
             )
             row = await cursor.fetchone()
             yield (connection, job_from_row(row)) if row else None
@@ -485,18 +540,36 @@ class JobStore:
     # --- the outbox -----------------------------------------------------------------------
 
     @asynccontextmanager
-    async def outbox_batch(self, limit: int) -> AsyncIterator[list[OutboxMessage]]:
-        """The oldest waiting messages of the most urgent jobs, locked; they are deleted when
-        the block ends without an error, and stay for the next try when it raises."""
+    async def outbox_batch(
+        self, limit: int, in_flight: int | None = None
+    ) -> AsyncIterator[list[OutboxMessage]]:
+        """Up to `limit` waiting messages, locked; they are deleted when the block ends without an
+        error, and stay for the next try when it raises.
+
+        With `in_flight`, only as many as keep the shards published and not yet finished within
+        it, so the backlog waits here, where it can be reordered, rather than in the topic. The
+        tenants take turns: a message's turn is its rank among its tenant's waiting messages
+        (most urgent job first) plus the shards that tenant has in flight, so a tenant's single
+        shard goes out next to another's thousand, not after them."""
         async with self._transaction() as connection:
-            cursor = await connection.execute(
-                """SELECT id, key, value, headers FROM batch_outbox
-                ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED""",
-                (limit,),
-            )
+            cursor = await connection.execute(IN_FLIGHT_QUERY)
+            flying = {r["tenant"]: int(r["n"]) for r in await cursor.fetchall()}
+            if in_flight is not None:
+                limit = min(limit, in_flight - sum(flying.values()))
+            rows: list[DictRow] = []
+            if limit > 0:
+                cursor = await connection.execute(
+                    """SELECT o.id, o.key, o.value, o.headers FROM batch_outbox o
+                    JOIN (SELECT id, row_number() OVER (
+                            PARTITION BY tenant ORDER BY priority DESC, id) AS rank
+                        FROM batch_outbox) r ON r.id = o.id
+                    LEFT JOIN unnest(%s::text[], %s::bigint[]) AS f(tenant, n) ON f.tenant = o.tenant
+                    ORDER BY r.rank + coalesce(f.n, 0), o.id LIMIT %s FOR UPDATE OF o SKIP LOCKED""",
+                    (list(flying), list(flying.values()), limit),
+                )
+                rows = await cursor.fetchall()
             messages = [
-                OutboxMessage(r["id"], bytes(r["key"]), bytes(r["value"]), r["headers"])
-                for r in await cursor.fetchall()
+                OutboxMessage(r["id"], bytes(r["key"]), bytes(r["value"]), r["headers"]) for r in rows
             ]
             yield messages
             if messages:
@@ -760,9 +833,12 @@ class JobChanges:
 
     name = "job changes"
 
-    def __init__(self, url: str, retry_after: timedelta) -> None:
+    def __init__(
+        self, url: str, retry_after: timedelta, on_any_change: Callable[[], None] | None = None
+    ) -> None:
         self._url = url
         self._retry_after = retry_after
+        self._on_any_change = on_any_change
         self._waiters: dict[str, set[asyncio.Event]] = {}
 
     @contextmanager
@@ -791,6 +867,8 @@ class JobChanges:
                     async for notify in connection.notifies():
                         for event in self._waiters.get(notify.payload, ()):
                             event.set()
+                        if self._on_any_change is not None:
+                            self._on_any_change()
             except Exception:
                 logger.warning("job change notifications lost; listening again", exc_info=True)
             await asyncio.sleep(self._retry_after.total_seconds())

@@ -49,9 +49,11 @@ from tensorway.batch.tensors import from_tensor, json_rows, to_tensor
 from tensorway.batch.v1 import shard_task_pb2
 from tensorway.inference.v1 import inference_service_pb2 as infer_pb
 from tensorway.runtime import ServiceServer, create_server, tracing
-from tensorway.runtime.context import DEFAULT_TENANT, TENANT_HEADER, RequestContext, current
+from tensorway.runtime.context import DEFAULT_TENANT, TENANT_HEADER, RequestContext, Scope, current
 
 logger = logging.getLogger(__name__)
+# What a worker may do for a job's tenant: infer, with the tenant's own limits.
+WORKER_SCOPES = frozenset({Scope.INFER.value})
 
 
 class Settings(BatchSettings):
@@ -139,7 +141,19 @@ class ShardRunner:
             metrics.SHARDS.labels("duplicate").inc()
             return
         leased_at = time.perf_counter()
-        work = asyncio.create_task(self._answer(lease))
+        # The router sees whose rows these are, from the job the database holds, never from the
+        # message's headers: its limits and routing count them against the job's tenant, and
+        # the call may infer and nothing else.
+        acting = RequestContext(
+            request_id=f"jobs/{job_id}/shards/{shard}",
+            tenant=lease.job.tenant,
+            scopes=WORKER_SCOPES,
+        )
+        token = current.set(acting)
+        try:
+            work = asyncio.create_task(self._answer(lease))
+        finally:
+            current.reset(token)
         lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep_lease(lease, work, lost))
         try:
@@ -410,6 +424,7 @@ class BatchWorker:
             )
             metrics.SHARDS.labels("malformed").inc()
             return
+        # Until the shard is leased, the record's tenant header is only a label for the logs.
         request = RequestContext(
             request_id=f"jobs/{job_id}/shards/{shard}", tenant=headers.get(TENANT_HEADER) or DEFAULT_TENANT
         )

@@ -1,10 +1,11 @@
-"""`tensorway batch`: submit a job (uploading a local file first), follow it with a live progress
-bar, and read its status, list, cancel it or download its results, against the batch API at
-`--api` or TENSORWAY_BATCH_ADDRESS."""
+"""`tensorway batch`: submit a job (uploading a local file first, through a presigned URL the API
+hands out), follow it with a live progress bar, and read its status, list, cancel it or download
+its results, against the batch API at `--api` or TENSORWAY_BATCH_ADDRESS."""
 
 from __future__ import annotations
 
 import hashlib
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +19,6 @@ import grpc
 import typer
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from minio import Minio
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -26,7 +26,8 @@ from rich.table import Column, Table
 
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
-from tensorway.cli.addresses import local_s3, service_address
+from tensorway.cli.addresses import service_address
+from tensorway.runtime.context import DEFAULT_TENANT, Scope, identity_metadata
 
 T = TypeVar("T")
 
@@ -38,6 +39,8 @@ batch_app = typer.Typer(
 _out = Console()
 _err = Console(stderr=True)
 CALL_TIMEOUT_SECONDS = 30.0
+# Per socket operation, not for the whole upload: a large file takes as long as it takes.
+UPLOAD_TIMEOUT_SECONDS = 60.0
 ACTIVE = (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
 FORMATS = {"jsonl": pb.INPUT_FORMAT_JSONL, "npy": pb.INPUT_FORMAT_NPY}
 
@@ -46,10 +49,6 @@ FORMATS = {"jsonl": pb.INPUT_FORMAT_JSONL, "npy": pb.INPUT_FORMAT_NPY}
 class _Target:
     api: str = ""
     tenant: str = ""
-    s3_endpoint: str = ""
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
-    upload_bucket: str = ""
 
 
 _target = _Target()
@@ -67,34 +66,20 @@ def batch(
         ),
     ] = "",
     tenant: Annotated[
-        str, typer.Option(envvar="TENSORWAY_TENANT", help="Act as this tenant (x-tenant-id); Envoy sets it.")
-    ] = "",
-    s3_endpoint: Annotated[
         str,
         typer.Option(
-            envvar="TENSORWAY_S3_ENDPOINT", help="S3 endpoint URL for uploads; default: the local stack's."
+            envvar="TENSORWAY_TENANT",
+            help="Act as this tenant (x-tenant-id, with the batch scope), as Envoy would for its token.",
         ),
     ] = "",
-    s3_access_key: Annotated[str, typer.Option(envvar="AWS_ACCESS_KEY_ID", help="S3 access key.")] = "",
-    s3_secret_key: Annotated[
-        str, typer.Option(envvar="AWS_SECRET_ACCESS_KEY", help="S3 secret key.", show_default=False)
-    ] = "",
-    upload_bucket: Annotated[
-        str, typer.Option(envvar="TENSORWAY_BATCH_UPLOAD_BUCKET", help="Bucket local files are uploaded to.")
-    ] = "tensorway-batch",
 ) -> None:
     """Run batch inference jobs over files in object storage."""
     _target.api, _target.tenant = api, tenant
-    _target.s3_endpoint, _target.s3_access_key, _target.s3_secret_key = (
-        s3_endpoint,
-        s3_access_key,
-        s3_secret_key,
-    )
-    _target.upload_bucket = upload_bucket
 
 
 def _metadata() -> tuple[tuple[str, str], ...]:
-    return (("x-tenant-id", _target.tenant),) if _target.tenant else ()
+    # The identity Envoy sets from a token; a call through Envoy has it replaced by the token's.
+    return tuple(identity_metadata(_target.tenant or DEFAULT_TENANT, (Scope.BATCH,)))
 
 
 @contextmanager
@@ -133,20 +118,25 @@ def _state(job: pb.Job) -> str:
     return pb.JobState.Name(job.state).removeprefix("JOB_STATE_")
 
 
-def _upload(path: Path) -> str:
-    """Put a local file in the upload bucket; returns its s3:// URI."""
-    endpoint = urlsplit(_target.s3_endpoint or local_s3().endpoint)
-    client = Minio(
-        endpoint.netloc,
-        access_key=_target.s3_access_key or local_s3().access_key,
-        secret_key=_target.s3_secret_key or local_s3().secret_key,
-        secure=endpoint.scheme == "https",
-    )
-    if not client.bucket_exists(_target.upload_bucket):
-        client.make_bucket(_target.upload_bucket)
-    key = f"uploads/{uuid.uuid4().hex}/{path.name}"
-    client.fput_object(_target.upload_bucket, key, str(path))
-    return f"s3://{_target.upload_bucket}/{key}"
+def _upload(stub: pb_grpc.BatchServiceStub, path: Path) -> str:
+    """Upload a local file through a presigned URL the API hands out (no storage keys needed
+    here); returns the s3:// URI a job takes as its input."""
+    size = path.stat().st_size
+    upload = _call(stub.CreateUpload, pb.CreateUploadRequest(file_name=path.name, size_bytes=size))
+    if urlsplit(upload.upload_url).scheme not in ("http", "https"):
+        _err.print(f"[red]the API gave an upload URL that is not http(s): {escape(upload.upload_url)}[/red]")
+        raise typer.Exit(1)
+    with path.open("rb") as body:
+        request = urllib.request.Request(  # noqa: S310  # nosec B310: http(s), checked above
+            upload.upload_url, data=body, method="PUT", headers={"Content-Length": str(size)}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=UPLOAD_TIMEOUT_SECONDS):  # noqa: S310  # nosec B310
+                pass
+        except urllib.error.HTTPError as error:
+            _err.print(f"[red]upload of {escape(path.name)} refused: HTTP {error.code}[/red]")
+            raise typer.Exit(1) from None
+    return upload.input_uri
 
 
 def _print_job(job: pb.Job) -> None:
@@ -212,34 +202,32 @@ def submit(
     input_format: Annotated[
         str, typer.Option("--format", help="jsonl or npy; taken from the extension when empty.")
     ] = "",
-    output: Annotated[
-        str, typer.Option(help="Output prefix, s3://bucket/prefix/; empty lets the server pick.")
-    ] = "",
     shard_size: Annotated[int, typer.Option(help="Rows per shard; 0 takes the server's default.")] = 0,
-    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    priority: Annotated[
+        int, typer.Option(help="Among your own jobs, higher runs first (0-9 by default).")
+    ] = 0,
     wait: Annotated[bool, typer.Option("--wait", help="Follow progress until the job ends.")] = False,
 ) -> None:
     """Create a job; with --wait, show its progress and print the result URLs."""
     if input_format and input_format not in FORMATS:
         raise typer.BadParameter("jsonl or npy", param_hint="--format")
-    if source.startswith("s3://"):
-        input_uri = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise typer.BadParameter(f"{source!r} is neither a file nor an s3:// URI", param_hint="SOURCE")
-        input_uri = _upload(path)
-        _err.print(f"uploaded {escape(source)} to {escape(input_uri)}")
-    job = pb.Job(
-        model=model,
-        model_version=version,
-        input_uri=input_uri,
-        input_format=FORMATS.get(input_format, pb.INPUT_FORMAT_UNSPECIFIED),
-        output_prefix=output,
-        shard_size=shard_size,
-        priority=priority,
-    )
+    path = Path(source)
+    if not source.startswith("s3://") and not path.is_file():
+        raise typer.BadParameter(f"{source!r} is neither a file nor an s3:// URI", param_hint="SOURCE")
     with _stub() as stub:
+        if source.startswith("s3://"):
+            input_uri = source
+        else:
+            input_uri = _upload(stub, path)
+            _err.print(f"uploaded {escape(source)} to {escape(input_uri)}")
+        job = pb.Job(
+            model=model,
+            model_version=version,
+            input_uri=input_uri,
+            input_format=FORMATS.get(input_format, pb.INPUT_FORMAT_UNSPECIFIED),
+            shard_size=shard_size,
+            priority=priority,
+        )
         created = _call(stub.CreateJob, pb.CreateJobRequest(job=job, request_id=uuid.uuid4().hex)).job
         _out.print(created.name)
         if not wait:
