@@ -11,7 +11,6 @@ Everything started is stopped when the session ends.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,15 +18,9 @@ import pytest
 
 from tensorway.devstack import DevStackSettings, Endpoint, S3Credentials, ServiceEndpoints, Stack
 
-
-def world_searchable_temp_dir(prefix: str) -> Path:
-    """A fresh temp dir PostgreSQL can reach when it runs as `nobody` under root.
-
-    pytest's own tmp dirs sit under a 0700 directory, which `nobody` cannot enter.
-    """
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    path.chmod(0o755)
-    return path
+# The mesh behind Envoy that tests/edge and tests/security share.
+from tests.edge_mesh import edge  # noqa: F401
+from tests.tempdirs import world_searchable_temp_dir
 
 
 @pytest.fixture
@@ -122,5 +115,5 @@ def triton_grpc(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequ
 
 @pytest.fixture(scope="session")
 def envoy_url(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
-    """Envoy's public listener, ``http://host:port``."""
+    """Envoy's public listener, ``https://host:port``."""
     return _given_or_local(service_endpoints.envoy_url, request, "envoy", url=True)

@@ -25,7 +25,7 @@ from tensorway.edge.config import PUBLIC_SERVICES
 from tensorway.edge.openapi import build_openapi
 
 if TYPE_CHECKING:
-    from tests.edge.conftest import Edge
+    from tests.edge_mesh import Edge
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(edg
     assert len(operations) >= 20
     calls = 0
     for operation in operations:
-        found, made = _exercise(operation, edge.url, headers, checks)
+        found, made = _exercise(operation, edge, headers, checks)
         failures.extend(found)
         calls += made
     assert calls >= 2 * len(operations)
@@ -120,7 +120,7 @@ def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(edg
 
 
 def _exercise(
-    operation: Any, base_url: str, headers: dict[str, str], checks: list[Any]
+    operation: Any, edge: Edge, headers: dict[str, str], checks: list[Any]
 ) -> tuple[list[str], int]:
     """Call one operation with a few generated requests; the check failures, as text, and the calls."""
     failures: list[str] = []
@@ -138,7 +138,9 @@ def _exercise(
     def call(case: Any) -> None:
         calls.append(1)
         try:
-            case.call_and_validate(base_url=base_url, headers=headers, checks=checks)
+            case.call_and_validate(
+                base_url=edge.url, session=edge.http, headers=headers, checks=checks, verify=str(edge.ca)
+            )
         except AssertionError as failure:
             failures.append(f"{operation.label}: {str(failure)[:800]}")
 

@@ -21,7 +21,7 @@ from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as inference_grpc
 
 if TYPE_CHECKING:
-    from tests.edge.conftest import Edge
+    from tests.edge_mesh import Edge
 
 PIXELS = np.random.default_rng(3).uniform(0, 16, size=(2, 64)).astype(np.float32)
 
@@ -67,12 +67,12 @@ def test_grpc_and_tritonclient_through_envoy_agree_with_rest(edge: Edge) -> None
     request.inputs.add(name="input", datatype="FP32", shape=[2, 64]).contents.fp32_contents.extend(
         PIXELS.ravel()
     )
-    with grpc.insecure_channel(edge.address) as channel:
+    with edge.channel() as channel:
         reply = inference_grpc.InferenceServiceStub(channel).Infer(request, metadata=auth, timeout=10)
     output = next(o for o in reply.outputs if o.name == "probabilities")
     np.testing.assert_allclose(np.array(output.contents.fp32_contents).reshape(2, 10), expected, rtol=1e-6)
 
-    client = triton.InferenceServerClient(edge.address)
+    client = triton.InferenceServerClient(edge.address, ssl=True, root_certificates=str(edge.ca))
     pixels = triton.InferInput("input", [2, 64], "FP32")
     pixels.set_data_from_numpy(PIXELS)
     try:
@@ -136,7 +136,7 @@ def test_missing_or_bad_tokens_are_unauthenticated(edge: Edge) -> None:
         assert reply.status_code == 401, (reply.headers, reply.text)
         assert reply.json()["code"] == 16
 
-    with grpc.insecure_channel(edge.address) as channel, pytest.raises(grpc.RpcError) as error:
+    with edge.channel() as channel, pytest.raises(grpc.RpcError) as error:
         inference_grpc.InferenceServiceStub(channel).GetModelMetadata(
             inference_pb.GetModelMetadataRequest(model_name="digits"), timeout=10
         )
@@ -219,7 +219,7 @@ def test_errors_of_the_rest_surface(edge: Edge) -> None:
 
 def test_health_docs_and_cors_need_no_token(edge: Edge) -> None:
     assert edge.http.get(f"{edge.url}/healthz", timeout=10).status_code == 200
-    with grpc.insecure_channel(edge.address) as channel:
+    with edge.channel() as channel:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
@@ -278,7 +278,7 @@ def test_grpc_past_a_limit_is_resource_exhausted(edge: Edge) -> None:
     auth = [("authorization", f"Bearer {edge.token('grpc-burst')}")]
     request = inference_pb.GetModelMetadataRequest(model_name="simple")
     wait_for_next_second()
-    with grpc.insecure_channel(edge.address) as channel:
+    with edge.channel() as channel:
         stub = inference_grpc.InferenceServiceStub(channel)
         for _ in range(2):
             stub.GetModelMetadata(request, metadata=auth, timeout=10)

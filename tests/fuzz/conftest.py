@@ -29,7 +29,7 @@ from tensorway.devstack._envoy import jwt_key_dir
 from tensorway.devstack._state import ComponentRecord
 from tensorway.edge.config import OPENAPI_FILE, load_values
 from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
-from tests.conftest import world_searchable_temp_dir
+from tests.tempdirs import world_searchable_temp_dir
 
 BUCKET = "fuzz"
 SERVICES = ("registry", "orchestrator", "router", "batch", "batch-worker", "envoy")

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tensorway.devstack import DevStackSettings, Stack, StackState, demo_request, register_demo_models
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as inference_grpc
-from tests.conftest import world_searchable_temp_dir
+from tests.tempdirs import world_searchable_temp_dir
 
 from .catalogue import OBSERVABILITY, CatalogueEntry
 from .conftest import debian_prometheus_binary

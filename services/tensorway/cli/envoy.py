@@ -15,6 +15,7 @@ from tensorway.devstack import DevStackSettings
 from tensorway.devstack._envoy import jwt_key_dir
 from tensorway.edge.config import UnknownProfileError, load_values, profiles, render_profile
 from tensorway.edge.keys import PRIVATE_KEY_FILE, ensure_key_pair, mint_token
+from tensorway.runtime.context import ADMIN_SCOPES, TENANT_SCOPES
 
 envoy_app = typer.Typer(
     name="envoy",
@@ -59,7 +60,11 @@ def keys_command(
 
 def token_command(
     tenant: Annotated[str, typer.Option(help="The tenant the token speaks for.")] = "default",
-    hours: Annotated[float, typer.Option(help="How long the token is valid.")] = 12.0,
+    admin: Annotated[
+        bool,
+        typer.Option("--admin", help="Also allow registry writes (models.write)."),
+    ] = False,
+    hours: Annotated[float, typer.Option(help="How long the token is valid (Envoy caps it at 24).")] = 12.0,
     key: Annotated[
         Path | None,
         typer.Option(
@@ -73,7 +78,10 @@ def token_command(
         ),
     ] = None,
 ) -> None:
-    """Print a token for the local stack's Envoy: `-H "authorization: Bearer $(tensorway dev token)"`."""
+    """Print a token for the local stack's Envoy: `-H "authorization: Bearer $(tensorway dev token)"`.
+
+    A tenant token may infer, run batch jobs and read the registry; `--admin` adds registry writes.
+    """
     settings = DevStackSettings()
     private_key = key or jwt_key_dir(state_dir or settings.state_dir) / PRIVATE_KEY_FILE
     if not private_key.exists():
@@ -84,6 +92,7 @@ def token_command(
         mint_token(
             private_key,
             tenant=tenant,
+            scopes=ADMIN_SCOPES if admin else TENANT_SCOPES,
             issuer=jwt["issuer"],
             audience=jwt["audiences"][0],
             ttl=timedelta(hours=hours),

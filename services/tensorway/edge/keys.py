@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -15,10 +16,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from tensorway.runtime.context import TENANT_SCOPES, Scope
+
 PRIVATE_KEY_FILE = "jwt-private.pem"
 JWKS_FILE = "jwks.json"
 KEY_ID = "tensorway-local"
 TENANT_CLAIM = "tenant"
+SCOPE_CLAIM = "scope"
 
 
 @dataclass(frozen=True)
@@ -57,16 +61,18 @@ def mint_token(
     tenant: str,
     issuer: str,
     audience: str,
+    scopes: Iterable[Scope] = TENANT_SCOPES,
     ttl: timedelta = timedelta(hours=12),
     subject: str | None = None,
 ) -> str:
-    """An RS256 token Envoy's JWT filter accepts, carrying the tenant claim."""
+    """An RS256 token Envoy's JWT filter accepts, carrying the tenant and its scopes."""
     now = int(time.time())
     claims = {
         "iss": issuer,
         "aud": audience,
         "sub": subject or f"{tenant}-developer",
         TENANT_CLAIM: tenant,
+        SCOPE_CLAIM: " ".join(scope.value for scope in scopes),
         "iat": now,
         "exp": now + int(ttl.total_seconds()),
     }

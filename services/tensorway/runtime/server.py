@@ -41,7 +41,13 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     # Without this, gRPC's SO_REUSEPORT lets a second server silently share a taken port.
-    return [*message_size_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    # Metadata past gRPC's default 8 KiB is refused as RESOURCE_EXHAUSTED, which clients retry:
+    # Envoy forwards up to its own header cap (16 KiB) plus what it adds, so accept well past that.
+    return [
+        *message_size_options(max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_metadata_size", 64 * 1024),
+    ]
 
 
 def create_channel(

@@ -1,5 +1,6 @@
-"""A private mesh behind Envoy for the edge tests: registry, orchestrator, router, batch API,
-the ratelimit service with the test limits below, and Envoy, all real, on loopback."""
+"""A private mesh behind Envoy for the edge and security tests: registry, orchestrator, router,
+batch API, the ratelimit service with the test limits below, and Envoy, all real, on loopback.
+The root conftest imports the fixture, so both folders share one mesh."""
 
 from __future__ import annotations
 
@@ -12,16 +13,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 import requests
 
 from tensorway.devstack import DevStackSettings, Stack, register_demo_models
-from tensorway.devstack._envoy import jwt_key_dir
+from tensorway.devstack._envoy import Envoy, jwt_key_dir, local_certificates
 from tensorway.devstack._services import Ratelimit
 from tensorway.devstack._stack import default_components
 from tensorway.edge.config import OPENAPI_FILE, load_values
 from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
-from tests.conftest import world_searchable_temp_dir
+from tensorway.runtime.context import ADMIN_SCOPES, TENANT_SCOPES
+from tests.tempdirs import world_searchable_temp_dir
 
 # Tenants with their own small limits; every other tenant gets the generous wildcard ones.
 TEST_LIMITS = {
@@ -37,15 +40,23 @@ TEST_LIMITS = {
     ],
 }
 
+# A per-tenant local limit on the batch routes small enough for a test to exceed on purpose, and
+# large enough for every other test's calls in the minute.
+EDGE_VALUES = {
+    "batch": {"local_rate_limit": {"max_tokens": 40, "tokens_per_fill": 40, "fill_interval": "60s"}}
+}
+
 
 @dataclass(frozen=True)
 class Edge:
     """The running mesh as the tests see it."""
 
     url: str
-    """Envoy's public listener, http://host:port."""
+    """Envoy's public listener, https://host:port."""
     address: str
     """The same, host:port, for gRPC."""
+    ca: Path
+    """The local CA that signed Envoy's certificate."""
     router: str
     access_log: Path
     openapi: Path
@@ -53,10 +64,17 @@ class Edge:
     """The stack's signing key."""
     http: requests.Session
     token: Callable[..., str]
-    """A token for a tenant, signed with the stack's key: token("acme")."""
+    """A token for a tenant, signed with the stack's key: token("acme"), token("ops", admin=True)."""
 
-    def headers(self, tenant: str = "acme", **extra: str) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.token(tenant)}", **extra}
+    def headers(self, tenant: str = "acme", *, admin: bool = False, **extra: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token(tenant, admin=admin)}", **extra}
+
+    def channel(self) -> grpc.Channel:
+        """A gRPC channel to Envoy over TLS, trusting the local CA."""
+        return grpc.secure_channel(self.address, grpc.ssl_channel_credentials(self.ca.read_bytes()))
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(self.address, grpc.ssl_channel_credentials(self.ca.read_bytes()))
 
 
 @pytest.fixture(scope="session")
@@ -64,10 +82,8 @@ def edge() -> Iterator[Edge]:
     state_dir = world_searchable_temp_dir("tensorway-test-edge-")
     limits = state_dir / "limits.json"  # JSON is YAML, and the service reads YAML
     limits.write_text(json.dumps(TEST_LIMITS))
-    components = [
-        Ratelimit(limits) if component.name == "ratelimit" else component
-        for component in default_components()
-    ]
+    replaced = {"ratelimit": Ratelimit(limits), "envoy": Envoy(values=EDGE_VALUES)}
+    components = [replaced.get(component.name, component) for component in default_components()]
     stack = Stack(
         DevStackSettings(state_dir=state_dir).without_pinned_ports(),
         state_dir=state_dir,
@@ -87,15 +103,27 @@ def edge() -> Iterator[Edge]:
         jwt = load_values("local")["jwt"]
         key = jwt_key_dir(state_dir) / PRIVATE_KEY_FILE
 
-        def token(tenant: str, ttl: timedelta = timedelta(minutes=10)) -> str:
-            return mint_token(key, tenant=tenant, issuer=jwt["issuer"], audience=jwt["audiences"][0], ttl=ttl)
+        def token(tenant: str, ttl: timedelta = timedelta(minutes=10), *, admin: bool = False) -> str:
+            return mint_token(
+                key,
+                tenant=tenant,
+                scopes=ADMIN_SCOPES if admin else TENANT_SCOPES,
+                issuer=jwt["issuer"],
+                audience=jwt["audiences"][0],
+                ttl=ttl,
+            )
 
         envoy = state.components["envoy"]
         url = envoy.endpoints["envoy"].url
         assert url is not None
+        ca = local_certificates(state_dir).ca
+        # The local CA, not the CA bundle an environment variable may name (which requests prefers).
+        http.trust_env = False
+        http.verify = str(ca)
         yield Edge(
             url=url,
             address=envoy.endpoints["envoy"].address,
+            ca=ca,
             router=state.addresses()["router"],
             access_log=state_dir / envoy.log,
             openapi=state_dir / "envoy" / OPENAPI_FILE,
