@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import ssl
 import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from tensorway.devstack import DevStackSettings, Stack, register_demo_models
-from tensorway.devstack._envoy import ENVOY_BINARY, jwt_key_dir
+from tensorway.devstack._envoy import ENVOY_BINARY, jwt_key_dir, local_certificates
 from tensorway.devstack._services import Ratelimit
 from tensorway.devstack._stack import default_components
 from tensorway.edge.config import load_values
@@ -67,16 +68,23 @@ REST_BODY = json.dumps(
 
 
 async def run(
-    addresses: dict[str, str], token: str, seconds: float, concurrencies: list[int], results: Results
+    addresses: dict[str, str],
+    ca: Path,
+    token: str,
+    seconds: float,
+    concurrencies: list[int],
+    results: Results,
 ) -> None:
     router, envoy = addresses["router"], addresses["envoy"]
+    tls = ssl.create_default_context(cafile=ca)
+    ca_pem = ca.read_bytes()  # noqa: ASYNC240  # before any request is timed
     auth = (("authorization", f"Bearer {token}"),)
     request, to_triton = grpc_request(), triton_request()
     async with (
         grpc.aio.insecure_channel(addresses["triton_grpc"]) as triton,
         grpc.aio.insecure_channel(router) as direct,
-        grpc.aio.insecure_channel(envoy) as edge,
-        aiohttp.ClientSession() as http,
+        grpc.aio.secure_channel(envoy, grpc.ssl_channel_credentials(ca_pem)) as edge,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as http,
     ):
         triton_stub = triton_grpc.GRPCInferenceServiceStub(triton)
         direct_stub, edge_stub = pb_grpc.InferenceServiceStub(direct), pb_grpc.InferenceServiceStub(edge)
@@ -92,7 +100,7 @@ async def run(
 
         async def envoy_rest() -> None:
             async with http.post(
-                f"http://{envoy}/v1/models/simple:infer",
+                f"https://{envoy}/v1/models/simple:infer",
                 data=REST_BODY,
                 headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
             ) as reply:
@@ -175,7 +183,8 @@ def main() -> None:
             issuer=jwt["issuer"],
             audience=jwt["audiences"][0],
         )
-        asyncio.run(run(state.addresses(), token, seconds, args.concurrency, results))
+        ca = local_certificates(state_dir).ca
+        asyncio.run(run(state.addresses(), ca, token, seconds, args.concurrency, results))
     finally:
         stack.down()
         shutil.rmtree(state_dir, ignore_errors=True)

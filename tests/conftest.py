@@ -11,12 +11,14 @@ Everything started is stopped when the session ends.
 from __future__ import annotations
 
 import shutil
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tensorway.devstack import DevStackSettings, Endpoint, S3Credentials, ServiceEndpoints, Stack
+from tensorway.devstack._envoy import local_certificates
 
 # The mesh behind Envoy that tests/edge and tests/security share.
 from tests.edge_mesh import edge  # noqa: F401
@@ -117,3 +119,13 @@ def triton_grpc(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequ
 def envoy_url(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> str:
     """Envoy's public listener, ``https://host:port``."""
     return _given_or_local(service_endpoints.envoy_url, request, "envoy", url=True)
+
+
+@pytest.fixture(scope="session")
+def envoy_tls(service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest) -> ssl.SSLContext:
+    """A client TLS context that trusts Envoy's certificate: TENSORWAY_ENVOY_CA's, else the local
+    stack's CA."""
+    if service_endpoints.envoy_ca is not None:
+        return ssl.create_default_context(cafile=service_endpoints.envoy_ca)
+    stack: Stack = request.getfixturevalue("dev_stack")
+    return ssl.create_default_context(cafile=local_certificates(stack.state_dir).ca)

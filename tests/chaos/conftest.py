@@ -45,7 +45,7 @@ from tensorway.devstack import (
     demo_request,
     register_demo_models,
 )
-from tensorway.devstack._envoy import Envoy, jwt_key_dir
+from tensorway.devstack._envoy import Envoy, jwt_key_dir, local_certificates
 from tensorway.devstack._kafka import Kafka
 from tensorway.devstack._postgres import Postgres
 from tensorway.devstack._redis import Redis
@@ -173,7 +173,11 @@ def chaos_mesh(request: pytest.FixtureRequest) -> Iterator[ChaosMesh]:
         )
         batch = BatchJobs(state.addresses()["batch"], s3, BATCH_ROWS, BATCH_SHARD_SIZE)
         realtime = RealtimeLoad(
-            state.addresses()["envoy"], _token(state_dir), REQUESTS_PER_SECOND, REQUEST_DEADLINE
+            state.addresses()["envoy"],
+            local_certificates(state_dir).ca.read_bytes(),
+            _token(state_dir),
+            REQUESTS_PER_SECOND,
+            REQUEST_DEADLINE,
         )
         realtime.start()
         yield ChaosMesh(stack, state, realtime, batch)

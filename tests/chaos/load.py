@@ -61,8 +61,9 @@ def _simple_request() -> inference_pb.InferRequest:
 class RealtimeLoad:
     """`rate` requests a second through Envoy from a thread of its own, until `stop()`."""
 
-    def __init__(self, envoy_address: str, token: str, rate: float, deadline: float) -> None:
+    def __init__(self, envoy_address: str, ca: bytes, token: str, rate: float, deadline: float) -> None:
         self._address = envoy_address
+        self._credentials = grpc.ssl_channel_credentials(ca)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._interval = 1.0 / rate
         self._deadline = deadline
@@ -85,7 +86,7 @@ class RealtimeLoad:
 
     async def _run(self) -> None:
         request = _simple_request().SerializeToString()
-        async with grpc.aio.insecure_channel(self._address) as channel:
+        async with grpc.aio.secure_channel(self._address, self._credentials) as channel:
             infer = channel.unary_unary("/tensorway.inference.v1.InferenceService/Infer")
             running: set[asyncio.Task[None]] = set()
             next_send = time.monotonic()

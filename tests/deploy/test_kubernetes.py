@@ -128,7 +128,7 @@ def test_orchestrators_have_a_headless_service(overlay: list[dict[str, Any]]) ->
     assert service["spec"]["clusterIP"] == "None"
 
 
-def test_envoy_runs_the_rendered_image_with_the_jwks_from_a_secret(overlay: list[dict[str, Any]]) -> None:
+def test_envoy_runs_the_rendered_image_with_the_jwks_and_certificate_from_secrets(overlay: list[dict[str, Any]]) -> None:
     values = load_values("k8s")
     pod = by_kind(overlay, "Deployment")["envoy"]["spec"]["template"]["spec"]
     (envoy,) = pod["containers"]
@@ -139,6 +139,11 @@ def test_envoy_runs_the_rendered_image_with_the_jwks_from_a_secret(overlay: list
     mount = next(m for m in envoy["volumeMounts"] if m["mountPath"] == str(jwks.parent))
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["secretName"] == "envoy-jwks"
+    certificate = Path(values["tls"]["cert_file"])
+    assert Path(values["tls"]["key_file"]).parent == certificate.parent
+    mount = next(m for m in envoy["volumeMounts"] if m["mountPath"] == str(certificate.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "envoy-tls"
 
 
 def test_secrets_are_referenced_never_shipped(overlay: list[dict[str, Any]]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import ssl
 import urllib.error
 import urllib.request
 import uuid
@@ -71,15 +72,17 @@ def test_triton_is_ready_with_the_demo_models(triton_grpc: str) -> None:
             assert client.is_model_ready(model), model
 
 
-def test_envoy_answers_for_the_router_cluster_and_asks_for_a_token(envoy_url: str) -> None:
+def test_envoy_answers_for_the_router_cluster_and_asks_for_a_token(
+    envoy_url: str, envoy_tls: ssl.SSLContext
+) -> None:
     # No router runs yet, so Envoy's health check says the router cluster is down.
     with pytest.raises(urllib.error.HTTPError) as raised:
-        urllib.request.urlopen(f"{envoy_url}/healthz", timeout=5)
+        urllib.request.urlopen(f"{envoy_url}/healthz", timeout=5, context=envoy_tls)
     with raised.value:
         assert raised.value.code == 503
         assert raised.value.headers.get("server") == "envoy"
     with pytest.raises(urllib.error.HTTPError) as raised:
-        urllib.request.urlopen(f"{envoy_url}/v1/models", timeout=5)
+        urllib.request.urlopen(f"{envoy_url}/v1/models", timeout=5, context=envoy_tls)
     with raised.value:
         assert raised.value.code == 401
 

@@ -25,7 +25,7 @@ from minio import Minio
 
 from tensorway.batch.settings import BatchSettings
 from tensorway.devstack import DevStackSettings, S3Credentials, Stack, register_demo_models
-from tensorway.devstack._envoy import jwt_key_dir
+from tensorway.devstack._envoy import jwt_key_dir, local_certificates
 from tensorway.devstack._state import ComponentRecord
 from tensorway.edge.config import OPENAPI_FILE, load_values
 from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
@@ -45,6 +45,8 @@ class FuzzMesh:
     processes: dict[str, ComponentRecord]
     """Each service's process, to tell a crash from an answer."""
     envoy_url: str
+    ca: Path
+    """The local CA that signed Envoy's certificate."""
     openapi: Path
     private_key: Path
     s3: Minio
@@ -114,6 +116,7 @@ def fuzz_mesh() -> Iterator[FuzzMesh]:
             addresses=addresses,
             processes={name: state.components[name] for name in SERVICES},
             envoy_url=envoy_url,
+            ca=local_certificates(state_dir).ca,
             openapi=state_dir / "envoy" / OPENAPI_FILE,
             private_key=jwt_key_dir(state_dir) / PRIVATE_KEY_FILE,
             s3=s3,
@@ -130,7 +133,10 @@ def fuzz_mesh() -> Iterator[FuzzMesh]:
 
 
 @pytest.fixture(scope="session")
-def http() -> Iterator[requests.Session]:
+def http(fuzz_mesh: FuzzMesh) -> Iterator[requests.Session]:
+    """A session to Envoy that trusts the local CA (not a CA bundle the environment names)."""
     session = requests.Session()
+    session.trust_env = False
+    session.verify = str(fuzz_mesh.ca)
     yield session
     session.close()

@@ -1,6 +1,6 @@
 """`tensorway envoy render`: write an Envoy config and the files it reads for a profile;
-`tensorway envoy keys`: a signing key pair and its JWKS; and `tensorway dev token`: a signed
-token for the local stack's Envoy."""
+`tensorway envoy keys`: a signing key pair and its JWKS; `tensorway envoy certs`: a CA and a
+certificate for Envoy; and `tensorway dev token`: a signed token for the local stack's Envoy."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tensorway.devstack import DevStackSettings
 from tensorway.devstack._envoy import jwt_key_dir
 from tensorway.edge.config import UnknownProfileError, load_values, profiles, render_profile
 from tensorway.edge.keys import PRIVATE_KEY_FILE, ensure_key_pair, mint_token
+from tensorway.edge.tls import ensure_local_certificates
 from tensorway.runtime.context import ADMIN_SCOPES, TENANT_SCOPES
 
 envoy_app = typer.Typer(
@@ -56,6 +57,19 @@ def keys_command(
     Envoy reads the JWKS, `tensorway dev token --key OUT/jwt-private.pem` signs tokens.
     """
     typer.echo(str(ensure_key_pair(out).jwks))
+
+
+@envoy_app.command("certs")
+def certs_command(
+    out: Annotated[Path, typer.Option(help="Directory for ca.crt, server.crt and server.key.")],
+) -> None:
+    """Make a CA and a certificate it signed for localhost in OUT (kept if they exist) and print
+    the CA's path, which clients trust.
+
+    For a deployment without certificates of its own, e.g. docker-compose's `edge-tls` volume;
+    Kubernetes takes them from the `envoy-tls` Secret instead.
+    """
+    typer.echo(str(ensure_local_certificates(out).ca))
 
 
 def token_command(

@@ -143,7 +143,10 @@ class ServiceEndpoints(BaseSettings):
     """Triton's gRPC address, ``host:port``."""
 
     envoy_url: str | None = None
-    """Envoy's public listener URL, e.g. ``http://127.0.0.1:8080``."""
+    """Envoy's public listener URL, e.g. ``https://127.0.0.1:8443``."""
+
+    envoy_ca: Path | None = None
+    """The CA certificate that Envoy's certificate chains to, for ``envoy_url``."""
 
     kafka_session_timeout: Duration = Field(default=timedelta(seconds=6))
     """Consumer-group session timeout tests give their Kafka consumers.
