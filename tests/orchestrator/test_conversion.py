@@ -102,25 +102,37 @@ def test_request_goes_out_raw_and_the_answer_comes_back_as_asked() -> None:
 
 
 @pytest.mark.parametrize(
-    ("message", "expected"),
+    ("message", "expected", "shown"),
     [
-        ("Request for unknown model: 'iris' has no available versions", ModelGone),
+        (
+            "Request for unknown model: 'iris' has no available versions",
+            ModelGone,
+            "Request for unknown model: 'iris' has no available versions",
+        ),
         (
             "[request id: 3] unexpected shape for input 'x' for model 'm'. Expected [-1,4], got [1,5].",
             InvalidArgument,
+            "request does not fit model 'm': input 'x': shape [1, 5] does not match [-1, 4]",
         ),
         (
             "[request id: 3] inference input 'x' data-type is 'FP32', but model 'm' expects 'INT32'",
             InvalidArgument,
+            "request does not fit model 'm': input 'x' must be INT32, not FP32",
         ),
-        ("INPUT0 must hold decimal integers", Internal),
+        (
+            "INPUT0 must hold decimal integers: invalid literal for int() with base 10: b'abc'",
+            InvalidArgument,
+            "request does not fit model 'm': "
+            "input 'INPUT0' must hold decimal integers, one per BYTES element",
+        ),
+        ("[request id: 3] the model broke", Internal, "the model broke"),
     ],
-    ids=["model-gone", "shape", "datatype", "model-error"],
+    ids=["model-gone", "shape", "datatype", "model-refused", "model-error"],
 )
-def test_stream_errors_by_message(message: str, expected: type[Exception]) -> None:
+def test_stream_errors_by_message(message: str, expected: type[Exception], shown: str) -> None:
     error = from_stream_error(message, "m")
     assert type(error) is expected
-    assert error.message == message
+    assert error.message == shown
     assert error.metadata == {"model": "m"}
 
 

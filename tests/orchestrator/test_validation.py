@@ -19,6 +19,7 @@ from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.orchestrator import ModelSignature, TensorSignature
 from tensorway.orchestrator.validation import validate_request
 from tensorway.runtime import InvalidArgument
+from tensorway.tensors.layouts import pack_bytes
 from tensorway.tensors.triton import raw_inputs
 
 from .conftest import StartOrchestrator, TcpProxy
@@ -206,6 +207,23 @@ def test_dynamic_dims_take_any_size_and_optional_inputs_may_be_left_out() -> Non
             [("inputs[1].raw_contents", "input 's': 3 bytes cannot hold 1 BYTES elements")],
         ),
         (
+            (fp32([2, 1, 3]), strings([2, 1], raw=pack_bytes([b"abcdefgh"]))),
+            [("inputs[1].raw_contents", "input 's': holds 1 BYTES elements, but its shape holds 2")],
+        ),
+        (
+            (fp32([2, 1, 3]), strings([2, 1], raw=pack_bytes([b"ab"]) + b"\x09\x00\x00\x00abc")),
+            [
+                (
+                    "inputs[1].raw_contents",
+                    "input 's': BYTES element 1's length prefix says 9 bytes, past the end of the tensor",
+                )
+            ],
+        ),
+        (
+            (fp32([1, 1, 3]), strings([1, 1], raw=pack_bytes([b"ab"]) + b"\x00")),
+            [("inputs[1].raw_contents", "input 's': 1 bytes follow the last of its 1 BYTES elements")],
+        ),
+        (
             (fp32([2, 1, 3]), strings([3, 1])),
             [("inputs", "inputs disagree on the batch size (x: 2, s: 3)")],
         ),
@@ -229,6 +247,9 @@ def test_dynamic_dims_take_any_size_and_optional_inputs_may_be_left_out() -> Non
         "value-count",
         "wrong-contents-field",
         "raw-bytes-too-short",
+        "too-few-bytes-elements",
+        "length-past-the-end",
+        "bytes-after-the-last-element",
         "batch-disagreement",
         "duplicate",
         "negative-dim",

@@ -1,12 +1,22 @@
-"""CircuitBreaker: closed → open → half-open probe → closed (or open again), on a fake clock."""
+"""CircuitBreaker: closed → open → half-open probe → closed (or open again), on a fake clock; and
+which answers count against an endpoint."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+import grpc
 import pytest
 
-from tensorway.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Outcome
+from tensorway.router.breaker import (
+    CLIENT_FAULTS,
+    NEUTRAL,
+    BreakerPolicy,
+    BreakerState,
+    CircuitBreaker,
+    Outcome,
+    outcome_of,
+)
 
 
 class Clock:
@@ -122,4 +132,67 @@ def test_late_answers_from_before_it_opened_change_nothing(clock: Clock) -> None
     for _ in range(3):
         call(cb, Outcome.FAILURE)
     cb.release(Outcome.SUCCESS)
+    assert cb.state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "caller_out_of_time", "expected"),
+    [
+        (grpc.StatusCode.OK, "", False, Outcome.SUCCESS),
+        # Client errors: the request's fault, nothing about the endpoint.
+        (grpc.StatusCode.INVALID_ARGUMENT, "TENSOR_INVALID", False, Outcome.IGNORED),
+        (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", False, Outcome.IGNORED),
+        (grpc.StatusCode.FAILED_PRECONDITION, "", False, Outcome.IGNORED),
+        (grpc.StatusCode.OUT_OF_RANGE, "", False, Outcome.IGNORED),
+        (grpc.StatusCode.ALREADY_EXISTS, "", False, Outcome.IGNORED),
+        (grpc.StatusCode.ABORTED, "", False, Outcome.IGNORED),
+        (grpc.StatusCode.PERMISSION_DENIED, "", False, Outcome.IGNORED),
+        (grpc.StatusCode.UNAUTHENTICATED, "", False, Outcome.IGNORED),
+        # A shed or a cancel: busy, or the caller left.
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED", False, Outcome.IGNORED),
+        (grpc.StatusCode.CANCELLED, "", False, Outcome.IGNORED),
+        # The caller's deadline ran out, or the endpoint gave up while the caller still waited.
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "", True, Outcome.IGNORED),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", False, Outcome.FAILURE),
+        # Server faults.
+        (grpc.StatusCode.UNAVAILABLE, "", False, Outcome.FAILURE),
+        (grpc.StatusCode.UNAVAILABLE, "MODEL_NOT_READY", False, Outcome.FAILURE),
+        (grpc.StatusCode.INTERNAL, "", False, Outcome.FAILURE),
+        (grpc.StatusCode.INTERNAL, "INTERNAL", False, Outcome.FAILURE),
+        (grpc.StatusCode.UNKNOWN, "", False, Outcome.FAILURE),
+        (grpc.StatusCode.UNIMPLEMENTED, "", False, Outcome.FAILURE),
+        (grpc.StatusCode.DATA_LOSS, "", False, Outcome.FAILURE),
+        # A model's own error answer: Triton answered, and the fault may be the request's.
+        (grpc.StatusCode.INTERNAL, "BACKEND_ERROR", False, Outcome.IGNORED),
+    ],
+)
+def test_only_server_faults_count_against_an_endpoint(
+    code: grpc.StatusCode, reason: str, caller_out_of_time: bool, expected: Outcome
+) -> None:
+    assert outcome_of(code, reason, caller_out_of_time=caller_out_of_time) is expected
+
+
+def test_every_status_code_is_classified_on_purpose() -> None:
+    counted = {grpc.StatusCode.OK} | CLIENT_FAULTS | NEUTRAL
+    server_faults = {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.DATA_LOSS,
+    }
+    assert counted | server_faults == set(grpc.StatusCode)
+    assert not counted & server_faults
+
+
+def test_a_flood_of_client_errors_neither_opens_nor_dilutes(clock: Clock) -> None:
+    cb = breaker(clock, consecutive_failures=100, failure_rate=0.5, window=10)
+    for _ in range(1000):
+        call(cb, outcome_of(grpc.StatusCode.INVALID_ARGUMENT, "TENSOR_INVALID"))
+    assert cb.state is BreakerState.CLOSED
+    # Half of the real outcomes fail: the client errors in between do not hide it.
+    for index in range(10):
+        call(cb, Outcome.FAILURE if index % 2 else Outcome.SUCCESS)
+        call(cb, outcome_of(grpc.StatusCode.INVALID_ARGUMENT, "TENSOR_INVALID"))
     assert cb.state is BreakerState.OPEN

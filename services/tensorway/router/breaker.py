@@ -1,5 +1,9 @@
 """A circuit breaker per orchestrator endpoint, so a dead or failing one stops getting traffic fast
-and gets it back as soon as one probe succeeds."""
+and gets it back as soon as one probe succeeds; and which answers count against an endpoint.
+
+Only server faults count: a tenant sending malformed requests must not eject an endpoint that
+serves every other tenant and model of its pool.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+
+import grpc
 
 
 class BreakerState(enum.Enum):
@@ -28,7 +34,56 @@ class Outcome(enum.Enum):
     SUCCESS = "success"
     FAILURE = "failure"
     IGNORED = "ignored"
-    """Says nothing about the endpoint (the caller's deadline, a shed request, a cancel)."""
+    """Says nothing about the endpoint (a client error, the caller's deadline, a shed request, a
+    cancel, a model's own error answer)."""
+
+
+# The endpoint answered and the fault is the request's or the caller's. They are IGNORED rather
+# than SUCCESS: the orchestrator refuses most of them itself, before any Triton sees the request,
+# so they prove nothing about its Tritons; and counted as successes, a flood of one tenant's bad
+# requests would dilute the failure rate of an endpoint that fails everyone else's.
+CLIENT_FAULTS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
+# Say nothing about the endpoint: a cancel, or a deliberate shed (the endpoint is busy, not broken;
+# the request is retried elsewhere and slowness shows in the latency instead).
+NEUTRAL = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# The ErrorInfo reason of a model's own error answer (the orchestrator's BACKEND_ERROR): Triton
+# answered, so the endpoint is up, and whether the request or the model is at fault cannot be
+# told; a model that fails every request fails on every endpoint alike, so ejecting one would only
+# take the other models of its pool down with it. Triton faults that another Triton may not share
+# (a dead model process, an unreachable Triton) reach the router as UNAVAILABLE and do count.
+MODEL_ERROR_REASON = "BACKEND_ERROR"
+
+
+def outcome_of(code: grpc.StatusCode, reason: str = "", *, caller_out_of_time: bool = False) -> Outcome:
+    """What a call's status says about the endpoint's health.
+
+    Server faults are FAILURE: UNAVAILABLE (down, unreachable, connection lost), INTERNAL and
+    UNKNOWN other than a model's own error answer, DEADLINE_EXCEEDED while the caller still had
+    time (the endpoint gave up or stalled), UNIMPLEMENTED and DATA_LOSS. `reason` is the
+    ErrorInfo reason of the status, if any; `caller_out_of_time` says the caller's own deadline
+    ran out, which is then what DEADLINE_EXCEEDED means.
+    """
+    if code is grpc.StatusCode.OK:
+        return Outcome.SUCCESS
+    if code in CLIENT_FAULTS or code in NEUTRAL:
+        return Outcome.IGNORED
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        # A short client deadline must not open breakers for everyone.
+        return Outcome.IGNORED if caller_out_of_time else Outcome.FAILURE
+    if code is grpc.StatusCode.INTERNAL and reason == MODEL_ERROR_REASON:
+        return Outcome.IGNORED
+    return Outcome.FAILURE
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,12 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 from tensorway.router import metrics
 from tensorway.router.balancer import LoadStats
-from tensorway.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Outcome
+from tensorway.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Outcome, outcome_of
 from tensorway.runtime import Unavailable
 from tensorway.runtime.interceptors import downstream_metadata, downstream_timeout
 from tensorway.runtime.server import message_size_options
@@ -22,33 +24,26 @@ INFER_METHOD = "/tensorway.inference.v1.InferenceService/Infer"
 # Large enough for the tensors the router accepts from its callers.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-# The endpoint answered and the fault, if any, is the request's: its health is fine.
-_ANSWERED = frozenset(
-    {
-        grpc.StatusCode.OK,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-    }
-)
-# Says nothing about the endpoint: the caller's deadline or cancel, or a deliberate shed. A
-# short client deadline must not open breakers for everyone; slowness shows in the latency instead.
-_NEUTRAL = frozenset(
-    {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
-)
+# A backend DEADLINE_EXCEEDED this close to the caller's own deadline is the caller's: the
+# orchestrator's timer, started from the propagated deadline, may fire a little before the router's.
+CALLER_DEADLINE_SLACK_SECONDS = 0.05
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
-def outcome_of(code: grpc.StatusCode) -> Outcome:
-    """What a call's status says about the endpoint's health."""
-    if code in _ANSWERED:
-        return Outcome.SUCCESS
-    if code in _NEUTRAL:
-        return Outcome.IGNORED
-    return Outcome.FAILURE
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason in a failed call's status details; empty when it carries none."""
+    for key, value in error.trailing_metadata() or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            try:
+                status = status_pb2.Status.FromString(value)
+            except DecodeError:
+                return ""
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return str(info.reason)
+    return ""
 
 
 class Endpoint:
@@ -89,15 +84,17 @@ class Endpoint:
         self._outstanding.inc()
         started = time.perf_counter()
         outcome, latency, code = Outcome.IGNORED, None, grpc.StatusCode.CANCELLED
+        timeout = downstream_timeout()
         try:
-            response: bytes = await self._infer(
-                request, timeout=downstream_timeout(), metadata=downstream_metadata()
-            )
+            response: bytes = await self._infer(request, timeout=timeout, metadata=downstream_metadata())
         except grpc.aio.AioRpcError as error:
             code = error.code()
-            outcome = outcome_of(code)
-            if outcome is Outcome.SUCCESS:
-                latency = time.perf_counter() - started
+            outcome = outcome_of(
+                code,
+                error_reason(error) if code is grpc.StatusCode.INTERNAL else "",
+                caller_out_of_time=timeout is not None
+                and time.perf_counter() - started >= timeout - CALLER_DEADLINE_SLACK_SECONDS,
+            )
             raise
         else:
             outcome, latency, code = Outcome.SUCCESS, time.perf_counter() - started, grpc.StatusCode.OK
