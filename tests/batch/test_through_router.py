@@ -20,11 +20,14 @@ from tensorway.registry import service as registry_service
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from tensorway.router import service as router_service
+from tensorway.runtime.context import ADMIN_SCOPES, identity_metadata
 
 from .conftest import Pipeline, digits_rows, direct_answers, tenant, upload, wait_for_state
 from .test_jobs import create, npy_of, read_results
 
 pytestmark = pytest.mark.timeout(120)
+# The registry's writes need an admin's token.
+ADMIN = tuple(identity_metadata("batch-tests-admin", ADMIN_SCOPES))
 
 
 async def _ignoring_exists(call: Awaitable[object]) -> None:
@@ -52,26 +55,34 @@ async def _register_digits(registry: str, orchestrator: str) -> None:
         pool = f"batch-{uuid.uuid4().hex[:8]}"
         # A database kept from an earlier run already knows digits: reuse it, redeploy it.
         await _ignoring_exists(
-            stub.CreateModel(registry_pb.CreateModelRequest(model=registry_pb.Model(name="models/digits")))
+            stub.CreateModel(
+                registry_pb.CreateModelRequest(model=registry_pb.Model(name="models/digits")), metadata=ADMIN
+            )
         )
         await _ignoring_exists(
             stub.CreateModelVersion(
                 registry_pb.CreateModelVersionRequest(
                     parent="models/digits", model_version_id="1", model_version=version
-                )
+                ),
+                metadata=ADMIN,
             )
         )
         deployment = "models/digits/deployments/main"
         try:
-            old = (await stub.GetDeployment(registry_pb.GetDeploymentRequest(name=deployment))).deployment
-            await stub.DeleteDeployment(registry_pb.DeleteDeploymentRequest(name=deployment, etag=old.etag))
+            old = (
+                await stub.GetDeployment(registry_pb.GetDeploymentRequest(name=deployment), metadata=ADMIN)
+            ).deployment
+            await stub.DeleteDeployment(
+                registry_pb.DeleteDeploymentRequest(name=deployment, etag=old.etag), metadata=ADMIN
+            )
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
                 raise
         await stub.CreatePool(
             registry_pb.CreatePoolRequest(
                 pool=registry_pb.Pool(name=f"pools/{pool}", endpoints=[orchestrator])
-            )
+            ),
+            metadata=ADMIN,
         )
         await stub.CreateDeployment(
             registry_pb.CreateDeploymentRequest(
@@ -80,7 +91,8 @@ async def _register_digits(registry: str, orchestrator: str) -> None:
                 deployment=registry_pb.Deployment(
                     pool=f"pools/{pool}", traffic=[registry_pb.TrafficSplit(version="1", weight=100)]
                 ),
-            )
+            ),
+            metadata=ADMIN,
         )
 
 
