@@ -21,6 +21,7 @@ from tensorway.devstack import (
     demo_request,
     register_demo_models,
 )
+from tensorway.devstack._envoy import local_certificates
 
 dev_app = typer.Typer(
     name="dev",
@@ -95,6 +96,12 @@ def up_command(
         _out.print(f"demo request: simple([0..15], [1]*16) via the router at {addresses['router']}")
         _out.print(f"  OUTPUT0 (sum)        = {sums}")
         _out.print(f"  OUTPUT1 (difference) = {differences}")
+    if "envoy" in addresses:
+        ca = local_certificates(stack.state_dir).ca
+        _out.print(
+            f"Envoy serves TLS at https://{addresses['envoy']} with a certificate of the local CA {ca};"
+            " tokens: tensorway dev token --tenant NAME [--admin]"
+        )
     _out.print(f"state and logs in {stack.state_dir}; stop with: tensorway dev down")
 
 
