@@ -103,7 +103,7 @@ def _inside(ref: ObjectRef, prefix: ObjectRef) -> bool:
 def safe_file_name(name: str) -> str:
     """The last part of a client's file name, in characters safe in any key, extension kept."""
     base = re.split(r"[/\\]", name)[-1]
-    cleaned = UNSAFE_FILE_NAME_CHARS.sub("_", base).lstrip("._-")
+    cleaned = UNSAFE_FILE_NAME_CHARS.sub("_", base).lstrip(".")
     if len(cleaned) > MAX_FILE_NAME_CHARS:
         _, dot, extension = cleaned.rpartition(".")
         keep = extension[:16] if dot else ""
