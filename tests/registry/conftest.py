@@ -37,21 +37,28 @@ Identity = Sequence[tuple[str, str]]
 ADMIN = admin_metadata("registry-tests")
 
 
-class CallsAs(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    """Adds an identity to every call on a channel, as Envoy does for a token's holder."""
-
+class _Identified:
     def __init__(self, identity: Identity) -> None:
         self._identity = list(identity)
 
     def _details(self, details: Any) -> Any:
-        metadata = grpc.aio.Metadata(*self._identity, *(details.metadata or ()))
-        return details._replace(metadata=metadata)
+        return details._replace(metadata=grpc.aio.Metadata(*self._identity, *(details.metadata or ())))
 
+
+class _UnaryAs(_Identified, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _StreamAs(_Identified, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
+
+
+def calls_as(identity: Identity) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that add an identity to every call on a channel, as Envoy does for a
+    token's holder (grpc.aio files an interceptor under one kind of call only, hence two)."""
+    return [_UnaryAs(identity), _StreamAs(identity)]
 
 
 @dataclass
@@ -68,7 +75,7 @@ class RunningRegistry:
 
     def stub_as(self, identity: Identity | None) -> Stub:
         """A stub that calls with `identity` (None: with no identity at all)."""
-        interceptors = [] if identity is None else [CallsAs(identity)]
+        interceptors = [] if identity is None else calls_as(identity)
         channel = grpc.aio.insecure_channel(self.address, interceptors=interceptors)
         self._other_channels.append(channel)
         return pb_grpc.RegistryServiceStub(channel)
@@ -90,7 +97,7 @@ async def start_registry(postgres_url: str, redis_url: str, **overrides: Any) ->
     server, port = await create(settings)
     await server.start()
     address = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(address, interceptors=[CallsAs(ADMIN)])
+    channel = grpc.aio.insecure_channel(address, interceptors=calls_as(ADMIN))
     return RunningRegistry(server, address, channel, pb_grpc.RegistryServiceStub(channel))
 
 

@@ -24,7 +24,7 @@ from tensorway.registry.domain import (
 )
 from tensorway.registry.routes import WATCHER_BACKLOG, RouteTable
 from tensorway.registry.store import PageCursor
-from tensorway.registry.validation import parse_model_filter, parse_model_version_filter
+from tensorway.registry.validation import EndpointAllowList, parse_model_filter, parse_model_version_filter
 from tensorway.runtime import InvalidArgument, NotFound
 
 from .conftest import unique
@@ -205,3 +205,33 @@ def test_page_tokens_round_trip_and_are_bound_to_their_query() -> None:
         PageCursor(2, token, "query-b")
     assert first.page(rows[:2], "name") == (rows[:2], "")
     assert PageCursor(5000, "", "").limit == 1000
+
+
+def test_page_tokens_hold_only_keys_of_their_list() -> None:
+    names, seqs = PageCursor(1, "", "names"), PageCursor(1, "", "seqs", int)
+    _, name_token = names.page([{"k": "a"}, {"k": "b"}], "k")
+    _, seq_token = seqs.page([{"k": 7}, {"k": 8}], "k")
+    assert PageCursor(1, seq_token, "seqs", int).after == 7
+    for token, query, key in ((name_token, "seqs", int), (seq_token, "names", str)):
+        with pytest.raises(InvalidArgument) as caught:
+            PageCursor(1, token, query, key)
+        assert caught.value.violations[0].field == "page_token"
+
+
+def test_the_endpoint_allow_list_reads_hosts_as_resolvers_do() -> None:
+    allow = EndpointAllowList.parse(["127.0.0.0/8", "::1/128", "*.svc.cluster.local", "Orchestrator."])
+    for host in ("127.0.0.1", "127.1", "2130706433", "[::1]", "a.b.svc.cluster.local", "ORCHESTRATOR"):
+        assert allow.refusal(host) is None, host
+    for host in ("10.0.0.1", "svc.cluster.local", "evil.com", "[::2]", "[not-v6]", "orchestrator-0"):
+        assert allow.refusal(host) is not None, host
+    everything = EndpointAllowList.parse(["0.0.0.0/0", "::/0", "*"])
+    for host in (
+        "169.254.169.254",
+        "[fd00:ec2::254]",
+        "metadata.google.internal",
+        "[fe80::1]",
+        "0251.0376.0251.0376",
+    ):
+        assert everything.refusal(host) is not None, host
+    with pytest.raises(ValueError, match="neither"):
+        EndpointAllowList.parse(["orchestrator:50053"])
