@@ -177,7 +177,7 @@ async def test_an_upload_goes_through_its_presigned_url_under_the_tenants_prefix
 
 @pytest.mark.parametrize(
     ("size", "name", "field"),
-    [(0, "rows.jsonl", "size_bytes"), (5 * 1024**3 + 1, "rows.jsonl", "size_bytes"), (10, "", "file_name")],
+    [(-1, "rows.jsonl", "size_bytes"), (5 * 1024**3 + 1, "rows.jsonl", "size_bytes"), (10, "", "file_name")],
 )
 async def test_an_upload_too_large_or_unnamed_is_refused(
     batch: pb_grpc.BatchServiceStub, world: World, size: int, name: str, field: str

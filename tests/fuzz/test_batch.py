@@ -13,15 +13,19 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tensorway.batch.v1 import batch_service_pb2 as pb
+from tensorway.runtime.context import SCOPES_HEADER, Scope
 from tests.batch.test_jobs import npy_of
 from tests.fuzz.budget import fuzz_budget
 from tests.fuzz.calls import call, call_raw
 from tests.fuzz.conftest import BUCKET, FuzzMesh
-from tests.fuzz.jobs import GOOD_LINE, run_to_the_end, upload
+from tests.fuzz.jobs import GOOD_LINE, TENANT, run_to_the_end, upload
 from tests.fuzz.outcomes import assert_mesh_serves
 from tests.fuzz.strategies import edgy_text, json_values, messages, request_metadata, wire_garbage
 
 BATCH = pb.DESCRIPTOR.services_by_name["BatchService"]
+# The batch API's default prefixes: tenant fuzz's uploads, and another tenant's.
+OWN_PREFIX = "s3://tensorway-batch/uploads/fuzz/"
+OTHERS_PREFIX = "s3://tensorway-batch/uploads/other/"
 
 
 @pytest.mark.parametrize("method", list(BATCH.methods), ids=lambda m: m.name)
@@ -30,7 +34,7 @@ BATCH = pb.DESCRIPTOR.services_by_name["BatchService"]
 def test_any_message_to_any_batch_rpc_gets_an_answer_or_a_client_error(
     fuzz_mesh: FuzzMesh, method: object, data: st.DataObject
 ) -> None:
-    call(fuzz_mesh, "batch", method, [data.draw(messages(method.input_type))])
+    call(fuzz_mesh, "batch", method, [data.draw(messages(method.input_type))], TENANT)
 
 
 @pytest.mark.parametrize("method", list(BATCH.methods), ids=lambda m: m.name)
@@ -39,7 +43,7 @@ def test_any_message_to_any_batch_rpc_gets_an_answer_or_a_client_error(
 def test_bytes_that_are_no_request_get_a_client_error(
     fuzz_mesh: FuzzMesh, method: object, data: st.DataObject
 ) -> None:
-    call_raw(fuzz_mesh, "batch", method, [data.draw(wire_garbage(method.input_type))])
+    call_raw(fuzz_mesh, "batch", method, [data.draw(wire_garbage(method.input_type))], TENANT)
 
 
 # --- JSONL -------------------------------------------------------------------------------------
@@ -173,6 +177,11 @@ def test_odd_jobs_are_refused_or_end(fuzz_mesh: FuzzMesh, data: st.DataObject) -
         st.sampled_from(
             [
                 f"s3://{BUCKET}/missing.jsonl",
+                f"{OWN_PREFIX}missing.jsonl",
+                f"{OWN_PREFIX}../other/x.jsonl",
+                f"{OWN_PREFIX}%2e%2e/x.jsonl",
+                f"{OWN_PREFIX}/x.jsonl",
+                f"{OTHERS_PREFIX}x.jsonl",
                 "s3://no-such-bucket/x.jsonl",
                 "s3://",
                 "s3:///x.npy",
@@ -193,11 +202,16 @@ def test_odd_jobs_are_refused_or_end(fuzz_mesh: FuzzMesh, data: st.DataObject) -
         input_format=data.draw(st.integers(0, 4)),
         output_prefix=data.draw(
             st.one_of(
-                st.just(""), st.just(f"s3://{BUCKET}/out/"), st.just("s3://no-such-bucket/out/"), edgy_text()
+                st.just(""),
+                st.just(f"s3://{BUCKET}/out/"),
+                st.just("s3://no-such-bucket/out/"),
+                st.just("s3://tensorway-batch/results/fuzz/"),
+                st.just("s3://tensorway-batch/results/fuzz/../other/"),
+                edgy_text(),
             )
         ),
         shard_size=data.draw(st.one_of(st.integers(-1, 3), st.sampled_from([-(2**31), 2**31 - 1]))),
-        priority=data.draw(st.sampled_from([0, -(2**31), 2**31 - 1])),
+        priority=data.draw(st.sampled_from([0, 9, -1, 10, -(2**31), 2**31 - 1])),
     )
     run_to_the_end(fuzz_mesh, job)
 
@@ -210,7 +224,9 @@ def test_odd_request_headers_are_tolerated(
     fuzz_mesh: FuzzMesh, metadata: list[tuple[str, str]], method: str, data: st.DataObject
 ) -> None:
     rpc = BATCH.methods_by_name[method]
-    call(fuzz_mesh, "batch", rpc, [data.draw(messages(rpc.input_type))], metadata)
+    # With the batch scope, so that the odd tenants and ids reach the store, not only the scope check.
+    allowed = [*metadata, (SCOPES_HEADER, Scope.BATCH.value)]
+    call(fuzz_mesh, "batch", rpc, [data.draw(messages(rpc.input_type))], allowed)
 
 
 def test_the_batch_pipeline_still_serves_after_the_fuzzing(fuzz_mesh: FuzzMesh) -> None:

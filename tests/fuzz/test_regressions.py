@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
@@ -12,16 +14,19 @@ from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tests.fuzz.calls import method_path
 from tests.fuzz.conftest import FuzzMesh
+from tests.fuzz.jobs import TENANT
 from tests.fuzz.outcomes import assert_client_error
 
 INFERENCE = inference_pb.DESCRIPTOR.services_by_name["InferenceService"]
 TRITON = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
-def refusal(mesh: FuzzMesh, service: str, path: str, request: bytes) -> grpc.RpcError:
+def refusal(
+    mesh: FuzzMesh, service: str, path: str, request: bytes, metadata: Sequence[tuple[str, str]] = ()
+) -> grpc.RpcError:
     """Call `path` on `service` with `request`, which it must refuse; the error."""
     with pytest.raises(grpc.RpcError) as caught, mesh.channel(service) as channel:
-        channel.unary_unary(path)(request, timeout=10)
+        channel.unary_unary(path)(request, timeout=10, metadata=metadata)
     assert_client_error(caught.value)
     return caught.value
 
@@ -105,7 +110,7 @@ def test_nul_in_a_batch_request_is_invalid_argument(
 ) -> None:
     # PostgreSQL refused the NUL inside the store, which answered INTERNAL (HTTP 500 through Envoy).
     rpc = batch_pb.DESCRIPTOR.services_by_name["BatchService"].methods_by_name[method]
-    error = refusal(fuzz_mesh, "batch", method_path(rpc), request_message.SerializeToString())
+    error = refusal(fuzz_mesh, "batch", method_path(rpc), request_message.SerializeToString(), TENANT)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -180,9 +180,9 @@ class BatchJobs:
         violations = []
         if not file_name:
             violations.append(FieldViolation("file_name", "the file's name, e.g. rows.jsonl"))
-        if not 0 < size_bytes <= self._limits.max_upload_bytes:
+        if not 0 <= size_bytes <= self._limits.max_upload_bytes:
             violations.append(
-                FieldViolation("size_bytes", f"between 1 and {self._limits.max_upload_bytes} bytes")
+                FieldViolation("size_bytes", f"between 0 and {self._limits.max_upload_bytes} bytes")
             )
         if violations:
             raise InvalidArgument("the upload is not valid", violations)
