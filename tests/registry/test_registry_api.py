@@ -468,7 +468,9 @@ async def test_pools(stub: Stub) -> None:
     names = sorted(f"pools/{unique('pool')}" for _ in range(2))
     for name in names:
         created = (
-            await stub.CreatePool(pb.CreatePoolRequest(pool=pb.Pool(name=name, endpoints=["127.0.0.21:8001"])))
+            await stub.CreatePool(
+                pb.CreatePoolRequest(pool=pb.Pool(name=name, endpoints=["127.0.0.21:8001"]))
+            )
         ).pool
         assert created.endpoints == ["127.0.0.21:8001"]
     assert (await stub.GetPool(pb.GetPoolRequest(name=names[0]))).pool.name == names[0]
