@@ -51,8 +51,12 @@ from tensorway.batch.tensors import json_rows
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tensorway.devstack import DevStackSettings, Stack
+from tensorway.runtime.context import TENANT_SCOPES, identity_metadata
 
 BUCKET = "batch-bench"
+# The bench's jobs are a tenant's, with a tenant token's identity, and read from its prefix.
+IDENTITY = tuple(identity_metadata("bench", TENANT_SCOPES))
+INPUTS = "uploads/bench/"
 BATCHED = "digits, up to 256 rows a request"
 ONE_ROW = "digits, 1 row a request"
 DIRECT = "direct batched (Triton)"
@@ -156,8 +160,8 @@ async def run_job(api: str, input_uri: str, shard_size: int) -> JobRun:
             job=pb.Job(model="digits", input_uri=input_uri, shard_size=shard_size),
             request_id=uuid.uuid4().hex,
         )
-        job = (await stub.CreateJob(request)).job
-        async for response in stub.WatchJob(pb.WatchJobRequest(name=job.name)):
+        job = (await stub.CreateJob(request, metadata=IDENTITY)).job
+        async for response in stub.WatchJob(pb.WatchJobRequest(name=job.name), metadata=IDENTITY):
             job = response.job
         seconds = time.perf_counter() - started
     # The job's times are PostgreSQL's clock, on this machine.
@@ -335,7 +339,11 @@ def main() -> int:
             api = running.enter_context(
                 service(
                     "batch",
-                    {**backends, "DEFAULT_OUTPUT_PREFIX": f"s3://{BUCKET}/results/{{job}}/"},
+                    {
+                        **backends,
+                        "UPLOADS_URI": f"s3://{BUCKET}/uploads/{{tenant}}/",
+                        "RESULTS_URI": f"s3://{BUCKET}/results/{{tenant}}/{{job}}/",
+                    },
                     workdir,
                 )
             )
@@ -359,7 +367,7 @@ def main() -> int:
             if not s3.bucket_exists(BUCKET):
                 s3.make_bucket(BUCKET)
             rows = digits_rows(total_rows)
-            for key, array in (("inputs/digits.npy", rows), ("inputs/warmup.npy", rows[:2_000])):
+            for key, array in ((f"{INPUTS}digits.npy", rows), (f"{INPUTS}warmup.npy", rows[:2_000])):
                 data = npy_bytes(array)
                 s3.put_object(BUCKET, key, io.BytesIO(data), len(data))
             http.clear()
@@ -369,11 +377,11 @@ def main() -> int:
                 f"{in_flight} requests in flight; shards of {shard_size} rows"
             )
             # The warm-up job waits out the consumer group's first join and loads every path once.
-            asyncio.run(run_job(api, f"s3://{BUCKET}/inputs/warmup.npy", 500))
+            asyncio.run(run_job(api, f"s3://{BUCKET}/{INPUTS}warmup.npy", 500))
             asyncio.run(direct_batched(triton, rows[:2_000], in_flight, part_rows=2_000))
 
             cpu = CpuMeter()
-            run = asyncio.run(run_job(api, f"s3://{BUCKET}/inputs/digits.npy", shard_size))
+            run = asyncio.run(run_job(api, f"s3://{BUCKET}/{INPUTS}digits.npy", shard_size))
             cpu_used = {"batch job": cpu.since()}
             job = run.job
             if job.state != pb.JOB_STATE_SUCCEEDED or job.progress.rows_done != total_rows:

@@ -26,6 +26,7 @@ from tensorway.batch.v1 import batch_service_pb2 as batch_pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as batch_grpc
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
+from tensorway.runtime.context import TENANT_SCOPES, identity_metadata
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,9 @@ class JobOutcome:
     failure_reason: str
 
 
+CHAOS_TENANT = "chaos"
+
+
 class BatchJobs:
     """Jobs of `digits` rows against the batch API, their progress, and their results checked."""
 
@@ -130,7 +134,9 @@ class BatchJobs:
         self._stub = batch_grpc.BatchServiceStub(self._channel)
         self._rows = rows
         self._shard_size = shard_size
-        bucket = "chaos-inputs"
+        # As Envoy would send it for a tenant token; the input lies under that tenant's prefix.
+        self._metadata = tuple(identity_metadata(CHAOS_TENANT, TENANT_SCOPES))
+        bucket = "tensorway-batch"
         if not s3.bucket_exists(bucket):
             s3.make_bucket(bucket)
         rows_text = (
@@ -138,7 +144,7 @@ class BatchJobs:
             for i in range(rows)
         )
         lines = "".join(f"{row}\n" for row in rows_text).encode()
-        key = f"digits-{uuid.uuid4().hex}.jsonl"
+        key = f"uploads/{CHAOS_TENANT}/digits-{uuid.uuid4().hex}.jsonl"
         s3.put_object(bucket, key, io.BytesIO(lines), len(lines))
         self._input_uri = f"s3://{bucket}/{key}"
 
@@ -150,12 +156,12 @@ class BatchJobs:
             job=batch_pb.Job(model="digits", input_uri=self._input_uri, shard_size=self._shard_size),
             request_id=uuid.uuid4().hex,
         )
-        return str(self._stub.CreateJob(request, timeout=10).job.name)
+        return str(self._stub.CreateJob(request, timeout=10, metadata=self._metadata).job.name)
 
     def rows_finished(self, name: str) -> int | None:
         """Rows done or failed so far; None while the batch API cannot say."""
         try:
-            job = self._stub.GetJob(batch_pb.GetJobRequest(name=name), timeout=1).job
+            job = self._stub.GetJob(batch_pb.GetJobRequest(name=name), timeout=1, metadata=self._metadata).job
         except grpc.RpcError:
             return None
         return int(job.progress.rows_done + job.progress.rows_failed)
@@ -165,7 +171,8 @@ class BatchJobs:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                job = self._stub.GetJob(batch_pb.GetJobRequest(name=name), timeout=2).job
+                request = batch_pb.GetJobRequest(name=name)
+                job = self._stub.GetJob(request, timeout=2, metadata=self._metadata).job
                 if job.state in _FINAL_STATES:
                     break
             except grpc.RpcError as error:
