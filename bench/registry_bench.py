@@ -42,10 +42,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from tensorway.common.v1 import tensor_pb2
 from tensorway.devstack import DevStackSettings, Stack, default_components
+from tensorway.registry.access import admin_metadata
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 MODEL = "bench-digits"
+ADMIN = admin_metadata("bench")  # the registry's writes need an admin's identity
 ROW_QUERY = "SELECT * FROM deployments WHERE model = %s AND name = %s"
 GROUP = "ResolveModel"
 PATHS = {
@@ -123,7 +125,7 @@ async def seed(stub: pb_grpc.RegistryServiceStub) -> None:
     except grpc.aio.AioRpcError as error:
         if error.code() != grpc.StatusCode.NOT_FOUND:
             raise
-    await stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name=f"models/{MODEL}")))
+    await stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name=f"models/{MODEL}")), metadata=ADMIN)
     for _ in range(2):
         await stub.CreateModelVersion(
             pb.CreateModelVersionRequest(
@@ -138,10 +140,13 @@ async def seed(stub: pb_grpc.RegistryServiceStub) -> None:
                     max_batch_size=256,
                     artifact_uri=f"s3://models/{MODEL}/1",
                 ),
-            )
+            ),
+            metadata=ADMIN,
         )
-    endpoints = [f"10.0.0.{i}:8001" for i in range(1, 4)]
-    await stub.CreatePool(pb.CreatePoolRequest(pool=pb.Pool(name="pools/bench", endpoints=endpoints)))
+    endpoints = [f"127.0.0.{i}:8001" for i in range(1, 4)]  # resolved, never called
+    await stub.CreatePool(
+        pb.CreatePoolRequest(pool=pb.Pool(name="pools/bench", endpoints=endpoints)), metadata=ADMIN
+    )
     await stub.CreateDeployment(
         pb.CreateDeploymentRequest(
             parent=f"models/{MODEL}",
@@ -151,7 +156,8 @@ async def seed(stub: pb_grpc.RegistryServiceStub) -> None:
                 traffic=[pb.TrafficSplit(version="1", weight=90), pb.TrafficSplit(version="2", weight=10)],
                 aliases={"canary": "2"},
             ),
-        )
+        ),
+        metadata=ADMIN,
     )
 
 
