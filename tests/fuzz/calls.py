@@ -9,6 +9,7 @@ from google.protobuf import descriptor
 from google.protobuf.message import Message
 from google.rpc import code_pb2
 
+from tensorway.registry.access import admin_metadata
 from tensorway.runtime.errors import GENERIC_INTERNAL_MESSAGE
 from tests.fuzz.conftest import FuzzMesh
 from tests.fuzz.outcomes import assert_client_error
@@ -16,6 +17,9 @@ from tests.fuzz.outcomes import assert_client_error
 # A server stream that is still open after this long is a watch waiting for news, not a hang.
 STREAM_PATIENCE = 3.0
 UNARY_TIMEOUT = 30.0
+# The registry refuses writes from callers without an admin's identity: fuzzed writes carry one,
+# so they get past that check to the ones behind it.
+REGISTRY_ADMIN = tuple(admin_metadata("fuzz-admin"))
 
 
 def method_path(method: descriptor.MethodDescriptor) -> str:

@@ -1,8 +1,13 @@
 """The registry's RegistryService fed malformed and extreme messages: every RPC answers or refuses
-with a client error, and a refused write leaves what it aimed at exactly as it was."""
+with a client error, and a refused write leaves what it aimed at exactly as it was. Writes are
+fuzzed as an admin, so they reach the checks behind the scope check; a tenant's writes, whatever
+they hold, are PERMISSION_DENIED and change nothing."""
 
 from __future__ import annotations
 
+import base64
+import ipaddress
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,15 +20,29 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tensorway.common.v1 import tensor_pb2
+from tensorway.registry.access import admin_channel
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from tensorway.runtime.context import TENANT_SCOPES, identity_metadata
 from tests.fuzz.budget import fuzz_budget
-from tests.fuzz.calls import call, call_raw
+from tests.fuzz.calls import REGISTRY_ADMIN, call, call_raw
 from tests.fuzz.conftest import FuzzMesh
 from tests.fuzz.outcomes import assert_client_error, assert_mesh_serves
 from tests.fuzz.strategies import DATATYPES, HUGE_DIMS, edgy_text, messages, request_metadata, wire_garbage
 
 REGISTRY = pb.DESCRIPTOR.services_by_name["RegistryService"]
+READS = frozenset(
+    {
+        "GetModel", "ListModels", "GetModelVersion", "ListModelVersions", "GetPool", "ListPools",
+        "GetDeployment", "ListDeployments", "ResolveModel", "WatchRoutes",
+    }
+)  # fmt: skip
+TENANT = tuple(identity_metadata("fuzz-tenant", TENANT_SCOPES))
+
+
+def callers() -> st.SearchStrategy[tuple[tuple[str, str], ...]]:
+    """An admin, a tenant, or no identity at all."""
+    return st.sampled_from([REGISTRY_ADMIN, TENANT, ()])
 
 
 @pytest.mark.parametrize("method", list(REGISTRY.methods), ids=lambda m: m.name)
@@ -32,7 +51,7 @@ REGISTRY = pb.DESCRIPTOR.services_by_name["RegistryService"]
 def test_any_message_to_any_registry_rpc_gets_an_answer_or_a_client_error(
     fuzz_mesh: FuzzMesh, method: object, data: st.DataObject
 ) -> None:
-    call(fuzz_mesh, "registry", method, [data.draw(messages(method.input_type))])
+    call(fuzz_mesh, "registry", method, [data.draw(messages(method.input_type))], data.draw(callers()))
 
 
 @pytest.mark.parametrize("method", list(REGISTRY.methods), ids=lambda m: m.name)
@@ -41,7 +60,9 @@ def test_any_message_to_any_registry_rpc_gets_an_answer_or_a_client_error(
 def test_bytes_that_are_no_request_get_a_client_error(
     fuzz_mesh: FuzzMesh, method: object, data: st.DataObject
 ) -> None:
-    call_raw(fuzz_mesh, "registry", method, [data.draw(wire_garbage(method.input_type))])
+    call_raw(
+        fuzz_mesh, "registry", method, [data.draw(wire_garbage(method.input_type))], data.draw(callers())
+    )
 
 
 @dataclass(frozen=True)
@@ -59,7 +80,7 @@ class Target:
 def target(fuzz_mesh: FuzzMesh) -> Iterator[Target]:
     model, pool = f"models/fuzz-{uuid.uuid4().hex[:8]}", f"pools/fuzz-{uuid.uuid4().hex[:8]}"
     with fuzz_mesh.channel("registry") as channel:
-        stub = pb_grpc.RegistryServiceStub(channel)
+        stub = pb_grpc.RegistryServiceStub(admin_channel(channel, "fuzz-admin"))
         stub.CreateModel(pb.CreateModelRequest(model=pb.Model(name=model)))
         version = stub.CreateModelVersion(
             pb.CreateModelVersionRequest(
@@ -139,6 +160,45 @@ def traffic() -> st.SearchStrategy[list[pb.TrafficSplit]]:
     weights = st.one_of(st.integers(-1, 101), st.sampled_from([-(2**31), 2**31 - 1]))
     versions = st.one_of(st.sampled_from(["1", "2", "999", "", "production"]), edgy_text())
     return st.lists(st.builds(pb.TrafficSplit, version=versions, weight=weights), max_size=4)
+
+
+def endpoints() -> st.SearchStrategy[str]:
+    """host:port where the host is an address or name in any spelling a resolver reads."""
+    ipv4 = st.integers(0, 2**32 - 1)
+    hosts = st.one_of(
+        ipv4.map(lambda n: ".".join(str(n >> shift & 255) for shift in (24, 16, 8, 0))),
+        ipv4.map(str),
+        ipv4.map(hex),
+        st.integers(0, 2**128 - 1).map(lambda n: f"[{ipaddress.IPv6Address(n)}]"),
+        ipv4.map(lambda n: f"[::ffff:{ipaddress.IPv4Address(n)}]"),
+        st.sampled_from(
+            [
+                "169.254.169.254", "[fd00:ec2::254]", "metadata.google.internal", "METADATA", "[fe80::1]",
+                "0xa9fea9fe", "2852039166", "169.254.43518", "0251.0376.0251.0376", "localhost",
+                "a.svc.cluster.local", "svc.cluster.local.", "[64:ff9b::a9fe:a9fe]", "[2002:a9fe:a9fe::1]",
+            ]
+        ),
+    )  # fmt: skip
+    return st.builds("{}:{}".format, hosts, st.integers(0, 70_000))
+
+
+def page_tokens() -> st.SearchStrategy[str]:
+    """Base64 JSON in the shape of a page token, holding anything."""
+    after = st.one_of(
+        st.integers(-(2**70), 2**70),
+        st.text(max_size=300),
+        st.booleans(),
+        st.none(),
+        st.floats(),
+        st.lists(st.integers()),
+    )
+    query = st.one_of(st.text(alphabet="0123456789abcdef", min_size=32, max_size=32), st.text(max_size=40))
+    payload = st.one_of(
+        st.fixed_dictionaries({"after": after, "query": query}),
+        st.dictionaries(st.text(max_size=8), after, max_size=3),
+        after,
+    )
+    return payload.map(lambda value: base64.urlsafe_b64encode(json.dumps(value).encode()).decode())
 
 
 def snapshot(target: Target) -> list[bytes]:
@@ -238,7 +298,9 @@ def test_odd_updates_and_transitions_are_applied_whole_or_not_at_all(
     elif kind == "pool":
         pool = pb.Pool(
             name=data.draw(names(target)),
-            endpoints=data.draw(st.lists(st.one_of(st.just("127.0.0.1:9"), edgy_text()), max_size=4)),
+            endpoints=data.draw(
+                st.lists(st.one_of(st.just("127.0.0.1:9"), endpoints(), edgy_text()), max_size=4)
+            ),
         )
         write_or_refuse(
             fuzz_mesh,
@@ -284,12 +346,31 @@ def test_odd_lists_and_lookups_answer_or_refuse(
                 edgy_text(),
             ),
         ),
-        ("page_token", st.one_of(st.just("AAAA"), edgy_text())),
+        ("page_token", st.one_of(st.just("AAAA"), page_tokens(), edgy_text())),
         ("page_size", st.sampled_from([-1, 0, 1, 2**31 - 1])),
     ):
         if field in message.DESCRIPTOR.fields_by_name and data.draw(st.booleans()):
             setattr(message, field, data.draw(value))
     call(fuzz_mesh, "registry", REGISTRY.methods_by_name[method], [message])
+
+
+@pytest.mark.parametrize("method", sorted(set(REGISTRY.methods_by_name) - READS))
+@fuzz_budget(max_examples=10)
+@given(data=st.data())
+def test_a_tenants_writes_are_refused_whatever_they_hold(
+    fuzz_mesh: FuzzMesh, target: Target, method: str, data: st.DataObject
+) -> None:
+    request = data.draw(messages(REGISTRY.methods_by_name[method].input_type, depth=2))
+    for field in ("name", "parent"):
+        if field in request.DESCRIPTOR.fields_by_name and data.draw(st.booleans()):
+            setattr(request, field, data.draw(names(target)))
+    before = snapshot(target)
+    path = f"/{REGISTRY.full_name}/{method}"
+    with fuzz_mesh.channel("registry") as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary(path)(request.SerializeToString(), timeout=30, metadata=TENANT)
+    assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert_client_error(caught.value)
+    assert snapshot(target) == before
 
 
 @fuzz_budget(max_examples=20)

@@ -12,7 +12,7 @@ from tritonclient.grpc import service_pb2 as triton
 from tensorway.batch.v1 import batch_service_pb2 as batch_pb
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
-from tests.fuzz.calls import method_path
+from tests.fuzz.calls import REGISTRY_ADMIN, method_path
 from tests.fuzz.conftest import FuzzMesh
 from tests.fuzz.jobs import TENANT
 from tests.fuzz.outcomes import assert_client_error
@@ -88,7 +88,7 @@ def test_a_timestamp_out_of_range_is_invalid_argument(fuzz_mesh: FuzzMesh, secon
     version.create_time.seconds = seconds
     request = registry_pb.CreateModelVersionRequest(parent="models/simple", model_version=version)
     method = registry_pb.DESCRIPTOR.services_by_name["RegistryService"].methods_by_name["CreateModelVersion"]
-    error = refusal(fuzz_mesh, "registry", method_path(method), request.SerializeToString())
+    error = refusal(fuzz_mesh, "registry", method_path(method), request.SerializeToString(), REGISTRY_ADMIN)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -141,5 +141,7 @@ def test_nul_in_a_registry_request_is_invalid_argument(
 ) -> None:
     # A NUL in a description reached PostgreSQL, which refused it: INTERNAL.
     rpc = registry_pb.DESCRIPTOR.services_by_name["RegistryService"].methods_by_name[method]
-    error = refusal(fuzz_mesh, "registry", method_path(rpc), request_message.SerializeToString())
+    error = refusal(
+        fuzz_mesh, "registry", method_path(rpc), request_message.SerializeToString(), REGISTRY_ADMIN
+    )
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
