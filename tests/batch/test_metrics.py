@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from datetime import timedelta
@@ -88,7 +89,12 @@ async def test_a_job_shows_in_the_api_census_and_the_worker_metrics(
         url = f"http://127.0.0.1:{metrics_port}/metrics"
 
         def worked_off() -> bool:
-            samples = scrape(url)
+            try:
+                samples = scrape(url)
+            except urllib.error.URLError:
+                # The worker consumes from its start, and may finish the job before its
+                # metrics server listens.
+                return False
             lags = [
                 v for (name, labels), v in samples.items() if name == "tensorway_batch_consumer_lag_messages"
             ]
