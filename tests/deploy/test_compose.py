@@ -20,7 +20,7 @@ from .manifests import ROOT, cli_environment_variables, unknown_settings
 SCHEMA = Path(__file__).with_name("schemas") / "compose-spec.json"
 # Servers whose images have no shell or client to run a check with; nothing waits on them.
 NO_HEALTHCHECK = {"otel-collector", "jaeger"}
-ONE_SHOT = {"demo-setup", "jwt-keys"}
+ONE_SHOT = {"demo-setup", "jwt-keys", "edge-tls"}
 
 
 def tensorway_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -126,7 +126,7 @@ def test_tensorway_containers_are_hardened(compose: dict[str, Any]) -> None:
         assert "no-new-privileges:true" in service["security_opt"], name
 
 
-@pytest.mark.parametrize("service", ["envoy", "otel-collector", "prometheus", "grafana", "ratelimit"])
+@pytest.mark.parametrize("service", ["envoy", "otel-collector", "prometheus", "grafana", "router"])
 def test_mounted_files_exist(compose: dict[str, Any], service: str) -> None:
     for volume in compose["services"][service].get("volumes", []):
         source = volume.split(":", 1)[0]

@@ -26,7 +26,6 @@ CALLERS = {
     "registry": {"envoy", "router", "orchestrator"},
     "orchestrator": {"router"},
     "batch": {"envoy"},
-    "ratelimit": {"envoy"},
     "batch-worker": set(),
 }
 
@@ -106,7 +105,7 @@ def test_hpas_target_existing_workloads(overlay: list[dict[str, Any]]) -> None:
         assert target["name"] in by_kind(overlay, target["kind"]), f"HPA {name} targets {target}"
         assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     # Every stateless tensorway service scales by HPA.
-    assert {"router", "registry", "batch", "batch-worker", "ratelimit", "envoy"} <= set(hpas)
+    assert {"router", "registry", "batch", "batch-worker", "envoy"} <= set(hpas)
 
 
 def test_pdbs_select_existing_workloads(overlay: list[dict[str, Any]]) -> None:
@@ -128,7 +127,9 @@ def test_orchestrators_have_a_headless_service(overlay: list[dict[str, Any]]) ->
     assert service["spec"]["clusterIP"] == "None"
 
 
-def test_envoy_runs_the_rendered_image_with_the_jwks_and_certificate_from_secrets(overlay: list[dict[str, Any]]) -> None:
+def test_envoy_runs_the_rendered_image_with_the_jwks_and_certificate_from_secrets(
+    overlay: list[dict[str, Any]],
+) -> None:
     values = load_values("k8s")
     pod = by_kind(overlay, "Deployment")["envoy"]["spec"]["template"]["spec"]
     (envoy,) = pod["containers"]
@@ -213,7 +214,7 @@ def test_every_pod_has_its_own_policy(overlay: list[dict[str, Any]]) -> None:
         assert own, f"{container.where} has only the default deny"
 
 
-@pytest.mark.parametrize("name", ["registry", "router", "batch", "batch-worker", "ratelimit", "envoy"])
+@pytest.mark.parametrize("name", ["registry", "router", "batch", "batch-worker", "envoy"])
 def test_prod_runs_several_replicas(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
     assert by_kind(rendered["prod"], "Deployment")[name]["spec"]["replicas"] >= 3
     assert by_kind(rendered["prod"], "HorizontalPodAutoscaler")[name]["spec"]["minReplicas"] >= 3
