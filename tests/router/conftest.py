@@ -80,6 +80,8 @@ class FakeOrchestrator(pb_grpc.InferenceServiceServicer):
     calls: int = 0
     versions: list[str] = field(default_factory=list)
     deadlines: list[float | None] = field(default_factory=list)
+    arrivals: list[tuple[str, str]] = field(default_factory=list)
+    """(sequence_id parameter, request id) of each request, in the order they arrived."""
     _channel: grpc.aio.Channel | None = None
 
     def stub(self) -> Any:
@@ -90,6 +92,8 @@ class FakeOrchestrator(pb_grpc.InferenceServiceServicer):
     async def Infer(self, request: pb.InferRequest, ctx: Any) -> pb.InferResponse:
         self.calls += 1
         self.versions.append(request.model_version)
+        sequence = request.parameters.get("sequence_id")
+        self.arrivals.append((str(sequence.int64_value) if sequence else "", request.id))
         current = context.current.get()
         self.deadlines.append(current.time_remaining() if current else None)
         if self.delay:

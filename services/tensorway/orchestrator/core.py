@@ -7,11 +7,13 @@ import asyncio
 import logging
 import time
 from asyncio import FIRST_COMPLETED
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
+from tensorway.common.v1 import error_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.orchestrator import metrics
 from tensorway.orchestrator.converters import metadata_response
@@ -20,6 +22,7 @@ from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
 from tensorway.orchestrator.triton_errors import ModelGone
 from tensorway.orchestrator.validation import validate_request
 from tensorway.runtime import (
+    Aborted,
     DeadlineExceeded,
     Internal,
     ResourceExhausted,
@@ -28,7 +31,13 @@ from tensorway.runtime import (
     context,
 )
 from tensorway.runtime.errors import GENERIC_INTERNAL_MESSAGE, reason_name
-from tensorway.tensors.triton import from_triton_response, raw_inputs, to_triton_request
+from tensorway.tensors.triton import (
+    SequenceStep,
+    from_triton_response,
+    raw_inputs,
+    sequence_step,
+    to_triton_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +54,10 @@ class Orchestrator:
     effects, so running it again is safe. With `hedge_after`, a request the chosen Triton has
     not answered by then is sent to a second one as well, and the first answer wins, so a
     stalled Triton costs its requests that delay rather than their deadline.
+
+    A stateful sequence (the sequence_id parameter) keeps its state in the Triton that ran its
+    START, so its requests all go there, are never hedged and never move: if that Triton cannot
+    take one, the request fails with ABORTED rather than restarting the sequence elsewhere.
     """
 
     def __init__(
@@ -56,6 +69,7 @@ class Orchestrator:
         max_queued: int,
         default_timeout: timedelta,
         hedge_after: timedelta | None = None,
+        max_sequences: int = 65536,
     ) -> None:
         self._pool = pool
         self._hedge_after = None if hedge_after is None else hedge_after.total_seconds()
@@ -64,6 +78,9 @@ class Orchestrator:
         self._max_queued = max_queued
         self._queued = 0
         self._default_timeout = default_timeout.total_seconds()
+        # (model, sequence id) → the address of the Triton holding the sequence's state.
+        self._sequences: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._max_sequences = max_sequences
 
     async def infer(self, request: pb.InferRequest) -> pb.InferResponse:
         """Validate `request` against its model's signature, run it, and return the answer."""
@@ -77,8 +94,12 @@ class Orchestrator:
                 raw = raw_inputs(request)
                 validate_request(request, signature, raw)
                 triton_request = to_triton_request(request, raw)
+                step = sequence_step(request.parameters)
                 async with self._in_flight_slot(model):
-                    answer = await self._run(model, triton_request)
+                    if step is None:
+                        answer = await self._run(model, triton_request)
+                    else:
+                        answer = await self._run_in_sequence(model, triton_request, step)
             return from_triton_response(answer, request)
         except TimeoutError as timeout:
             failure: TensorwayError = DeadlineExceeded(
@@ -136,6 +157,40 @@ class Orchestrator:
         finally:
             for future in running:
                 future.cancel()
+
+    async def _run_in_sequence(self, model: str, request: Any, step: SequenceStep) -> Any:
+        """Triton's answer to a request of a sequence, from the Triton that holds the sequence."""
+        key = (model, step.id)
+        address = None if step.start else self._sequences.get(key)
+        if address is None:
+            # A START, or a sequence this orchestrator has not seen start (it restarted): the
+            # Triton that would take a START now; Triton refuses the request if it is not the one.
+            endpoint = self._pool.choose(model)
+        else:
+            self._sequences.move_to_end(key)
+            endpoint = next(e for e in self._pool.endpoints if e.address == address)
+            if not endpoint.ready:
+                raise _sequence_lost(model, step, f"Triton {address} is not ready")
+        if step.start:
+            self._sequences[key] = endpoint.address
+            while len(self._sequences) > self._max_sequences:
+                self._sequences.popitem(last=False)
+        done = False
+        try:
+            answer = await endpoint.infer(request)
+            done = True
+            return answer
+        except Unavailable as failure:
+            if isinstance(failure, ModelGone):
+                endpoint.mark_model_gone(model)
+            else:
+                endpoint.mark_down()
+            if step.start:
+                raise
+            raise _sequence_lost(model, step, failure.message) from failure
+        finally:
+            if step.end or (step.start and not done):
+                self._sequences.pop(key, None)
 
     async def model_metadata(self, request: pb.GetModelMetadataRequest) -> pb.GetModelMetadataResponse:
         """The signature of a model version, as the pool's Tritons declare it."""
@@ -218,3 +273,13 @@ def _copy(message: Any) -> Any:
     copied = type(message)()
     copied.CopyFrom(message)
     return copied
+
+
+def _sequence_lost(model: str, step: SequenceStep, why: str) -> Aborted:
+    # Running it on another Triton would restart the sequence from nothing, silently.
+    return Aborted(
+        f"sequence {step.id} of model {model!r} lost the Triton that holds its state ({why}); "
+        "start the sequence again",
+        reason=error_pb2.ERROR_REASON_FAILED_PRECONDITION,
+        metadata={"model": model, "sequence_id": step.id},
+    )

@@ -10,9 +10,11 @@ parsed or serialized again on their way through.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -26,9 +28,11 @@ from tensorway.router.breaker import BreakerPolicy
 from tensorway.router.endpoints import Endpoint, EndpointSet
 from tensorway.router.retry import RETRYABLE_CODES, RetryBudget, RetryPolicy
 from tensorway.router.routing import ModelRoute, RouteTable, RouteWatcher, VersionRoute
+from tensorway.router.sequences import SequenceKey, SequencePins, key_of
 from tensorway.router.serialized import SerializedRequest
 from tensorway.router.shadow import ShadowMirror
-from tensorway.runtime import ResourceExhausted, Unavailable
+from tensorway.runtime import Aborted, ResourceExhausted, Unavailable
+from tensorway.tensors.triton import SequenceStep
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ class RouterPolicy:
     """The delay a shed request's RetryInfo suggests."""
     shadow_max_in_flight: int = 256
     """Shadow calls in flight past which new copies are dropped (and counted)."""
+    max_sequences: int = 65536
+    """Live sequences whose endpoint the router remembers (least recently used ones go first)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
 
@@ -58,6 +64,7 @@ class Router:
         self._budget = RetryBudget(policy.retry)
         self._shadow = ShadowMirror(self._shadow_call, policy.shadow_max_in_flight, self._rng)
         self._in_flight = 0
+        self._sequences = SequencePins(policy.max_sequences)
         routes.add_listener(self._on_table)
 
     @property
@@ -95,6 +102,8 @@ class Router:
 
         Retryable failures (UNAVAILABLE, RESOURCE_EXHAUSTED) go to another endpoint of the pool
         while attempts and the retry budget last. `route_key` pins default traffic to one version.
+        A request of a stateful sequence (`request.sequence`) runs on the endpoint its sequence
+        started on; only a sequence's START may move to another endpoint.
         """
         if self._in_flight >= self._policy.max_concurrency:
             metrics.SHED.inc()
@@ -109,7 +118,7 @@ class Router:
             primary_answer = self._shadow.mirror(route, version, request)
             try:
                 response = await self._call_with_retries(
-                    route.model, version, request.for_version(version.version), arrived
+                    route.model, version, request.for_version(version.version), arrived, request.sequence
                 )
             except BaseException:
                 if primary_answer is not None:
@@ -122,7 +131,7 @@ class Router:
             self._in_flight -= 1
 
     async def _call_with_retries(
-        self, model: str, version: VersionRoute, request: bytes, arrived: float
+        self, model: str, version: VersionRoute, request: bytes, arrived: float, step: SequenceStep | None
     ) -> bytes:
         self._budget.record_request()
         metrics.REQUEST_BYTES.labels(model, version.version).inc(len(request))
@@ -134,9 +143,13 @@ class Router:
             span.set_attribute("tensorway.route.pool", version.pool)
         tried: set[str] = set()
         code = grpc.StatusCode.UNAVAILABLE
+        sequence = None if step is None else key_of(model, version.version, step)
         try:
             while True:
-                endpoint = self._choose_endpoint(version, tried)
+                if sequence is None or step is None:
+                    endpoint = self._choose_endpoint(version, tried)
+                else:
+                    endpoint = self._sequence_endpoint(version, sequence, step, tried)
                 tried.add(endpoint.address)
                 if recording:
                     span.set_attribute("tensorway.route.endpoint", endpoint.address)
@@ -145,6 +158,10 @@ class Router:
                     response = await endpoint.infer(request)
                 except grpc.aio.AioRpcError as error:
                     code = error.code()
+                    if step is not None and not step.start:
+                        if code in RETRYABLE_CODES:
+                            raise _sequence_lost(model, step, error.details() or code.name) from error
+                        raise
                     if not self._may_retry(model, version, code, tried):
                         raise
                     metrics.RETRIES.labels(model, code.name).inc()
@@ -156,6 +173,13 @@ class Router:
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
+            if (
+                sequence is not None
+                and step is not None
+                and (step.end or (step.start and code != grpc.StatusCode.OK))
+            ):
+                # Ended, or never started: a new START picks its endpoint afresh.
+                self._sequences.unpin(sequence)
             metrics.ROUTED.labels(model, version.version, code.name).inc()
             metrics.REQUEST_SECONDS.labels(model, version.version, code.name).observe(
                 time.perf_counter() - arrived
@@ -176,6 +200,32 @@ class Router:
                 reason=error_pb2.ERROR_REASON_MODEL_NOT_READY,
             )
         return endpoint
+
+    def _sequence_endpoint(
+        self, version: VersionRoute, sequence: SequenceKey, step: SequenceStep, tried: set[str]
+    ) -> Endpoint:
+        """The endpoint a sequence runs on: for its START, the first available one in the
+        sequence's rendezvous order (so routers agree without talking), pinned from then on; for
+        its later requests, the pinned one, else the first in that order."""
+        if not step.start:
+            pinned = self._sequences.get(sequence)
+            if pinned is None:
+                ranked = _rendezvous(version.endpoints, sequence)
+                if not ranked:
+                    return self._choose_endpoint(version, tried)  # raises: the pool is empty
+                pinned = ranked[0]
+            if pinned not in version.endpoints:
+                raise _sequence_lost(sequence[0], step, "its endpoint left the pool")
+            endpoint = self.endpoints.get(pinned)
+            if not endpoint.breaker.available():
+                raise _sequence_lost(sequence[0], step, f"endpoint {pinned} is unavailable")
+            return endpoint
+        for address in _rendezvous(version.endpoints, sequence):
+            endpoint = self.endpoints.get(address)
+            if address not in tried and endpoint.breaker.available():
+                self._sequences.pin(sequence, address)
+                return endpoint
+        return self._choose_endpoint(version, set(version.endpoints))  # raises: none is available
 
     def _may_retry(self, model: str, version: VersionRoute, code: grpc.StatusCode, tried: set[str]) -> bool:
         """Retry only retryable codes, on an endpoint not tried yet, within attempts and budget."""
@@ -206,3 +256,24 @@ class Router:
         """Stop shadows and close every endpoint channel. Safe to call twice."""
         await self._shadow.close()
         await self.endpoints.close()
+
+
+def _rendezvous(addresses: Iterable[str], sequence: SequenceKey) -> list[str]:
+    """`addresses` in the sequence's own order (highest random weight first): stable for a
+    sequence across routers and restarts, and spread evenly over sequences."""
+    name = "\0".join(sequence).encode()
+    return sorted(
+        set(addresses),
+        key=lambda address: hashlib.blake2b(name + b"\0" + address.encode(), digest_size=8).digest(),
+        reverse=True,
+    )
+
+
+def _sequence_lost(model: str, step: SequenceStep, why: str) -> Aborted:
+    # Running it elsewhere would restart the sequence from nothing, silently: the client must.
+    return Aborted(
+        f"sequence {step.id} of model {model!r} lost the endpoint that holds its state ({why}); "
+        "start the sequence again",
+        reason=error_pb2.ERROR_REASON_FAILED_PRECONDITION,
+        metadata={"model": model, "sequence_id": step.id},
+    )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.runtime import FieldViolation, InvalidArgument
 from tensorway.tensors import wire
+from tensorway.tensors.triton import SequenceStep, sequence_step
 
 _MODEL_NAME = pb.InferRequest.MODEL_NAME_FIELD_NUMBER
 _MODEL_VERSION = pb.InferRequest.MODEL_VERSION_FIELD_NUMBER
@@ -20,6 +21,10 @@ class SerializedRequest:
     data: bytes
     model: str
     version: str
+    sequence: SequenceStep | None = None
+    """The stateful sequence the request belongs to, where it was read: a parsed request's
+    parameters give it; `parse` reads no parameters off the wire, so unary tensorway Infer calls
+    are routed as requests of no sequence."""
 
     @classmethod
     def parse(cls, data: bytes) -> SerializedRequest:
@@ -35,7 +40,12 @@ class SerializedRequest:
 
     @classmethod
     def of(cls, request: pb.InferRequest) -> SerializedRequest:
-        return cls(request.SerializeToString(), request.model_name, request.model_version)
+        return cls(
+            request.SerializeToString(),
+            request.model_name,
+            request.model_version,
+            sequence_step(request.parameters),
+        )
 
     def for_version(self, version: str) -> bytes:
         """The request for `version`: the same bytes when it names it already, else with the

@@ -23,8 +23,9 @@ from tensorway.router.dispatch import Router, RouterPolicy
 from tensorway.router.retry import RetryPolicy
 from tensorway.router.routing import RegistryRouteSource, RouteSource, RouteWatcher
 from tensorway.router.serialized import SerializedRequest
-from tensorway.router.streaming import answer_concurrently, route_key, status_of
+from tensorway.router.streaming import answer_in_order, route_key, status_of
 from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, create_server
+from tensorway.tensors.triton import sequence_step
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,19 @@ class Settings(ServiceSettings):
     """How long an open breaker waits before it lets one probe request through."""
     shadow_max_in_flight: int = 256
     """Shadow calls in flight past which new copies are dropped."""
+    stream_max_in_flight: int = 64
+    """Requests of one stream in flight at once (until each one's answer is sent); past them the
+    stream is not read until an answer goes out, so the client is held back by flow control."""
+    max_sequences: int = 65536
+    """Live stateful sequences whose endpoint the router remembers; beyond, the least recently
+    used are forgotten."""
 
     def policy(self) -> RouterPolicy:
         return RouterPolicy(
             max_concurrency=self.max_concurrency,
             shed_retry_after=self.shed_retry_after,
             shadow_max_in_flight=self.shadow_max_in_flight,
+            max_sequences=self.max_sequences,
             retry=RetryPolicy(
                 max_attempts=self.max_attempts,
                 budget_ratio=self.retry_budget_ratio,
@@ -91,9 +99,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     without parsing their tensors.
     """
 
-    def __init__(self, router: Router, route_key_header: str) -> None:
+    def __init__(self, router: Router, route_key_header: str, stream_max_in_flight: int) -> None:
         self._router = router
         self._route_key_header = route_key_header
+        self._stream_max_in_flight = stream_max_in_flight
 
     async def Infer(  # type: ignore[override]
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
@@ -118,7 +127,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             except Exception as error:
                 return pb.StreamInferResponse(id=item.request.id, error=status_of(error))
 
-        async for response in answer_concurrently(request_iterator, answer):
+        def sequence_of(item: pb.StreamInferRequest) -> tuple[str, str] | None:
+            step = sequence_step(item.request.parameters)
+            return None if step is None else (item.request.model_name, step.id)
+
+        async for response in answer_in_order(
+            request_iterator, answer, self._stream_max_in_flight, sequence_of
+        ):
             yield response
 
     async def GetModelMetadata(
@@ -171,12 +186,12 @@ async def create(settings: Settings, route_source: RouteSource | None = None) ->
         [
             ServiceBinding(
                 add_to_server,
-                InferenceServicer(router, settings.route_key_header),
+                InferenceServicer(router, settings.route_key_header, settings.stream_max_in_flight),
                 INFERENCE_SERVICE,
             ),
             ServiceBinding(
                 triton_api.add_to_server,
-                triton_api.TritonServicer(router, settings.route_key_header),
+                triton_api.TritonServicer(router, settings.route_key_header, settings.stream_max_in_flight),
                 triton_api.SERVICE,
             ),
         ],

@@ -4,7 +4,8 @@ configuration and the repository index are answered from the route table.
 
 Triton semantics clients rely on are kept: an unknown model is NOT_FOUND (and not ready rather
 than an error for ModelReady), shapes in metadata carry the batch dimension as -1, outputs come
-back as raw buffers, and a failed request on a stream is an `error_message` while the stream goes on.
+back as raw buffers, a failed request on a stream is an `error_message` while the stream goes on,
+and a stream's answers come back in the order its requests came.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.router.dispatch import Router
 from tensorway.router.routing import VersionRoute
 from tensorway.router.serialized import SerializedRequest
-from tensorway.router.streaming import answer_concurrently, route_key, status_of
+from tensorway.router.streaming import answer_in_order, route_key, status_of
 from tensorway.runtime import NotFound, TensorwayError
 from tensorway.tensors.triton import from_triton_request, to_triton_response
 
@@ -69,12 +70,23 @@ def _model_config(model: str, version: VersionRoute) -> Any:
     )
 
 
+def _sequence_of(request: Any) -> tuple[str, str] | None:
+    """The (model, sequence id) of a Triton request in a stateful sequence; None outside one."""
+    parameter = request.parameters.get("sequence_id")
+    if parameter is None:
+        return None
+    kind = parameter.WhichOneof("parameter_choice")
+    value = getattr(parameter, kind) if kind in ("int64_param", "uint64_param", "string_param") else None
+    return (request.model_name, str(value)) if value else None
+
+
 class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Thin: convert the request, call the router, convert the answer."""
 
-    def __init__(self, router: Router, route_key_header: str) -> None:
+    def __init__(self, router: Router, route_key_header: str, stream_max_in_flight: int) -> None:
         self._router = router
         self._route_key_header = route_key_header
+        self._stream_max_in_flight = stream_max_in_flight
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return triton.ServerLiveResponse(live=True)
@@ -140,7 +152,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
                     ),
                 )
 
-        async for response in answer_concurrently(request_iterator, answer):
+        async for response in answer_in_order(
+            request_iterator, answer, self._stream_max_in_flight, _sequence_of
+        ):
             yield response
 
     async def _infer(self, request: Any, key: str | None) -> Any:

@@ -11,6 +11,7 @@ referenced, never walked element by element.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.internal.containers import MessageMap
@@ -144,3 +145,34 @@ def parameter_from_triton(parameter: Any) -> tensor_pb2.Parameter:
     if kind == "double_param":
         return tensor_pb2.Parameter(double_value=parameter.double_param)
     return tensor_pb2.Parameter(string_value=parameter.string_param)
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceStep:
+    """Where a request stands in a stateful sequence (Triton's sequence batching): the sequence it
+    belongs to, and whether it starts or ends it."""
+
+    id: str
+    """The sequence_id parameter as text (Triton takes an unsigned integer or a string)."""
+    start: bool
+    end: bool
+
+
+def sequence_step(parameters: Mapping[str, tensor_pb2.Parameter]) -> SequenceStep | None:
+    """The sequence a request's parameters put it in; None outside any (no id, or Triton's 0)."""
+    parameter = parameters.get("sequence_id")
+    if parameter is None:
+        return None
+    kind = parameter.WhichOneof("value")
+    if kind == "int64_value" and parameter.int64_value != 0:
+        sequence = str(parameter.int64_value)
+    elif kind == "string_value" and parameter.string_value:
+        sequence = parameter.string_value
+    else:
+        return None
+    start, end = parameters.get("sequence_start"), parameters.get("sequence_end")
+    return SequenceStep(
+        sequence,
+        start=start is not None and start.bool_value,
+        end=end is not None and end.bool_value,
+    )
