@@ -17,7 +17,7 @@ from pydantic_settings import SettingsConfigDict
 
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tensorway.router import triton_api
+from tensorway.router import http_api, triton_api
 from tensorway.router.breaker import BreakerPolicy
 from tensorway.router.dispatch import Router, RouterPolicy
 from tensorway.router.retry import RetryPolicy
@@ -45,6 +45,8 @@ class Settings(ServiceSettings):
     """Longest pause between attempts to reopen a broken WatchRoutes stream."""
     route_key_header: str = "x-tensorway-route-key"
     """Request header whose value pins a caller to one version of a weighted split."""
+    http_port: int = 0
+    """Port of Triton's V2 HTTP/REST protocol (`tritonclient.http`), on `host`; 0 takes a free one."""
     max_concurrency: int = 2048
     """Requests in flight past which new ones are shed with RESOURCE_EXHAUSTED and RetryInfo."""
     shed_retry_after: timedelta = timedelta(milliseconds=100)
@@ -199,6 +201,20 @@ async def create(settings: Settings, route_source: RouteSource | None = None) ->
     # Stopped in reverse order: the router's channels close first, then the watcher.
     server.on_stop(watcher.stop)
     server.on_stop(router.close)
+    # Triton's V2 HTTP/REST protocol on a port of its own, answered by the same router; it stops
+    # taking calls before the router's channels close.
+    http = http_api.V2HttpServer(
+        http_api.V2HttpApi(
+            triton_api.TritonServicer(router, settings.route_key_header, settings.stream_max_in_flight),
+            settings.max_message_bytes,
+        ),
+        settings.host,
+        settings.http_port,
+        settings.grace,
+    )
+    server.ports["http"] = http.port
+    server.on_start(http.start)
+    server.on_stop(http.stop)
     watcher.start()
     if not await watcher.wait_loaded(settings.initial_routes_timeout):
         logger.warning("no route table from the registry yet; inference is UNAVAILABLE until it comes")

@@ -81,10 +81,18 @@ class ServiceServer:
         self.health = health_servicer
         self.service_names = list(service_names)
         self.metrics_port: int | None = None
+        self.ports: dict[str, int] = {}
+        """Ports the service listens on besides gRPC and metrics, by what they serve (``"http"``)."""
         self._server = server
         self._metrics_server: Any = None
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
+        self._startups: list[Callable[[], Awaitable[None]]] = []
         self._stopping: asyncio.Task[None] | None = None
+
+    def on_start(self, startup: Callable[[], Awaitable[None]]) -> None:
+        """Run `startup` once the gRPC server has started and before health says SERVING (opening
+        another door, such as an HTTP port), first added first."""
+        self._startups.append(startup)
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Run `cleanup` after the server stops (closing channels, draining queues), last added first."""
@@ -103,6 +111,8 @@ class ServiceServer:
                 self.settings.host, self.settings.metrics_port
             )
         await self._server.start()
+        for startup in self._startups:
+            await startup()
         await self.set_serving(True)
         logger.info("serving", extra={"service": self.name, "services": self.service_names})
 
