@@ -1,5 +1,6 @@
 """The edge's cost: the `simple` model straight to Triton, through the router directly and through
-Envoy, over gRPC and over REST (transcoded), with JWT checks and both rate limits on.
+Envoy, over gRPC, over REST (transcoded) and over Triton's V2 HTTP protocol (binary tensors, as
+tritonclient.http sends them), with JWT checks and both rate limits on.
 
 Starts a private local stack (router, registry, orchestrator, Triton, ratelimit on Redis,
 Envoy), registers the demo models, then runs each target at each concurrency of the sweep for a
@@ -16,6 +17,7 @@ import asyncio
 import json
 import shutil
 import ssl
+import struct
 import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -66,6 +68,19 @@ REST_BODY = json.dumps(
     }
 )
 
+# Triton's V2 HTTP protocol with the binary tensor extension, as tritonclient.http sends it: a JSON
+# header, then each input's bytes; every output asked for in binary.
+V2_HEADER = json.dumps(
+    {
+        "inputs": [
+            {"name": name, "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}}
+            for name in ("INPUT0", "INPUT1")
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+).encode()
+V2_BODY = V2_HEADER + struct.pack("<16i", *SEQUENCE) + struct.pack("<16i", *ONES)
+
 
 async def run(
     addresses: dict[str, str],
@@ -108,11 +123,27 @@ async def run(
                 if reply.status != 200:
                     raise RuntimeError(f"REST answered {reply.status}")
 
+        async def v2_http(url: str, headers: dict[str, str]) -> None:
+            async with http.post(
+                url, data=V2_BODY, headers={**headers, "Inference-Header-Content-Length": str(len(V2_HEADER))}
+            ) as reply:
+                await reply.read()
+                if reply.status != 200:
+                    raise RuntimeError(f"V2 HTTP answered {reply.status}")
+
+        async def router_v2_http() -> None:
+            await v2_http(f"http://{addresses['router_http']}/v2/models/simple/infer", {})
+
+        async def envoy_v2_http() -> None:
+            await v2_http(f"https://{envoy}/v2/models/simple/infer", {"authorization": f"Bearer {token}"})
+
         targets: dict[str, Callable[[], Awaitable[None]]] = {
             TRITON_DIRECT: triton_direct,
             ROUTER_DIRECT: router_grpc,
             "Envoy gRPC": envoy_grpc,
             "Envoy REST": envoy_rest,
+            "router V2 HTTP (direct)": router_v2_http,
+            "Envoy V2 HTTP": envoy_v2_http,
         }
         for concurrency in concurrencies:
             for name, call in targets.items():
@@ -143,7 +174,7 @@ def main() -> None:
     seconds = cell_seconds(args)
     results = Results(
         benchmark="edge",
-        title="The edge: Triton direct, the router direct, and Envoy (gRPC and REST) in front of it",
+        title="The edge: Triton direct, the router direct, and Envoy (gRPC, REST and V2 HTTP) in front of it",
         mode=mode(args),
         baseline=TRITON_DIRECT,
         throughput_unit="req/s",

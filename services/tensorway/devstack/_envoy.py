@@ -102,6 +102,13 @@ class Envoy(Component):
         routers = [ctx.endpoints[key] for key in map(endpoint_key, self._routers) if key in ctx.endpoints]
         if len(routers) > 1:
             overrides["router"]["endpoints"] = [_address(router.address, "router") for router in routers]
+        # The same routers' V2 HTTP/REST ports, for the /v2 routes.
+        http_keys = [f"{endpoint_key(router)}_http" for router in self._routers]
+        http_routers = [ctx.endpoints[key] for key in http_keys if key in ctx.endpoints]
+        if http_routers:
+            overrides["router_http"] = _address(http_routers[0].address, "router_http")
+        if len(http_routers) > 1:
+            overrides["router_http"]["endpoints"] = [_address(r.address, "router_http") for r in http_routers]
         for section, keys in self._values.items():
             overrides.setdefault(section, {}).update(keys)
         key = local_signing_key(ctx.state_dir)

@@ -34,6 +34,9 @@ class TensorwayService(Component):
     env_prefix: ClassVar[str]
     service: ClassVar[str]
     """What `tensorway serve` calls the service; the component's name by default."""
+    extra_ports: ClassVar[tuple[str, ...]] = ()
+    """Ports the service serves besides gRPC and metrics, each set by `<prefix><NAME>_PORT` and
+    listed as the HTTP endpoint `<component>_<name>` (``router_http``)."""
 
     def __init__(self, name: str | None = None, settings: Mapping[str, str] | None = None) -> None:
         """``name`` makes this a replica (``router-2``); ``settings`` are the service's own
@@ -47,11 +50,13 @@ class TensorwayService(Component):
 
     def start(self, ctx: LaunchContext) -> Started:
         port, metrics_port = ctx.free_port(), ctx.free_port()
+        extra = {name: ctx.free_port() for name in self.extra_ports}
         env = {
             **os.environ,
             f"{self.env_prefix}HOST": "127.0.0.1",
             f"{self.env_prefix}PORT": str(port),
             f"{self.env_prefix}METRICS_PORT": str(metrics_port),
+            **{f"{self.env_prefix}{name.upper()}_PORT": str(number) for name, number in extra.items()},
             **self.environment(ctx),
             **{f"{self.env_prefix}{key}": value for key, value in self._settings.items()},
         }
@@ -60,7 +65,15 @@ class TensorwayService(Component):
         ctx.wait_ready(process, lambda: _check_serving(address), what="grpc.health.v1 Check")
         return Started(
             process=process,
-            endpoints={endpoint_key(self.name): Endpoint(address=address)},
+            endpoints={
+                endpoint_key(self.name): Endpoint(address=address),
+                **{
+                    f"{endpoint_key(self.name)}_{name}": Endpoint(
+                        address=loopback(extra_port), url=f"http://{loopback(extra_port)}"
+                    )
+                    for name, extra_port in extra.items()
+                },
+            },
             internal={"metrics": f"http://{loopback(metrics_port)}/metrics"},
         )
 
@@ -129,6 +142,7 @@ class Router(TensorwayService):
     """The public inference API, routing from the registry's route table."""
 
     service = "router"
+    extra_ports = ("http",)
     requires = ("registry", "orchestrator")
     env_prefix = "TENSORWAY_ROUTER_"
 

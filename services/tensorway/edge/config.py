@@ -57,6 +57,12 @@ ACCESS_POLICIES = {
         rf"^/(tensorway\.inference\.v1\.InferenceService/[A-Za-z]+|inference\.GRPCInferenceService/({_TRITON_READS}))$",
         Scope.INFER,
     ),
+    # Triton's V2 HTTP/REST protocol (tritonclient.http), matched on the path without its query.
+    "inference-http": AccessPolicy(
+        r"^/v2(/health/(live|ready)|/repository/index"
+        r"|/models(/stats|/[^/]+(/versions/[^/]+)?(/(ready|config|stats|infer))?))?$",
+        Scope.INFER,
+    ),
     "triton-repository": AccessPolicy(
         r"^/inference\.GRPCInferenceService/(RepositoryModelLoad|RepositoryModelUnload)$", Scope.MODELS_WRITE
     ),
