@@ -1,5 +1,5 @@
-"""A private mesh behind Envoy for the edge and security tests: registry, orchestrator, router,
-batch API, the ratelimit service with the test limits below, and Envoy, all real, on loopback.
+"""A private mesh behind Envoy for the edge and security tests: registry, orchestrator, a router
+enforcing the test limits below through Redis, batch API and Envoy, all real, on loopback.
 The root conftest imports the fixture, so both folders share one mesh."""
 
 from __future__ import annotations
@@ -19,24 +19,35 @@ import requests
 
 from tensorway.devstack import DevStackSettings, Stack, register_demo_models
 from tensorway.devstack._envoy import Envoy, jwt_key_dir, local_certificates
-from tensorway.devstack._services import Ratelimit
+from tensorway.devstack._services import Router
 from tensorway.devstack._stack import default_components
 from tensorway.edge.config import OPENAPI_FILE, load_values
 from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
 from tensorway.runtime.context import ADMIN_SCOPES, TENANT_SCOPES
 from tests.tempdirs import world_searchable_temp_dir
 
-# Tenants with their own small limits; every other tenant gets the generous wildcard ones.
+# The router's global limits in the tests. Tenants named here have their own small limits (a
+# literal match wins over "*"), counted per hour so no window ends in the middle of a test; every
+# other tenant gets the generous wildcard ones.
 TEST_LIMITS = {
     "domain": "tensorway",
     "redis_failure": "open",
     "limits": [
         {"name": "tenant-requests", "match": {"tenant": "*"}, "limit": 1000, "per": "second"},
-        {"name": "burst-requests", "match": {"tenant": "burst"}, "limit": 3, "per": "second"},
-        {"name": "grpc-burst-requests", "match": {"tenant": "grpc-burst"}, "limit": 2, "per": "second"},
-        {"name": "tenant-rows", "match": {"tenant": "*"}, "cost": "rows", "limit": 10, "per": "minute"},
+        {"name": "burst-requests", "match": {"tenant": "burst"}, "limit": 3, "per": "hour"},
+        {"name": "stream-requests", "match": {"tenant": "stream-burst"}, "limit": 5, "per": "hour"},
+        {"name": "tenant-rows", "match": {"tenant": "*"}, "cost": "rows", "limit": 100000, "per": "minute"},
+        {"name": "rest-rows", "match": {"tenant": "rows-rest"}, "cost": "rows", "limit": 10, "per": "hour"},
+        {"name": "grpc-rows", "match": {"tenant": "rows-grpc"}, "cost": "rows", "limit": 10, "per": "hour"},
+        {
+            "name": "tenant-bytes",
+            "match": {"tenant": "*"},
+            "cost": "bytes",
+            "limit": 1 << 30,
+            "per": "minute",
+        },
         {"name": "model-requests", "match": {"model": "*"}, "limit": 1000, "per": "second"},
-        {"name": "iris-requests", "match": {"model": "iris"}, "limit": 2, "per": "minute"},
+        {"name": "iris-requests", "match": {"model": "iris"}, "limit": 2, "per": "hour"},
     ],
 }
 
@@ -80,9 +91,9 @@ class Edge:
 @pytest.fixture(scope="session")
 def edge() -> Iterator[Edge]:
     state_dir = world_searchable_temp_dir("tensorway-test-edge-")
-    limits = state_dir / "limits.json"  # JSON is YAML, and the service reads YAML
+    limits = state_dir / "limits.json"  # JSON is YAML, and the router reads YAML
     limits.write_text(json.dumps(TEST_LIMITS))
-    replaced = {"ratelimit": Ratelimit(limits), "envoy": Envoy(values=EDGE_VALUES)}
+    replaced = {"router": Router(limits_file=limits), "envoy": Envoy(values=EDGE_VALUES)}
     components = [replaced.get(component.name, component) for component in default_components()]
     stack = Stack(
         DevStackSettings(state_dir=state_dir).without_pinned_ports(),

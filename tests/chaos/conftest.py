@@ -2,9 +2,9 @@
 
 One topology serves the whole suite: PostgreSQL, Redis, Kafka (Tansu) and S3 once each; two
 Tritons; the registry; two orchestrators, each in front of both Tritons, forming the pool
-`pools/local`; two routers, both behind Envoy; the ratelimit service; the batch API and two
-batch workers inferring through both routers. All are real processes on loopback, started by
-the devstack launcher; the tests kill and restart them one at a time.
+`pools/local`; two routers, both behind Envoy, sharing the global limits through Redis; the
+batch API and two batch workers inferring through both routers. All are real processes on
+loopback, started by the devstack launcher; the tests kill and restart them one at a time.
 
 Settings tuned for the chaos topology, all through the services' own environment variables
 (production defaults stay as they are):
@@ -50,7 +50,7 @@ from tensorway.devstack._kafka import Kafka
 from tensorway.devstack._postgres import Postgres
 from tensorway.devstack._redis import Redis
 from tensorway.devstack._s3 import S3
-from tensorway.devstack._services import Batch, BatchWorker, Orchestrator, Ratelimit, Registry, Router
+from tensorway.devstack._services import Batch, BatchWorker, Orchestrator, Registry, Router
 from tensorway.devstack._triton import Triton
 from tensorway.edge.config import load_values
 from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
@@ -95,7 +95,6 @@ def chaos_components() -> list[Component]:
         *(Router(name) for name in ROUTERS),
         Batch(settings=BATCH_SETTINGS),
         *(BatchWorker(name, WORKER_SETTINGS, routers=ROUTERS) for name in WORKERS),
-        Ratelimit(),
         Envoy(routers=ROUTERS, values=ENVOY_VALUES),
     ]
 

@@ -167,7 +167,7 @@ FAULTS = [
         note="Triton answers 'unknown model': orchestrators fail over and stop choosing it",
     ),
     _sigkill("registry", "registry", False, "routers keep their last route table"),
-    _sigkill("redis", "redis", False, "the ratelimit service fails open"),
+    _sigkill("redis", "redis", False, "the routers' global limits fail open"),
     _sigkill("postgres", "postgres", False, "batch leases and completions wait for it"),
     _sigkill(
         "kafka",

@@ -63,7 +63,7 @@ def test_compose_builds_envoy_for_its_profile_and_mounts_the_jwks() -> None:
     assert envoy["depends_on"]["jwt-keys"]["condition"] == "service_completed_successfully"
 
 
-def test_kubernetes_ratelimit_limits_are_envoys() -> None:
-    source = ROOT / "envoy" / "ratelimit.yaml"
-    copy = ROOT / "k8s" / "base" / "config" / "ratelimit.yaml"
+def test_kubernetes_router_limits_are_the_routers() -> None:
+    source = ROOT / "services" / "tensorway" / "router" / "limits.yaml"
+    copy = ROOT / "k8s" / "base" / "config" / "router-limits.yaml"
     assert copy.read_text() == source.read_text(), f"copy {source} to {copy}"

@@ -1,5 +1,5 @@
 """A private mesh for the fuzz suite, every process real and on loopback: registry, orchestrator,
-router, batch API, a batch worker, the ratelimit service and Envoy, with the demo models
+router (with its global limits in Redis), batch API, a batch worker and Envoy, with the demo models
 registered. The fuzzers throw malformed input at it, so it is the suite's own: nothing another
 test folder relies on sees the garbage.
 

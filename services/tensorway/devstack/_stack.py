@@ -21,7 +21,7 @@ from tensorway.devstack._process import ProcessIdentity, identify, signal_server
 from tensorway.devstack._prometheus import Prometheus
 from tensorway.devstack._redis import Redis
 from tensorway.devstack._s3 import S3
-from tensorway.devstack._services import Batch, BatchWorker, Orchestrator, Ratelimit, Registry, Router
+from tensorway.devstack._services import Batch, BatchWorker, Orchestrator, Registry, Router
 from tensorway.devstack._settings import DevStackSettings
 from tensorway.devstack._state import ComponentRecord, StackState, load_state, save_state
 from tensorway.devstack._triton import Triton
@@ -41,7 +41,6 @@ def default_components() -> list[Component]:
         Router(),
         Batch(),
         BatchWorker(),
-        Ratelimit(),
         Envoy(),
         Prometheus(),
     ]

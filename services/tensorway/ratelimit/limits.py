@@ -1,7 +1,8 @@
-"""The limits the ratelimit service enforces, read from a YAML file.
+"""The global limits the routers enforce (see `tensorway.ratelimit.leases`), read from a YAML file.
 
-A limit names the descriptor entries it applies to. Envoy sends descriptors such as
-``[tenant=acme]``, ``[tenant=acme, rows=64]`` or ``[model=digits]``. An entry ``rows`` or ``bytes``
+A limit names the descriptor entries it applies to. A request is counted under descriptors such
+as ``[tenant=acme]``, ``[tenant=acme, rows=64]`` or ``[model=digits]``, its cost computed by the
+router from its tensors. An entry ``rows`` or ``bytes``
 is the request's cost, not a key to match: it makes the descriptor count that many hits against
 a limit whose ``cost`` it names. A limit applies to a descriptor whose other keys are exactly
 the limit's keys. A value ``"*"`` gives every value its own counter; a literal value is more
@@ -23,7 +24,7 @@ ANY = "*"
 
 
 class Cost(enum.StrEnum):
-    """What a hit counts: requests, or the rows or bytes the request declares."""
+    """What a hit counts: requests, or the rows or bytes of the request's tensors."""
 
     REQUESTS = "requests"
     ROWS = "rows"
@@ -47,7 +48,7 @@ class Counted:
 def read_descriptor(entries: Sequence[tuple[str, str]], hits: int) -> Counted | None:
     """Split a descriptor's cost entry from its match entries; None when it cannot be counted.
 
-    ``hits`` is what the request says it costs otherwise (Envoy's hits_addend, or 1).
+    ``hits`` is what the descriptor costs when it has no cost entry (1 for a request).
     """
     if any(not value for _, value in entries):
         return None  # a blank value would share one counter among everything that lacks it
@@ -62,7 +63,7 @@ def read_descriptor(entries: Sequence[tuple[str, str]], hits: int) -> Counted | 
 
 
 class Window(enum.StrEnum):
-    """The fixed window a limit counts in; the names are Envoy's rate limit units."""
+    """The fixed window a limit counts in."""
 
     SECOND = "second"
     MINUTE = "minute"
@@ -80,7 +81,7 @@ class Window(enum.StrEnum):
 
 
 class RedisFailure(enum.StrEnum):
-    """What the service answers while Redis is unreachable."""
+    """What a limit answers while Redis is unreachable."""
 
     OPEN = "open"
     """Let requests through: availability over enforcement."""
@@ -94,7 +95,7 @@ class Limit(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    """Identifies the limit in counters, logs and the x-ratelimit-limit policy."""
+    """Identifies the limit in counters, logs and the ErrorInfo of the requests it refuses."""
     match: dict[str, str] = Field(min_length=1)
     """Descriptor entries the limit applies to; a value of "*" matches any value."""
     cost: Cost = Cost.REQUESTS
@@ -125,7 +126,7 @@ class LimitsFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     domain: str = "tensorway"
-    """The rate limit domain Envoy's filter sends; requests of other domains are not limited."""
+    """Namespaces the Redis counters, so two meshes may share one Redis."""
     redis_failure: RedisFailure = RedisFailure.OPEN
     """What to answer while Redis is down."""
     limits: list[Limit] = Field(default_factory=list)

@@ -22,6 +22,7 @@ import grpc
 from opentelemetry import trace
 
 from tensorway.common.v1 import error_pb2
+from tensorway.ratelimit.leases import QuotaLeases
 from tensorway.router import metrics
 from tensorway.router.balancer import pick
 from tensorway.router.breaker import BreakerPolicy
@@ -32,6 +33,7 @@ from tensorway.router.sequences import SequenceKey, SequencePins, key_of
 from tensorway.router.serialized import SerializedRequest
 from tensorway.router.shadow import ShadowMirror
 from tensorway.runtime import Aborted, ResourceExhausted, Unavailable
+from tensorway.runtime.context import caller
 from tensorway.tensors.triton import SequenceStep
 
 logger = logging.getLogger(__name__)
@@ -56,8 +58,18 @@ class RouterPolicy:
 class Router:
     """Routes inference requests over the route table the watcher keeps current."""
 
-    def __init__(self, routes: RouteWatcher, policy: RouterPolicy, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        routes: RouteWatcher,
+        policy: RouterPolicy,
+        rng: random.Random | None = None,
+        *,
+        limits: QuotaLeases | None = None,
+    ) -> None:
+        """`limits` counts every request against the caller's tenant's and the model's global
+        limits; None serves without them."""
         self._routes = routes
+        self._limits = limits
         self._policy = policy
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not crypto
         self.endpoints = EndpointSet(policy.breaker)
@@ -102,6 +114,7 @@ class Router:
 
         Retryable failures (UNAVAILABLE, RESOURCE_EXHAUSTED) go to another endpoint of the pool
         while attempts and the retry budget last. `route_key` pins default traffic to one version.
+        Past a global limit of the caller's tenant or the model it is RESOURCE_EXHAUSTED.
         A request of a stateful sequence (`request.sequence`) runs on the endpoint its sequence
         started on; only a sequence's START may move to another endpoint.
         """
@@ -114,6 +127,9 @@ class Router:
         self._in_flight += 1
         arrived = time.perf_counter()
         try:
+            if self._limits is not None:
+                # Every inference of both APIs, unary or a stream's message, passes here once.
+                await self._limits.admit(caller().tenant, request.model, request.data)
             route, version = self.resolve(request.model, request.version, route_key)
             primary_answer = self._shadow.mirror(route, version, request)
             try:

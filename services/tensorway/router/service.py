@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +18,8 @@ from pydantic_settings import SettingsConfigDict
 
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tensorway.ratelimit.leases import QuotaLeases, RedisLeaseStore
+from tensorway.ratelimit.limits import LimitsFile
 from tensorway.router import http_api, triton_api
 from tensorway.router.breaker import BreakerPolicy
 from tensorway.router.dispatch import Router, RouterPolicy
@@ -30,6 +33,8 @@ from tensorway.tensors.triton import sequence_step
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+LIMITS_FILE = Path(__file__).with_name("limits.yaml")
+"""The global limits the router enforces unless `limits_file` names others."""
 
 
 class Settings(ServiceSettings):
@@ -73,6 +78,21 @@ class Settings(ServiceSettings):
     max_sequences: int = 65536
     """Live stateful sequences whose endpoint the router remembers; beyond, the least recently
     used are forgotten."""
+    redis_url: str | None = None
+    """Redis, where every replica leases slices of the global limits' windows; None: no global
+    limits (Envoy's local per-tenant limits still apply)."""
+    limits_file: Path = LIMITS_FILE
+    """The global limits' YAML file (per tenant and per model, in requests, rows and bytes)."""
+    limits_slice_share: float = 0.05
+    """The share of a limit one lease refill takes from Redis (at least one unit): smaller slices
+    waste less of a window, larger ones ask Redis less often. At most one slice per replica per
+    limit key goes unused in a window."""
+    limits_redis_timeout: timedelta = timedelta(milliseconds=100)
+    """How long a lease refill may take before the limits file's redis_failure mode decides."""
+    limits_redis_outage_backoff: timedelta = timedelta(seconds=1)
+    """After Redis fails, how long limits answer by their failure mode without asking it."""
+    limits_closed_retry_after: timedelta = timedelta(seconds=1)
+    """The retry delay of requests a fail-closed limit refuses while Redis is down."""
 
     def policy(self) -> RouterPolicy:
         return RouterPolicy(
@@ -181,7 +201,16 @@ async def create(settings: Settings, route_source: RouteSource | None = None) ->
             raise ValueError("the router needs the registry's address: set TENSORWAY_ROUTER_REGISTRY_ADDRESS")
         route_source = RegistryRouteSource(settings.registry_address)
     watcher = RouteWatcher(route_source, backoff_max=settings.watch_backoff_max)
-    router = Router(watcher, settings.policy())
+    limits = None
+    if settings.redis_url is not None:
+        limits = QuotaLeases(
+            LimitsFile.load(settings.limits_file),
+            RedisLeaseStore.connect(settings.redis_url, settings.limits_redis_timeout),
+            slice_share=settings.limits_slice_share,
+            outage_backoff=settings.limits_redis_outage_backoff,
+            closed_retry_after=settings.limits_closed_retry_after,
+        )
+    router = Router(watcher, settings.policy(), limits=limits)
     server, port = create_server(
         "router",
         settings,
@@ -199,6 +228,8 @@ async def create(settings: Settings, route_source: RouteSource | None = None) ->
         ],
     )
     # Stopped in reverse order: the router's channels close first, then the watcher.
+    if limits is not None:
+        server.on_stop(limits.close)
     server.on_stop(watcher.stop)
     server.on_stop(router.close)
     # Triton's V2 HTTP/REST protocol on a port of its own, answered by the same router; it stops

@@ -76,3 +76,64 @@ def string_field(number: int, value: str) -> bytes:
     parser keeps the last occurrence of a singular field."""
     encoded = value.encode()
     return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(encoded)) + encoded
+
+
+def largest_first_dimension(message: bytes, tensors_field: int, shape_field: int) -> int:
+    """The largest first dimension among the tensors in the repeated `tensors_field` of `message`,
+    whose `shape_field` is a repeated int64 (packed, or unpacked as older writers send it).
+
+    A tensor with no shape counts one row; a negative dimension counts none. Tensor contents are
+    jumped over, so the cost does not grow with the payload.
+    """
+    rows = 0
+    offset, end = 0, len(message)
+    while offset < end:
+        key, offset = _varint(message, offset)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == _LENGTH_DELIMITED:
+            length, offset = _varint(message, offset)
+            if offset + length > end:
+                raise MalformedMessage(f"field {number} runs past the end of the message")
+            if number == tensors_field:
+                rows = max(rows, _first_dimension(message, offset, offset + length, shape_field))
+            offset += length
+        else:
+            offset = _skip(message, offset, number, wire_type)
+    if offset != end:
+        raise MalformedMessage("the last field runs past the end of the message")
+    return rows
+
+
+def _first_dimension(message: bytes, offset: int, end: int, shape_field: int) -> int:
+    while offset < end:
+        key, offset = _varint(message, offset)
+        number, wire_type = key >> 3, key & 7
+        if number == shape_field and wire_type in (_LENGTH_DELIMITED, _VARINT):
+            if wire_type == _LENGTH_DELIMITED:
+                length, offset = _varint(message, offset)
+                if length == 0:
+                    continue  # an empty packed run; a later one may carry the dimensions
+                if offset + length > end:
+                    raise MalformedMessage(f"field {number} runs past the end of its tensor")
+            first, _ = _varint(message, offset)
+            # int64 on the wire: a negative dimension is a ten-byte two's complement varint.
+            return first if first < 1 << 63 else 0
+        if wire_type == _LENGTH_DELIMITED:
+            length, offset = _varint(message, offset)
+            offset += length
+        else:
+            offset = _skip(message, offset, number, wire_type)
+        if offset > end:
+            raise MalformedMessage(f"field {number} runs past the end of its tensor")
+    return 1
+
+
+def _skip(message: bytes, offset: int, number: int, wire_type: int) -> int:
+    """The offset past a field's value that is not length-delimited."""
+    if wire_type == _VARINT:
+        return _varint(message, offset)[1]
+    if wire_type == _FIXED64:
+        return offset + 8
+    if wire_type == _FIXED32:
+        return offset + 4
+    raise MalformedMessage(f"unsupported wire type {wire_type} of field {number}")
