@@ -45,8 +45,8 @@ async def store(postgres_url: str) -> AsyncIterator[JobStore]:
 
 
 async def _publish_all(store: JobStore) -> list[bytes]:
-    async with store.outbox_batch(100) as messages:
-        return sorted(message.key for message in messages)
+    async with store.outbox_batch(100) as batch:
+        return sorted(message.key for message in batch.messages)
 
 
 async def test_shards_offered_and_never_taken_are_published_again_once(store: JobStore) -> None:

@@ -55,6 +55,7 @@ class OutboxRelay:
     ) -> None:
         self._store = store
         self._in_flight = in_flight
+        self._left = 0
         self._producer = producer
         self._topic = topic
         self._batch_size = batch_size
@@ -89,7 +90,8 @@ class OutboxRelay:
     async def relay_batch(self) -> bool:
         """Publish one batch; True when there may be more waiting."""
         try:
-            async with self._store.outbox_batch(self._batch_size, self._in_flight) as messages:
+            async with self._store.outbox_batch(self._batch_size, self._in_flight) as batch:
+                messages = batch.messages
                 send = self._producer.send
                 sent = [
                     await send(self._topic, m.value, key=m.key, headers=kafka_headers(m.headers))
@@ -101,7 +103,13 @@ class OutboxRelay:
             # does not create topics on use would refuse every send until it is made again.
             await ensure_topic(self._bootstrap, self._topic, self._partitions)
             raise
+        self._left = batch.left
         return len(messages) == self._batch_size
+
+    @property
+    def backlogged(self) -> bool:
+        """Messages waited in the outbox at the last look: a finished shard may make room."""
+        return self._left > 0
 
     async def close(self) -> None:
         await self._producer.stop()

@@ -220,8 +220,13 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
         max_upload_bytes=settings.max_upload_bytes,
         upload_url_expiry=settings.upload_url_expiry,
     )
-    # Every change of a job (a shard finished) may make room for more shards in flight.
-    changes = JobChanges(settings.postgres_url, settings.retry_after, on_any_change=relaying.wake)
+
+    def made_room() -> None:
+        # A change of a job (a shard finished) may make room for shards that wait in the outbox.
+        if relay.backlogged:
+            relaying.wake()
+
+    changes = JobChanges(settings.postgres_url, settings.retry_after, on_any_change=made_room)
     jobs = BatchJobs(
         store,
         results,

@@ -236,6 +236,14 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class OutboxBatch:
+    """Messages to publish now, and how many more wait in the outbox for their turn or for room."""
+
+    messages: list[OutboxMessage]
+    left: int
+
+
+@dataclass(frozen=True)
 class OutboxMessage:
     """A record waiting to be published to the shards topic."""
 
@@ -320,8 +328,9 @@ IN_FLIGHT_QUERY: LiteralString = """WITH open AS (
         SELECT j.tenant, count(*) AS n FROM batch_shards s JOIN batch_jobs j ON j.id = s.job_id
         WHERE s.state IN ('PENDING', 'LEASED') GROUP BY j.tenant),
     waiting AS (SELECT tenant, count(*) AS n FROM batch_outbox GROUP BY tenant)
-    SELECT o.tenant, greatest(o.n - coalesce(w.n, 0), 0) AS n
-    FROM open o LEFT JOIN waiting w ON w.tenant = o.tenant"""
+    SELECT coalesce(o.tenant, w.tenant) AS tenant,
+        greatest(coalesce(o.n, 0) - coalesce(w.n, 0), 0) AS flying, coalesce(w.n, 0) AS waiting
+    FROM open o FULL JOIN waiting w ON w.tenant = o.tenant"""
 
 
 class JobStore:
@@ -540,9 +549,7 @@ class JobStore:
     # --- the outbox -----------------------------------------------------------------------
 
     @asynccontextmanager
-    async def outbox_batch(
-        self, limit: int, in_flight: int | None = None
-    ) -> AsyncIterator[list[OutboxMessage]]:
+    async def outbox_batch(self, limit: int, in_flight: int | None = None) -> AsyncIterator[OutboxBatch]:
         """Up to `limit` waiting messages, locked; they are deleted when the block ends without an
         error, and stay for the next try when it raises.
 
@@ -553,7 +560,9 @@ class JobStore:
         shard goes out next to another's thousand, not after them."""
         async with self._transaction() as connection:
             cursor = await connection.execute(IN_FLIGHT_QUERY)
-            flying = {r["tenant"]: int(r["n"]) for r in await cursor.fetchall()}
+            counts = await cursor.fetchall()
+            flying = {r["tenant"]: int(r["flying"]) for r in counts}
+            waiting = sum(int(r["waiting"]) for r in counts)
             if in_flight is not None:
                 limit = min(limit, in_flight - sum(flying.values()))
             rows: list[DictRow] = []
@@ -571,7 +580,7 @@ class JobStore:
             messages = [
                 OutboxMessage(r["id"], bytes(r["key"]), bytes(r["value"]), r["headers"]) for r in rows
             ]
-            yield messages
+            yield OutboxBatch(messages, max(0, waiting - len(messages)))
             if messages:
                 await connection.execute(
                     "DELETE FROM batch_outbox WHERE id = ANY(%s)", ([m.id for m in messages],)
@@ -898,12 +907,14 @@ async def _fail(connection: Connection, job_id: str, reason: str) -> bool:
 
 async def _drop_unfinished_shards(connection: Connection, job_id: str) -> None:
     """The job has ended early: no worker may finish its shards, and none need publishing."""
+    # The outbox first: the relay locks outbox rows and then their shards, so taking the shards
+    # first here would deadlock with a relay publishing this job's messages.
+    await connection.execute("DELETE FROM batch_outbox WHERE job_id = %s", (job_id,))
     await connection.execute(
         """UPDATE batch_shards SET state = 'CANCELLED', lease_owner = NULL, lease_expires = NULL
         WHERE job_id = %s AND state IN ('PENDING', 'LEASED')""",
         (job_id,),
     )
-    await connection.execute("DELETE FROM batch_outbox WHERE job_id = %s", (job_id,))
 
 
 async def migrate(connection: Connection) -> list[int]:
