@@ -127,10 +127,11 @@ class Router:
         self._in_flight += 1
         arrived = time.perf_counter()
         try:
-            if self._limits is not None:
-                # Every inference of both APIs, unary or a stream's message, passes here once.
-                await self._limits.admit(caller().tenant, request.model, request.data)
             route, version = self.resolve(request.model, request.version, route_key)
+            if self._limits is not None:
+                # Every inference of both APIs, unary or a stream's message, passes here once; a
+                # model that does not exist is refused before it could make counters in Redis.
+                await self._limits.admit(caller().tenant, route.model, request.data)
             primary_answer = self._shadow.mirror(route, version, request)
             try:
                 response = await self._call_with_retries(
