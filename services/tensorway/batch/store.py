@@ -173,6 +173,22 @@ JOB_QUERY: LiteralString = """SELECT j.id, j.seq, j.tenant, j.model, j.model_ver
     FROM batch_jobs j"""
 LIST_FILTER_FIELDS = {"state", "model"}
 
+# The rest of the planner's query after JOB_QUERY: each tenant's jobs in its own priority order,
+# and the tenants in turn. A job's place is its rank among its tenant's waiting jobs plus the
+# jobs that tenant already has running, so a thousand queued jobs of one tenant do not hold up
+# another's first.
+NEXT_JOB_TO_PLAN: LiteralString = """ JOIN (
+                    SELECT q.id, q.rank + coalesce(a.n, 0) AS turn FROM (
+                        SELECT id, tenant, row_number() OVER (
+                            PARTITION BY tenant ORDER BY priority DESC, seq) AS rank
+                        FROM batch_jobs WHERE state = 'QUEUED' AND NOT planned) q
+                    LEFT JOIN (
+                        SELECT tenant, count(*) AS n FROM batch_jobs
+                        WHERE state IN ('QUEUED', 'RUNNING') AND planned GROUP BY tenant) a
+                    ON a.tenant = q.tenant) t ON t.id = j.id
+                WHERE j.state = 'QUEUED' AND NOT j.planned
+                ORDER BY t.turn, j.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED"""
+
 
 def job_from_row(row: Mapping[str, Any]) -> Job:
     return Job(
@@ -488,25 +504,7 @@ class JobStore:
         """The most urgent job not yet divided into shards, locked against other planners
         until the block ends; None when there is none."""
         async with self._transaction() as connection:
-            # Each tenant's jobs in its own priority order, and the tenants in turn: a job's
-            # place is its rank among its tenant's waiting jobs plus the jobs that tenant
-            # already has running, so a thousand queued jobs of one tenant do not hold up
-            # another's first.
-            cursor = await connection.execute(
-                # Constant text only: no value of a caller's is in it.
-                JOB_QUERY  # noqa: S608
-                + """ JOIN (
-                    SELECT q.id, q.rank + coalesce(a.n, 0) AS turn FROM (
-                        SELECT id, tenant, row_number() OVER (
-                            PARTITION BY tenant ORDER BY priority DESC, seq) AS rank
-                        FROM batch_jobs WHERE state = 'QUEUED' AND NOT planned) q
-                    LEFT JOIN (
-                        SELECT tenant, count(*) AS n FROM batch_jobs
-                        WHERE state IN ('QUEUED', 'RUNNING') AND planned GROUP BY tenant) a
-                    ON a.tenant = q.tenant) t ON t.id = j.id
-                WHERE j.state = 'QUEUED' AND NOT j.planned
-                ORDER BY t.turn, j.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED"""
-            )
+            cursor = await connection.execute(JOB_QUERY + NEXT_JOB_TO_PLAN)
             row = await cursor.fetchone()
             yield (connection, job_from_row(row)) if row else None
 
