@@ -15,9 +15,16 @@ from tensorway.edge.config import profiles, render_profile
 
 @pytest.mark.parametrize("profile", profiles())
 def test_profile_renders_a_config_envoy_validates(profile: str, tmp_path: Path) -> None:
-    # Deployed profiles read their files from a mount; here they are where render_profile wrote them.
+    # Deployed profiles read their files, keys and certificates from mounts; here they are where
+    # render_profile wrote them.
     config = render_profile(
-        profile, tmp_path, {"files": {"dir": str(tmp_path)}, "jwt": {"jwks_file": "jwks.json"}}
+        profile,
+        tmp_path,
+        {
+            "files": {"dir": str(tmp_path)},
+            "jwt": {"jwks_file": "jwks.json"},
+            "tls": {"cert_file": "server.crt", "key_file": "server.key"},
+        },
     )
     validated = subprocess.run(
         [str(ENVOY_BINARY.locate("envoy")), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
