@@ -14,7 +14,8 @@ from tritonclient.grpc import model_config_pb2
 from tensorway.demo_models import build_repository
 from tensorway.demo_models._datasets import Split, digits_split, iris_split
 
-MODELS = ["simple", "simple_string", "digits", "iris"]
+MODELS = ["simple", "simple_string", "digits", "iris", "accumulate"]
+ONNX_MODELS = MODELS[:4]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +33,9 @@ def files(repository: Path) -> dict[str, bytes]:
     return {str(p.relative_to(repository)): p.read_bytes() for p in repository.rglob("*") if p.is_file()}
 
 
-def test_every_model_has_config_and_the_generic_model_py(repository: Path) -> None:
+def test_every_onnx_model_has_config_and_the_generic_model_py(repository: Path) -> None:
     generic = (resources.files("tensorway.demo_models") / "triton_model.py").read_bytes()
-    for name in MODELS:
+    for name in ONNX_MODELS:
         config = text_format.Parse(
             (repository / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
         )
@@ -81,6 +82,27 @@ def test_signatures(
     assert {o.name for o in graph.get_outputs()} == set(outputs)
 
 
+def test_accumulate_is_stateful_with_triton_sequence_controls(repository: Path) -> None:
+    config = text_format.Parse(
+        (repository / "accumulate" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    source = (resources.files("tensorway.demo_models") / "accumulate_model.py").read_bytes()
+    assert (repository / "accumulate" / "1" / "model.py").read_bytes() == source
+    assert not (repository / "accumulate" / "1" / "model.onnx").exists()
+    assert config.backend == "python"
+    assert not config.HasField("dynamic_batching")
+    controls = {
+        control.name: model_config_pb2.ModelSequenceBatching.Control.Kind.Name(control.control[0].kind)
+        for control in config.sequence_batching.control_input
+    }
+    assert controls == {
+        "START": "CONTROL_SEQUENCE_START",
+        "END": "CONTROL_SEQUENCE_END",
+        "READY": "CONTROL_SEQUENCE_READY",
+        "CORRID": "CONTROL_SEQUENCE_CORRID",
+    }
+
+
 def test_simple_adds_and_subtracts(repository: Path) -> None:
     rng = np.random.default_rng(0)
     a = rng.integers(-1000, 1000, size=(3, 16), dtype=np.int32)
@@ -113,7 +135,7 @@ def test_rebuild_elsewhere_gives_identical_bytes(repository: Path, tmp_path: Pat
 
 def test_repeated_build_leaves_current_models_alone(tmp_path: Path) -> None:
     build_repository(tmp_path)
-    graphs = {name: (tmp_path / name / "1" / "model.onnx") for name in MODELS}
+    graphs = {name: (tmp_path / name / "1" / "model.onnx") for name in ONNX_MODELS}
     written = {name: path.stat().st_mtime_ns for name, path in graphs.items()}
     before = files(tmp_path)
     graphs["digits"].write_bytes(b"damaged")

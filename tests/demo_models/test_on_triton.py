@@ -1,5 +1,6 @@
 """The demo models served by a real Triton (the session fixture ``triton_grpc``), over gRPC."""
 
+import queue
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -123,4 +124,37 @@ def test_request_that_does_not_fit_the_signature_is_rejected(
 ) -> None:
     with pytest.raises(InferenceServerException) as raised:
         infer(client, model, inputs, [])
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_accumulate_keeps_a_running_sum_per_sequence(client: grpcclient.InferenceServerClient) -> None:
+    # Sequences 71 and 72 interleaved on one stream: each sums only its own inputs.
+    steps = [(71, 1), (72, 10), (71, 2), (72, 20), (71, 3), (72, 30)]
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for index, (sequence, value) in enumerate(steps):
+            tensor = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+            tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+            client.async_stream_infer(
+                "accumulate",
+                [tensor],
+                request_id=str(index),
+                sequence_id=sequence,
+                sequence_start=index < 2,
+                sequence_end=index >= len(steps) - 2,
+            )
+        got = [answers.get(timeout=30) for _ in steps]
+    finally:
+        client.stop_stream()
+    assert [error for _, error in got] == [None] * len(steps)
+    sums = {int(result.get_response().id): int(result.as_numpy("OUTPUT")[0, 0]) for result, _ in got}
+    assert sums == {0: 1, 1: 10, 2: 3, 3: 30, 4: 6, 5: 60}
+
+
+def test_accumulate_refuses_a_request_outside_a_sequence(client: grpcclient.InferenceServerClient) -> None:
+    tensor = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[1]], dtype=np.int32))
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("accumulate", [tensor])
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"

@@ -27,7 +27,8 @@ from .conftest import StartOrchestrator, TcpProxy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-DEMO_MODELS = frozenset({"simple", "simple_string", "digits", "iris"})
+# Every model of the shared Triton: a deployment set without one would unload it for later tests.
+DEMO_MODELS = frozenset({"simple", "simple_string", "digits", "iris", "accumulate"})
 FAST_POLLS = timedelta(milliseconds=100)
 
 

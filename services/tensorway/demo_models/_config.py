@@ -22,14 +22,56 @@ class TensorConfig:
 
 
 @dataclass(frozen=True)
+class SequenceBatching:
+    """Triton's sequence batcher for a stateful model: every request of a sequence goes to the
+    model instance holding its state, with the control inputs Triton fills in from the request's
+    sequence_id / sequence_start / sequence_end parameters.
+
+    The control inputs are START, END and READY (INT32, 0 or 1) and CORRID (UINT64, the sequence
+    id). The "oldest" strategy batches requests of different sequences together and, unlike
+    "direct", sends no empty slots for the model to skip.
+    """
+
+    max_sequence_idle_microseconds: int = 60_000_000
+    """A sequence that sends nothing for this long is ended by Triton and its slot freed."""
+    max_candidate_sequences: int = 64
+    """Sequences batched at once; more wait in Triton's backlog until one ends."""
+
+    def to_pbtxt(self) -> str:
+        def flag(name: str, kind: str) -> str:
+            return f'    {{ name: "{name}" control [ {{ kind: {kind} int32_false_true: [ 0, 1 ] }} ] }}'
+
+        controls = [
+            flag("START", "CONTROL_SEQUENCE_START"),
+            flag("END", "CONTROL_SEQUENCE_END"),
+            flag("READY", "CONTROL_SEQUENCE_READY"),
+            '    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] }',
+        ]
+        return "\n".join(
+            [
+                "sequence_batching {",
+                f"  max_sequence_idle_microseconds: {self.max_sequence_idle_microseconds}",
+                "  control_input [",
+                ",\n".join(controls),
+                "  ]",
+                f"  oldest {{ max_candidate_sequences: {self.max_candidate_sequences} "
+                "max_queue_delay_microseconds: 0 }",
+                "}",
+            ]
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """A Python-backend model with one CPU instance, batched by Triton's dynamic batcher."""
+    """A Python-backend model with one CPU instance, batched by Triton's dynamic batcher, or by
+    its sequence batcher when it keeps state per sequence (`sequence_batching`)."""
 
     name: str
     max_batch_size: int
     inputs: tuple[TensorConfig, ...]
     outputs: tuple[TensorConfig, ...]
     parameters: Mapping[str, str] = field(default_factory=dict)
+    sequence_batching: SequenceBatching | None = None
 
     def to_pbtxt(self) -> str:
         lines = [
@@ -45,7 +87,7 @@ class ModelConfig:
             "instance_group [ { kind: KIND_CPU count: 1 } ]",
             # Each execute() is a round trip to the stub process; the generic model.py runs
             # every request of a batch through onnxruntime at once, so batching pays.
-            "dynamic_batching { }",
+            "dynamic_batching { }" if self.sequence_batching is None else self.sequence_batching.to_pbtxt(),
         ]
         lines += [
             f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'

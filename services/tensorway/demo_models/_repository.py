@@ -17,6 +17,7 @@ from tensorway.demo_models._config import (
     DECIMAL_ENCODING,
     STRING_ENCODING_PARAMETER,
     ModelConfig,
+    SequenceBatching,
     TensorConfig,
 )
 from tensorway.demo_models._datasets import digits_split, iris_split
@@ -27,15 +28,19 @@ _log = logging.getLogger(__name__)
 _VERSION = "1"
 _STAMP = "build-stamp.json"
 _MODEL_SOURCE = "triton_model.py"
+_ACCUMULATE_SOURCE = "accumulate_model.py"
 # A model is rebuilt when any of these changes: they decide what the graphs hold.
-_RECIPE_SOURCES = ("_datasets.py", "_graphs.py", _MODEL_SOURCE)
+_RECIPE_SOURCES = ("_datasets.py", "_graphs.py", _MODEL_SOURCE, _ACCUMULATE_SOURCE)
 _RECIPE_DISTRIBUTIONS = ("numpy", "scikit-learn", "skl2onnx", "onnx")
 
 
 @dataclass(frozen=True)
 class _DemoModel:
     config: ModelConfig
-    graph: Callable[[], bytes]
+    graph: Callable[[], bytes] | None
+    """The ONNX graph the generic model.py runs; None for a model with code of its own."""
+    source: str = _MODEL_SOURCE
+    """The file of this package that becomes the model's model.py."""
 
 
 def _arithmetic(name: str, data_type: str, parameters: dict[str, str]) -> _DemoModel:
@@ -77,25 +82,37 @@ _MODELS = (
     _arithmetic("simple_string", "STRING", {STRING_ENCODING_PARAMETER: DECIMAL_ENCODING}),
     _classifier("digits", 64, 10, 256, lambda: classifier_onnx(train_digits(digits_split()), 64)),
     _classifier("iris", 4, 3, 64, lambda: classifier_onnx(train_iris(iris_split()), 4)),
+    # Stateful: the running sum of a sequence's inputs, as Triton's own sequence examples do.
+    _DemoModel(
+        ModelConfig(
+            name="accumulate",
+            max_batch_size=8,
+            inputs=(TensorConfig("INPUT", "INT32", (1,)),),
+            outputs=(TensorConfig("OUTPUT", "INT32", (1,)),),
+            sequence_batching=SequenceBatching(),
+        ),
+        graph=None,
+        source=_ACCUMULATE_SOURCE,
+    ),
 )
 
 
 def build_repository(target: Path) -> list[str]:
     """Write the demo models into the Triton model repository ``target``; return their names.
 
-    Every model gets ``<name>/config.pbtxt``, ``<name>/1/model.py`` (the generic
-    onnxruntime model) and ``<name>/1/model.onnx``. Training uses fixed seeds and no
+    Every model gets ``<name>/config.pbtxt`` and ``<name>/1/model.py``: the generic onnxruntime
+    model beside its ``<name>/1/model.onnx``, or for ``accumulate`` (stateful, sequence
+    batching) a model.py of its own. Training uses fixed seeds and no
     download, so a build is byte-for-byte reproducible on one machine. A model whose
     files and recipe are unchanged since the last build is left alone, which makes a
     repeated call cheap; concurrent calls on one target wait for each other. Other
     directories in ``target`` are not touched.
     """
     target.mkdir(parents=True, exist_ok=True)
-    model_source = _package_file(_MODEL_SOURCE)
     recipe = _recipe_digest()
     with _exclusive(target):
         for model in _MODELS:
-            _build_model(target, model, model_source, recipe)
+            _build_model(target, model, _package_file(model.source), recipe)
     return [model.config.name for model in _MODELS]
 
 
@@ -108,11 +125,9 @@ def _build_model(target: Path, model: _DemoModel, model_source: bytes, recipe: s
         _log.debug("demo model %s is up to date", name)
         return
     started = time.perf_counter()
-    files = {
-        "config.pbtxt": config,
-        f"{_VERSION}/model.py": model_source,
-        f"{_VERSION}/model.onnx": model.graph(),
-    }
+    files = {"config.pbtxt": config, f"{_VERSION}/model.py": model_source}
+    if model.graph is not None:
+        files[f"{_VERSION}/model.onnx"] = model.graph()
     stamp = {"fingerprint": fingerprint, "files": {path: _sha256(data) for path, data in files.items()}}
     files[_STAMP] = json.dumps(stamp, indent=2, sort_keys=True).encode() + b"\n"
     # Written beside the model and swapped in, so Triton never sees a half-written model.
