@@ -120,6 +120,26 @@ class TritonEndpoint:
             raise from_rpc_error(error, model) from error
         return metadata, config.config
 
+    async def model_config(self, model: str, version: str) -> Any:
+        """Triton's own ModelConfigResponse for a model version; a failure is Triton's AioRpcError."""
+        return await self._stub.ModelConfig(
+            triton.ModelConfigRequest(name=model, version=version), timeout=self._control_timeout
+        )
+
+    async def model_statistics(self, model: str, version: str) -> Any:
+        """Triton's own ModelStatisticsResponse ("" for every model or version); a failure is
+        Triton's AioRpcError."""
+        return await self._stub.ModelStatistics(
+            triton.ModelStatisticsRequest(name=model, version=version), timeout=self._control_timeout
+        )
+
+    async def repository_index(self) -> Any:
+        """Triton's own RepositoryIndexResponse, loaded models or not, with their states and
+        reasons; a failure is Triton's AioRpcError."""
+        return await self._stub.RepositoryIndex(
+            triton.RepositoryIndexRequest(ready=False), timeout=self._control_timeout
+        )
+
     async def known_models(self) -> frozenset[str]:
         """Every model in the Triton's repository, loaded or not."""
         try:

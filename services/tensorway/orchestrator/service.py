@@ -8,6 +8,8 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic_settings import SettingsConfigDict
+from tritonclient.grpc import service_pb2 as triton
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -15,9 +17,11 @@ from tensorway.orchestrator import metrics
 from tensorway.orchestrator.core import Orchestrator
 from tensorway.orchestrator.models import DeploymentSource, ModelCatalog, ModelPlacement
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
+from tensorway.orchestrator.triton_control import TRITONS_METADATA_KEY, TritonControl, index_response
 from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, create_server
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+TRITON_SERVICE = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # Health service names under which each model's readiness is reported, e.g. "models/digits".
 MODEL_HEALTH_PREFIX = "models/"
 
@@ -79,6 +83,34 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return await self._orchestrator.model_metadata(request)
 
 
+class TritonControlServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Triton's `inference.GRPCInferenceService`, served to routers for what only the pool's
+    Tritons know: a model's configuration, its statistics (per Triton, see `triton_control`) and
+    the repository index. Inference comes through `InferenceServicer`; the other methods are
+    UNIMPLEMENTED."""
+
+    def __init__(self, control: TritonControl, pool: TritonPool) -> None:
+        self._control = control
+        self._pool = pool
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return triton.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return triton.ServerReadyResponse(ready=self._pool.ready)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        return await self._control.model_config(request.name, request.version)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        entries = await self._control.model_statistics(request.name, request.version)
+        context.set_trailing_metadata(((TRITONS_METADATA_KEY, ",".join(address for address, _ in entries)),))
+        return triton.ModelStatisticsResponse(model_stats=[statistics for _, statistics in entries])
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        return index_response(await self._control.repository_index(), request.ready)
+
+
 class HealthReport:
     """Reports the pool's readiness through gRPC health: the server is NOT_SERVING when no Triton
     is ready, and each model is reported under "models/{model}"."""
@@ -134,7 +166,12 @@ async def create(
         [
             ServiceBinding(
                 pb_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(orchestrator), SERVICE
-            )
+            ),
+            ServiceBinding(
+                triton_grpc.add_GRPCInferenceServiceServicer_to_server,
+                TritonControlServicer(TritonControl(pool), pool),
+                TRITON_SERVICE,
+            ),
         ],
     )
     pool.add_listener(HealthReport(server, pool))

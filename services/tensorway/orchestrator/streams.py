@@ -23,6 +23,10 @@ from tensorway.runtime import Unavailable
 
 logger = logging.getLogger(__name__)
 
+FINAL_RESPONSE_PARAMETER = "triton_final_response"
+"""The parameter Triton puts on every answer on a ModelStreamInfer stream (and on no unary one):
+whether it is the last answer to its request."""
+
 
 class StreamBroken(Unavailable):
     """The stream failed before this request was answered."""
@@ -136,7 +140,12 @@ class InferStream:
         if response.error_message:
             waiter.answer.set_exception(from_stream_error(response.error_message, waiter.model))
         else:
-            waiter.answer.set_result(response.infer_response)
+            answer = response.infer_response
+            # Framing of the stream to Triton, not part of the answer: the mesh answers each
+            # request once, and its Triton API marks stream answers itself, as Triton does.
+            if FINAL_RESPONSE_PARAMETER in answer.parameters:
+                del answer.parameters[FINAL_RESPONSE_PARAMETER]
+            waiter.answer.set_result(answer)
 
 
 class UnaryInfer:
