@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as triton
 from tritonclient.grpc import service_pb2_grpc as triton_service
@@ -71,12 +72,16 @@ class FakeRegistry(registry_grpc.RegistryServiceServicer):
 @dataclass
 class FakeOrchestrator(pb_grpc.InferenceServiceServicer):
     """Forwards Infer to the real Triton (running whatever version Triton has) and answers as the
-    version the router asked for; or fails with `fail_with`, or waits `delay` seconds first."""
+    version the router asked for; or fails with `fail_with`, or waits `delay` seconds first, or
+    until `gate` is set. With `drift`, Triton sees INT32 INPUT1 values that much larger: the
+    answers of a build of the model whose results moved."""
 
     triton_address: str
     name: str = "orchestrator"
     fail_with: grpc.StatusCode | None = None
     delay: float = 0.0
+    gate: asyncio.Event | None = None
+    drift: int = 0
     calls: int = 0
     versions: list[str] = field(default_factory=list)
     deadlines: list[float | None] = field(default_factory=list)
@@ -98,10 +103,16 @@ class FakeOrchestrator(pb_grpc.InferenceServiceServicer):
         self.deadlines.append(current.time_remaining() if current else None)
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail_with is not None:
             await ctx.abort(self.fail_with, f"{self.name} fails on purpose")
         upstream = to_triton_request(request, raw_inputs(request))
         upstream.model_version = ""
+        if self.drift:
+            index = next(i for i, tensor in enumerate(upstream.inputs) if tensor.name == "INPUT1")
+            moved = np.frombuffer(upstream.raw_input_contents[index], dtype="<i4") + self.drift
+            upstream.raw_input_contents[index] = moved.astype("<i4").tobytes()
         answer = await self.stub().ModelInfer(upstream)
         response = from_triton_response(answer, request)
         response.model_version = request.model_version

@@ -5,6 +5,7 @@ registry outages and shadow traffic."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -20,7 +21,15 @@ from prometheus_client import REGISTRY
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.router.conftest import Mesh, MeshFactory, RouteFactory, start_registry
+from tests.router.conftest import (
+    FakeOrchestrator,
+    Mesh,
+    MeshFactory,
+    RouteFactory,
+    start_orchestrator,
+    start_registry,
+)
+from tests.waiting import eventually
 
 ROUTE_KEY = "x-tensorway-route-key"
 # ServiceServer.stop treats a zero grace as "use the default" (5 s), so "none" is one millisecond.
@@ -71,6 +80,21 @@ async def connect() -> AsyncIterator[Any]:
     yield stub
     for channel in channels:
         await channel.close()
+
+
+async def answered_version(stub: pb_grpc.InferenceServiceStub, version: str) -> bool:
+    return (await stub.Infer(simple_request())).model_version == version
+
+
+async def knows_version(stub: pb_grpc.InferenceServiceStub, version: str) -> bool:
+    """Whether the router's table has `version` of `simple` (asked without running it)."""
+    try:
+        await stub.GetModelMetadata(pb.GetModelMetadataRequest(model_name="simple", model_version=version))
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return False
+    return True
 
 
 async def send_many(
@@ -185,10 +209,7 @@ async def test_route_changes_apply_live(mesh: MeshFactory, connect: Any, make_ro
     running = await mesh()
     stub = connect(running)
     running.registry.publish([make_route("simple", running.endpoints, {"3": 100})], removed=["iris"])
-    for _ in range(100):
-        if (await stub.Infer(simple_request())).model_version == "3":
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: answered_version(stub, "3"), what="version 3 answers")
     assert (await stub.Infer(simple_request())).model_version == "3"
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.GetModelMetadata(pb.GetModelMetadataRequest(model_name="iris"))
@@ -209,10 +230,7 @@ async def test_registry_down_keeps_the_last_routes_and_reconnects(
     running.registry.publish([make_route("simple", running.endpoints, {"5": 100})])
     back = await start_registry(running.registry, port=running.registry_running.port)
     try:
-        for _ in range(300):
-            if (await stub.Infer(simple_request())).model_version == "5":
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: answered_version(stub, "5"), what="version 5 answers")
         assert (await stub.Infer(simple_request())).model_version == "5"
     finally:
         await back.server.stop(NO_GRACE)
@@ -263,10 +281,68 @@ async def test_unavailable_and_shed_endpoints_are_retried_elsewhere_and_breakers
 
     broken.fail_with = grpc.StatusCode.RESOURCE_EXHAUSTED
     broken.calls = 0
-    await asyncio.sleep(1.1)  # the breaker half-opens; RESOURCE_EXHAUSTED says nothing of health
-    results = await send_many(stub, 100, concurrency=4)
-    assert all(isinstance(result, pb.InferResponse) for result in results)
-    assert broken.calls > 0
+    trips = REGISTRY.get_sample_value("tensorway_router_breaker_trips_total", ejected)
+
+    async def probed_again_and_again() -> bool:
+        results = await send_many(stub, 20, concurrency=4)
+        assert all(isinstance(result, pb.InferResponse) for result in results)
+        return broken.calls >= 3
+
+    # Once the breaker half-opens its probes reach the endpoint. RESOURCE_EXHAUSTED says nothing of
+    # its health: the breaker does not open again, so probing goes on.
+    await eventually(probed_again_and_again, what="probes of the half-open endpoint")
+    assert REGISTRY.get_sample_value("tensorway_router_breaker_trips_total", ejected) == trips
+
+
+async def test_a_pool_with_every_endpoint_down_is_unavailable_with_retry_info(
+    mesh: MeshFactory, connect: Any, triton_grpc: str
+) -> None:
+    running = await mesh(orchestrators=2, breaker_open_for="PT2S")
+    stub = connect(running)
+    assert_simple_answer(await stub.Infer(simple_request()))
+    ports = [orchestrator.port for orchestrator in running.orchestrators_running]
+    for orchestrator in running.orchestrators_running:
+        await orchestrator.server.stop(NO_GRACE)
+
+    async def refused_by_the_router() -> grpc.aio.AioRpcError | None:
+        # Each failure counts against its endpoint's breaker; once all of them are open the
+        # router answers itself, saying when the pool will next be tried.
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Infer(simple_request(), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, raised.value
+        status = rpc_status.from_call(raised.value)  # type: ignore[arg-type]
+        told_when = status is not None and any(
+            detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for detail in status.details
+        )
+        return raised.value if told_when else None
+
+    refused = await eventually(refused_by_the_router, what="UNAVAILABLE with RetryInfo")
+    delay = error_detail(refused, error_details_pb2.RetryInfo).retry_delay.ToTimedelta()
+    assert timedelta(0) <= delay <= timedelta(seconds=2)
+    info = error_detail(refused, error_details_pb2.ErrorInfo)
+    assert info.reason == "MODEL_NOT_READY"
+    assert "no healthy endpoint" in (refused.details() or "")
+
+    # The pool comes back where it was: the breakers' probes find it.
+    back = [
+        await start_orchestrator(FakeOrchestrator(triton_grpc, name=f"back-{port}"), port=port)
+        for port in ports
+    ]
+    try:
+
+        async def answered() -> bool:
+            try:
+                assert_simple_answer(await stub.Infer(simple_request(), timeout=10))
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                return False
+            return True
+
+        await eventually(answered, what="an answer from the restarted pool")
+    finally:
+        for orchestrator in back:
+            await orchestrator.server.stop(NO_GRACE)
 
 
 async def test_client_errors_are_not_retried(mesh: MeshFactory, connect: Any) -> None:
@@ -292,6 +368,21 @@ def shadow_counts(version: str) -> Counter[str]:
     )
 
 
+async def shadow_on_second_orchestrator(running: Mesh, connect: Any, version: str) -> Any:
+    """Add `version` of `simple`, with no traffic of its own and served by the second orchestrator
+    only, to the route; a stub once the router has it."""
+    route = running.registry.routes["simple"]
+    shadow_version = route.versions.add()
+    shadow_version.CopyFrom(route.versions[0])
+    shadow_version.version, shadow_version.weight = version, 0
+    del shadow_version.endpoints[:]
+    shadow_version.endpoints.append(running.endpoints[1])
+    running.registry.publish([route])
+    stub = connect(running)
+    await eventually(lambda: knows_version(stub, version), what=f"the route with version {version}")
+    return stub
+
+
 async def test_shadow_traffic_is_compared_counted_and_never_returned(
     mesh: MeshFactory, connect: Any, make_route: RouteFactory
 ) -> None:
@@ -302,12 +393,40 @@ async def test_shadow_traffic_is_compared_counted_and_never_returned(
     before = shadow_counts("7")
     results = await send_many(stub, 50, concurrency=8)
     assert {result.model_version for result in results} == {"1"}
-    for _ in range(100):
-        if sum((shadow_counts("7") - before).values()) >= 50:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: sum((shadow_counts("7") - before).values()) >= 50, what="50 shadows settled")
     assert (shadow_counts("7") - before) == Counter({"match": 50})
     assert Counter(running.orchestrators[0].versions) == Counter({"1": 50, "7": 50})
+
+
+async def test_a_shadow_that_answers_differently_is_counted_and_sampled_within_a_bound(
+    mesh: MeshFactory, connect: Any, make_route: RouteFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await mesh(
+        orchestrators=2,
+        shadow_mismatch_samples=3,
+        routes=lambda endpoints: [make_route("simple", endpoints[:1], {"1": 100}, shadow=("9", 100))],
+    )
+    # Version 9 runs on the second orchestrator, whose Triton sees INPUT1 one larger: every
+    # OUTPUT0 (INPUT0 + INPUT1) it computes is one more than the primary's.
+    running.orchestrators[1].drift = 1
+    stub = await shadow_on_second_orchestrator(running, connect, "9")
+    before = shadow_counts("9")
+    caplog.set_level(logging.WARNING, logger="tensorway.router.shadow")
+    results = await send_many(stub, 20, concurrency=4)
+    for result in results:
+        assert result.model_version == "1"
+        assert_simple_answer(result)  # the primary's answer, never the shadow's
+    await eventually(lambda: sum((shadow_counts("9") - before).values()) >= 20, what="20 shadows settled")
+    assert (shadow_counts("9") - before) == Counter({"mismatch": 20})
+    samples = [record for record in caplog.records if record.name == "tensorway.router.shadow"]
+    assert len(samples) == 3  # the bound, whatever the number of mismatches
+    for sample in samples:
+        assert (sample.model, sample.version, sample.shadow_version) == ("simple", "1", "9")  # type: ignore[attr-defined]
+        assert sample.request_id in {str(index) for index in range(20)}  # type: ignore[attr-defined]
+        (difference,) = sample.differences.items()  # type: ignore[attr-defined]
+        assert difference[0] == "OUTPUT0"
+        assert difference[1]["primary"].startswith("INT32[1, 16] [3, 4, 5")
+        assert difference[1]["shadow"].startswith("INT32[1, 16] [4, 5, 6")
 
 
 async def test_a_slow_or_failing_shadow_never_slows_or_fails_the_primary(
@@ -319,24 +438,18 @@ async def test_a_slow_or_failing_shadow_never_slows_or_fails_the_primary(
             make_route("simple", endpoints[:1], {"1": 100}, shadow=("8", 100)),
         ],
     )
-    # Version 8 lives on the second orchestrator only, which is slow and then broken.
-    route = running.registry.routes["simple"]
-    shadow_version = route.versions.add()
-    shadow_version.CopyFrom(route.versions[0])
-    shadow_version.version, shadow_version.weight = "8", 0
-    del shadow_version.endpoints[:]
-    shadow_version.endpoints.append(running.endpoints[1])
-    running.registry.publish([route])
-    await asyncio.sleep(0.1)
-    stub = connect(running)
-    running.orchestrators[1].delay = 1.0
-    started = asyncio.get_running_loop().time()
-    results = await send_many(stub, 20, concurrency=4)
-    assert asyncio.get_running_loop().time() - started < 0.8
-    assert all(isinstance(result, pb.InferResponse) for result in results)
-    running.orchestrators[1].delay, running.orchestrators[1].fail_with = 0, grpc.StatusCode.INTERNAL
+    # Version 8 lives on the second orchestrator only, which holds every call and then fails.
+    shadow = running.orchestrators[1]
+    shadow.gate = asyncio.Event()
+    stub = await shadow_on_second_orchestrator(running, connect, "8")
     before = shadow_counts("8")
     results = await send_many(stub, 20, concurrency=4)
+    assert all(isinstance(result, pb.InferResponse) for result in results)
+    # Every primary answered while its shadow is still held.
+    assert shadow.calls == 20
+    assert shadow_counts("8") == before
+    shadow.fail_with = grpc.StatusCode.INTERNAL
+    shadow.gate.set()
+    results = await send_many(stub, 20, concurrency=4)
     assert all(isinstance(result, pb.InferResponse) and result.model_version == "1" for result in results)
-    await asyncio.sleep(0.2)
-    assert (shadow_counts("8") - before)["error"] >= 1
+    await eventually(lambda: (shadow_counts("8") - before)["error"] >= 40, what="40 failed shadows")

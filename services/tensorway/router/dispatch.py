@@ -31,7 +31,7 @@ from tensorway.router.retry import RETRYABLE_CODES, RetryBudget, RetryPolicy
 from tensorway.router.routing import ModelRoute, RouteTable, RouteWatcher, VersionRoute
 from tensorway.router.sequences import SequenceKey, SequencePins, key_of
 from tensorway.router.serialized import SerializedRequest
-from tensorway.router.shadow import ShadowMirror
+from tensorway.router.shadow import MismatchSamples, ShadowMirror
 from tensorway.runtime import Aborted, ResourceExhausted, Unavailable
 from tensorway.runtime.context import caller
 from tensorway.tensors.triton import SequenceStep
@@ -49,6 +49,8 @@ class RouterPolicy:
     """The delay a shed request's RetryInfo suggests."""
     shadow_max_in_flight: int = 256
     """Shadow calls in flight past which new copies are dropped (and counted)."""
+    shadow_mismatch_samples: int = 10
+    """Mismatching shadow answers of each model version logged in full per minute."""
     max_sequences: int = 65536
     """Live sequences whose endpoint the router remembers (least recently used ones go first)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -74,7 +76,12 @@ class Router:
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not crypto
         self.endpoints = EndpointSet(policy.breaker)
         self._budget = RetryBudget(policy.retry)
-        self._shadow = ShadowMirror(self._shadow_call, policy.shadow_max_in_flight, self._rng)
+        self._shadow = ShadowMirror(
+            self._shadow_call,
+            policy.shadow_max_in_flight,
+            self._rng,
+            MismatchSamples(policy.shadow_mismatch_samples, timedelta(minutes=1)),
+        )
         self._in_flight = 0
         self._sequences = SequencePins(policy.max_sequences)
         routes.add_listener(self._on_table)

@@ -72,6 +72,9 @@ class Settings(ServiceSettings):
     """How long an open breaker waits before it lets one probe request through."""
     shadow_max_in_flight: int = 256
     """Shadow calls in flight past which new copies are dropped."""
+    shadow_mismatch_samples: int = 10
+    """Shadow answers that differ from the primary's are all counted; this many of each model
+    version a minute are also logged with their request id and the outputs that differ."""
     stream_max_in_flight: int = 64
     """Requests of one stream in flight at once (until each one's answer is sent); past them the
     stream is not read until an answer goes out, so the client is held back by flow control."""
@@ -99,6 +102,7 @@ class Settings(ServiceSettings):
             max_concurrency=self.max_concurrency,
             shed_retry_after=self.shed_retry_after,
             shadow_max_in_flight=self.shadow_max_in_flight,
+            shadow_mismatch_samples=self.shadow_mismatch_samples,
             max_sequences=self.max_sequences,
             retry=RetryPolicy(
                 max_attempts=self.max_attempts,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 import numpy as np
 
@@ -15,6 +17,7 @@ from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.router import metrics
 from tensorway.router.routing import ModelRoute, VersionRoute
 from tensorway.router.serialized import SerializedRequest
+from tensorway.tensors.layouts import FIXED_SIZE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +54,88 @@ def same_outputs(primary: pb.InferResponse, shadow: pb.InferResponse) -> bool:
     )
 
 
-class ShadowMirror:
-    """Starts shadow calls for a share of requests and settles each against the primary's answer."""
+# Values of each differing output a mismatch sample shows, from each side.
+_PREVIEW_VALUES = 8
+# Model versions whose sample budget is remembered before expired budgets are forgotten.
+_MAX_SAMPLED_VERSIONS = 1024
 
-    def __init__(self, call: ShadowCall, max_in_flight: int, rng: random.Random) -> None:
+
+def _preview(tensor: tensor_pb2.Tensor | None) -> str:
+    """A tensor's datatype, shape and first values, for a log line."""
+    if tensor is None:
+        return "missing"
+    values: list[object] = []
+    dtype = FIXED_SIZE_DTYPES.get(tensor.datatype)
+    if tensor.raw_contents and dtype is not None:
+        count = min(_PREVIEW_VALUES, len(tensor.raw_contents) // dtype.itemsize)
+        values = np.frombuffer(tensor.raw_contents, dtype=dtype, count=count).tolist()
+    elif tensor.raw_contents:
+        values = [tensor.raw_contents[: 4 * _PREVIEW_VALUES]]
+    else:
+        typed = tensor.contents.ListFields()
+        values = list(typed[0][1][:_PREVIEW_VALUES]) if typed else []
+    return f"{tensor.datatype}{list(tensor.shape)} {values}"
+
+
+def differences(primary: pb.InferResponse, shadow: pb.InferResponse) -> dict[str, dict[str, str]]:
+    """Each output on which two answers differ, with a preview of either side's."""
+    primary_outputs = {tensor.name: tensor for tensor in primary.outputs}
+    shadow_outputs = {tensor.name: tensor for tensor in shadow.outputs}
+    found = {}
+    for name in sorted(primary_outputs.keys() | shadow_outputs.keys()):
+        left, right = primary_outputs.get(name), shadow_outputs.get(name)
+        if left is None or right is None or not _same_tensor(left, right):
+            found[name] = {"primary": _preview(left), "shadow": _preview(right)}
+    return found
+
+
+class MismatchSamples:
+    """Which mismatches are logged in full for inspection: at most `per_interval` of each model
+    version in each `interval`; the rest are only counted, so a shadow that disagrees on every
+    request cannot flood the logs."""
+
+    def __init__(
+        self, per_interval: int, interval: timedelta, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._per_interval = per_interval
+        self._interval = interval.total_seconds()
+        self._clock = clock
+        self._taken: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def take(self, model: str, version: str) -> bool:
+        """Whether this mismatch of `version` of `model` is to be kept as a sample."""
+        now = self._clock()
+        started, taken = self._taken.get((model, version), (now, 0))
+        if now - started >= self._interval:
+            started, taken = now, 0
+        if taken >= self._per_interval:
+            return False
+        if len(self._taken) >= _MAX_SAMPLED_VERSIONS:
+            self._taken = {
+                key: value for key, value in self._taken.items() if now - value[0] < self._interval
+            }
+        self._taken[(model, version)] = (started, taken + 1)
+        return True
+
+
+class ShadowMirror:
+    """Starts shadow calls for a share of requests and settles each against the primary's answer.
+
+    Mismatches are counted; a bounded number of them (`samples`) are also logged with the request
+    id and the outputs that differ, for someone to look into.
+    """
+
+    def __init__(
+        self,
+        call: ShadowCall,
+        max_in_flight: int,
+        rng: random.Random,
+        samples: MismatchSamples | None = None,
+    ) -> None:
         self._call = call
         self._max_in_flight = max_in_flight
         self._rng = rng
+        self._samples = samples or MismatchSamples(10, timedelta(minutes=1))
         self._tasks: set[asyncio.Task[None]] = set()
 
     def mirror(
@@ -78,7 +156,9 @@ class ShadowMirror:
             return None
         primary_answer: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
-            self._compare(route.model, target, request.for_version(target.version), primary_answer)
+            self._compare(
+                route.model, primary.version, target, request.for_version(target.version), primary_answer
+            )
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -87,6 +167,7 @@ class ShadowMirror:
     async def _compare(
         self,
         model: str,
+        primary_version: str,
         target: VersionRoute,
         request: bytes,
         primary_answer: asyncio.Future[bytes | None],
@@ -100,10 +181,27 @@ class ShadowMirror:
             metrics.SHADOW.labels(model, target.version, "error").inc()
             return
         primary = await primary_answer
-        if primary is not None:
-            same = same_outputs(pb.InferResponse.FromString(primary), pb.InferResponse.FromString(shadow))
-            outcome = "match" if same else "mismatch"
-            metrics.SHADOW.labels(model, target.version, outcome).inc()
+        if primary is None:
+            return
+        primary_response, shadow_response = (
+            pb.InferResponse.FromString(primary),
+            pb.InferResponse.FromString(shadow),
+        )
+        if same_outputs(primary_response, shadow_response):
+            metrics.SHADOW.labels(model, target.version, "match").inc()
+            return
+        metrics.SHADOW.labels(model, target.version, "mismatch").inc()
+        if self._samples.take(model, target.version):
+            logger.warning(
+                "shadow answer differs from the primary's",
+                extra={
+                    "model": model,
+                    "version": primary_version,
+                    "shadow_version": target.version,
+                    "request_id": primary_response.id,
+                    "differences": differences(primary_response, shadow_response),
+                },
+            )
 
     async def close(self) -> None:
         """Cancel shadow calls still running."""
