@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from minio import Minio
@@ -54,3 +55,40 @@ async def test_submit_wait_status_list_download(batch_api: str, s3: Minio, tmp_p
     lines = [json.loads(line) for part in parts for line in part.read_text().splitlines()]
     assert [line["id"] for line in lines] == list(range(700))
     assert "SUCCEEDED" in await asyncio.to_thread(run, "cancel", name)
+
+
+async def test_json_output_of_every_batch_command(batch_api: str, tmp_path: Path) -> None:
+    source = tmp_path / "digits.npy"
+    np.save(source, digits_rows(50, seed=4))
+    common = ["batch", "--api", batch_api, "--tenant", "cli-json"]
+
+    def as_json(*args: str) -> Any:
+        result = CliRunner().invoke(app, [*common, *args, "-o", "json"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    # Without --wait: the created job, and nothing else on stdout.
+    created = await asyncio.to_thread(as_json, "submit", str(source), "--model", "digits")
+    assert created["name"].startswith("jobs/")
+    assert created["state"] in ("JOB_STATE_QUEUED", "JOB_STATE_RUNNING")
+    # With --wait: the ended job, every result with its whole presigned URL.
+    ended = await asyncio.to_thread(as_json, "submit", str(source), "--model", "digits", "--wait")
+    assert ended["state"] == "JOB_STATE_SUCCEEDED"
+    assert ended["progress"]["rows_done"] == "50"
+    assert ended["manifest"]["presigned_url"].startswith("http")
+    assert all(part["presigned_url"].startswith("http") for part in ended["results"])
+
+    status = await asyncio.to_thread(as_json, "status", ended["name"])
+    assert status["name"] == ended["name"]
+    assert status["results"] == ended["results"]
+    listed = await asyncio.to_thread(as_json, "list")
+    assert {created["name"], ended["name"]} <= {job["name"] for job in listed["jobs"]}
+    downloaded = await asyncio.to_thread(as_json, "download", ended["name"], str(tmp_path / "out"))
+    assert downloaded["job"] == ended["name"]
+    stored = [*ended["results"], *([ended["errors"]] if "errors" in ended else []), ended["manifest"]]
+    assert sorted(Path(f).name for f in downloaded["files"]) == sorted(
+        o["uri"].rsplit("/", 1)[1] for o in stored
+    )
+    assert all(await asyncio.to_thread(lambda: [Path(f).is_file() for f in downloaded["files"]]))
+    cancelled = await asyncio.to_thread(as_json, "cancel", created["name"])
+    assert cancelled["name"] == created["name"]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
+from typing import Any
 
+import yaml
 from typer.testing import CliRunner, Result
 
 from tensorway.cli.main import app
@@ -28,9 +32,9 @@ async def test_register_deploy_promote_split_and_show(registry: RunningRegistry)
     spec = [
         "--artifact-uri",
         f"s3://models/{model}/1",
-        "--input",
+        "--input-spec",
         "input:FP32:64",
-        "--output",
+        "--output-spec",
         "label:INT64:1",
     ]
     registered = await tensorway(
@@ -72,23 +76,66 @@ async def test_failures_print_the_reason_and_the_fields(registry: RunningRegistr
         model,
         "--artifact-uri",
         "s3://x/1",
-        "--input",
+        "--input-spec",
         "x:FLOAT:4",
-        "--output",
+        "--output-spec",
         "y:FP32:0",
     )
-    assert bad.exit_code == 1
+    assert bad.exit_code == 2  # a client error
     assert "INVALID_ARGUMENT" in bad.output
     assert "model_version.inputs[0].datatype" in bad.output
     assert "model_version.outputs[0].shape" in bad.output
     missing = await tensorway(registry, "show", unique("absent"))
-    assert missing.exit_code == 1
+    assert missing.exit_code == 2
     assert "NOT_FOUND" in missing.output
     weights = await tensorway(registry, "traffic", model, "1=abc")
     assert weights.exit_code == 2
 
 
-def test_an_address_is_required() -> None:
-    result = CliRunner().invoke(app, ["models", "list"], env={"TENSORWAY_REGISTRY_ADDRESS": ""})
+def test_an_address_or_a_context_is_required(tmp_path: Path) -> None:
+    env = {"TENSORWAY_REGISTRY_ADDRESS": "", "TENSORWAY_CONFIG": str(tmp_path / "none.yaml")}
+    result = CliRunner().invoke(app, ["models", "list"], env=env)
     assert result.exit_code == 2
     assert "TENSORWAY_REGISTRY_ADDRESS" in result.output
+    assert "tensorway config set-context" in result.output
+
+
+async def test_every_command_prints_protobuf_json(registry: RunningRegistry) -> None:
+    model, pool = unique("cli-json"), unique("pool")
+
+    async def as_json(*args: str) -> Any:
+        result = await tensorway(registry, *args, "-o", "json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    spec = [
+        "--artifact-uri",
+        f"s3://models/{model}/1",
+        "--input-spec",
+        "input:FP32:64",
+        "--output-spec",
+        "label:INT64:1",
+    ]
+    registered = await as_json("register", model, *spec, "--label", "team=cli-json")
+    assert registered["name"] == f"models/{model}/versions/1"
+    assert registered["stage"] == "STAGE_DRAFT"
+    assert registered["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["64"]}]
+    await as_json("register", model, *spec)
+    deployed = await as_json(
+        "deploy", model, "--version", "1", "--pool", pool, "--endpoint", "127.1.1.2:9000", "--alias", "best=1"
+    )
+    assert deployed["traffic"] == [{"version": "1", "weight": 100}]
+    assert deployed["aliases"] == {"best": "1"}
+    promoted = await as_json("promote", model, "1")
+    assert promoted["model_version"]["stage"] == "STAGE_STAGING"
+    split = await as_json("traffic", model, "1=70", "2=30")
+    assert split["traffic"] == [{"version": "1", "weight": 70}, {"version": "2", "weight": 30}]
+    listed = await as_json("list", "--filter", "team=cli-json")
+    assert f"models/{model}" in [m["name"] for m in listed["models"]]
+    shown = await as_json("show", model)
+    assert shown["model"]["labels"] == {"team": "cli-json"}
+    assert [v["name"].rsplit("/", 1)[1] for v in shown["model_versions"]] == ["1", "2"]
+    assert shown["deployments"][0]["pool"] == f"pools/{pool}"
+    assert shown["route"]["route"]["versions"][0]["endpoints"] == ["127.1.1.2:9000"]
+    as_yaml = await tensorway(registry, "show", model, "-o", "yaml")
+    assert yaml.safe_load(as_yaml.stdout) == shown

@@ -1,6 +1,7 @@
 """`tensorway batch`: submit a job (uploading a local file first, through a presigned URL the API
 hands out), follow it with a live progress bar, and read its status, list, cancel it or download
-its results, against the batch API at `--api` or TENSORWAY_BATCH_ADDRESS."""
+its results, through the context's Envoy (the token's tenant, with the batch scope) or, inside the
+network, against the batch API at `--api` or TENSORWAY_BATCH_ADDRESS."""
 
 from __future__ import annotations
 
@@ -17,16 +18,16 @@ from urllib.parse import urlsplit
 
 import grpc
 import typer
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Column, Table
+from rich.table import Table
 
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
-from tensorway.cli.addresses import service_address
+from tensorway.cli.connection import connect
+from tensorway.cli.errors import ExitCode, fail
+from tensorway.cli.output import OutputFormat, OutputOption, emit, key_column, print_table
 from tensorway.runtime.context import DEFAULT_TENANT, Scope, identity_metadata
 
 T = TypeVar("T")
@@ -62,14 +63,15 @@ def batch(
         typer.Option(
             "--api",
             envvar="TENSORWAY_BATCH_ADDRESS",
-            help="The batch API's gRPC address; default: the local stack's.",
+            help="Inside the network: the batch API's gRPC address, instead of the context's Envoy.",
         ),
     ] = "",
     tenant: Annotated[
         str,
         typer.Option(
             envvar="TENSORWAY_TENANT",
-            help="Act as this tenant (x-tenant-id, with the batch scope), as Envoy would for its token.",
+            help="With --api: act as this tenant (x-tenant-id, with the batch scope), as Envoy would"
+            " for its token. Through Envoy the token says the tenant.",
         ),
     ] = "",
 ) -> None:
@@ -77,37 +79,25 @@ def batch(
     _target.api, _target.tenant = api, tenant
 
 
-def _metadata() -> tuple[tuple[str, str], ...]:
-    # The identity Envoy sets from a token; a call through Envoy has it replaced by the token's.
-    return tuple(identity_metadata(_target.tenant or DEFAULT_TENANT, (Scope.BATCH,)))
-
-
 @contextmanager
 def _stub() -> Iterator[pb_grpc.BatchServiceStub]:
-    address = service_address(_target.api, "batch", "--api", "TENSORWAY_BATCH_ADDRESS")
-    with grpc.insecure_channel(address) as channel:
+    # At an internal address the command asserts the identity Envoy would set from a token.
+    identity = identity_metadata(_target.tenant or DEFAULT_TENANT, (Scope.BATCH,))
+    connection = connect(
+        "batch", _target.api, option="--api", env_var="TENSORWAY_BATCH_ADDRESS", internal_identity=identity
+    )
+    if connection.through_envoy and _target.tenant:
+        _err.print(f"--tenant {escape(_target.tenant)} is ignored: through Envoy the token says the tenant")
+    with connection.channel() as channel:
         yield pb_grpc.BatchServiceStub(channel)
 
 
 def _call(method: Callable[..., T], request: object) -> T:
-    """One call; a failure is printed with its field violations, then exits 1."""
+    """One call; a failure is printed with its status details and exits with its code's exit code."""
     try:
-        return method(request, timeout=CALL_TIMEOUT_SECONDS, metadata=_metadata())
+        return method(request, timeout=CALL_TIMEOUT_SECONDS)
     except grpc.RpcError as error:
-        raise _fail(error) from None
-
-
-def _fail(error: grpc.RpcError) -> typer.Exit:
-    code: grpc.StatusCode = error.code()
-    _err.print(f"[bold red]{code.name}[/bold red]: {escape(error.details() or '')}", highlight=False)
-    status = rpc_status.from_call(error)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            for violation in bad_request.field_violations:
-                _err.print(f"  [yellow]{escape(violation.field)}[/yellow]: {escape(violation.description)}")
-    return typer.Exit(1)
+        raise fail(error) from None
 
 
 def _name(job: str) -> str:
@@ -125,7 +115,7 @@ def _upload(stub: pb_grpc.BatchServiceStub, path: Path) -> str:
     upload = _call(stub.CreateUpload, pb.CreateUploadRequest(file_name=path.name, size_bytes=size))
     if urlsplit(upload.upload_url).scheme not in ("http", "https"):
         _err.print(f"[red]the API gave an upload URL that is not http(s): {escape(upload.upload_url)}[/red]")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     with path.open("rb") as body:
         request = urllib.request.Request(  # noqa: S310  # nosec B310: http(s), checked above
             upload.upload_url, data=body, method="PUT", headers={"Content-Length": str(size)}
@@ -135,12 +125,13 @@ def _upload(stub: pb_grpc.BatchServiceStub, path: Path) -> str:
                 pass
         except urllib.error.HTTPError as error:
             _err.print(f"[red]upload of {escape(path.name)} refused: HTTP {error.code}[/red]")
-            raise typer.Exit(1) from None
+            raise typer.Exit(ExitCode.FAILED) from None
     return upload.input_uri
 
 
 def _print_job(job: pb.Job) -> None:
-    table = Table(show_header=False, box=None)
+    # Values are names and URLs: never cut, since a cut URL does not work.
+    table = Table(key_column("key"), key_column("value"), show_header=False, box=None)
     progress = job.progress
     rows = [
         ("job", job.name),
@@ -160,7 +151,12 @@ def _print_job(job: pb.Job) -> None:
         rows.append(("errors", job.errors.presigned_url))
     for key, value in rows:
         table.add_row(f"[bold]{key}[/bold]", escape(value))
-    _out.print(table)
+    print_table(_out, table)
+
+
+def _emit_job(job: pb.Job, output: OutputFormat) -> None:
+    """The job for people, or its protobuf JSON, which carries every result's presigned URL."""
+    emit(output, job, lambda: _print_job(job))
 
 
 def _watch(stub: pb_grpc.BatchServiceStub, name: str) -> pb.Job:
@@ -176,7 +172,7 @@ def _watch(stub: pb_grpc.BatchServiceStub, name: str) -> pb.Job:
     with Progress(*columns, console=_err, transient=False) as bar:
         task = bar.add_task("QUEUED", total=None, rate=0.0)
         try:
-            for response in stub.WatchJob(pb.WatchJobRequest(name=name), metadata=_metadata()):
+            for response in stub.WatchJob(pb.WatchJobRequest(name=name)):
                 job = response.job
                 progress = job.progress
                 bar.update(
@@ -187,7 +183,7 @@ def _watch(stub: pb_grpc.BatchServiceStub, name: str) -> pb.Job:
                     rate=progress.rows_per_second,
                 )
         except grpc.RpcError as error:
-            raise _fail(error) from None
+            raise fail(error) from None
     return job
 
 
@@ -207,8 +203,13 @@ def submit(
         int, typer.Option(help="Among your own jobs, higher runs first (0-9 by default).")
     ] = 0,
     wait: Annotated[bool, typer.Option("--wait", help="Follow progress until the job ends.")] = False,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Create a job; with --wait, show its progress and print the result URLs."""
+    """Create a job; with --wait, show its progress (on stderr) and print the result URLs.
+
+    With -o json or yaml, stdout holds one document: the created job, or with --wait the ended one
+    with its presigned result URLs. A job that ends other than SUCCEEDED exits 1.
+    """
     if input_format and input_format not in FORMATS:
         raise typer.BadParameter("jsonl or npy", param_hint="--format")
     path = Path(source)
@@ -229,20 +230,26 @@ def submit(
             priority=priority,
         )
         created = _call(stub.CreateJob, pb.CreateJobRequest(job=job, request_id=uuid.uuid4().hex)).job
-        _out.print(created.name)
         if not wait:
+            emit(output, created, lambda: _out.print(created.name))
             return
+        if output is OutputFormat.TABLE:
+            _out.print(created.name)
+        else:
+            _err.print(created.name)
         final = _watch(stub, created.name)
-    _print_job(final)
+    _emit_job(final, output)
     if final.state != pb.JOB_STATE_SUCCEEDED:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @batch_app.command()
-def status(job: Annotated[str, typer.Argument(help="jobs/ID or ID.")]) -> None:
+def status(
+    job: Annotated[str, typer.Argument(help="jobs/ID or ID.")], output: OutputOption = OutputFormat.TABLE
+) -> None:
     """Show a job: state, progress and, when it has ended, its result URLs."""
     with _stub() as stub:
-        _print_job(_call(stub.GetJob, pb.GetJobRequest(name=_name(job))).job)
+        _emit_job(_call(stub.GetJob, pb.GetJobRequest(name=_name(job))).job, output)
 
 
 @batch_app.command("list")
@@ -250,29 +257,38 @@ def list_jobs(
     filter_text: Annotated[str, typer.Option("--filter", help='e.g. "state=RUNNING AND model=digits".')] = "",
     page_size: Annotated[int, typer.Option(help="Jobs a page.")] = 50,
     after: Annotated[str, typer.Option("--page-token", help="Where a previous page ended.")] = "",
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """The tenant's jobs, newest first."""
     with _stub() as stub:
         request = pb.ListJobsRequest(filter=filter_text, page_size=page_size, page_token=after)
         page = _call(stub.ListJobs, request)
-    # Job names are what the other commands take: never folded, so they can be copied whole.
-    job_column = Column("job", no_wrap=True)
-    table = Table(job_column, "state", "model", "rows done", "rows failed", "rows total", "created")
-    for j in page.jobs:
-        p = j.progress
-        created = j.create_time.ToDatetime().isoformat(timespec="seconds")
-        cells = (j.name, _state(j), j.model, str(p.rows_done), str(p.rows_failed), str(p.rows_total), created)
-        table.add_row(*(escape(c) for c in cells))
-    _out.print(table)
-    if page.next_page_token:
-        _err.print(f"more: --page-token {page.next_page_token}")
+
+    def table() -> None:
+        # Job names are what the other commands take: never cut, so they can be copied whole.
+        rows = Table(key_column("job"), "state", key_column("model"), "rows done", "rows failed")
+        rows.add_column("rows total")
+        rows.add_column("created", no_wrap=True)
+        for j in page.jobs:
+            p = j.progress
+            created = j.create_time.ToDatetime().isoformat(timespec="seconds")
+            counts = (str(p.rows_done), str(p.rows_failed), str(p.rows_total))
+            cells = (j.name, _state(j), j.model, *counts, created)
+            rows.add_row(*(escape(c) for c in cells))
+        print_table(_out, rows)
+        if page.next_page_token:
+            _err.print(f"more: --page-token {page.next_page_token}")
+
+    emit(output, page, table)
 
 
 @batch_app.command()
-def cancel(job: Annotated[str, typer.Argument(help="jobs/ID or ID.")]) -> None:
+def cancel(
+    job: Annotated[str, typer.Argument(help="jobs/ID or ID.")], output: OutputOption = OutputFormat.TABLE
+) -> None:
     """Cancel a job: shards not yet finished are dropped."""
     with _stub() as stub:
-        _print_job(_call(stub.CancelJob, pb.CancelJobRequest(name=_name(job))).job)
+        _emit_job(_call(stub.CancelJob, pb.CancelJobRequest(name=_name(job))).job, output)
 
 
 def _fetch(url: str, target: Path, sha256: str) -> None:
@@ -281,7 +297,7 @@ def _fetch(url: str, target: Path, sha256: str) -> None:
         data = response.read()
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         _err.print(f"[red]{escape(target.name)}: checksum mismatch[/red]")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     target.write_bytes(data)
 
 
@@ -289,20 +305,26 @@ def _fetch(url: str, target: Path, sha256: str) -> None:
 def download(
     job: Annotated[str, typer.Argument(help="jobs/ID or ID.")],
     directory: Annotated[Path, typer.Argument(help="Where the parts, errors and manifest go.")],
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Download an ended job's result parts, errors object and manifest, checking their sums."""
+    """Download an ended job's result parts, errors object and manifest, checking their sums.
+
+    Prints each file's path; as JSON, {"job": NAME, "files": [PATH, ...]}.
+    """
     with _stub() as stub:
         found = _call(stub.GetJob, pb.GetJobRequest(name=_name(job))).job
     if found.state in ACTIVE:
         _err.print(f"{found.name} is {_state(found)}; results are ready when it ends")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.CLIENT_ERROR)
     directory.mkdir(parents=True, exist_ok=True)
     objects = [*found.results]
     if found.HasField("errors"):
         objects.append(found.errors)
     if found.HasField("manifest"):
         objects.append(found.manifest)
+    files = []
     for stored in objects:
         target = directory / stored.uri.rsplit("/", 1)[1]
         _fetch(stored.presigned_url, target, stored.sha256)
-        _out.print(str(target))
+        files.append(str(target))
+    emit(output, {"job": found.name, "files": files}, lambda: typer.echo("\n".join(files)))

@@ -11,7 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tensorway.cli.contexts import LOCAL_CONTEXT, save_local_context
 from tensorway.cli.envoy import token_command
+from tensorway.cli.output import OutputFormat, OutputOption, emit, key_column, print_table
 from tensorway.devstack import (
     COMPONENT_NAMES,
     DevStackError,
@@ -21,7 +23,9 @@ from tensorway.devstack import (
     demo_request,
     register_demo_models,
 )
-from tensorway.devstack._envoy import local_certificates
+from tensorway.devstack._envoy import jwt_key_dir, local_certificates
+from tensorway.edge.config import load_values
+from tensorway.edge.keys import PRIVATE_KEY_FILE
 
 dev_app = typer.Typer(
     name="dev",
@@ -54,8 +58,9 @@ def _fail(error: DevStackError) -> typer.Exit:
 
 
 def _endpoint_table(state: StackState) -> Table:
-    table = Table("component", "endpoint", "address", "pid")
-    table.add_column("url", overflow="fold")
+    # Addresses and URLs stay whole on one line, so they can be copied.
+    table = Table(key_column("component"), key_column("endpoint"), key_column("address"), "pid")
+    table.add_column("url", no_wrap=True, overflow="ignore")
     for component, record in state.components.items():
         for name, endpoint in record.endpoints.items():
             table.add_row(component, name, endpoint.address, str(record.pid), endpoint.url or "")
@@ -86,7 +91,7 @@ def up_command(
                 state = stack.up(["prometheus"])
     except DevStackError as error:
         raise _fail(error) from None
-    _out.print(_endpoint_table(state))
+    print_table(_out, _endpoint_table(state))
     addresses = state.addresses()
     if {"registry", "orchestrator"} <= addresses.keys():
         models = register_demo_models(state)
@@ -96,11 +101,24 @@ def up_command(
         _out.print(f"demo request: simple([0..15], [1]*16) via the router at {addresses['router']}")
         _out.print(f"  OUTPUT0 (sum)        = {sums}")
         _out.print(f"  OUTPUT1 (difference) = {differences}")
-    if "envoy" in addresses:
+    envoy = state.endpoints().get("envoy")
+    if envoy is not None and envoy.url:
         ca = local_certificates(stack.state_dir).ca
         _out.print(
-            f"Envoy serves TLS at https://{addresses['envoy']} with a certificate of the local CA {ca};"
+            f"Envoy serves TLS at {envoy.url} with a certificate of the local CA {ca};"
             " tokens: tensorway dev token --tenant NAME [--admin]"
+        )
+        jwt = load_values(DevStackSettings().envoy_profile)["jwt"]
+        config = save_local_context(
+            envoy.url,
+            ca,
+            jwt_key_dir(stack.state_dir) / PRIVATE_KEY_FILE,
+            issuer=jwt["issuer"],
+            audience=jwt["audiences"][0],
+        )
+        _out.print(
+            f"current context: {LOCAL_CONTEXT} (in {config}): models, infer and batch go through Envoy"
+            " with an admin token minted for each command"
         )
     _out.print(f"state and logs in {stack.state_dir}; stop with: tensorway dev down")
 
@@ -122,18 +140,24 @@ def down_command(state_dir: StateDirOption = None) -> None:
 @dev_app.command("status")
 def status_command(
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object: endpoint name → host:port.")
+        bool, typer.Option("--json", help="Print one JSON object on one line: endpoint name → host:port.")
     ] = False,
     state_dir: StateDirOption = None,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Say what runs: a table, or with --json one object mapping names to addresses."""
+    """Say what runs: a table, or with --json (-o json, -o yaml) one object mapping names to addresses."""
     try:
         state = _stack(state_dir).status()
     except DevStackError as error:
         raise _fail(error) from None
     if as_json:
         typer.echo(json.dumps(state.addresses()))
-    elif state.components:
-        _out.print(_endpoint_table(state))
-    else:
-        _out.print("the local stack is not running")
+        return
+
+    def table() -> None:
+        if state.components:
+            print_table(_out, _endpoint_table(state))
+        else:
+            _out.print("the local stack is not running")
+
+    emit(output, state.addresses(), table)

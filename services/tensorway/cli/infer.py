@@ -1,5 +1,6 @@
-"""`tensorway infer MODEL --input NAME=VALUE ...`: one inference request through the router, with
-the outputs printed as a table."""
+"""`tensorway infer MODEL --input NAME=VALUE ...`: one inference request through the context's Envoy
+(or a router's internal address), with the outputs printed as a table, or as the InferResponse's
+protobuf JSON (typed contents) for scripts."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tensorway.cli.addresses import service_address
+from tensorway.cli.connection import connect
+from tensorway.cli.errors import fail
+from tensorway.cli.output import OutputFormat, OutputOption, emit, key_column, print_table
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -71,17 +74,21 @@ def infer_command(
     router: Annotated[
         str,
         typer.Option(
-            envvar="TENSORWAY_ROUTER_ADDRESS", help="The router's gRPC address; default: the local stack's."
+            envvar="TENSORWAY_ROUTER_ADDRESS",
+            help="Inside the network: a router's gRPC address, instead of the context's Envoy.",
         ),
     ] = "",
     route_key: Annotated[str | None, typer.Option(help="Pins you to one version of a split.")] = None,
     timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 30.0,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Send one request to MODEL through the router and print its outputs."""
+    """Send one request to MODEL through the mesh and print its outputs."""
     console = Console()
     metadata = ((ROUTE_KEY_HEADER, route_key),) if route_key else ()
-    address = service_address(router, "router", "--router", "TENSORWAY_ROUTER_ADDRESS")
-    with grpc.insecure_channel(address) as channel:
+    connection = connect("router", router, option="--router", env_var="TENSORWAY_ROUTER_ADDRESS")
+    # Raw outputs for the table; typed contents in JSON and YAML, where numbers read as numbers.
+    binary = output is OutputFormat.TABLE
+    with connection.channel() as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         try:
             signature = stub.GetModelMetadata(
@@ -97,18 +104,20 @@ def infer_command(
                     to_tensor(name, parse_value(text), specs[name], signature.max_batch_size > 0)
                 )
             request.outputs.extend(
-                pb.RequestedOutput(name=spec.name, binary=True) for spec in signature.outputs
+                pb.RequestedOutput(name=spec.name, binary=binary) for spec in signature.outputs
             )
             response = stub.Infer(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as error:
-            code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-            details = error.details() if isinstance(error, grpc.Call) else str(error)
-            Console(stderr=True).print(f"[red]{code.name}[/red]: {details}")
-            raise typer.Exit(1) from error
-    table = Table(title=f"{response.model_name} version {response.model_version}")
-    for column in ("output", "datatype", "shape", "values"):
-        table.add_column(column)
-    for tensor in response.outputs:
-        values = np.array2string(from_tensor(tensor), threshold=50, max_line_width=100)
-        table.add_row(tensor.name, tensor.datatype, str(list(tensor.shape)), values)
-    console.print(table)
+            raise fail(error) from None
+
+    def table() -> None:
+        rows = Table(
+            key_column("output"), "datatype", "shape", "values",
+            title=f"{response.model_name} version {response.model_version}",
+        )  # fmt: skip
+        for tensor in response.outputs:
+            values = np.array2string(from_tensor(tensor), threshold=50, max_line_width=100)
+            rows.add_row(tensor.name, tensor.datatype, str(list(tensor.shape)), values)
+        print_table(console, rows)
+
+    emit(output, response, table)

@@ -1,4 +1,5 @@
-"""`tensorway`: serve a service, run the local stack, and (as they land) models, infer and batch."""
+"""`tensorway`: serve a service, run the local stack, and call a mesh: models, infer and batch,
+through the current context's Envoy (`tensorway config`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from rich.console import Console
 
 from tensorway.cli.batch import batch_app
 from tensorway.cli.bench import bench_command
+from tensorway.cli.contexts import CONTEXT_ENV, config_app, select_context
 from tensorway.cli.dev import dev_app
 from tensorway.cli.envoy import envoy_app
+from tensorway.cli.errors import EXIT_CODES_HELP
 from tensorway.cli.infer import infer_command
 from tensorway.cli.models import models_app
 from tensorway.runtime import ServiceServer, ServiceSettings, configure_process, serve
@@ -22,8 +25,10 @@ app = typer.Typer(
     help="tensorway: a gRPC-first inference mesh in front of NVIDIA Triton.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    epilog=EXIT_CODES_HELP,
 )
 app.add_typer(batch_app, name="batch")
+app.add_typer(config_app, name="config")
 app.add_typer(dev_app, name="dev")
 app.add_typer(envoy_app, name="envoy")
 app.add_typer(models_app, name="models")
@@ -43,8 +48,23 @@ SERVICES: dict[str, str] = {
 
 
 @app.callback()
-def tensorway() -> None:
-    """tensorway: a gRPC-first inference mesh in front of NVIDIA Triton."""
+def tensorway(
+    context: Annotated[
+        str,
+        typer.Option(
+            "--context",
+            envvar=CONTEXT_ENV,
+            help="The context (mesh) to talk to; default the config file's current one.",
+        ),
+    ] = "",
+) -> None:
+    """tensorway: a gRPC-first inference mesh in front of NVIDIA Triton.
+
+    models, infer and batch talk to the mesh of the current context (`tensorway config`): its
+    Envoy over TLS, with a bearer token. `tensorway dev up` writes the context `local` for the
+    local stack. Data commands take -o table|json|yaml.
+    """
+    select_context(context)
 
 
 class ServiceModule(Protocol):

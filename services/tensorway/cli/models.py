@@ -1,27 +1,28 @@
-"""`tensorway models`: register, list, show, deploy, promote and split traffic, against the
-registry's gRPC API at `--registry` or TENSORWAY_REGISTRY_ADDRESS, else the local stack's.
+"""`tensorway models`: register, list, show, deploy, promote and split traffic.
 
-It talks to the registry directly, inside the network, as an operator: every call carries the
-admin identity of `access.OPERATOR_TENANT`, which may write and sees pool addresses."""
+Through the context's Envoy, the token says who calls: reads need models.read, writes models.write
+(an admin token; the local stack's context has one). At an internal address (`--registry` or
+TENSORWAY_REGISTRY_ADDRESS) it talks to the registry directly, as an operator: every call carries
+the admin identity of `access.OPERATOR_TENANT`, which may write and sees pool addresses."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tensorway.cli.addresses import service_address
+from tensorway.cli.connection import connect
+from tensorway.cli.errors import ExitCode, fail
+from tensorway.cli.output import OutputFormat, OutputOption, emit, key_column, message_data, print_table
 from tensorway.common.v1 import tensor_pb2
-from tensorway.registry.access import OPERATOR_TENANT, admin_channel
+from tensorway.registry.access import OPERATOR_TENANT, admin_metadata
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
@@ -53,7 +54,10 @@ def models(
     registry: Annotated[
         str,
         typer.Option(
-            "--registry", envvar="TENSORWAY_REGISTRY_ADDRESS", help="The registry's gRPC address, host:port."
+            "--registry",
+            envvar="TENSORWAY_REGISTRY_ADDRESS",
+            help="Inside the network: the registry's gRPC address, host:port, called as an operator"
+            " instead of through the context's Envoy.",
         ),
     ] = "",
 ) -> None:
@@ -63,34 +67,23 @@ def models(
 
 @contextmanager
 def _stub() -> Iterator[pb_grpc.RegistryServiceStub]:
-    address = service_address(_registry.address, "registry", "--registry", "TENSORWAY_REGISTRY_ADDRESS")
-    with grpc.insecure_channel(address) as channel:
-        yield pb_grpc.RegistryServiceStub(admin_channel(channel, OPERATOR_TENANT))
+    connection = connect(
+        "registry",
+        _registry.address,
+        option="--registry",
+        env_var="TENSORWAY_REGISTRY_ADDRESS",
+        internal_identity=admin_metadata(OPERATOR_TENANT),
+    )
+    with connection.channel() as channel:
+        yield pb_grpc.RegistryServiceStub(channel)
 
 
 def _call(method: Callable[..., T], request: object) -> T:
-    """One call; a failure is printed with its reason and field violations, then exits 1."""
+    """One call; a failure is printed with its status details and exits with its code's exit code."""
     try:
         return method(request, timeout=CALL_TIMEOUT_SECONDS)
     except grpc.RpcError as error:
-        raise _fail(error) from None
-
-
-def _fail(error: grpc.RpcError) -> typer.Exit:
-    code: grpc.StatusCode = error.code()
-    _err.print(f"[bold red]{code.name}[/bold red]: {escape(error.details() or '')}", highlight=False)
-    status = rpc_status.from_call(error)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            for violation in bad_request.field_violations:
-                _err.print(f"  [yellow]{escape(violation.field)}[/yellow]: {escape(violation.description)}")
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            _err.print(f"  retry after {retry.retry_delay.ToTimedelta().total_seconds():g}s")
-    return typer.Exit(1)
+        raise fail(error) from None
 
 
 def _is_not_found(error: grpc.RpcError) -> bool:
@@ -133,7 +126,10 @@ def _add_row(table: Table, *cells: str) -> None:
 
 
 def _version_table(versions: Sequence[pb.ModelVersion]) -> Table:
-    table = Table("version", "stage", "platform", "inputs", "outputs", "max batch", "artifact", "metrics")
+    table = Table(
+        key_column("version"), "stage", "platform", "inputs", "outputs", "max batch",
+        key_column("artifact"), "metrics",
+    )  # fmt: skip
     for v in versions:
         metrics = ", ".join(f"{k}={value:g}" for k, value in sorted(v.metrics.items()))
         _add_row(
@@ -144,7 +140,7 @@ def _version_table(versions: Sequence[pb.ModelVersion]) -> Table:
 
 
 def _deployment_table(deployments: Sequence[pb.Deployment]) -> Table:
-    table = Table("deployment", "pool", "traffic", "aliases", "shadow")
+    table = Table(key_column("deployment"), key_column("pool"), "traffic", "aliases", "shadow")
     for d in deployments:
         _add_row(
             table,
@@ -165,10 +161,12 @@ def register_command(
         str, typer.Option("--artifact-uri", help="Where the artifact lives, e.g. s3://models/digits/1.")
     ],
     inputs: Annotated[
-        list[str], typer.Option("--input", help="NAME:DATATYPE:DIMS, e.g. input:FP32:64; repeat.")
+        list[str],
+        typer.Option("--input-spec", help="An input, NAME:DATATYPE:DIMS, e.g. input:FP32:64; repeat."),
     ],
     outputs: Annotated[
-        list[str], typer.Option("--output", help="NAME:DATATYPE:DIMS, e.g. label:INT64:1; repeat.")
+        list[str],
+        typer.Option("--output-spec", help="An output, NAME:DATATYPE:DIMS, e.g. label:INT64:1; repeat."),
     ],
     platform: Annotated[str, typer.Option(help="Backend platform.")] = "onnxruntime_onnx",
     max_batch_size: Annotated[int, typer.Option(help="Largest batch; 0 when the model does not batch.")] = 0,
@@ -177,12 +175,13 @@ def register_command(
     labels: Annotated[
         list[str] | None, typer.Option("--label", help="KEY=VALUE (when the model is new); repeat.")
     ] = None,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Register a version of a model, creating the model first if it is new."""
     body = pb.ModelVersion(
         platform=platform,
-        inputs=[_parse_spec(spec, "--input") for spec in inputs],
-        outputs=[_parse_spec(spec, "--output") for spec in outputs],
+        inputs=[_parse_spec(spec, "--input-spec") for spec in inputs],
+        outputs=[_parse_spec(spec, "--output-spec") for spec in outputs],
         max_batch_size=max_batch_size,
         artifact_uri=artifact_uri,
     )
@@ -192,14 +191,14 @@ def register_command(
             stub.GetModel(pb.GetModelRequest(name=name), timeout=CALL_TIMEOUT_SECONDS)
         except grpc.RpcError as error:
             if not _is_not_found(error):
-                raise _fail(error) from None
+                raise fail(error) from None
             new = pb.Model(name=name, description=description, labels=_parse_pairs(labels or [], "--label"))
             _call(stub.CreateModel, pb.CreateModelRequest(model=new))
         created = _call(
             stub.CreateModelVersion,
             pb.CreateModelVersionRequest(parent=name, model_version_id=version, model_version=body),
         ).model_version
-    _out.print(_version_table([created]))
+    emit(output, created, lambda: print_table(_out, _version_table([created])))
 
 
 @models_app.command("list")
@@ -207,26 +206,40 @@ def list_command(
     filter_text: Annotated[
         str, typer.Option("--filter", help='Label filter, e.g. "team=vision AND tier=gold".')
     ] = "",
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """List models, with their labels and when they last changed."""
-    table = Table("model", "description", "labels", "updated")
+    # Every page, as one ListModelsResponse with no page token left.
+    listed = pb.ListModelsResponse()
     with _stub() as stub:
         request = pb.ListModelsRequest(filter=filter_text, page_size=200)
         while True:
             page = _call(stub.ListModels, request)
-            for m in page.models:
-                labels = ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items()))
-                updated = m.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-                _add_row(table, m.name.removeprefix("models/"), m.description, labels, updated)
+            listed.models.extend(page.models)
             if not page.next_page_token:
                 break
             request.page_token = page.next_page_token
-    _out.print(table)
+
+    def table() -> None:
+        rows = Table(key_column("model"), "description", "labels", "updated")
+        for m in listed.models:
+            labels = ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items()))
+            updated = m.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+            _add_row(rows, m.name.removeprefix("models/"), m.description, labels, updated)
+        print_table(_out, rows)
+
+    emit(output, listed, table)
 
 
 @models_app.command("show")
-def show_command(model: Annotated[str, typer.Argument(help="Model id.")]) -> None:
-    """A model's versions, deployments and the route routers get for it."""
+def show_command(
+    model: Annotated[str, typer.Argument(help="Model id.")], output: OutputOption = OutputFormat.TABLE
+) -> None:
+    """A model's versions, deployments and the route routers get for it.
+
+    As JSON: {"model": Model, "model_versions": [...], "deployments": [...], "route": ResolveModelResponse
+    or null when it is not deployed}.
+    """
     name = f"models/{model}"
     with _stub() as stub:
         found = _call(stub.GetModel, pb.GetModelRequest(name=name)).model
@@ -242,21 +255,32 @@ def show_command(model: Annotated[str, typer.Argument(help="Model id.")]) -> Non
             )
         except grpc.RpcError as error:
             if not _is_not_found(error):
-                raise _fail(error) from None
+                raise fail(error) from None
             resolved = None
-    labels = ", ".join(f"{k}={v}" for k, v in sorted(found.labels.items()))
-    _out.print(f"[bold]{escape(model)}[/bold]  {escape(found.description)}  {escape(labels)}")
-    _out.print(_version_table(versions))
-    _out.print(_deployment_table(deployments))
-    if resolved is None:
-        _out.print("not deployed: no route")
-        return
-    route = Table(
-        "routed version", "weight", "pool", "endpoints", title=f"route (default version {resolved.version})"
-    )
-    for v in resolved.route.versions:
-        _add_row(route, v.version, str(v.weight), v.pool.removeprefix("pools/"), ", ".join(v.endpoints))
-    _out.print(route)
+    document: dict[str, Any] = {
+        "model": message_data(found),
+        "model_versions": [message_data(v) for v in versions],
+        "deployments": [message_data(d) for d in deployments],
+        "route": None if resolved is None else message_data(resolved),
+    }
+
+    def table() -> None:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(found.labels.items()))
+        _out.print(f"[bold]{escape(model)}[/bold]  {escape(found.description)}  {escape(labels)}")
+        print_table(_out, _version_table(versions))
+        print_table(_out, _deployment_table(deployments))
+        if resolved is None:
+            _out.print("not deployed: no route")
+            return
+        route = Table(
+            key_column("routed version"), "weight", key_column("pool"), key_column("endpoints"),
+            title=f"route (default version {resolved.version})",
+        )  # fmt: skip
+        for v in resolved.route.versions:
+            _add_row(route, v.version, str(v.weight), v.pool.removeprefix("pools/"), ", ".join(v.endpoints))
+        print_table(_out, route)
+
+    emit(output, document, table)
 
 
 @models_app.command("deploy")
@@ -271,6 +295,7 @@ def deploy_command(
     ] = None,
     deployment: Annotated[str, typer.Option(help="Deployment id.")] = "main",
     aliases: Annotated[list[str] | None, typer.Option("--alias", help="ALIAS=VERSION; repeat.")] = None,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Send a model's traffic on a pool to one version; creates the deployment (and pool) if new."""
     body = pb.Deployment(
@@ -285,7 +310,7 @@ def deploy_command(
                 stub.GetPool(pb.GetPoolRequest(name=f"pools/{pool}"), timeout=CALL_TIMEOUT_SECONDS)
             except grpc.RpcError as error:
                 if not _is_not_found(error):
-                    raise _fail(error) from None
+                    raise fail(error) from None
                 _call(
                     stub.CreatePool,
                     pb.CreatePoolRequest(pool=pb.Pool(name=f"pools/{pool}", endpoints=endpoints)),
@@ -294,7 +319,7 @@ def deploy_command(
             stub.GetDeployment(pb.GetDeploymentRequest(name=body.name), timeout=CALL_TIMEOUT_SECONDS)
         except grpc.RpcError as error:
             if not _is_not_found(error):
-                raise _fail(error) from None
+                raise fail(error) from None
             saved = _call(
                 stub.CreateDeployment,
                 pb.CreateDeploymentRequest(
@@ -309,7 +334,7 @@ def deploy_command(
                     update_mask=field_mask_pb2.FieldMask(paths=["pool", "traffic", "aliases"]),
                 ),
             ).deployment
-    _out.print(_deployment_table([saved]))
+    emit(output, saved, lambda: print_table(_out, _deployment_table([saved])))
 
 
 @models_app.command("promote")
@@ -322,6 +347,7 @@ def promote_command(
             help=f"Target stage: {', '.join(STAGES)}; default the next (draft → staging → production)."
         ),
     ] = None,
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Move a version to another stage (default: the next one), under the registry's stage rules."""
     name = f"models/{model}/versions/{version}"
@@ -330,7 +356,7 @@ def promote_command(
             current = _call(stub.GetModelVersion, pb.GetModelVersionRequest(name=name)).model_version
             if current.stage not in NEXT_STAGE:
                 _err.print(f"{escape(name)} is {_stage(current.stage)}; say where with --to")
-                raise typer.Exit(2)
+                raise typer.Exit(ExitCode.CLIENT_ERROR)
             target = NEXT_STAGE[current.stage]
         elif to.lower() in STAGES:
             target = STAGES[to.lower()]
@@ -339,9 +365,13 @@ def promote_command(
         moved = _call(
             stub.TransitionModelVersionStage, pb.TransitionModelVersionStageRequest(name=name, stage=target)
         )
-    _out.print(_version_table([moved.model_version]))
-    for demoted in moved.demoted_versions:
-        _out.print(f"moved {escape(demoted.name)} back to {_stage(demoted.stage)}")
+
+    def table() -> None:
+        print_table(_out, _version_table([moved.model_version]))
+        for demoted in moved.demoted_versions:
+            _out.print(f"moved {escape(demoted.name)} back to {_stage(demoted.stage)}")
+
+    emit(output, moved, table)
 
 
 @models_app.command("traffic")
@@ -349,6 +379,7 @@ def traffic_command(
     model: Annotated[str, typer.Argument(help="Model id.")],
     weights: Annotated[list[str], typer.Argument(help="VERSION=PERCENT for each version; they sum to 100.")],
     deployment: Annotated[str, typer.Option(help="Deployment id.")] = "main",
+    output: OutputOption = OutputFormat.TABLE,
 ) -> None:
     """Split a deployment's traffic across versions, e.g. `traffic digits 1=90 2=10`."""
     try:
@@ -365,4 +396,4 @@ def traffic_command(
                 deployment=body, update_mask=field_mask_pb2.FieldMask(paths=["traffic"])
             ),
         ).deployment
-    _out.print(_deployment_table([saved]))
+    emit(output, saved, lambda: print_table(_out, _deployment_table([saved])))
