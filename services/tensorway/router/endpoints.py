@@ -70,6 +70,12 @@ class Endpoint:
         channel = grpc.aio.insecure_channel(self.address, options=message_size_options(MAX_MESSAGE_BYTES))
         return channel, channel.unary_unary(INFER_METHOD)
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to this orchestrator, for calls besides inference (Triton's control RPCs,
+        which neither the breaker nor the load counts)."""
+        return self._channel
+
     async def infer(self, request: bytes) -> bytes:
         """Run a serialized InferRequest here and return the serialized InferResponse, recording the
         outcome in the breaker and the load."""

@@ -1,39 +1,101 @@
 """Triton's own `inference.GRPCInferenceService`, served by the router so `tritonclient.grpc` code
-works against the mesh unchanged. Inference goes through the router's core; health, metadata,
-configuration and the repository index are answered from the route table.
+works against the mesh unchanged, answered as Triton answers.
+
+Inference goes through the router's core. Health, metadata and readiness are answered from the
+route table. What only Tritons know comes from the orchestrators of the version's pool, which
+serve Triton's service for it (`tensorway.orchestrator.triton_control`): a model's configuration
+(a serving Triton's, verbatim, cached per version until the route table changes), its
+statistics (summed over every Triton that serves the version, each Triton counted once however
+many orchestrators front it) and the repository's states and reasons.
 
 Triton semantics clients rely on are kept: an unknown model is NOT_FOUND (and not ready rather
-than an error for ModelReady), shapes in metadata carry the batch dimension as -1, outputs come
-back as raw buffers, a failed request on a stream is an `error_message` while the stream goes on,
-and a stream's answers come back in the order its requests came.
+than an error for ModelReady), a version string Triton cannot read as a number is
+INVALID_ARGUMENT, statistics of a model or version that is not served are INVALID_ARGUMENT,
+shapes in metadata carry the batch dimension as -1, outputs come back as raw buffers, unary
+answers carry no parameters of the mesh's own and stream answers carry Triton's
+`triton_final_response`, a failed request on a stream is an `error_message` while the stream
+goes on, and a stream's answers come back in the order its requests came. Refusals keep Triton's
+status codes but carry the mesh's own messages.
+
+What a mesh cannot do as one Triton does is refused with a message saying why: shared memory
+(UNIMPLEMENTED: the router and the Tritons run in other processes, usually on other machines, so
+no client memory region can be mapped) and unloading a model (FAILED_PRECONDITION: the registry's
+deployments decide what is served). Loading a model is answered from its deployment: OK when it
+is served, UNAVAILABLE while it is not. Both need the admin scope (`models.write`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-from importlib import metadata
-from typing import Any
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import timedelta
+from typing import Any, NoReturn
 
 import grpc
-from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.grpc import service_pb2 as triton
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
-from tensorway.common.v1 import tensor_pb2
+from tensorway.common.v1 import error_pb2, tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
+from tensorway.orchestrator.streams import FINAL_RESPONSE_PARAMETER
+from tensorway.orchestrator.triton_control import TRITONS_METADATA_KEY
 from tensorway.router.dispatch import Router
-from tensorway.router.routing import VersionRoute
+from tensorway.router.routing import ModelRoute, RouteTable, VersionRoute
 from tensorway.router.serialized import SerializedRequest
 from tensorway.router.streaming import answer_in_order, route_key, status_of
-from tensorway.runtime import NotFound, TensorwayError
+from tensorway.runtime import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+)
+from tensorway.runtime.context import Scope, require_scope
+from tensorway.runtime.interceptors import downstream_metadata, downstream_timeout
 from tensorway.tensors.triton import from_triton_request, to_triton_response
 
 SERVICE = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 add_to_server = triton_grpc.add_GRPCInferenceServiceServicer_to_server
-SERVER_NAME = "tensorway"
-# What the router does the way Triton does; shared memory, statistics and model control stay with
-# the orchestrators' Tritons.
-EXTENSIONS = ("classification", "model_configuration", "parameters")
+# What ServerMetadata says: Triton's name and the version of Triton the mesh fronts and is tested
+# against, so clients that check the server accept it; and of Triton 2.51's extensions, those the
+# mesh serves as Triton does. Left out: shared memory (system, CUDA), trace and log settings, and
+# unloading dependents, which the mesh refuses.
+SERVER_NAME = "triton"
+SERVER_VERSION = "2.51.0"
+EXTENSIONS = (
+    "classification",
+    "sequence",
+    "model_repository",
+    "schedule_policy",
+    "model_configuration",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+)
+# Orchestrator answers the control RPCs pass over to the next orchestrator: it is away, or
+# older than the Triton service it serves.
+_PASS_OVER = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+# Triton reads a version string with C++ stol: leading whitespace, a sign and digits, the rest
+# ignored; it refuses a string with no number and a negative number.
+_VERSION_NUMBER = re.compile(r"\s*([+-]?\d+)")
+_INT64_MAX = 2**63 - 1
+_SHARED_MEMORY_REGION = "shared_memory_region"
+_SHARED_MEMORY_BYTE_SIZE = "shared_memory_byte_size"
+_SHARED_MEMORY_OFFSET = "shared_memory_offset"
+_NO_SHARED_MEMORY = (
+    "shared memory is not available through tensorway: the router and the Tritons behind it run in "
+    "other processes, usually on other machines, so they cannot map a region of the client's "
+    "memory; send tensors in the request (raw_input_contents) instead"
+)
 
 
 def _with_batch_dimension(shape: Iterable[int], max_batch_size: int) -> list[int]:
@@ -49,27 +111,6 @@ def _tensor_metadata(specs: Iterable[tensor_pb2.TensorSpec], max_batch_size: int
     ]
 
 
-def _config_type(datatype: str) -> Any:
-    # Triton's configuration calls BYTES "TYPE_STRING"; every other name only gains the prefix.
-    return triton_config.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
-
-
-def _model_config(model: str, version: VersionRoute) -> Any:
-    return triton_config.ModelConfig(
-        name=model,
-        platform=version.platform,
-        max_batch_size=version.max_batch_size,
-        input=[
-            triton_config.ModelInput(name=spec.name, data_type=_config_type(spec.datatype), dims=spec.shape)
-            for spec in version.inputs
-        ],
-        output=[
-            triton_config.ModelOutput(name=spec.name, data_type=_config_type(spec.datatype), dims=spec.shape)
-            for spec in version.outputs
-        ],
-    )
-
-
 def _sequence_of(request: Any) -> tuple[str, str] | None:
     """The (model, sequence id) of a Triton request in a stateful sequence; None outside one."""
     parameter = request.parameters.get("sequence_id")
@@ -80,13 +121,80 @@ def _sequence_of(request: Any) -> tuple[str, str] | None:
     return (request.model_name, str(value)) if value else None
 
 
-class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """Thin: convert the request, call the router, convert the answer."""
+def version_number(version: str) -> int | None:
+    """The number Triton reads from a version string; None where Triton refuses the string
+    (INVALID_ARGUMENT), as for "abc" or "-1"."""
+    match = _VERSION_NUMBER.match(version)
+    if match is None:
+        return None
+    number = int(match[1])
+    return number if 0 <= number <= _INT64_MAX else None
 
-    def __init__(self, router: Router, route_key_header: str, stream_max_in_flight: int) -> None:
+
+def _not_available(model: str, version: str) -> InvalidArgument:
+    # Triton's code for statistics of a model or version it does not serve.
+    described = f"model {model!r}" + (f" version {version}" if version else "")
+    return InvalidArgument(
+        f"{described} is not available",
+        reason=error_pb2.ERROR_REASON_MODEL_NOT_FOUND,
+        metadata={"model": model},
+    )
+
+
+def add_statistics(total: Any, part: Any) -> None:
+    """Add one Triton's ModelStatistics of a model version to `total`: counts and durations
+    summed, batch and response statistics by batch size and by key, the latest inference kept."""
+    total.last_inference = max(total.last_inference, part.last_inference)
+    total.inference_count += part.inference_count
+    total.execution_count += part.execution_count
+    _add_durations(total.inference_stats, part.inference_stats)
+    batches = {batch.batch_size: batch for batch in total.batch_stats}
+    for batch in part.batch_stats:
+        if batch.batch_size not in batches:
+            batches[batch.batch_size] = total.batch_stats.add(batch_size=batch.batch_size)
+        _add_durations(batches[batch.batch_size], batch, skip=("batch_size",))
+    memory = {(usage.type, usage.id): usage for usage in total.memory_usage}
+    for usage in part.memory_usage:
+        if (usage.type, usage.id) not in memory:
+            memory[(usage.type, usage.id)] = total.memory_usage.add(type=usage.type, id=usage.id)
+        memory[(usage.type, usage.id)].byte_size += usage.byte_size
+    for key, response in part.response_stats.items():
+        _add_durations(total.response_stats[key], response)
+
+
+def _add_durations(total: Any, part: Any, skip: Iterable[str] = ()) -> None:
+    """Add every StatisticDuration field of `part` to `total`'s."""
+    for field in part.DESCRIPTOR.fields:
+        if field.name in skip:
+            continue
+        into, added = getattr(total, field.name), getattr(part, field.name)
+        into.count += added.count
+        into.ns += added.ns
+
+
+class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Thin: convert the request, call the router (or the orchestrators), convert the answer.
+
+    Raises the mesh's errors and never touches the call's context beyond its metadata, so the
+    V2 HTTP door (`http_api`) can call it too.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        route_key_header: str,
+        stream_max_in_flight: int,
+        control_timeout: timedelta = timedelta(seconds=5),
+    ) -> None:
         self._router = router
         self._route_key_header = route_key_header
         self._stream_max_in_flight = stream_max_in_flight
+        self._control_timeout = control_timeout.total_seconds()
+        # Triton's configuration of each (model, version), for the route table it was fetched under.
+        self._configs: dict[tuple[str, str], Any] = {}
+        self._configs_table: RouteTable | None = None
+
+    # Health and server metadata.
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return triton.ServerLiveResponse(live=True)
@@ -94,47 +202,177 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         return triton.ServerReadyResponse(ready=self._router.loaded)
 
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return triton.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    # Models.
+
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            _, version = self._router.describe(request.name, request.version)
-        except TensorwayError:
+            route, version = self._routed(request.name, request.version)
+            _, chosen = self._router.describe(route.model, version)
+        except NotFound:
             return triton.ModelReadyResponse(ready=False)
-        return triton.ModelReadyResponse(ready=self._router.serviceable(version))
-
-    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return triton.ServerMetadataResponse(
-            name=SERVER_NAME, version=metadata.version("tensorway"), extensions=EXTENSIONS
-        )
+        return triton.ModelReadyResponse(ready=self._router.serviceable(chosen))
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        route, version = self._router.describe(request.name, request.version)
+        route, version = self._routed(request.name, request.version)
+        route, chosen = self._router.describe(route.model, version)
         return triton.ModelMetadataResponse(
             name=route.model,
             versions=list(route.versions),
-            platform=version.platform,
-            inputs=_tensor_metadata(version.inputs, version.max_batch_size),
-            outputs=_tensor_metadata(version.outputs, version.max_batch_size),
+            platform=chosen.platform,
+            inputs=_tensor_metadata(chosen.inputs, chosen.max_batch_size),
+            outputs=_tensor_metadata(chosen.outputs, chosen.max_batch_size),
         )
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        route, version = self._router.describe(request.name, request.version)
-        return triton.ModelConfigResponse(config=_model_config(route.model, version))
+        route, version = self._routed(request.name, request.version)
+        route, chosen = self._router.describe(route.model, version)
+        table = self._router.table
+        if table is not self._configs_table:
+            # A new table may route the version elsewhere, to Tritons with another configuration.
+            self._configs, self._configs_table = {}, table
+        key = (route.model, chosen.version)
+        config = self._configs.get(key)
+        if config is None:
+            config = await self._first_answer(
+                chosen, "ModelConfig", triton.ModelConfigRequest(name=route.model, version=chosen.version)
+            )
+            if self._configs_table is table:
+                self._configs[key] = config
+        return config
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        # Which versions to report, and which orchestrators serve each.
+        # (model, version) asked of each orchestrator, "" for all.
+        wanted: dict[tuple[str, str], VersionRoute] = {}
+        asked = ("", "")
+        if request.name:
+            try:
+                route, version = self._routed(request.name, request.version)
+                if version:
+                    _, chosen = self._router.describe(route.model, version)
+                    wanted[(route.model, chosen.version)] = chosen
+                    asked = (route.model, chosen.version)
+                else:
+                    wanted.update(((route.model, name), each) for name, each in route.versions.items())
+                    asked = (route.model, "")
+            except NotFound as unknown:
+                raise _not_available(request.name, request.version) from unknown
+        else:
+            for route in self._router.table.models.values():
+                wanted.update(((route.model, name), each) for name, each in route.versions.items())
+        served_by: dict[str, set[tuple[str, str]]] = {}
+        for key, version_route in wanted.items():
+            for address in version_route.endpoints:
+                served_by.setdefault(address, set()).add(key)
+        answers = await asyncio.gather(
+            *(self._statistics_of(address, *asked) for address in served_by), return_exceptions=True
+        )
+        totals = {key: triton.ModelStatistics(name=key[0], version=key[1]) for key in sorted(wanted)}
+        counted: set[tuple[str, str, str]] = set()
+        failures: list[BaseException] = []
+        for address, answer in zip(served_by, answers, strict=True):
+            if isinstance(answer, BaseException):
+                failures.append(answer)
+                continue
+            for triton_address, statistics in answer:
+                key = (statistics.name, statistics.version)
+                # Each Triton once, however many orchestrators front it.
+                if key in served_by[address] and (triton_address, *key) not in counted:
+                    counted.add((triton_address, *key))
+                    add_statistics(totals[key], statistics)
+        if served_by and len(failures) == len(served_by):
+            _raise_control_failure(failures, "statistics")
+        return triton.ModelStatisticsResponse(model_stats=list(totals.values()))
+
+    # The repository.
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request.repository_name:
             raise NotFound("repository", request.repository_name)
+        table = self._router.table
+        states = await self._states(table.models.values())
         index = triton.RepositoryIndexResponse()
-        for route in self._router.table.models.values():
-            for version in route.versions.values():
-                ready = self._router.serviceable(version)
-                if ready or not request.ready:
-                    index.models.add(
-                        name=route.model, version=version.version, state="READY" if ready else "UNAVAILABLE"
-                    )
+        for (model, version), (state, reason) in sorted(states.items()):
+            if state == "READY" or not request.ready:
+                index.models.add(name=model, version=version, state=state, reason=reason)
         return index
 
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        require_scope(Scope.MODELS_WRITE)
+        if request.repository_name:
+            raise NotFound("repository", request.repository_name)
+        if request.parameters:
+            raise FailedPrecondition(
+                "the mesh loads models as the registry's deployments say, from their registered "
+                "versions: a load cannot carry a configuration or files; register a model version "
+                "and deploy it instead",
+                metadata={"model": request.model_name},
+            )
+        route = self._router.table.model(request.model_name)
+        states = await self._states([route])
+        if any(state == "READY" for state, _ in states.values()):
+            return triton.RepositoryModelLoadResponse()
+        reasons = "; ".join(
+            f"version {version}: {reason}" for (_, version), (_, reason) in sorted(states.items())
+        )
+        raise Unavailable(
+            f"model {route.model!r} is deployed but no version of it is ready yet ({reasons}); the "
+            "orchestrators of its pool load it as its deployment says: try again shortly, or check "
+            "the model's deployments in the registry",
+            reason=error_pb2.ERROR_REASON_MODEL_NOT_READY,
+            metadata={"model": route.model},
+        )
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        require_scope(Scope.MODELS_WRITE)
+        raise FailedPrecondition(
+            f"the mesh serves models by the registry's deployments, not by Triton's model control, "
+            f"so it does not unload model {request.model_name!r}: to stop serving it, change or "
+            "delete its deployments in the registry (RegistryService.UpdateDeployment / "
+            "DeleteDeployment), and the orchestrators of its pool unload it",
+            metadata={"model": request.model_name},
+        )
+
+    # Shared memory: refused, a mesh cannot map a client's memory.
+
+    async def SystemSharedMemoryStatus(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        raise Unimplemented(_NO_SHARED_MEMORY)
+
+    async def SystemSharedMemoryRegister(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        raise Unimplemented(_NO_SHARED_MEMORY)
+
+    async def SystemSharedMemoryUnregister(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        raise Unimplemented(_NO_SHARED_MEMORY)
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        raise Unimplemented(_NO_SHARED_MEMORY)
+
+    async def CudaSharedMemoryRegister(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        raise Unimplemented(_NO_SHARED_MEMORY)
+
+    async def CudaSharedMemoryUnregister(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        raise Unimplemented(_NO_SHARED_MEMORY)
+
+    # Inference.
+
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await self._infer(request, route_key(context, self._route_key_header))
+        response = await self._infer(request, route_key(context, self._route_key_header))
+        if FINAL_RESPONSE_PARAMETER in response.parameters:
+            del response.parameters[FINAL_RESPONSE_PARAMETER]
+        return response
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
@@ -143,14 +381,16 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
 
         async def answer(request: Any) -> Any:
             try:
-                return triton.ModelStreamInferResponse(infer_response=await self._infer(request, key))
+                response = await self._infer(request, key)
             except Exception as error:
+                # As Triton: the message, and of the answer only the request's id.
                 return triton.ModelStreamInferResponse(
                     error_message=status_of(error).message,
-                    infer_response=triton.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
-                    ),
+                    infer_response=triton.ModelInferResponse(id=request.id),
                 )
+            # Triton marks each answer on a stream as its request's final one.
+            response.parameters[FINAL_RESPONSE_PARAMETER].bool_param = True
+            return triton.ModelStreamInferResponse(infer_response=response)
 
         async for response in answer_in_order(
             request_iterator, answer, self._stream_max_in_flight, _sequence_of
@@ -158,9 +398,189 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             yield response
 
     async def _infer(self, request: Any, key: str | None) -> Any:
+        route, version = self._routed(request.model_name, request.model_version)
+        _check_contents(request)
         # Resolved here first: a request naming no outputs asks for the chosen version's outputs.
-        _, version = self._router.resolve(request.model_name, request.model_version, key)
-        converted = from_triton_request(request, version.outputs)
-        converted.model_version = version.version
+        _, chosen = self._router.resolve(route.model, version, key)
+        converted = from_triton_request(request, chosen.outputs)
+        converted.model_version = chosen.version
         response = await self._router.infer(SerializedRequest.of(converted), key)
         return to_triton_response(pb.InferResponse.FromString(response), request.id)
+
+    # Helpers.
+
+    def _routed(self, model: str, version: str) -> tuple[ModelRoute, str]:
+        """The model's route and the version string to look up in it, read as Triton reads it.
+
+        A version the route names, or one of its aliases, stands as it is; otherwise the string
+        must hold a number as Triton's do (INVALID_ARGUMENT, before the model is looked up, as
+        Triton does), and "01" or " 1" name version "1". NOT_FOUND for a model the table lacks.
+        """
+        table = self._router.table
+        route = table.models.get(model)
+        if version and not (route is not None and (version in route.versions or version in route.aliases)):
+            number = version_number(version)
+            if number is None:
+                raise InvalidArgument(
+                    f"version {version!r} is not a version number: a version is an integer above 0",
+                    [FieldViolation("version", "must be an integer above 0")],
+                    reason=error_pb2.ERROR_REASON_INVALID_ARGUMENT,
+                    metadata={"model": model},
+                )
+            version = str(number)
+        return table.model(model), version
+
+    def _channel(self, address: str) -> Any:
+        return triton_grpc.GRPCInferenceServiceStub(self._router.endpoints.get(address).channel)
+
+    async def _first_answer(self, version: VersionRoute, method: str, request: Any) -> Any:
+        """The first answer to a control call from the version's orchestrators, available ones
+        first; a refusal of the request itself (NOT_FOUND, INVALID_ARGUMENT) is final."""
+        endpoints = sorted(
+            self._router.endpoints.of(version.endpoints),
+            key=lambda endpoint: not endpoint.breaker.available(),
+        )
+        failures: list[BaseException] = []
+        for endpoint in endpoints:
+            try:
+                return await getattr(self._channel(endpoint.address), method)(
+                    request, timeout=downstream_timeout(self._control_timeout), metadata=downstream_metadata()
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _PASS_OVER:
+                    raise
+                failures.append(error)
+        _raise_control_failure(failures, f"version {version.version} (pool {version.pool})")
+
+    async def _statistics_of(self, address: str, model: str, version: str) -> list[tuple[str, Any]]:
+        """(Triton address, ModelStatistics) for each Triton behind the orchestrator at `address`."""
+        call = self._channel(address).ModelStatistics(
+            triton.ModelStatisticsRequest(name=model, version=version),
+            timeout=downstream_timeout(self._control_timeout),
+            metadata=downstream_metadata(),
+        )
+        answer = await call
+        trailing = dict(await call.trailing_metadata() or ())
+        tritons = str(trailing.get(TRITONS_METADATA_KEY, "")).split(",")
+        if len(tritons) != len(answer.model_stats):
+            # An orchestrator that does not name its Tritons: count its answer as one Triton's.
+            tritons = [address] * len(answer.model_stats)
+        return list(zip(tritons, answer.model_stats, strict=True))
+
+    async def _index_of(self, address: str) -> Mapping[tuple[str, str], Any]:
+        answer = await self._channel(address).RepositoryIndex(
+            triton.RepositoryIndexRequest(ready=False),
+            timeout=downstream_timeout(self._control_timeout),
+            metadata=downstream_metadata(),
+        )
+        return {(entry.name, entry.version): entry for entry in answer.models}
+
+    async def _states(self, routes: Iterable[ModelRoute]) -> dict[tuple[str, str], tuple[str, str]]:
+        """Triton's state and reason of every version of `routes`, from their orchestrators."""
+        routes = list(routes)
+        addresses = sorted(
+            {a for route in routes for version in route.versions.values() for a in version.endpoints}
+        )
+        answers = await asyncio.gather(
+            *(self._index_of(address) for address in addresses), return_exceptions=True
+        )
+        indexes = {
+            address: answer
+            for address, answer in zip(addresses, answers, strict=True)
+            if not isinstance(answer, BaseException)
+        }
+        return {
+            (route.model, name): self._state_of(route.model, version, indexes)
+            for route in routes
+            for name, version in route.versions.items()
+        }
+
+    def _state_of(
+        self, model: str, version: VersionRoute, indexes: Mapping[str, Mapping[tuple[str, str], Any]]
+    ) -> tuple[str, str]:
+        if not version.endpoints:
+            return "UNAVAILABLE", f"pool {version.pool} has no orchestrators"
+        reported = [
+            (address, indexes[address].get((model, version.version)))
+            for address in version.endpoints
+            if address in indexes
+        ]
+        ready = [address for address, entry in reported if entry is not None and entry.state == "READY"]
+        if any(self._router.endpoints.get(address).breaker.available() for address in ready):
+            return "READY", ""
+        if ready:
+            return "UNAVAILABLE", f"the router holds pool {version.pool}'s orchestrators out after failures"
+        for _, entry in reported:
+            if entry is not None:
+                return entry.state or "UNAVAILABLE", entry.reason
+        if reported:
+            return "UNAVAILABLE", f"not in the model repository of pool {version.pool}"
+        return "UNAVAILABLE", f"no orchestrator of pool {version.pool} answered"
+
+
+def _check_contents(request: Any) -> None:
+    """Refuse, with Triton's codes, what Triton refuses and the mesh cannot carry: typed contents
+    beside raw ones (INVALID_ARGUMENT), and tensors in shared memory (malformed parameters are
+    INVALID_ARGUMENT; well-formed ones NOT_FOUND, as Triton says of a region it does not know: no
+    region is ever registered through the mesh)."""
+    raw = bool(request.raw_input_contents)
+    for field, tensors in (("inputs", request.inputs), ("outputs", request.outputs)):
+        for index, tensor in enumerate(tensors):
+            _check_shared_memory(field, index, tensor)
+    if raw:
+        for index, tensor in enumerate(request.inputs):
+            if tensor.contents.ListFields():
+                raise InvalidArgument(
+                    f"input {tensor.name!r} has contents, but the request has raw_input_contents: "
+                    "send every input in one or the other",
+                    [
+                        FieldViolation(
+                            f"inputs[{index}].contents", "set contents or raw_input_contents, not both"
+                        )
+                    ],
+                    reason=error_pb2.ERROR_REASON_TENSOR_INVALID,
+                )
+
+
+def _check_shared_memory(field: str, index: int, tensor: Any) -> None:
+    """Triton's checks of a tensor's shared-memory parameters, in Triton's order."""
+    parameters = tensor.parameters
+    where = f"{field}[{index}].parameters"
+
+    def kind(name: str) -> str | None:
+        parameter = parameters.get(name)
+        return None if parameter is None else str(parameter.WhichOneof("parameter_choice"))
+
+    def refuse(why: str) -> NoReturn:
+        raise InvalidArgument(
+            f"{field[:-1]} {tensor.name!r}: {why}",
+            [FieldViolation(where, why)],
+            reason=error_pb2.ERROR_REASON_TENSOR_INVALID,
+        )
+
+    region = parameters.get(_SHARED_MEMORY_REGION)
+    if region is None:
+        if _SHARED_MEMORY_BYTE_SIZE in parameters or _SHARED_MEMORY_OFFSET in parameters:
+            refuse(f"{_SHARED_MEMORY_BYTE_SIZE} and {_SHARED_MEMORY_OFFSET} need {_SHARED_MEMORY_REGION}")
+        return
+    if kind(_SHARED_MEMORY_REGION) != "string_param":
+        refuse(f"{_SHARED_MEMORY_REGION} must be a string_param")
+    if kind(_SHARED_MEMORY_BYTE_SIZE) != "int64_param":
+        refuse(f"{_SHARED_MEMORY_REGION} needs {_SHARED_MEMORY_BYTE_SIZE} as an int64_param")
+    if kind(_SHARED_MEMORY_OFFSET) not in (None, "int64_param"):
+        refuse(f"{_SHARED_MEMORY_OFFSET} must be an int64_param")
+    raise NotFound(
+        "shared memory region",
+        region.string_param,
+        f"{field[:-1]} {tensor.name!r} is in shared memory region {region.string_param!r}, which is "
+        f"not registered: {_NO_SHARED_MEMORY}",
+    )
+
+
+def _raise_control_failure(failures: list[BaseException], what: str) -> NoReturn:
+    """Every orchestrator failed a control call: raise their own refusal of the request (its
+    code and message, the mesh's, pass on as they are), else UNAVAILABLE."""
+    for failure in failures:
+        if not isinstance(failure, grpc.aio.AioRpcError) or failure.code() not in _PASS_OVER:
+            raise failure
+    raise Unavailable(f"no orchestrator answered for {what}", reason=error_pb2.ERROR_REASON_MODEL_NOT_READY)
