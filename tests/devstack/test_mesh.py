@@ -59,7 +59,7 @@ async def test_every_service_answers_health_and_reflection(mesh: tuple[Stack, St
 
 def test_demo_models_register_and_answer_through_the_router(mesh: tuple[Stack, StackState]) -> None:
     stack, state = mesh
-    assert register_demo_models(state) == ["simple", "digits", "iris"]
+    assert register_demo_models(state) == ["simple", "digits", "iris", "accumulate"]
     # Registering again (a second `dev up` on the same data) changes nothing and still works.
     register_demo_models(state)
     sums, differences = demo_request(state.addresses()["router"])

@@ -19,7 +19,7 @@ from tensorway.devstack._state import Endpoint
 
 LOCAL_POOL = "local"
 # Registry names are DNS labels, so Triton's `simple_string` stays reachable on Triton only.
-ROUTED_DEMO_MODELS = ("simple", "digits", "iris")
+ROUTED_DEMO_MODELS = ("simple", "digits", "iris", "accumulate")
 
 
 def endpoint_key(component: str) -> str:
