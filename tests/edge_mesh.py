@@ -103,7 +103,8 @@ def edge() -> Iterator[Edge]:
     )
     http = requests.Session()
     try:
-        state = stack.up(["router", "batch", "envoy"])
+        # A batch worker too, so a job submitted through Envoy runs to its end (tests/edge/test_cli.py).
+        state = stack.up(["router", "batch", "batch-worker", "envoy"])
         register_demo_models(state)
         # The launcher's readiness probes can leave a failed connection to the garbage
         # collector; collected here, its ResourceWarning does not fail whichever test runs next.

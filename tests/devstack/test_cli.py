@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
 from typer.testing import CliRunner
 
 from tensorway.cli.dev import dev_app
 
 
 def test_up_status_down_round_trip(private_state_dir: Path) -> None:
-    runner = CliRunner()
+    # Any context `dev up` writes goes to a config file of this test's own.
+    runner = CliRunner(env={"TENSORWAY_CONFIG": str(private_state_dir / "config.yaml")})
     state_dir = ["--state-dir", str(private_state_dir)]
 
     started = runner.invoke(dev_app, ["up", "redis", "kafka", *state_dir])
@@ -21,6 +23,8 @@ def test_up_status_down_round_trip(private_state_dir: Path) -> None:
         addresses = json.loads(status.stdout)
         assert addresses.keys() == {"redis", "kafka"}
         assert addresses["redis"] in started.stdout
+        as_yaml = runner.invoke(dev_app, ["status", "-o", "yaml", *state_dir])
+        assert yaml.safe_load(as_yaml.stdout) == addresses
 
         again = runner.invoke(dev_app, ["up", "redis", *state_dir])
         assert again.exit_code == 1
