@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 # Rebuilt whenever pyproject.toml changes, so a pulled dependency change installs itself.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup run stop status test lint gen bench clean
+# `make breaking` compares protos/ with where this branch left its target branch.
+BREAKING_BASE ?= origin/main
+
+.PHONY: setup run stop status test lint breaking gen bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +33,19 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/bandit --quiet -c pyproject.toml -r services
 
-test: lint
+# buf breaking (FILE rules), the working tree's protos/ against those at the merge base of HEAD
+# and BREAKING_BASE: a branch is checked against what it started from, so changes main already
+# took on purpose are not reported again. Skipped, saying so, where BREAKING_BASE does not exist.
+breaking: setup
+	@base=$$(git merge-base HEAD $(BREAKING_BASE) 2>/dev/null) || { \
+	  echo "buf breaking: skipped, no $(BREAKING_BASE) to compare with (make breaking BREAKING_BASE=REF)"; exit 0; }; \
+	scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
+	git archive "$$base" buf.yaml protos | tar -x -C "$$scratch" && \
+	$(BIN)/python -c 'import sys; from pathlib import Path; from tensorway.protogen import stage_third_party_protos as stage; [stage(Path(p)) for p in sys.argv[1:]]' . "$$scratch" && \
+	echo "buf breaking: protos/ against $(BREAKING_BASE) at $$(git rev-parse --short $$base)" && \
+	$(BIN)/buf breaking --against "$$scratch"
+
+test: lint breaking
 	$(BIN)/pytest
 
 gen: setup
