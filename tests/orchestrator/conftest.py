@@ -33,6 +33,8 @@ class TcpProxy:
         self._pumps: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.upstream_bytes = 0
+        self.held = bytearray()
+        """What reached the proxy on its way to Triton since the last `stall()`, while stalled."""
         self.connections = 0
         self.address = ""
 
@@ -43,6 +45,7 @@ class TcpProxy:
 
     def stall(self) -> None:
         """Hold every byte in both directions until `resume()`."""
+        self.held.clear()
         self._flowing.clear()
 
     def resume(self) -> None:
@@ -88,6 +91,8 @@ class TcpProxy:
     ) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await source.read(65536):
+                if upstream and not self._flowing.is_set():
+                    self.held += data
                 await self._flowing.wait()
                 if upstream:
                     self.upstream_bytes += len(data)

@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tests.waiting import eventually
 
 from .conftest import StartOrchestrator, TcpProxy
 
@@ -38,6 +39,11 @@ def simple_request(request_id: str, offset: int, batch: int = 1) -> pb.InferRequ
         ],
         outputs=[pb.RequestedOutput(name="OUTPUT0", binary=True)],
     )
+
+
+def held_at(proxy: TcpProxy, offset: int) -> bool:
+    """Whether the request `simple_request(..., offset)` made is held at the stalled `proxy`."""
+    return np.full(16, offset, dtype=np.int32).tobytes() in proxy.held
 
 
 def offset_of(response: pb.InferResponse) -> int:
@@ -148,7 +154,7 @@ async def test_a_broken_stream_fails_its_requests_as_unavailable_and_is_reopened
         await stub.Infer(simple_request("before", 0))
         triton_proxy.stall()
         in_flight = asyncio.ensure_future(stub.Infer(simple_request("cut", 1)))
-        await asyncio.sleep(0.2)
+        await eventually(lambda: held_at(triton_proxy, 1), what="the request held at the proxy")
         triton_proxy.sever()
         triton_proxy.resume()
         with pytest.raises(grpc.aio.AioRpcError) as raised:

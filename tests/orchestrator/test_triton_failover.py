@@ -4,16 +4,16 @@ is down or stalls is answered by the other one."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from tests.waiting import PATIENCE, eventually
 
 from .conftest import StartOrchestrator, TcpProxy
-from .test_streams import offset_of, simple_request
+from .test_streams import held_at, offset_of, simple_request
 
 
 @pytest.fixture
@@ -32,13 +32,22 @@ async def test_a_request_whose_stream_breaks_runs_on_the_other_triton(
         stub = pb_grpc.InferenceServiceStub(channel)
         await stub.Infer(simple_request("warm", 0))
         triton_proxy.stall()
-        # Both Tritons are idle, so the first one takes it, and holds it.
-        in_flight = asyncio.ensure_future(stub.Infer(simple_request("cut", 1)))
-        await asyncio.sleep(0.2)
+        # Requests until the orchestrator sends one to the first Triton, which holds it.
+        for offset in range(1, 20):
+            in_flight = asyncio.ensure_future(stub.Infer(simple_request(f"cut-{offset}", offset)))
+            await eventually(
+                lambda: held_at(triton_proxy, offset) or in_flight.done(),  # noqa: B023
+                what="the request held at the first Triton or answered by the second",
+            )
+            if held_at(triton_proxy, offset):
+                break
+            assert offset_of(await in_flight) == offset
+        else:
+            raise AssertionError("no request went to the first Triton")
         triton_proxy.sever()
         triton_proxy.refuse()
         triton_proxy.resume()
-        assert offset_of(await in_flight) == 1
+        assert offset_of(await in_flight) == offset
         answers = await asyncio.gather(*(stub.Infer(simple_request(f"after-{i}", i)) for i in range(20)))
     assert [offset_of(answer) for answer in answers] == list(range(20))
 
@@ -53,9 +62,9 @@ async def test_a_stalled_triton_is_hedged_to_the_other(
         stub = pb_grpc.InferenceServiceStub(channel)
         await stub.Infer(simple_request("warm", 0))
         triton_proxy.stall()
-        started = time.monotonic()
-        answer = await stub.Infer(simple_request("stalled", 7), timeout=5)
-        waited = time.monotonic() - started
+        # The stalled Triton never answers while the proxy holds it: only a hedge can.
+        answer = await stub.Infer(simple_request("stalled", 7), timeout=PATIENCE)
+        held = held_at(triton_proxy, 7)
         triton_proxy.resume()
     assert offset_of(answer) == 7
-    assert waited < 2
+    assert held, "the request went to the stalled Triton first"

