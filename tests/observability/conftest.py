@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 
 import pytest
 
@@ -18,24 +16,15 @@ def catalogue() -> dict[str, CatalogueEntry]:
     return entries
 
 
-def _install_prometheus() -> None:
-    # CI runs on Debian as root: promtool and prometheus come with Debian's prometheus package.
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "prometheus"]
-    if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
-        subprocess.run(install, env=env, capture_output=True, check=True)
-
-
 def debian_prometheus_binary(name: str) -> str:
-    """Path of `prometheus` or `promtool`, installing Debian's package when it is missing and
-    the tests run as root; a failure saying what to install otherwise."""
+    """Path of `prometheus` or `promtool`, which Debian's prometheus package ships and `make setup`
+    installs; a failure saying so when it is missing (a test never installs anything)."""
     path = shutil.which(name)
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        _install_prometheus()
-        path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is missing: install Debian's prometheus package (apt-get install prometheus)")
+        pytest.fail(
+            f"{name} is missing: run `make setup`, which installs Debian's prometheus package "
+            "(or apt-get install prometheus)"
+        )
     return path
 
 
