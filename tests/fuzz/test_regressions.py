@@ -41,9 +41,7 @@ def test_a_huge_model_name_is_not_found_with_details_a_client_can_read(
     assert error.code() is grpc.StatusCode.NOT_FOUND
 
 
-@pytest.mark.parametrize(
-    "method", ["ModelStatistics", "RepositoryModelLoad", "CudaSharedMemoryStatus", "LogSettings"]
-)
+@pytest.mark.parametrize("method", ["CudaSharedMemoryStatus", "SystemSharedMemoryRegister", "LogSettings"])
 def test_triton_methods_the_router_leaves_out_are_unimplemented(fuzz_mesh: FuzzMesh, method: str) -> None:
     # They raised the generated servicer's NotImplementedError, which became INTERNAL.
     error = refusal(fuzz_mesh, "router", method_path(TRITON.methods_by_name[method]), b"")
