@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner, Result
 
+from tensorway.cli.contexts import LOCAL_CONTEXT, save_local_context
 from tensorway.cli.main import app
+from tensorway.edge.config import load_values
 from tests.edge_mesh import Edge
 
 TENSORWAY = Path(sys.executable).parent / "tensorway"
@@ -161,3 +164,22 @@ def test_batch_job_through_envoy_piped_to_a_file(cli: Cli, tmp_path: Path) -> No
     status = cli.json("batch", "status", job["name"])
     assert status["name"] == job["name"]
     assert job["name"] in {j["name"] for j in cli.json("batch", "list")["jobs"]}
+
+
+def test_the_local_context_mints_an_admin_token_for_each_command(edge: Edge, tmp_path: Path) -> None:
+    cli = Cli(tmp_path / "config.yaml")
+    jwt = load_values("local")["jwt"]
+    # What `tensorway dev up` writes for its stack: no token stored, the signing key's path instead.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TENSORWAY_CONFIG", str(cli.config))
+        save_local_context(
+            edge.url, edge.ca, edge.private_key, issuer=jwt["issuer"], audience=jwt["audiences"][0]
+        )
+    assert cli("config", "current-context").stdout == f"{LOCAL_CONTEXT}\n"
+    model = f"cli-local-{uuid.uuid4().hex[:8]}"
+    registered = cli.json(
+        "models", "register", model, "--artifact-uri", f"s3://models/{model}/1",
+        "--input-spec", "input:FP32:4", "--output-spec", "label:INT64:1",
+    )  # fmt: skip
+    assert registered["name"] == f"models/{model}/versions/1"
+    assert f"models/{model}" in {m["name"] for m in cli.json("models", "list")["models"]}
