@@ -51,10 +51,18 @@ TEST_LIMITS = {
     ],
 }
 
-# A per-tenant local limit on the batch routes small enough for a test to exceed on purpose, and
-# large enough for every other test's calls in the minute.
+# Per-tenant local limits on the batch and inference routes small enough for a test to exceed on
+# purpose, and large enough for every other test's calls in the minute.
+ROUTER_LOCAL_LIMIT = 100
 EDGE_VALUES = {
-    "batch": {"local_rate_limit": {"max_tokens": 40, "tokens_per_fill": 40, "fill_interval": "60s"}}
+    "batch": {"local_rate_limit": {"max_tokens": 40, "tokens_per_fill": 40, "fill_interval": "60s"}},
+    "router": {
+        "local_rate_limit": {
+            "max_tokens": ROUTER_LOCAL_LIMIT,
+            "tokens_per_fill": ROUTER_LOCAL_LIMIT,
+            "fill_interval": "60s",
+        }
+    },
 }
 
 

@@ -22,6 +22,8 @@ from tritonclient.utils import InferenceServerException
 
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as inference_grpc
+from tests.edge_mesh import ROUTER_LOCAL_LIMIT
+from tests.waiting import eventually_blocking
 
 if TYPE_CHECKING:
     from tests.edge_mesh import Edge
@@ -170,12 +172,10 @@ def test_the_tenant_comes_from_the_token_not_the_client(edge: Edge) -> None:
     )
     assert reply.status_code == 200, (reply.headers, reply.text)
     # The access log records the tenant header as forwarded upstream.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lines = [json.loads(line) for line in edge.access_log.read_text().splitlines() if marker in line]
-        if lines:
-            break
-        time.sleep(0.1)
+    lines = eventually_blocking(
+        lambda: [json.loads(line) for line in edge.access_log.read_text().splitlines() if marker in line],
+        what="the request's access log line",
+    )
     assert [line["tenant"] for line in lines] == ["acme"]
     assert lines[0]["path"] == "/v1/models"
     assert lines[0]["grpc_method"] == "/tensorway.registry.v1.RegistryService/ListModels"
@@ -306,6 +306,42 @@ def test_past_a_limit_429_names_the_limit_and_when_to_retry(edge: Edge) -> None:
     assert 0 < retry_delay(body) <= 3600  # until the hour's window ends
     # Another tenant is not held back, nor is the model.
     other = edge.http.post(url, json=digits_body(), headers=edge.headers(), timeout=10)
+    assert other.status_code == 200, other.text
+
+
+def test_past_the_local_limit_the_edge_refuses_inference_itself(edge: Edge) -> None:
+    # Envoy's own per-tenant bucket on the inference routes (ROUTER_LOCAL_LIMIT calls a minute in
+    # the test mesh), before the router's global limits (a thousand a second here).
+    tenant = f"local-{uuid.uuid4().hex[:6]}"
+    auth = [("authorization", f"Bearer {edge.token(tenant)}")]
+    refused: grpc.RpcError | None = None
+    with edge.channel() as channel:
+        stub = inference_grpc.InferenceServiceStub(channel)
+        for _ in range(3 * ROUTER_LOCAL_LIMIT):  # at least one refill's worth past the bucket
+            try:
+                stub.Infer(digits_request(1), metadata=auth, timeout=10)
+            except grpc.RpcError as error:
+                refused = error
+                break
+    assert refused is not None, "the flood was never refused"
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    assert refused.details() == "local_rate_limited"  # Envoy's answer, not the router's
+    metadata = dict(refused.initial_metadata()) | dict(refused.trailing_metadata())  # type: ignore[attr-defined]
+    assert metadata["x-ratelimit-limit"] == str(ROUTER_LOCAL_LIMIT)
+    assert metadata["x-ratelimit-remaining"] == "0"
+    assert 0 <= int(metadata["x-ratelimit-reset"]) <= 60  # seconds to the next refill
+    # REST is refused by the same bucket, as 429 with a google.rpc.Status body.
+    rest = edge.http.post(
+        f"{edge.url}/v1/models/digits:infer", json=digits_body(), headers=edge.headers(tenant), timeout=10
+    )
+    assert rest.status_code == 429, rest.text
+    assert rest.json()["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert rest.headers["x-ratelimit-remaining"] == "0"
+    assert 0 <= int(rest.headers["x-ratelimit-reset"]) <= 60
+    # Another tenant's bucket is its own.
+    other = edge.http.post(
+        f"{edge.url}/v1/models/digits:infer", json=digits_body(), headers=edge.headers(), timeout=10
+    )
     assert other.status_code == 200, other.text
 
 
