@@ -18,6 +18,7 @@ $(INSTALLED): pyproject.toml
 
 # Tools no pip package ships: prometheus and promtool, which the local stack's metrics and the
 # observability tests run, from Debian's package (installed as root; others are told the command).
+# `make test` needs them; `make run` does not (Prometheus starts only with --with-prometheus).
 tools:
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -33,7 +34,7 @@ tools:
 		fi; \
 	fi
 
-setup: $(INSTALLED) tools
+setup: $(INSTALLED)
 
 run: setup
 	$(BIN)/tensorway dev up
@@ -62,7 +63,7 @@ breaking: setup
 	echo "buf breaking: protos/ against $(BREAKING_BASE) at $$(git rev-parse --short $$base)" && \
 	$(BIN)/buf breaking --against "$$scratch"
 
-test: lint breaking
+test: tools lint breaking
 	$(BIN)/pytest
 
 gen: setup

@@ -15,6 +15,7 @@ import requests
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from tensorway.edge.config import load_values
 from tests.fuzz.budget import fuzz_budget
 from tests.fuzz.conftest import FuzzMesh
 from tests.fuzz.outcomes import assert_mesh_serves
@@ -148,6 +149,10 @@ def queries() -> st.SearchStrategy[dict[str, str]]:
     return st.dictionaries(names, values, max_size=3)
 
 
+# Envoy's listener.max_request_headers_kb in every profile.
+HEADER_CAP_BYTES = load_values("local")["listener"]["max_request_headers_kb"] * 1024
+
+
 def assert_client_answer(reply: requests.Response) -> None:
     assert reply.status_code < 500, f"{reply.status_code}: {reply.text[:500]}"
     if reply.status_code >= 400:
@@ -170,15 +175,19 @@ def test_malformed_rest_calls_get_a_client_error(
     headers = fuzz_mesh.rest_headers()
     if content_type:
         headers["content-type"] = content_type
-    reply = http.request(
-        method,
-        f"{fuzz_mesh.envoy_url}{path}",
-        params=data.draw(queries()),
-        data=body,
-        headers=headers,
-        timeout=30,
+    request = http.prepare_request(
+        requests.Request(
+            method, f"{fuzz_mesh.envoy_url}{path}", params=data.draw(queries()), data=body, headers=headers
+        )
     )
-    assert_client_answer(reply)
+    try:
+        reply = http.send(request, timeout=30)
+    except requests.ConnectionError:
+        # Envoy answers a request whose headers pass its cap with 431 and closes the connection;
+        # a client still sending a far larger request line may see the close before the answer.
+        assert len(request.url or "") > HEADER_CAP_BYTES, request.url
+    else:
+        assert_client_answer(reply)
     assert not fuzz_mesh.dead_processes(), f"crashed: {fuzz_mesh.dead_processes()}"
 
 
