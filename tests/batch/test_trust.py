@@ -214,7 +214,6 @@ MALFORMED_INPUTS = [
     f"s3://{BUCKET}/uploads/globex/..%2facme/rows.npy",
     f"s3://{BUCKET}/uploads/globex/..\\acme\\rows.npy",
     f"s3://{BUCKET}/uploads/globex/rows.npy\n",
-    f"s3://{BUCKET}/uploads/globex/",
     f"s3://{BUCKET}",
     "s3://New-Bucket/uploads/globex/rows.npy",
     "s3://a/uploads/globex/rows.npy",
@@ -238,6 +237,22 @@ async def test_a_malformed_input_uri_is_invalid_argument(
     )
 
 
+@pytest.mark.parametrize("input_format", [pb.INPUT_FORMAT_JSONL, pb.INPUT_FORMAT_NPY])
+async def test_a_prefix_input_is_parquet_only(
+    batch: pb_grpc.BatchServiceStub, world: World, input_format: pb.InputFormat
+) -> None:
+    # The tenant's own uploads prefix is a Parquet dataset's place; no other layout spans objects.
+    await refused(
+        world,
+        batch.CreateJob(
+            job_request(f"s3://{BUCKET}/uploads/globex/", input_format=input_format),
+            metadata=tenant("globex"),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "job.input_uri",
+    )
+
+
 async def test_another_tenants_objects_cannot_be_read(
     batch: pb_grpc.BatchServiceStub, s3: Minio, world: World
 ) -> None:
@@ -252,6 +267,8 @@ async def test_another_tenants_objects_cannot_be_read(
         f"s3://{BUCKET}/results/globex/rows.npy",  # globex's, but results are not inputs
         f"s3://{BUCKET}/uploads/globex-not/rows.npy",  # a tenant whose id starts like globex's
         "s3://no-such-bucket-at-all/uploads/globex/rows.npy",  # would need a bucket made
+        f"s3://{BUCKET}/uploads/acme/",  # acme's whole prefix, as a Parquet dataset
+        f"s3://{BUCKET}/uploads/",  # every tenant's uploads
     ):
         error = await refused(
             world,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from tensorway.batch.core import JobStatus, Upload
-from tensorway.batch.domain import InputFormat, JobDraft, JobState
+from tensorway.batch.domain import InputFormat, JobDraft, JobState, OutputFormat
 from tensorway.batch.results import PresignedObject
 from tensorway.batch.v1 import batch_service_pb2 as pb
 
 STATES_TO_PROTO = {state: pb.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}
 FORMATS_TO_PROTO = {fmt: pb.InputFormat.Value(f"INPUT_FORMAT_{fmt.value}") for fmt in InputFormat}
 FORMATS_FROM_PROTO = {value: fmt for fmt, value in FORMATS_TO_PROTO.items()}
+OUTPUT_FORMATS_TO_PROTO = {fmt: pb.OutputFormat.Value(f"OUTPUT_FORMAT_{fmt.value}") for fmt in OutputFormat}
+OUTPUT_FORMATS_FROM_PROTO = {value: fmt for fmt, value in OUTPUT_FORMATS_TO_PROTO.items()}
 
 
 def draft_from_proto(job: pb.Job) -> JobDraft:
@@ -21,6 +23,9 @@ def draft_from_proto(job: pb.Job) -> JobDraft:
         output_prefix=job.output_prefix,
         shard_size=job.shard_size,
         priority=job.priority,
+        output_format=OUTPUT_FORMATS_FROM_PROTO.get(job.output_format),
+        input_columns=tuple(sorted(job.input_columns.items())),
+        id_column=job.id_column,
     )
 
 
@@ -42,6 +47,9 @@ def job_to_proto(status: JobStatus) -> pb.Job:
         output_prefix=job.spec.output_prefix,
         shard_size=job.spec.shard_size,
         priority=job.spec.priority,
+        output_format=OUTPUT_FORMATS_TO_PROTO[job.spec.output_format],
+        input_columns=dict(job.spec.input_columns),
+        id_column=job.spec.id_column,
         state=STATES_TO_PROTO[job.state],
         progress=pb.JobProgress(
             rows_total=job.progress.rows_total,

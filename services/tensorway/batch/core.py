@@ -15,8 +15,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from tensorway.batch.domain import InputFormat, InputPlan, Job, JobDraft, JobSpec, ObjectRef, Page
+from tensorway.batch.domain import (
+    InputFormat,
+    InputPlan,
+    Job,
+    JobDraft,
+    JobSpec,
+    ObjectRef,
+    OutputFormat,
+    Page,
+)
 from tensorway.batch.inputs import NPY_HEADER_PROBE_BYTES, InputError, plan_jsonl, plan_npy
+from tensorway.batch.parquet import plan_parquet
 from tensorway.batch.results import PresignedObject, ResultWriter
 from tensorway.batch.storage import ObjectStore, StorageError
 from tensorway.batch.store import JobChanges, JobStore
@@ -25,6 +35,9 @@ from tensorway.runtime import FieldViolation, InvalidArgument, PermissionDenied,
 
 logger = logging.getLogger(__name__)
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Parquet column names are free text; these bounds only keep a job's record small.
+MAX_COLUMN_NAME_CHARS = 256
+MAX_INPUT_COLUMNS = 64
 # How far back WatchJob looks to say how fast rows are going now.
 RATE_WINDOW = timedelta(seconds=10)
 
@@ -88,7 +101,28 @@ def validate(
     if input_ref is not None:
         input_format = input_format or InputFormat.from_key(input_ref.key)
         if input_format is None:
-            violations.append(FieldViolation("job.input_format", "name it, or end the key in .jsonl or .npy"))
+            violations.append(
+                FieldViolation("job.input_format", "name it, or end the key in .jsonl, .npy or .parquet")
+            )
+        elif input_ref.key.endswith("/") and input_format is not InputFormat.PARQUET:
+            violations.append(
+                FieldViolation("job.input_uri", "a prefix ending in '/' is a folder of Parquet files")
+            )
+    if input_format is not InputFormat.PARQUET and (draft.input_columns or draft.id_column):
+        violations.append(FieldViolation("job.input_columns", "columns are named for Parquet inputs only"))
+    if len(draft.input_columns) > MAX_INPUT_COLUMNS:
+        violations.append(FieldViolation("job.input_columns", f"at most {MAX_INPUT_COLUMNS} inputs"))
+    for name, column in (*draft.input_columns, ("", draft.id_column)):
+        if len(name) > MAX_COLUMN_NAME_CHARS or len(column) > MAX_COLUMN_NAME_CHARS or (name and not column):
+            violations.append(
+                FieldViolation(
+                    f"job.input_columns[{name!r}]" if name else "job.id_column",
+                    f"a column name of 1 to {MAX_COLUMN_NAME_CHARS} characters",
+                )
+            )
+    output_format = draft.output_format or (
+        OutputFormat.PARQUET if input_format is InputFormat.PARQUET else OutputFormat.JSONL
+    )
     try:
         output_ref = storage.output(tenant, job_id, draft.output_prefix)
     except (InvalidArgument, PermissionDenied) as exc:
@@ -119,6 +153,9 @@ def validate(
         output_prefix=output_ref.uri,
         shard_size=shard_size,
         priority=draft.priority,
+        output_format=output_format,
+        input_columns=draft.input_columns,
+        id_column=draft.id_column,
     )
 
 
@@ -286,6 +323,8 @@ class JobPlanner:
         self._storage.output(job.tenant, job.id, job.spec.output_prefix, "output_prefix")
         if job.spec.input_format is InputFormat.JSONL:
             return await self._objects.scan(ref, lambda chunks: plan_jsonl(chunks, job.spec.shard_size))
+        if job.spec.input_format is InputFormat.PARQUET:
+            return await plan_parquet(self._objects, ref, job.spec.shard_size)
         size = await self._objects.size(ref)
         head = await self._objects.read(ref, 0, min(size, NPY_HEADER_PROBE_BYTES)) if size else b""
         return plan_npy(head, size, job.spec.shard_size)

@@ -31,16 +31,31 @@ class InputFormat(StrEnum):
 
     JSONL = "JSONL"
     NPY = "NPY"
+    PARQUET = "PARQUET"
 
     @classmethod
     def from_key(cls, key: str) -> InputFormat | None:
-        """The format an object key's extension names, if any."""
+        """The format an object key's extension names, if any; a prefix (a key ending in '/')
+        is a folder of Parquet files, the one layout that spans many objects."""
         lowered = key.lower()
         if lowered.endswith((".jsonl", ".ndjson", ".json")):
             return cls.JSONL
         if lowered.endswith(".npy"):
             return cls.NPY
+        if lowered.endswith((".parquet", ".parq", "/")):
+            return cls.PARQUET
         return None
+
+
+class OutputFormat(StrEnum):
+    """The layout of a job's result parts."""
+
+    JSONL = "JSONL"
+    PARQUET = "PARQUET"
+
+    @property
+    def extension(self) -> str:
+        return ".parquet" if self is OutputFormat.PARQUET else ".jsonl"
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,15 @@ class JobSpec:
     output_prefix: str
     shard_size: int
     priority: int = 0
+    output_format: OutputFormat = OutputFormat.JSONL
+    # Parquet inputs: model input name -> the column it is read from, where they differ.
+    input_columns: tuple[tuple[str, str], ...] = ()
+    # Parquet inputs: the column of row ids; "" is "id" when there is one, else positions.
+    id_column: str = ""
+
+    def column_of(self, input_name: str) -> str:
+        """The Parquet column a model input is read from."""
+        return dict(self.input_columns).get(input_name, input_name)
 
 
 @dataclass(frozen=True)
@@ -109,6 +133,9 @@ class JobDraft:
     output_prefix: str
     shard_size: int
     priority: int
+    output_format: OutputFormat | None = None
+    input_columns: tuple[tuple[str, str], ...] = ()
+    id_column: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,13 +179,20 @@ class Job:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """One shard of a job: rows [row_start, row_start + row_count) at bytes [byte_start, byte_end)."""
+    """One shard of a job: rows [row_start, row_start + row_count) at bytes [byte_start, byte_end).
+
+    A Parquet shard is a row range of one file instead: `source` is that file's key ("" for the
+    job's input itself) and its rows begin at row `source_row` of the file; its bytes are the
+    file's footer's to find.
+    """
 
     index: int
     row_start: int
     row_count: int
     byte_start: int
     byte_end: int
+    source: str = ""
+    source_row: int = 0
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ and, when the job ends, the merged errors object and a manifest of parts, row co
 sums and presigned GET URLs.
 
 Layout under the job's output prefix:
-    parts/part-00000.jsonl    {"id": ..., "outputs": {"name": [...]}} per answered row
+    parts/part-00000.jsonl    {"id": ..., "outputs": {"name": [...]}} per answered row, or
+    parts/part-00000.parquet  every row: the id, a column per output and an error column
     errors/part-00000.jsonl   {"id": ..., "row": n, "reason": "..."} per failed row of shard 0
     errors.jsonl              every failed row of the job
     manifest.json             the job's parts and objects
@@ -11,6 +12,7 @@ Layout under the job's output prefix:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,13 +21,27 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+import pyarrow as pa
 
-from tensorway.batch.domain import Job, JobState, ObjectRef, RowError, ShardOutcome, StoredObject
+from tensorway.batch.domain import (
+    Job,
+    JobState,
+    ObjectRef,
+    OutputFormat,
+    RowError,
+    ShardOutcome,
+    ShardPlan,
+    StoredObject,
+)
+from tensorway.batch.inference import TensorSpec
+from tensorway.batch.parquet import DEFAULT_ID_COLUMN, AnsweredRows, parquet_bytes, part_table
 from tensorway.batch.storage import ObjectStore
 from tensorway.batch.store import JobStore, ShardRecord
+from tensorway.batch.tensors import json_rows
 
 logger = logging.getLogger(__name__)
 JSONL = "application/x-ndjson"
+PARQUET = "application/vnd.apache.parquet"
 
 
 def _prefix(job: Job) -> ObjectRef:
@@ -33,7 +49,7 @@ def _prefix(job: Job) -> ObjectRef:
 
 
 def part_ref(job: Job, shard: int) -> ObjectRef:
-    return _prefix(job).child(f"parts/part-{shard:05d}.jsonl")
+    return _prefix(job).child(f"parts/part-{shard:05d}{job.spec.output_format.extension}")
 
 
 def shard_errors_ref(job: Job, shard: int) -> ObjectRef:
@@ -77,6 +93,33 @@ def answer_lines(ids: Sequence[Any], outputs: Mapping[str, Sequence[bytes]]) -> 
     ]
 
 
+def _json_id(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+@dataclass(frozen=True)
+class ShardAnswers:
+    """A shard's outcome before it is written: the answered rows in row order, the row errors,
+    and the ids of every row when the input held them as a column (Parquet)."""
+
+    answered: list[AnsweredRows]
+    errors: list[RowError]
+    ids: pa.Array | None = None
+
+    @property
+    def rows_done(self) -> int:
+        return sum(len(piece.rows) for piece in self.answered)
+
+
+def jsonl_part(answers: ShardAnswers) -> bytes:
+    """A JSONL part: a line per answered row."""
+    lines: list[bytes] = []
+    for piece in answers.answered:
+        ids = piece.ids.to_pylist() if isinstance(piece.ids, pa.Array) else [_json_id(i) for i in piece.ids]
+        lines.extend(answer_lines(ids, {name: json_rows(array) for name, array in piece.outputs.items()}))
+    return b"".join(lines)
+
+
 @dataclass(frozen=True)
 class PresignedObject:
     """A stored object with a URL that reads it without credentials."""
@@ -103,18 +146,42 @@ class ResultWriter:
         self._url_expiry = url_expiry
 
     async def write_shard(
-        self, job: Job, shard: int, answers: Sequence[bytes], errors: Sequence[RowError]
+        self, job: Job, shard: ShardPlan, answers: ShardAnswers, outputs: Sequence[TensorSpec]
     ) -> ShardOutcome:
-        """Store a shard's answer lines (and its row errors, if any) under the shard's fixed
-        keys, so a second attempt replaces the first instead of adding to it."""
-        ref = part_ref(job, shard)
-        result = StoredObject(ref.uri, len(answers), await self._objects.write(ref, b"".join(answers), JSONL))
+        """Store a shard's part (and its row errors, if any) under the shard's fixed keys, so a
+        second attempt replaces the first instead of adding to it: the same rows give the same
+        bytes, in either format."""
+        ref = part_ref(job, shard.index)
+        errors = answers.errors
+        if job.spec.output_format is OutputFormat.PARQUET:
+            id_name = job.spec.id_column or DEFAULT_ID_COLUMN
+
+            def encode() -> bytes:
+                table = part_table(
+                    shard.row_start,
+                    shard.row_count,
+                    answered=answers.answered,
+                    errors=errors,
+                    ids=answers.ids,
+                    id_name=id_name,
+                    outputs=outputs,
+                )
+                return parquet_bytes(table)
+
+            # pyarrow encodes without the GIL, beside the other shards' inference.
+            data = await asyncio.to_thread(encode)
+            result = StoredObject(ref.uri, shard.row_count, await self._objects.write(ref, data, PARQUET))
+        else:
+            data = jsonl_part(answers)
+            result = StoredObject(ref.uri, answers.rows_done, await self._objects.write(ref, data, JSONL))
         failed: StoredObject | None = None
         if errors:
-            ref = shard_errors_ref(job, shard)
+            ref = shard_errors_ref(job, shard.index)
             data = jsonl(e.to_json() for e in errors)
             failed = StoredObject(ref.uri, len(errors), await self._objects.write(ref, data, JSONL))
-        return ShardOutcome(result=result, errors=failed, rows_done=len(answers), rows_failed=len(errors))
+        return ShardOutcome(
+            result=result, errors=failed, rows_done=answers.rows_done, rows_failed=len(errors)
+        )
 
     async def discard_shard(self, job: Job, shard: int) -> None:
         """Remove what an attempt wrote for a shard that was cancelled meanwhile."""
@@ -176,6 +243,7 @@ class ResultWriter:
             "model": job.spec.model,
             "model_version": job.spec.model_version,
             "input_uri": job.spec.input_uri,
+            "output_format": job.spec.output_format.value,
             "state": state.value,
             "rows_total": job.progress.rows_total,
             "rows_done": job.progress.rows_done,

@@ -10,7 +10,7 @@ import hashlib
 import io
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import urllib3
@@ -40,6 +40,58 @@ def _describe(ref: ObjectRef, exc: BaseException) -> str:
             return f"access to {ref.uri} is denied"
         return f"{ref.uri}: {exc.code}: {exc.message}"
     return f"{ref.uri} is unreachable: {exc}"
+
+
+class RangedObject(io.RawIOBase):
+    """A read-only, seekable file over one object: each read is one ranged GET. For use in a
+    worker thread (ObjectStore.with_file); a failed read raises StorageError."""
+
+    def __init__(self, client: Minio, ref: ObjectRef, size: int) -> None:
+        super().__init__()
+        self._client = client
+        self._ref = ref
+        self._size = size
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return self._size
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._size if size is None or size < 0 else min(self._size, self._position + size)
+        if end <= self._position:
+            return b""
+        try:
+            response = self._client.get_object(
+                self._ref.bucket, self._ref.key, offset=self._position, length=end - self._position
+            )
+            try:
+                data: bytes = response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise StorageError(_describe(self._ref, exc)) from exc
+        self._position += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 class ObjectStore:
@@ -106,6 +158,21 @@ class ObjectStore:
                 response.release_conn()
 
         return await self._run(ref, call)
+
+    async def list(self, prefix: ObjectRef) -> list[tuple[str, int]]:
+        """(key, size) of every object under `prefix`, at any depth, in key order."""
+
+        def call() -> list[tuple[str, int]]:
+            listed = self._client.list_objects(prefix.bucket, prefix=prefix.key, recursive=True)
+            return sorted((o.object_name, int(o.size or 0)) for o in listed if not o.is_dir)
+
+        return await self._run(prefix, call)
+
+    async def with_file(self, ref: ObjectRef, size: int, consume: Callable[[RangedObject], T]) -> T:
+        """Run `consume` in a worker thread on a seekable view of the object (of `size` bytes)
+        whose reads are ranged GETs, so a reader that seeks (Parquet's) fetches only what it
+        reads, never the whole object."""
+        return await self._run(ref, lambda: consume(RangedObject(self._client, ref, size)))
 
     async def write(self, ref: ObjectRef, data: bytes, content_type: str) -> str:
         """Store `data` at `ref` (replacing what was there); returns its SHA-256, hex."""

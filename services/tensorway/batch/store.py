@@ -34,6 +34,7 @@ from tensorway.batch.domain import (
     JobSpec,
     JobState,
     NpyLayout,
+    OutputFormat,
     Page,
     Progress,
     ShardLease,
@@ -160,6 +161,22 @@ MIGRATIONS: tuple[tuple[int, tuple[LiteralString, ...]], ...] = (
             "CREATE INDEX batch_outbox_by_tenant ON batch_outbox (tenant, priority DESC, id)",
         ),
     ),
+    (
+        6,
+        (
+            # Parquet in and out: a job names its output layout, and the columns its inputs and
+            # row ids come from; a shard of a Parquet input is a row range of one of its files.
+            "ALTER TABLE batch_jobs DROP CONSTRAINT batch_jobs_input_format_check",
+            """ALTER TABLE batch_jobs ADD CONSTRAINT batch_jobs_input_format_check
+                CHECK (input_format IN ('JSONL', 'NPY', 'PARQUET'))""",
+            """ALTER TABLE batch_jobs ADD COLUMN output_format text NOT NULL DEFAULT 'JSONL'
+                CHECK (output_format IN ('JSONL', 'PARQUET'))""",
+            "ALTER TABLE batch_jobs ADD COLUMN input_columns jsonb NOT NULL DEFAULT '{}'",
+            "ALTER TABLE batch_jobs ADD COLUMN id_column text NOT NULL DEFAULT ''",
+            "ALTER TABLE batch_shards ADD COLUMN source text NOT NULL DEFAULT ''",
+            "ALTER TABLE batch_shards ADD COLUMN source_row bigint NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 JOB_CHANGES_CHANNEL: LiteralString = "tensorway_batch_job_changes"
 
@@ -168,6 +185,7 @@ JOB_QUERY: LiteralString = """SELECT j.id, j.seq, j.tenant, j.model, j.model_ver
     j.input_format, j.output_prefix, j.shard_size, j.priority, j.state, j.failure_reason,
     j.rows_total, j.rows_done, j.rows_failed, j.shards_total, j.shards_done, j.manifest, j.errors,
     j.trace_context, j.create_time, j.start_time, j.end_time, j.npy_layout,
+    j.output_format, j.input_columns, j.id_column,
     (SELECT coalesce(jsonb_agg(s.result ORDER BY s.shard), '[]') FROM batch_shards s
      WHERE s.job_id = j.id AND s.result IS NOT NULL) AS results
     FROM batch_jobs j"""
@@ -202,6 +220,9 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
             output_prefix=row["output_prefix"],
             shard_size=row["shard_size"],
             priority=row["priority"],
+            output_format=OutputFormat(row["output_format"]),
+            input_columns=tuple(sorted(row["input_columns"].items())),
+            id_column=row["id_column"],
         ),
         state=JobState(row["state"]),
         progress=Progress(
@@ -228,7 +249,15 @@ def _npy_layout(row: Mapping[str, Any]) -> NpyLayout | None:
 
 
 def _shard_from_row(row: Mapping[str, Any]) -> ShardPlan:
-    return ShardPlan(row["shard"], row["row_start"], row["row_count"], row["byte_start"], row["byte_end"])
+    return ShardPlan(
+        row["shard"],
+        row["row_start"],
+        row["row_count"],
+        row["byte_start"],
+        row["byte_end"],
+        row["source"],
+        row["source_row"],
+    )
 
 
 @dataclass(frozen=True)
@@ -417,8 +446,9 @@ class JobStore:
         async with self._transaction() as connection:
             cursor = await connection.execute(
                 """INSERT INTO batch_jobs (id, tenant, request_id, model, model_version, input_uri,
-                    input_format, output_prefix, shard_size, priority, state, trace_context)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'QUEUED', %s)
+                    input_format, output_prefix, shard_size, priority, state, trace_context,
+                    output_format, input_columns, id_column)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'QUEUED', %s, %s, %s, %s)
                 ON CONFLICT (tenant, request_id) DO NOTHING RETURNING id""",
                 (
                     job_id,
@@ -432,6 +462,9 @@ class JobStore:
                     spec.shard_size,
                     spec.priority,
                     Jsonb(dict(trace_context)),
+                    spec.output_format.value,
+                    Jsonb(dict(spec.input_columns)),
+                    spec.id_column,
                 ),
             )
             if await cursor.fetchone() is None:
@@ -523,9 +556,22 @@ class JobStore:
         )
         async with connection.cursor() as cursor:
             await cursor.executemany(
-                """INSERT INTO batch_shards (job_id, shard, row_start, row_count, byte_start, byte_end, state)
-                VALUES (%s, %s, %s, %s, %s, %s, 'PENDING')""",
-                [(job.id, s.index, s.row_start, s.row_count, s.byte_start, s.byte_end) for s in plan.shards],
+                """INSERT INTO batch_shards (job_id, shard, row_start, row_count, byte_start, byte_end,
+                    source, source_row, state)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'PENDING')""",
+                [
+                    (
+                        job.id,
+                        s.index,
+                        s.row_start,
+                        s.row_count,
+                        s.byte_start,
+                        s.byte_end,
+                        s.source,
+                        s.source_row,
+                    )
+                    for s in plan.shards
+                ],
             )
             await cursor.executemany(
                 INSERT_OUTBOX,

@@ -151,9 +151,10 @@ class TenantStorage:
         return ObjectRef.parse(self.results.format(tenant=check_tenant(tenant), job=job_id))
 
     def input(self, tenant: str, uri: str, field: str = "job.input_uri") -> ObjectRef:
-        """The object a job of `tenant` reads; INVALID_ARGUMENT when `uri` is malformed,
-        PERMISSION_DENIED when it lies outside the tenant's prefixes."""
-        ref = parse_uri(uri, field, prefix=False)
+        """The object a job of `tenant` reads, or the prefix (ending in '/') whose objects it
+        reads; INVALID_ARGUMENT when `uri` is malformed, PERMISSION_DENIED when it lies outside
+        the tenant's prefixes."""
+        ref = parse_uri(uri, field, prefix=uri.endswith("/"))
         extra = self.extra_inputs.get(tenant, ())
         allowed = [self.uploads_prefix(tenant), *(ObjectRef.parse(p) for p in extra)]
         if not any(_inside(ref, prefix) for prefix in allowed):

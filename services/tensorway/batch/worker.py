@@ -32,20 +32,22 @@ from opentelemetry import trace
 from pydantic_settings import SettingsConfigDict
 
 from tensorway.batch import metrics
-from tensorway.batch.domain import ObjectRef, RowError, ShardLease
+from tensorway.batch.domain import InputFormat, ObjectRef, OutputFormat, RowError, ShardLease
 from tensorway.batch.inference import (
     GrpcInferenceClient,
     InferenceClient,
     ModelSignature,
+    TensorSpec,
     infer_with_retries,
 )
 from tensorway.batch.inputs import Batch, InputError, coalesce, decode_jsonl, npy_batches
 from tensorway.batch.outbox import ensure_topic
-from tensorway.batch.results import ResultWriter, answer_lines
+from tensorway.batch.parquet import DEFAULT_ID_COLUMN, ERROR_COLUMN, AnsweredRows, read_shard
+from tensorway.batch.results import ResultWriter, ShardAnswers
 from tensorway.batch.settings import BatchSettings
 from tensorway.batch.storage import ObjectStore, StorageError
 from tensorway.batch.store import JobStore
-from tensorway.batch.tensors import from_tensor, json_rows, to_tensor
+from tensorway.batch.tensors import from_tensor, to_tensor
 from tensorway.batch.v1 import shard_task_pb2
 from tensorway.inference.v1 import inference_service_pb2 as infer_pb
 from tensorway.runtime import ServiceServer, create_server, tracing
@@ -101,13 +103,15 @@ class JobCannotRun(Exception):
 
 @dataclass(frozen=True)
 class Answers:
-    """A shard's outcome before it is written: answer lines (JSONL) in row order, and row errors."""
+    """A shard's outcome before it is written, and the model outputs the part has columns for."""
 
-    lines: list[bytes]
-    errors: list[RowError]
+    shard: ShardAnswers
+    outputs: tuple[TensorSpec, ...]
 
 
 def _json_id(value: Any) -> Any:
+    if hasattr(value, "as_py"):  # a pyarrow scalar: a Parquet input's id
+        return value.as_py()
     return value.item() if hasattr(value, "item") else value
 
 
@@ -197,7 +201,7 @@ class ShardRunner:
     async def _finish(self, lease: ShardLease, answers: Answers, leased_at: float) -> None:
         job, index = lease.job, lease.shard.index
         try:
-            outcome = await self._results.write_shard(job, index, answers.lines, answers.errors)
+            outcome = await self._results.write_shard(job, lease.shard, answers.shard, answers.outputs)
         except StorageError as exc:
             logger.warning(
                 "cannot write shard result", extra={"job": job.name, "shard": index, "error": str(exc)}
@@ -249,31 +253,59 @@ class ShardRunner:
 
     async def _answer(self, lease: ShardLease) -> Answers:
         signature = await self._signature(lease)
-        shard = lease.shard
-        data = await self._objects.read(
-            ObjectRef.parse(lease.job.spec.input_uri), shard.byte_start, shard.byte_end - shard.byte_start
-        )
+        spec, shard = lease.job.spec, lease.shard
         size = self._batch_size(signature)
         errors: list[RowError] = []
+        ids = None
+        input_ref = ObjectRef.parse(spec.input_uri)
+        output_names = {o.name for o in signature.outputs}
+        if spec.output_format is OutputFormat.PARQUET:
+            taken = {spec.id_column or DEFAULT_ID_COLUMN, ERROR_COLUMN} & output_names
+            if taken:
+                raise JobCannotRun(
+                    f"model {spec.model!r} has an output named {sorted(taken)[0]!r}, the name of the "
+                    "id or error column of Parquet results: name another id column, or ask for JSONL"
+                )
         try:
-            if lease.npy is not None:
-                batches = npy_batches(data, shard.row_start, lease.npy, signature, size)
+            if spec.input_format is InputFormat.PARQUET:
+                source = ObjectRef(input_ref.bucket, shard.source or input_ref.key)
+                columns = dict(spec.input_columns)
+                read = await self._objects.with_file(
+                    source,
+                    shard.byte_end,
+                    lambda file: read_shard(
+                        file,
+                        source.uri,
+                        shard,
+                        signature=signature,
+                        columns=columns,
+                        id_column=spec.id_column,
+                        batch_rows=size,
+                    ),
+                )
+                batches, errors, ids = read.batches, read.errors, read.ids
             else:
-                rows, errors = decode_jsonl(data, shard.row_start, signature)
-                batches = coalesce(rows, size)
+                data = await self._objects.read(
+                    input_ref, shard.byte_start, shard.byte_end - shard.byte_start
+                )
+                if lease.npy is not None:
+                    batches = npy_batches(data, shard.row_start, lease.npy, signature, size)
+                else:
+                    rows, errors = decode_jsonl(data, shard.row_start, signature)
+                    batches = coalesce(rows, size)
         except InputError as exc:
-            raise JobCannotRun(f"the input {lease.job.spec.input_uri} {exc}") from exc
+            raise JobCannotRun(f"the input {spec.input_uri} {exc}") from exc
         answered = await asyncio.gather(*(self._infer(lease, signature, b, i) for i, b in enumerate(batches)))
-        lines: list[bytes] = []
-        for batch_lines, batch_errors in answered:
-            lines.extend(batch_lines)
+        pieces: list[AnsweredRows] = []
+        for batch_pieces, batch_errors in answered:
+            pieces.extend(batch_pieces)
             errors.extend(batch_errors)
         errors.sort(key=lambda e: e.row)
-        return Answers(lines, errors)
+        return Answers(ShardAnswers(pieces, errors, ids), signature.outputs)
 
     async def _infer(
         self, lease: ShardLease, signature: ModelSignature, batch: Batch, number: int
-    ) -> tuple[list[bytes], list[RowError]]:
+    ) -> tuple[list[AnsweredRows], list[RowError]]:
         """Answers for a batch's rows; a batch the model refuses is retried row by row, so only
         the rows at fault fail."""
         job = lease.job
@@ -309,20 +341,29 @@ class ShardRunner:
                 self._infer(
                     lease,
                     signature,
-                    Batch([row], [row_id], {name: array[i : i + 1] for name, array in batch.inputs.items()}),
+                    Batch(
+                        [row],
+                        batch.ids[i : i + 1],
+                        {name: array[i : i + 1] for name, array in batch.inputs.items()},
+                    ),
                     number,
                 )
-                for i, (row, row_id) in enumerate(zip(batch.rows, batch.ids, strict=True))
+                for i, row in enumerate(batch.rows)
             ]
-            lines: list[bytes] = []
+            pieces: list[AnsweredRows] = []
             errors: list[RowError] = []
-            for row_lines, row_errors in await asyncio.gather(*singles):
-                lines.extend(row_lines)
+            for row_pieces, row_errors in await asyncio.gather(*singles):
+                pieces.extend(row_pieces)
                 errors.extend(row_errors)
-            return lines, errors
+            return pieces, errors
         outputs = {tensor.name: from_tensor(tensor) for tensor in response.outputs}
-        values = {name: json_rows(array if batched else array[None]) for name, array in outputs.items()}
-        return answer_lines([_json_id(row_id) for row_id in batch.ids], values), []
+        return [
+            AnsweredRows(
+                batch.rows,
+                batch.ids,
+                {name: array if batched else array[None] for name, array in outputs.items()},
+            )
+        ], []
 
 
 def parse_task(value: bytes) -> tuple[str, int]:

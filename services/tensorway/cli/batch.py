@@ -43,7 +43,8 @@ CALL_TIMEOUT_SECONDS = 30.0
 # Per socket operation, not for the whole upload: a large file takes as long as it takes.
 UPLOAD_TIMEOUT_SECONDS = 60.0
 ACTIVE = (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
-FORMATS = {"jsonl": pb.INPUT_FORMAT_JSONL, "npy": pb.INPUT_FORMAT_NPY}
+FORMATS = {"jsonl": pb.INPUT_FORMAT_JSONL, "npy": pb.INPUT_FORMAT_NPY, "parquet": pb.INPUT_FORMAT_PARQUET}
+OUTPUT_FORMATS = {"jsonl": pb.OUTPUT_FORMAT_JSONL, "parquet": pb.OUTPUT_FORMAT_PARQUET}
 
 
 @dataclass
@@ -190,13 +191,31 @@ def _watch(stub: pb_grpc.BatchServiceStub, name: str) -> pb.Job:
 @batch_app.command()
 def submit(
     source: Annotated[
-        str, typer.Argument(help="A local .jsonl/.npy file (uploaded first) or s3://bucket/key.")
+        str,
+        typer.Argument(
+            help="A local .jsonl/.npy/.parquet file (uploaded first), s3://bucket/key, or "
+            "s3://bucket/prefix/ of .parquet files."
+        ),
     ],
     *,
     model: Annotated[str, typer.Option(help="The model to run.")],
     version: Annotated[str, typer.Option(help="The model version; empty lets the router choose.")] = "",
     input_format: Annotated[
-        str, typer.Option("--format", help="jsonl or npy; taken from the extension when empty.")
+        str, typer.Option("--format", help="jsonl, npy or parquet; taken from the extension when empty.")
+    ] = "",
+    output_format: Annotated[
+        str,
+        typer.Option(help="Result parts: jsonl or parquet; default parquet for Parquet inputs, else jsonl."),
+    ] = "",
+    columns: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--column",
+            help="Parquet: INPUT=COLUMN reads a model input from a column of another name; repeatable.",
+        ),
+    ] = None,
+    id_column: Annotated[
+        str, typer.Option(help='Parquet: the column of row ids (default "id" when there is one).')
     ] = "",
     shard_size: Annotated[int, typer.Option(help="Rows per shard; 0 takes the server's default.")] = 0,
     priority: Annotated[
@@ -211,7 +230,12 @@ def submit(
     with its presigned result URLs. A job that ends other than SUCCEEDED exits 1.
     """
     if input_format and input_format not in FORMATS:
-        raise typer.BadParameter("jsonl or npy", param_hint="--format")
+        raise typer.BadParameter("jsonl, npy or parquet", param_hint="--format")
+    if output_format and output_format not in OUTPUT_FORMATS:
+        raise typer.BadParameter("jsonl or parquet", param_hint="--output-format")
+    mapping = dict(column.partition("=")[::2] for column in columns or ())
+    if any(not name or not column for name, column in mapping.items()):
+        raise typer.BadParameter("INPUT=COLUMN", param_hint="--column")
     path = Path(source)
     if not source.startswith("s3://") and not path.is_file():
         raise typer.BadParameter(f"{source!r} is neither a file nor an s3:// URI", param_hint="SOURCE")
@@ -226,6 +250,9 @@ def submit(
             model_version=version,
             input_uri=input_uri,
             input_format=FORMATS.get(input_format, pb.INPUT_FORMAT_UNSPECIFIED),
+            output_format=OUTPUT_FORMATS.get(output_format, pb.OUTPUT_FORMAT_UNSPECIFIED),
+            input_columns=mapping,
+            id_column=id_column,
             shard_size=shard_size,
             priority=priority,
         )

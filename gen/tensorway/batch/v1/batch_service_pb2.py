@@ -27,13 +27,15 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tensorway/batch/v1/batch_service.proto\x12\x12tensorway.batch.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x01\n\x0bJobProgress\x12\x12\n\nrows_total\x18\x01 \x01(\x03\x12\x11\n\trows_done\x18\x02 \x01(\x03\x12\x13\n\x0brows_failed\x18\x03 \x01(\x03\x12\x14\n\x0cshards_total\x18\x04 \x01(\x05\x12\x13\n\x0bshards_done\x18\x05 \x01(\x05\x12\x17\n\x0frows_per_second\x18\x06 \x01(\x01\x12&\n\x03\x65ta\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"P\n\x0cResultObject\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x15\n\rpresigned_url\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xe0\x04\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x11\n\tinput_uri\x18\x04 \x01(\t\x12\x35\n\x0cinput_format\x18\x05 \x01(\x0e\x32\x1f.tensorway.batch.v1.InputFormat\x12\x15\n\routput_prefix\x18\x06 \x01(\t\x12\x12\n\nshard_size\x18\x07 \x01(\x05\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12+\n\x05state\x18\t \x01(\x0e\x32\x1c.tensorway.batch.v1.JobState\x12\x31\n\x08progress\x18\n \x01(\x0b\x32\x1f.tensorway.batch.v1.JobProgress\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0b \x01(\t\x12\x32\n\x08manifest\x18\x0c \x01(\x0b\x32 .tensorway.batch.v1.ResultObject\x12\x31\n\x07results\x18\r \x03(\x0b\x32 .tensorway.batch.v1.ResultObject\x12\x30\n\x06\x65rrors\x18\x0e \x01(\x0b\x32 .tensorway.batch.v1.ResultObject\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x10\x43reateJobRequest\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.tensorway.batch.v1.Job\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"9\n\x11\x43reateJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.tensorway.batch.v1.Job\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x0eGetJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.tensorway.batch.v1.Job\"H\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"R\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.tensorway.batch.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x11\x43\x61ncelJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.tensorway.batch.v1.Job\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x10WatchJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.tensorway.batch.v1.Job\"<\n\x13\x43reateUploadRequest\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"n\n\x14\x43reateUploadResponse\x12\x11\n\tinput_uri\x18\x01 \x01(\t\x12\x12\n\nupload_url\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xba\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x1e\n\x1aJOB_STATE_PARTIALLY_FAILED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*Y\n\x0bInputFormat\x12\x1c\n\x18INPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12INPUT_FORMAT_JSONL\x10\x01\x12\x14\n\x10INPUT_FORMAT_NPY\x10\x02\x32\xa7\x05\n\x0c\x42\x61tchService\x12o\n\tCreateJob\x12$.tensorway.batch.v1.CreateJobRequest\x1a%.tensorway.batch.v1.CreateJobResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\x08/v1/jobs:\x03job\x12j\n\x06GetJob\x12!.tensorway.batch.v1.GetJobRequest\x1a\".tensorway.batch.v1.GetJobResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=jobs/*}\x12g\n\x08ListJobs\x12#.tensorway.batch.v1.ListJobsRequest\x1a$.tensorway.batch.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12}\n\tCancelJob\x12$.tensorway.batch.v1.CancelJobRequest\x1a%.tensorway.batch.v1.CancelJobResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=jobs/*}:cancel:\x01*\x12W\n\x08WatchJob\x12#.tensorway.batch.v1.WatchJobRequest\x1a$.tensorway.batch.v1.WatchJobResponse0\x01\x12y\n\x0c\x43reateUpload\x12\'.tensorway.batch.v1.CreateUploadRequest\x1a(.tensorway.batch.v1.CreateUploadResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/v1/uploads:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tensorway/batch/v1/batch_service.proto\x12\x12tensorway.batch.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x01\n\x0bJobProgress\x12\x12\n\nrows_total\x18\x01 \x01(\x03\x12\x11\n\trows_done\x18\x02 \x01(\x03\x12\x13\n\x0brows_failed\x18\x03 \x01(\x03\x12\x14\n\x0cshards_total\x18\x04 \x01(\x05\x12\x13\n\x0bshards_done\x18\x05 \x01(\x05\x12\x17\n\x0frows_per_second\x18\x06 \x01(\x01\x12&\n\x03\x65ta\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"P\n\x0cResultObject\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x15\n\rpresigned_url\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xa3\x06\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x11\n\tinput_uri\x18\x04 \x01(\t\x12\x35\n\x0cinput_format\x18\x05 \x01(\x0e\x32\x1f.tensorway.batch.v1.InputFormat\x12\x15\n\routput_prefix\x18\x06 \x01(\t\x12\x12\n\nshard_size\x18\x07 \x01(\x05\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12+\n\x05state\x18\t \x01(\x0e\x32\x1c.tensorway.batch.v1.JobState\x12\x31\n\x08progress\x18\n \x01(\x0b\x32\x1f.tensorway.batch.v1.JobProgress\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0b \x01(\t\x12\x32\n\x08manifest\x18\x0c \x01(\x0b\x32 .tensorway.batch.v1.ResultObject\x12\x31\n\x07results\x18\r \x03(\x0b\x32 .tensorway.batch.v1.ResultObject\x12\x30\n\x06\x65rrors\x18\x0e \x01(\x0b\x32 .tensorway.batch.v1.ResultObject\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\routput_format\x18\x12 \x01(\x0e\x32 .tensorway.batch.v1.OutputFormat\x12@\n\rinput_columns\x18\x13 \x03(\x0b\x32).tensorway.batch.v1.Job.InputColumnsEntry\x12\x11\n\tid_column\x18\x14 \x01(\t\x1a\x33\n\x11InputColumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x10\x43reateJobRequest\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.tensorway.batch.v1.Job\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"9\n\x11\x43reateJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.tensorway.batch.v1.Job\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x0eGetJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.tensorway.batch.v1.Job\"H\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"R\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.tensorway.batch.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x11\x43\x61ncelJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.tensorway.batch.v1.Job\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x10WatchJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.tensorway.batch.v1.Job\"<\n\x13\x43reateUploadRequest\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"n\n\x14\x43reateUploadResponse\x12\x11\n\tinput_uri\x18\x01 \x01(\t\x12\x12\n\nupload_url\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xba\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x1e\n\x1aJOB_STATE_PARTIALLY_FAILED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*s\n\x0bInputFormat\x12\x1c\n\x18INPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12INPUT_FORMAT_JSONL\x10\x01\x12\x14\n\x10INPUT_FORMAT_NPY\x10\x02\x12\x18\n\x14INPUT_FORMAT_PARQUET\x10\x03*a\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13OUTPUT_FORMAT_JSONL\x10\x01\x12\x19\n\x15OUTPUT_FORMAT_PARQUET\x10\x02\x32\xa7\x05\n\x0c\x42\x61tchService\x12o\n\tCreateJob\x12$.tensorway.batch.v1.CreateJobRequest\x1a%.tensorway.batch.v1.CreateJobResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\x08/v1/jobs:\x03job\x12j\n\x06GetJob\x12!.tensorway.batch.v1.GetJobRequest\x1a\".tensorway.batch.v1.GetJobResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=jobs/*}\x12g\n\x08ListJobs\x12#.tensorway.batch.v1.ListJobsRequest\x1a$.tensorway.batch.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12}\n\tCancelJob\x12$.tensorway.batch.v1.CancelJobRequest\x1a%.tensorway.batch.v1.CancelJobResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=jobs/*}:cancel:\x01*\x12W\n\x08WatchJob\x12#.tensorway.batch.v1.WatchJobRequest\x1a$.tensorway.batch.v1.WatchJobResponse0\x01\x12y\n\x0c\x43reateUpload\x12\'.tensorway.batch.v1.CreateUploadRequest\x1a(.tensorway.batch.v1.CreateUploadResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/v1/uploads:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorway.batch.v1.batch_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_JOB_INPUTCOLUMNSENTRY']._loaded_options = None
+  _globals['_JOB_INPUTCOLUMNSENTRY']._serialized_options = b'8\001'
   _globals['_BATCHSERVICE'].methods_by_name['CreateJob']._loaded_options = None
   _globals['_BATCHSERVICE'].methods_by_name['CreateJob']._serialized_options = b'\202\323\344\223\002\017\"\010/v1/jobs:\003job'
   _globals['_BATCHSERVICE'].methods_by_name['GetJob']._loaded_options = None
@@ -44,40 +46,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHSERVICE'].methods_by_name['CancelJob']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/{name=jobs/*}:cancel:\001*'
   _globals['_BATCHSERVICE'].methods_by_name['CreateUpload']._loaded_options = None
   _globals['_BATCHSERVICE'].methods_by_name['CreateUpload']._serialized_options = b'\202\323\344\223\002\020\"\013/v1/uploads:\001*'
-  _globals['_JOBSTATE']._serialized_start=1775
-  _globals['_JOBSTATE']._serialized_end=1961
-  _globals['_INPUTFORMAT']._serialized_start=1963
-  _globals['_INPUTFORMAT']._serialized_end=2052
+  _globals['_JOBSTATE']._serialized_start=1970
+  _globals['_JOBSTATE']._serialized_end=2156
+  _globals['_INPUTFORMAT']._serialized_start=2158
+  _globals['_INPUTFORMAT']._serialized_end=2273
+  _globals['_OUTPUTFORMAT']._serialized_start=2275
+  _globals['_OUTPUTFORMAT']._serialized_end=2372
   _globals['_JOBPROGRESS']._serialized_start=158
   _globals['_JOBPROGRESS']._serialized_end=339
   _globals['_RESULTOBJECT']._serialized_start=341
   _globals['_RESULTOBJECT']._serialized_end=421
   _globals['_JOB']._serialized_start=424
-  _globals['_JOB']._serialized_end=1032
-  _globals['_CREATEJOBREQUEST']._serialized_start=1034
-  _globals['_CREATEJOBREQUEST']._serialized_end=1110
-  _globals['_CREATEJOBRESPONSE']._serialized_start=1112
-  _globals['_CREATEJOBRESPONSE']._serialized_end=1169
-  _globals['_GETJOBREQUEST']._serialized_start=1171
-  _globals['_GETJOBREQUEST']._serialized_end=1200
-  _globals['_GETJOBRESPONSE']._serialized_start=1202
-  _globals['_GETJOBRESPONSE']._serialized_end=1256
-  _globals['_LISTJOBSREQUEST']._serialized_start=1258
-  _globals['_LISTJOBSREQUEST']._serialized_end=1330
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1332
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1414
-  _globals['_CANCELJOBREQUEST']._serialized_start=1416
-  _globals['_CANCELJOBREQUEST']._serialized_end=1448
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1450
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1507
-  _globals['_WATCHJOBREQUEST']._serialized_start=1509
-  _globals['_WATCHJOBREQUEST']._serialized_end=1540
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1542
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1598
-  _globals['_CREATEUPLOADREQUEST']._serialized_start=1600
-  _globals['_CREATEUPLOADREQUEST']._serialized_end=1660
-  _globals['_CREATEUPLOADRESPONSE']._serialized_start=1662
-  _globals['_CREATEUPLOADRESPONSE']._serialized_end=1772
-  _globals['_BATCHSERVICE']._serialized_start=2055
-  _globals['_BATCHSERVICE']._serialized_end=2734
+  _globals['_JOB']._serialized_end=1227
+  _globals['_JOB_INPUTCOLUMNSENTRY']._serialized_start=1176
+  _globals['_JOB_INPUTCOLUMNSENTRY']._serialized_end=1227
+  _globals['_CREATEJOBREQUEST']._serialized_start=1229
+  _globals['_CREATEJOBREQUEST']._serialized_end=1305
+  _globals['_CREATEJOBRESPONSE']._serialized_start=1307
+  _globals['_CREATEJOBRESPONSE']._serialized_end=1364
+  _globals['_GETJOBREQUEST']._serialized_start=1366
+  _globals['_GETJOBREQUEST']._serialized_end=1395
+  _globals['_GETJOBRESPONSE']._serialized_start=1397
+  _globals['_GETJOBRESPONSE']._serialized_end=1451
+  _globals['_LISTJOBSREQUEST']._serialized_start=1453
+  _globals['_LISTJOBSREQUEST']._serialized_end=1525
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1527
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1609
+  _globals['_CANCELJOBREQUEST']._serialized_start=1611
+  _globals['_CANCELJOBREQUEST']._serialized_end=1643
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1645
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1702
+  _globals['_WATCHJOBREQUEST']._serialized_start=1704
+  _globals['_WATCHJOBREQUEST']._serialized_end=1735
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1737
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1793
+  _globals['_CREATEUPLOADREQUEST']._serialized_start=1795
+  _globals['_CREATEUPLOADREQUEST']._serialized_end=1855
+  _globals['_CREATEUPLOADRESPONSE']._serialized_start=1857
+  _globals['_CREATEUPLOADRESPONSE']._serialized_end=1967
+  _globals['_BATCHSERVICE']._serialized_start=2375
+  _globals['_BATCHSERVICE']._serialized_end=3054
 # @@protoc_insertion_point(module_scope)

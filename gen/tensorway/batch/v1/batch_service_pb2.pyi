@@ -73,6 +73,11 @@ class _InputFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputForm
     """One JSON object a line: {"id": ..., "inputs": {"name": [...]}}."""
     INPUT_FORMAT_NPY: _InputFormat.ValueType  # 2
     """A NumPy .npy array; row i of the first axis is row i of the job."""
+    INPUT_FORMAT_PARQUET: _InputFormat.ValueType  # 3
+    """Apache Parquet: one file, or every .parquet file under a prefix ending in '/', in key order.
+    Each model input comes from a column (see Job.input_columns): a scalar per row, or fixed-size
+    lists (nested for more dimensions) whose sizes are the input's shape.
+    """
 
 class InputFormat(_InputFormat, metaclass=_InputFormatEnumTypeWrapper):
     """The layout of a job's input."""
@@ -83,7 +88,40 @@ INPUT_FORMAT_JSONL: InputFormat.ValueType  # 1
 """One JSON object a line: {"id": ..., "inputs": {"name": [...]}}."""
 INPUT_FORMAT_NPY: InputFormat.ValueType  # 2
 """A NumPy .npy array; row i of the first axis is row i of the job."""
+INPUT_FORMAT_PARQUET: InputFormat.ValueType  # 3
+"""Apache Parquet: one file, or every .parquet file under a prefix ending in '/', in key order.
+Each model input comes from a column (see Job.input_columns): a scalar per row, or fixed-size
+lists (nested for more dimensions) whose sizes are the input's shape.
+"""
 Global___InputFormat: _TypeAlias = InputFormat  # noqa: Y015
+
+class _OutputFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutputFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPUT_FORMAT_UNSPECIFIED: _OutputFormat.ValueType  # 0
+    """Parquet for Parquet inputs, JSONL otherwise."""
+    OUTPUT_FORMAT_JSONL: _OutputFormat.ValueType  # 1
+    """parts/part-NNNNN.jsonl: {"id": ..., "outputs": {"name": [...]}} per answered row."""
+    OUTPUT_FORMAT_PARQUET: _OutputFormat.ValueType  # 2
+    """parts/part-NNNNN.parquet: every row of the shard, with the id column, a column per output
+    tensor (fixed-size lists for shapes) and an "error" column, null where the row was answered.
+    """
+
+class OutputFormat(_OutputFormat, metaclass=_OutputFormatEnumTypeWrapper):
+    """The layout of a job's result parts."""
+
+OUTPUT_FORMAT_UNSPECIFIED: OutputFormat.ValueType  # 0
+"""Parquet for Parquet inputs, JSONL otherwise."""
+OUTPUT_FORMAT_JSONL: OutputFormat.ValueType  # 1
+"""parts/part-NNNNN.jsonl: {"id": ..., "outputs": {"name": [...]}} per answered row."""
+OUTPUT_FORMAT_PARQUET: OutputFormat.ValueType  # 2
+"""parts/part-NNNNN.parquet: every row of the shard, with the id column, a column per output
+tensor (fixed-size lists for shapes) and an "error" column, null where the row was answered.
+"""
+Global___OutputFormat: _TypeAlias = OutputFormat  # noqa: Y015
 
 @_typing.final
 class JobProgress(_message.Message):
@@ -173,6 +211,26 @@ class Job(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class InputColumnsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
@@ -190,6 +248,9 @@ class Job(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    INPUT_COLUMNS_FIELD_NUMBER: _builtins.int
+    ID_COLUMN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "jobs/{job}", assigned by the server."""
     model: _builtins.str
@@ -216,6 +277,12 @@ class Job(_message.Message):
     """The state."""
     failure_reason: _builtins.str
     """Why the job failed, when it did."""
+    output_format: Global___OutputFormat.ValueType
+    """The layout of the result parts."""
+    id_column: _builtins.str
+    """Parquet inputs: the column whose values identify each row in the results; empty means "id"
+    when the input has such a column, and the row's position in the job when it has none.
+    """
     @_builtins.property
     def progress(self) -> Global___JobProgress:
         """Progress counters."""
@@ -244,6 +311,12 @@ class Job(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When it ended."""
 
+    @_builtins.property
+    def input_columns(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Parquet inputs: the column each model input is read from, by input name, where the two
+        names differ; an input not named here is read from the column of its own name.
+        """
+
     def __init__(
         self,
         *,
@@ -264,10 +337,13 @@ class Job(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        output_format: Global___OutputFormat.ValueType = ...,
+        input_columns: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        id_column: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "errors", b"errors", "manifest", b"manifest", "progress", b"progress", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "errors", b"errors", "failure_reason", b"failure_reason", "input_format", b"input_format", "input_uri", b"input_uri", "manifest", b"manifest", "model", b"model", "model_version", b"model_version", "name", b"name", "output_prefix", b"output_prefix", "priority", b"priority", "progress", b"progress", "results", b"results", "shard_size", b"shard_size", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "errors", b"errors", "failure_reason", b"failure_reason", "id_column", b"id_column", "input_columns", b"input_columns", "input_format", b"input_format", "input_uri", b"input_uri", "manifest", b"manifest", "model", b"model", "model_version", b"model_version", "name", b"name", "output_format", b"output_format", "output_prefix", b"output_prefix", "priority", b"priority", "progress", b"progress", "results", b"results", "shard_size", b"shard_size", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -530,7 +606,7 @@ class CreateUploadRequest(_message.Message):
     FILE_NAME_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     file_name: _builtins.str
-    """The local file's name; its extension (.jsonl, .npy) tells a job the input's format. The
+    """The local file's name; its extension (.jsonl, .npy, .parquet) tells a job the input's format. The
     server keeps a safe form of it in the object's key.
     """
     size_bytes: _builtins.int
