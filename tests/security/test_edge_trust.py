@@ -84,6 +84,7 @@ def test_a_tenant_token_cannot_write_the_registry_over_rest(edge: Edge) -> None:
         reply = edge.http.request(method, f"{edge.url}{path}", json=body, headers=tenant, timeout=10)
         assert reply.status_code == 403, (method, path, reply.status_code, reply.text)
         assert status_code_of(reply) == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert "scopes do not allow this call" in reply.json()["message"]
     assert models(edge) == before_models
     assert pools(edge) == before_pools
 
@@ -106,6 +107,7 @@ def test_a_tenant_token_cannot_write_the_registry_over_grpc_even_with_forged_ide
             timeout=10,
         )
     assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "scopes do not allow this call" in (refused.value.details() or "")
     assert pools(edge) == before
 
 
