@@ -110,6 +110,18 @@ def writes(target: Target) -> dict[str, Message]:
             update_mask=mask("traffic"),
         ),
         "DeleteDeployment": pb.DeleteDeploymentRequest(name=deployment),
+        "ReportModelStates": pb.ReportModelStatesRequest(
+            pool=target.pool,
+            endpoint="127.0.0.1:9",
+            states=[
+                pb.ModelStateReport(
+                    model=target.deployed.model,
+                    version="1",
+                    triton="127.0.0.1:8001",
+                    state=pb.MODEL_VERSION_STATE_READY,
+                )
+            ],
+        ),
     }
 
 

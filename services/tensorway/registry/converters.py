@@ -17,7 +17,9 @@ from tensorway.common.v1 import tensor_pb2
 from tensorway.registry.domain import (
     Deployment,
     Model,
+    ModelStateReport,
     ModelVersion,
+    ModelVersionState,
     Pool,
     Route,
     RouteUpdate,
@@ -25,6 +27,8 @@ from tensorway.registry.domain import (
     Stage,
     TensorSpec,
     TrafficSplit,
+    TritonModelState,
+    VersionReadiness,
     VersionRoute,
 )
 from tensorway.registry.v1 import registry_service_pb2 as pb
@@ -205,6 +209,67 @@ def deployment_from_proto(message: pb.Deployment, model: str, name: str) -> Depl
     )
 
 
+def state_to_proto(state: ModelVersionState) -> pb.ModelVersionState.ValueType:
+    return pb.ModelVersionState.Value(f"MODEL_VERSION_STATE_{state.value}")
+
+
+def state_from_proto(state: pb.ModelVersionState.ValueType) -> ModelVersionState:
+    return ModelVersionState(pb.ModelVersionState.Name(state).removeprefix("MODEL_VERSION_STATE_"))
+
+
+def readiness_to_proto(readiness: VersionReadiness) -> pb.VersionReadiness:
+    return pb.VersionReadiness(
+        version=readiness.version,
+        pool=pool_name(readiness.pool),
+        state=state_to_proto(readiness.state),
+        ready_endpoints=readiness.ready_endpoints,
+        required_endpoints=readiness.required_endpoints,
+        tritons=[
+            pb.TritonModelState(
+                endpoint=t.endpoint,
+                triton=t.triton,
+                state=state_to_proto(t.state),
+                reason=t.reason,
+                update_time=_timestamp(t.update_time),
+            )
+            for t in readiness.tritons
+        ],
+    )
+
+
+def readiness_from_proto(message: pb.VersionReadiness) -> VersionReadiness:
+    return VersionReadiness(
+        version=message.version,
+        pool=message.pool.removeprefix("pools/"),
+        state=state_from_proto(message.state),
+        ready_endpoints=message.ready_endpoints,
+        required_endpoints=message.required_endpoints,
+        tritons=tuple(
+            TritonModelState(
+                endpoint=t.endpoint,
+                triton=t.triton,
+                state=state_from_proto(t.state),
+                reason=t.reason,
+                update_time=t.update_time.ToDatetime(tzinfo=UTC) if t.HasField("update_time") else None,
+            )
+            for t in message.tritons
+        ),
+    )
+
+
+def state_reports_from_proto(message: pb.ReportModelStatesRequest) -> list[ModelStateReport]:
+    return [
+        ModelStateReport(
+            model=line.model,
+            version=line.version,
+            triton=line.triton,
+            state=state_from_proto(line.state),
+            reason=line.reason,
+        )
+        for line in message.states
+    ]
+
+
 def route_to_proto(route: Route) -> pb.Route:
     return pb.Route(
         model=route.model,
@@ -218,6 +283,9 @@ def route_to_proto(route: Route) -> pb.Route:
                 outputs=specs_to_proto(v.outputs),
                 max_batch_size=v.max_batch_size,
                 platform=v.platform,
+                artifact_uri=v.artifact_uri,
+                state=state_to_proto(v.state),
+                readiness=None if v.readiness is None else readiness_to_proto(v.readiness),
             )
             for v in route.versions
         ],
@@ -239,6 +307,8 @@ def route_from_proto(message: pb.Route) -> Route:
                 outputs=specs_from_proto(v.outputs),
                 max_batch_size=v.max_batch_size,
                 platform=v.platform,
+                artifact_uri=v.artifact_uri,
+                readiness=readiness_from_proto(v.readiness) if v.HasField("readiness") else None,
             )
             for v in message.versions
         ),

@@ -42,6 +42,7 @@ from tensorway.registry.domain import (
     Change,
     Deployment,
     Model,
+    ModelStateReport,
     ModelVersion,
     Page,
     Pool,
@@ -49,6 +50,7 @@ from tensorway.registry.domain import (
     Route,
     Stage,
     Versioned,
+    VersionReadiness,
 )
 from tensorway.registry.routes import RouteSync, RouteWatcher
 from tensorway.registry.store import RegistryStore, Writer
@@ -485,6 +487,32 @@ class Registry:
                 raise FailedPrecondition(
                     f"deployment {other.name} already shadows this model; one shadow per model"
                 )
+
+    # Readiness
+
+    async def report_model_states(
+        self, pool: str, endpoint: str, reports: Sequence[ModelStateReport]
+    ) -> None:
+        """Record what one orchestrator of `pool` has placed on its Tritons, replacing its last
+        report; the routes of the models whose states changed follow."""
+        validation.check_model_state_report(endpoint, reports)
+        async with self._store.write() as tx:
+            changed = await tx.replace_model_states(pool, endpoint, reports)
+            tx.touch(models=changed, keys=[route_key(model) for model in changed])
+        await self._committed(tx.change)
+
+    def readiness(self, deployment: Deployment) -> list[VersionReadiness]:
+        """The readiness on its pool of every version `deployment` routes to, from this
+        replica's route table (kept current by every state report)."""
+        route = self._sync.table.get(deployment.model)
+        if route is None:
+            return []
+        wanted = deployment.referenced_versions()
+        return [
+            version.readiness
+            for version in route.versions
+            if version.pool == deployment.pool and version.version in wanted and version.readiness is not None
+        ]
 
     # Routes
 

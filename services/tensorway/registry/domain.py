@@ -7,6 +7,7 @@ resource names belong to the API and live in the converters.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +30,90 @@ class Stage(enum.Enum):
     STAGING = "STAGING"
     PRODUCTION = "PRODUCTION"
     ARCHIVED = "ARCHIVED"
+
+
+class ModelVersionState(enum.Enum):
+    """Where a model version stands on one Triton, or, aggregated, on its pool. UNSPECIFIED
+    means no orchestrator of the pool reports states: the version is routed as it is."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    LOADING = "LOADING"
+    WARMING = "WARMING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+    @property
+    def routable(self) -> bool:
+        """Whether a version in this state may get traffic by weight."""
+        return self in (ModelVersionState.UNSPECIFIED, ModelVersionState.READY)
+
+
+DEFAULT_MIN_READY_SHARE = 0.0
+"""Share of a pool's endpoints that must have a version ready before it gets traffic; whatever
+the share, at least one."""
+
+
+@dataclass(frozen=True)
+class TritonModelState:
+    """A model version's state on one Triton, as one orchestrator of the pool reported it."""
+
+    endpoint: str
+    triton: str
+    state: ModelVersionState
+    reason: str = ""
+    update_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ModelStateReport:
+    """One line of an orchestrator's report: a model version's state on one of its Tritons."""
+
+    model: str
+    version: str
+    triton: str
+    state: ModelVersionState
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class VersionReadiness:
+    """A version's readiness on one pool, from its orchestrators' reports."""
+
+    version: str
+    pool: str
+    state: ModelVersionState
+    ready_endpoints: int = 0
+    required_endpoints: int = 0
+    tritons: tuple[TritonModelState, ...] = ()
+
+
+def version_readiness(  # noqa: PLR0917 - the readiness of one (version, pool) is all of these
+    version: str,
+    pool: str,
+    endpoints: Sequence[str],
+    reporters: frozenset[str],
+    reports: Sequence[TritonModelState],
+    min_ready_share: float = DEFAULT_MIN_READY_SHARE,
+) -> VersionReadiness:
+    """The version's readiness on `pool`: READY once `min_ready_share` of the pool's endpoints
+    (at least one) have it ready on some Triton; FAILED when every reporting endpoint has
+    reported it and every report is FAILED; LOADING or WARMING in between. UNSPECIFIED when no
+    orchestrator of the pool reports (`reporters` is empty): such a pool is routed as before."""
+    members = set(endpoints) or set(reporters)
+    required = max(1, math.ceil(min_ready_share * len(members) - 1e-9))
+    if not reporters:
+        return VersionReadiness(version, pool, ModelVersionState.UNSPECIFIED, 0, required, tuple(reports))
+    ready = {report.endpoint for report in reports if report.state is ModelVersionState.READY}
+    states = {report.state for report in reports}
+    if len(ready) >= required:
+        state = ModelVersionState.READY
+    elif states == {ModelVersionState.FAILED} and reporters <= {report.endpoint for report in reports}:
+        state = ModelVersionState.FAILED
+    elif ModelVersionState.WARMING in states:
+        state = ModelVersionState.WARMING
+    else:
+        state = ModelVersionState.LOADING
+    return VersionReadiness(version, pool, state, len(ready), required, tuple(reports))
 
 
 @dataclass(frozen=True)
@@ -131,6 +216,12 @@ class VersionRoute:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
     platform: str
+    artifact_uri: str = ""
+    readiness: VersionReadiness | None = None
+
+    @property
+    def state(self) -> ModelVersionState:
+        return ModelVersionState.UNSPECIFIED if self.readiness is None else self.readiness.state
 
 
 @dataclass(frozen=True)
@@ -202,14 +293,18 @@ class ModelVersionFilter:
     platform: str | None = None
 
 
-def build_route(
+def build_route(  # noqa: PLR0917 - the route's inputs, read from one snapshot
     model: str,
     deployments: Sequence[Deployment],
     endpoints: Mapping[str, tuple[str, ...]],
     versions: Mapping[str, ModelVersion],
+    reporters: Mapping[str, frozenset[str]] | None = None,
+    states: Mapping[tuple[str, str], Sequence[TritonModelState]] | None = None,
+    min_ready_share: float = DEFAULT_MIN_READY_SHARE,
 ) -> Route | None:
     """The route of a model from its deployments (in name order), their pools' endpoints and
-    its versions; None when nothing is deployed.
+    its versions; None when nothing is deployed. `reporters` (pool → endpoints that report
+    states) and `states` ((version, pool) → reports) give each version its readiness.
 
     A version served by several deployments on one pool appears once with their weights added.
     Writes keep aliases consistent and allow one shadow across a model's deployments.
@@ -239,6 +334,15 @@ def build_route(
                 outputs=spec.outputs,
                 max_batch_size=spec.max_batch_size,
                 platform=spec.platform,
+                artifact_uri=spec.artifact_uri,
+                readiness=version_readiness(
+                    version,
+                    pool,
+                    endpoints[pool],
+                    (reporters or {}).get(pool, frozenset()),
+                    (states or {}).get((version, pool), ()),
+                    min_ready_share,
+                ),
             )
         )
     return Route(model=model, versions=tuple(routes), aliases=aliases, shadow=shadow)

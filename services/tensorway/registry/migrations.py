@@ -85,6 +85,33 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX deployments_by_pool ON deployments (pool)",
         ),
     ),
+    Migration(
+        2,
+        "model version states reported by each pool's orchestrators",
+        (
+            # One row per orchestrator that has reported: a pool with none is routed as before.
+            """CREATE TABLE model_state_reporters (
+                pool text NOT NULL REFERENCES pools (name) ON DELETE CASCADE,
+                endpoint text NOT NULL,
+                update_time timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (pool, endpoint)
+            )""",
+            """CREATE TABLE model_version_states (
+                pool text NOT NULL,
+                endpoint text NOT NULL,
+                model text NOT NULL,
+                version text NOT NULL,
+                triton text NOT NULL,
+                state text NOT NULL,
+                reason text NOT NULL DEFAULT '',
+                update_time timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (pool, endpoint, model, version, triton),
+                FOREIGN KEY (pool, endpoint)
+                    REFERENCES model_state_reporters (pool, endpoint) ON DELETE CASCADE
+            )""",
+            "CREATE INDEX model_version_states_by_model ON model_version_states (model)",
+        ),
+    ),
 )
 
 

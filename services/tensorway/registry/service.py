@@ -15,13 +15,13 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from tensorway.registry import access, converters
 from tensorway.registry.cache import RedisCache
 from tensorway.registry.core import Registry, ResolveSource
-from tensorway.registry.domain import Pool, Route
+from tensorway.registry.domain import DEFAULT_MIN_READY_SHARE, Deployment, Pool, Route
 from tensorway.registry.routes import RouteSync, RouteTable
 from tensorway.registry.store import RegistryStore
 from tensorway.registry.v1 import registry_service_pb2 as pb
@@ -77,6 +77,12 @@ class Settings(ServiceSettings):
     ("*.svc.cluster.local", "orchestrator"), as a JSON list in the environment. The default
     admits loopback and Kubernetes service names. Link-local and cloud metadata addresses are
     refused whatever this says."""
+
+    min_ready_share: float = Field(DEFAULT_MIN_READY_SHARE, ge=0.0, le=1.0)
+    """Share of a pool's endpoints (orchestrators) that must report a version ready before its
+    route gives it traffic by weight; whatever the share, at least one. Until then its share
+    goes to the versions that can serve. Pools whose orchestrators report no states are
+    routed as they are."""
 
     @field_validator("pool_endpoint_allow")
     @classmethod
@@ -237,13 +243,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         (model,) = parse_name(request.parent, "parent", "models")
         deployment = converters.deployment_from_proto(request.deployment, model, request.deployment_id)
         created = await self._registry.create_deployment(deployment)
-        return pb.CreateDeploymentResponse(deployment=converters.deployment_to_proto(created))
+        return pb.CreateDeploymentResponse(deployment=self._shown_deployment(created))
 
     async def GetDeployment(self, request: pb.GetDeploymentRequest, context: Any) -> pb.GetDeploymentResponse:
         access.require_read()
         model, name = parse_name(request.name, "name", "models", "deployments")
         found = await self._registry.get_deployment(model, name)
-        return pb.GetDeploymentResponse(deployment=converters.deployment_to_proto(found))
+        return pb.GetDeploymentResponse(deployment=self._shown_deployment(found))
 
     async def ListDeployments(
         self, request: pb.ListDeploymentsRequest, context: Any
@@ -253,7 +259,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         (model,) = parse_name(request.parent, "parent", "models")
         page = await self._registry.list_deployments(model, request.page_size, request.page_token)
         return pb.ListDeploymentsResponse(
-            deployments=[converters.deployment_to_proto(d) for d in page.items],
+            deployments=[self._shown_deployment(d) for d in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -265,7 +271,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         model, name = parse_name(request.deployment.name, "deployment.name", "models", "deployments")
         given = converters.deployment_from_proto(request.deployment, model, name)
         updated = await self._registry.update_deployment(given, list(request.update_mask.paths))
-        return pb.UpdateDeploymentResponse(deployment=converters.deployment_to_proto(updated))
+        return pb.UpdateDeploymentResponse(deployment=self._shown_deployment(updated))
 
     async def DeleteDeployment(
         self, request: pb.DeleteDeploymentRequest, context: Any
@@ -290,10 +296,31 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             if not shows_addresses:
                 for version in response.route.versions:
                     del version.endpoints[:]
+                    _hide_addresses(version.readiness)
             if len(self._resolved) >= RESOLVED_RESPONSES_KEPT:
                 self._resolved.clear()  # entries of deleted models would otherwise pile up
             built = self._resolved[key] = (resolution.route, response)
         return built[1]
+
+    def _shown_deployment(self, deployment: Deployment) -> pb.Deployment:
+        """The deployment with its versions' readiness, addresses only for who may see them."""
+        message = converters.deployment_to_proto(deployment)
+        for readiness in self._registry.readiness(deployment):
+            shown = message.readiness.add()
+            shown.CopyFrom(converters.readiness_to_proto(readiness))
+            if not access.shows_addresses():
+                _hide_addresses(shown)
+        return message
+
+    async def ReportModelStates(
+        self, request: pb.ReportModelStatesRequest, context: Any
+    ) -> pb.ReportModelStatesResponse:
+        access.require_write()
+        (pool,) = parse_name(request.pool, "pool", "pools")
+        await self._registry.report_model_states(
+            pool, request.endpoint, converters.state_reports_from_proto(request)
+        )
+        return pb.ReportModelStatesResponse()
 
     async def WatchRoutes(
         self, request: pb.WatchRoutesRequest, context: Any
@@ -308,6 +335,12 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             watcher.close()
 
 
+def _hide_addresses(readiness: pb.VersionReadiness) -> None:
+    for report in readiness.tritons:
+        report.endpoint = ""
+        report.triton = ""
+
+
 def _shown(pool: Pool) -> pb.Pool:
     """The pool as the caller may see it: without its endpoints unless it may write the registry."""
     return converters.pool_to_proto(pool if access.shows_addresses() else replace(pool, endpoints=()))
@@ -320,6 +353,7 @@ async def open_registry(settings: Settings) -> Registry:
         pool_size=settings.postgres_pool_size,
         wait=settings.postgres_timeout,
         retry_after=settings.retry_after,
+        min_ready_share=settings.min_ready_share,
     )
     cache = RedisCache.connect(
         settings.redis_url,

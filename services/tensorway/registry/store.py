@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, LiteralString
 
 import psycopg
@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tensorway.registry import migrations
 from tensorway.registry.domain import (
+    DEFAULT_MIN_READY_SHARE,
     DEPLOYMENT,
     MODEL,
     MODEL_VERSION,
@@ -35,8 +36,10 @@ from tensorway.registry.domain import (
     Deployment,
     Model,
     ModelFilter,
+    ModelStateReport,
     ModelVersion,
     ModelVersionFilter,
+    ModelVersionState,
     Page,
     Pool,
     Route,
@@ -44,6 +47,7 @@ from tensorway.registry.domain import (
     Stage,
     TensorSpec,
     TrafficSplit,
+    TritonModelState,
     Versioned,
     build_route,
 )
@@ -81,13 +85,22 @@ SELECT r.revision,
       'outputs', v.outputs, 'max_batch_size', v.max_batch_size)), '[]')
    FROM model_versions v
    WHERE v.stage <> 'ARCHIVED' AND EXISTS (SELECT 1 FROM deployments d WHERE d.model = v.model)
-   {versions_of}) AS versions
+   {versions_of}) AS versions,
+  (SELECT coalesce(jsonb_agg(jsonb_build_object(
+      'pool', s.pool, 'endpoint', s.endpoint, 'model', s.model, 'version', s.version,
+      'triton', s.triton, 'state', s.state, 'reason', s.reason, 'update_time', s.update_time)
+      ORDER BY s.endpoint, s.triton), '[]')
+   FROM model_version_states s {states_of}) AS states,
+  (SELECT coalesce(jsonb_agg(jsonb_build_object('pool', m.pool, 'endpoint', m.endpoint)), '[]')
+   FROM model_state_reporters m) AS reporters
 FROM registry_revision r
 """
 ROUTE_OF_MODEL: LiteralString = ROUTES_QUERY.format(
-    deployments_of="WHERE d.model = %(model)s", versions_of="AND v.model = %(model)s"
+    deployments_of="WHERE d.model = %(model)s",
+    versions_of="AND v.model = %(model)s",
+    states_of="WHERE s.model = %(model)s",
 )
-ALL_ROUTES: LiteralString = ROUTES_QUERY.format(deployments_of="", versions_of="")
+ALL_ROUTES: LiteralString = ROUTES_QUERY.format(deployments_of="", versions_of="", states_of="")
 
 
 def etag_of(row: Mapping[str, Any]) -> str:
@@ -185,8 +198,25 @@ def _version_params(version: ModelVersion) -> dict[str, Any]:
     }
 
 
-def routes_from_row(row: Mapping[str, Any]) -> dict[str, Route]:
+def routes_from_row(
+    row: Mapping[str, Any], min_ready_share: float = DEFAULT_MIN_READY_SHARE
+) -> dict[str, Route]:
     """Routes by model from a ROUTES_QUERY row."""
+    reporters: dict[str, set[str]] = {}
+    for item in row.get("reporters", ()):
+        reporters.setdefault(item["pool"], set()).add(item["endpoint"])
+    states: dict[str, dict[tuple[str, str], list[TritonModelState]]] = {}
+    for item in row.get("states", ()):
+        states.setdefault(item["model"], {}).setdefault((item["version"], item["pool"]), []).append(
+            TritonModelState(
+                endpoint=item["endpoint"],
+                triton=item["triton"],
+                state=ModelVersionState(item["state"]),
+                reason=item["reason"],
+                update_time=datetime.fromisoformat(item["update_time"]),
+            )
+        )
+    frozen_reporters = {pool: frozenset(endpoints) for pool, endpoints in reporters.items()}
     deployments: dict[str, list[Deployment]] = {}
     endpoints: dict[str, tuple[str, ...]] = {}
     for item in row["deployments"]:
@@ -197,7 +227,15 @@ def routes_from_row(row: Mapping[str, Any]) -> dict[str, Route]:
         versions.setdefault(item["model"], {})[item["version"]] = version_from_row(item)
     routes = {}
     for model, its_deployments in deployments.items():
-        route = build_route(model, its_deployments, endpoints, versions.get(model, {}))
+        route = build_route(
+            model,
+            its_deployments,
+            endpoints,
+            versions.get(model, {}),
+            frozen_reporters,
+            states.get(model, {}),
+            min_ready_share,
+        )
         if route is not None:
             routes[model] = route
     return routes
@@ -276,8 +314,16 @@ class PageCursor:
 class RegistryStore:
     """The registry's tables in PostgreSQL, through a connection pool."""
 
-    def __init__(self, url: str, pool_size: int, wait: timedelta, retry_after: timedelta) -> None:
+    def __init__(
+        self,
+        url: str,
+        pool_size: int,
+        wait: timedelta,
+        retry_after: timedelta,
+        min_ready_share: float = DEFAULT_MIN_READY_SHARE,
+    ) -> None:
         self.url = url
+        self.min_ready_share = min_ready_share
         self._pool_size = pool_size
         self._wait = wait
         self._retry_after = retry_after
@@ -287,11 +333,18 @@ class RegistryStore:
 
     @classmethod
     async def open(
-        cls, url: str, *, pool_size: int, wait: timedelta, retry_after: timedelta
+        cls,
+        url: str,
+        *,
+        pool_size: int,
+        wait: timedelta,
+        retry_after: timedelta,
+        min_ready_share: float = DEFAULT_MIN_READY_SHARE,
     ) -> RegistryStore:
         """Connect, and bring the schema up to date. A call waits up to `wait` for a
-        connection before it fails UNAVAILABLE."""
-        store = cls(url, pool_size, wait, retry_after)
+        connection before it fails UNAVAILABLE. `min_ready_share` is the share of a pool's
+        endpoints that must have a version ready before its route gives it traffic."""
+        store = cls(url, pool_size, wait, retry_after, min_ready_share)
         try:
             await store._pool.open(wait=True, timeout=wait.total_seconds())
             async with store._pool.connection() as connection:
@@ -460,13 +513,13 @@ class RegistryStore:
         """The model's route now (None when nothing is deployed) and the revision it is at."""
         row = await self._one(ROUTE_OF_MODEL, {"model": model})
         assert row is not None  # registry_revision always has its row
-        return Versioned(routes_from_row(row).get(model), row["revision"])
+        return Versioned(routes_from_row(row, self.min_ready_share).get(model), row["revision"])
 
     async def load_routes(self) -> Versioned[dict[str, Route]]:
         """The whole route table and the revision it is at."""
         row = await self._one(ALL_ROUTES, {})
         assert row is not None
-        return Versioned(routes_from_row(row), row["revision"])
+        return Versioned(routes_from_row(row, self.min_ready_share), row["revision"])
 
     async def changes(self, reconnect_delay: timedelta) -> AsyncIterator[Change | None]:
         """Every committed change, from LISTEN, for as long as the caller iterates.
@@ -704,6 +757,55 @@ class Writer:
         if row is None:
             raise Aborted(f"pools/{pool.name} changed while it was updated; read it again")
         return pool_from_row(row)
+
+    async def replace_model_states(
+        self, pool: str, endpoint: str, reports: Sequence[ModelStateReport]
+    ) -> set[str]:
+        """Make `reports` the whole of what `endpoint` of `pool` reports; returns the models
+        whose states changed (a report that changes nothing writes nothing)."""
+        await self.get_pool(pool, share_lock=True)
+        rows = await self._all(
+            "SELECT model, version, triton, state, reason FROM model_version_states"
+            " WHERE pool = %(pool)s AND endpoint = %(endpoint)s FOR UPDATE",
+            {"pool": pool, "endpoint": endpoint},
+        )
+        reporter = await self._one(
+            "SELECT 1 AS known FROM model_state_reporters WHERE pool = %(pool)s AND endpoint = %(endpoint)s",
+            {"pool": pool, "endpoint": endpoint},
+        )
+        old = {(r["model"], r["version"], r["triton"]): (r["state"], r["reason"]) for r in rows}
+        new = {(r.model, r.version, r.triton): (r.state.value, r.reason) for r in reports}
+        if reporter is not None and old == new:
+            return set()
+        await self._connection.execute(
+            "INSERT INTO model_state_reporters (pool, endpoint) VALUES (%(pool)s, %(endpoint)s)"
+            " ON CONFLICT (pool, endpoint) DO UPDATE SET update_time = now()",
+            {"pool": pool, "endpoint": endpoint},
+        )
+        await self._connection.execute(
+            "DELETE FROM model_version_states WHERE pool = %(pool)s AND endpoint = %(endpoint)s",
+            {"pool": pool, "endpoint": endpoint},
+        )
+        for (model, version, triton), (state, reason) in new.items():
+            await self._connection.execute(
+                "INSERT INTO model_version_states (pool, endpoint, model, version, triton, state, reason)"
+                " VALUES (%(pool)s, %(endpoint)s, %(model)s, %(version)s, %(triton)s, %(state)s, %(reason)s)",
+                {
+                    "pool": pool,
+                    "endpoint": endpoint,
+                    "model": model,
+                    "version": version,
+                    "triton": triton,
+                    "state": state,
+                    "reason": reason,
+                },
+            )
+        if reporter is None:
+            # The pool starts reporting: every model it serves is now gated by readiness.
+            return set(await self.models_on_pool(pool)) | {key[0] for key in new}
+        return {key[0] for key in old.keys() ^ new.keys()} | {
+            key[0] for key in old.keys() & new.keys() if old[key] != new[key]
+        }
 
     async def delete_pool(self, pool: Pool) -> None:
         try:

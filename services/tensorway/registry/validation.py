@@ -17,8 +17,10 @@ from tensorway.registry.domain import (
     Deployment,
     Model,
     ModelFilter,
+    ModelStateReport,
     ModelVersion,
     ModelVersionFilter,
+    ModelVersionState,
     Pool,
     Stage,
     TensorSpec,
@@ -287,6 +289,36 @@ def check_pool(
     if len(set(pool.endpoints)) != len(pool.endpoints):
         violations.append(FieldViolation(f"{prefix}.endpoints", "an endpoint appears twice"))
     raise_if(violations, "pool")
+
+
+MAX_STATE_REASON = 4096
+MAX_STATE_REPORTS = 10000
+
+
+def check_model_state_report(endpoint: str, reports: Sequence[ModelStateReport]) -> None:
+    """A state report: the endpoint is host:port, each line names a model, version and Triton
+    once, with a state; reasons are bounded."""
+    violations = []
+    if ENDPOINT.fullmatch(endpoint) is None:
+        violations.append(FieldViolation("endpoint", f"{endpoint!r} is not host:port"))
+    if len(reports) > MAX_STATE_REPORTS:
+        violations.append(FieldViolation("states", f"at most {MAX_STATE_REPORTS} lines"))
+    seen: set[tuple[str, str, str]] = set()
+    for index, report in enumerate(reports):
+        field = f"states[{index}]"
+        violations += model_id(report.model, f"{field}.model")
+        violations += dns_label(report.version, f"{field}.version")
+        if not report.triton or len(report.triton) > 255:
+            violations.append(FieldViolation(f"{field}.triton", "the Triton's address, 1 to 255 characters"))
+        if report.state is ModelVersionState.UNSPECIFIED:
+            violations.append(FieldViolation(f"{field}.state", "LOADING, WARMING, READY or FAILED"))
+        if len(report.reason) > MAX_STATE_REASON:
+            violations.append(FieldViolation(f"{field}.reason", f"at most {MAX_STATE_REASON} characters"))
+        key = (report.model, report.version, report.triton)
+        if key in seen:
+            violations.append(FieldViolation(field, "this model, version and Triton appear twice"))
+        seen.add(key)
+    raise_if(violations, "state report")
 
 
 def check_deployment(deployment: Deployment, prefix: str = "deployment") -> None:

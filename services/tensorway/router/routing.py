@@ -27,6 +27,10 @@ from tensorway.runtime import NotFound, create_channel
 logger = logging.getLogger(__name__)
 
 VersionRoute = registry_pb.VersionRoute
+# UNSPECIFIED: the pool's orchestrators report no readiness, so the version is routed as it is.
+ROUTABLE_STATES = frozenset(
+    {registry_pb.MODEL_VERSION_STATE_UNSPECIFIED, registry_pb.MODEL_VERSION_STATE_READY}
+)
 
 
 def key_point(route_key: str) -> float:
@@ -54,7 +58,9 @@ class ModelRoute:
         weighted: list[VersionRoute] = []
         total = 0
         for version in route.versions:
-            if version.weight > 0:
+            # A version its pool has not made ready yet (or failed) gets no share by weight:
+            # its share goes to the versions that can serve. Asked for by name, it still runs.
+            if version.weight > 0 and version.state in ROUTABLE_STATES:
                 total += version.weight
                 bounds.append(total)
                 weighted.append(version)

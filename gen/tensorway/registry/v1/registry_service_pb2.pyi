@@ -54,6 +54,38 @@ STAGE_ARCHIVED: Stage.ValueType  # 4
 """Retired; no deployment may route to it."""
 Global___Stage: _TypeAlias = Stage  # noqa: Y015
 
+class _ModelVersionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelVersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelVersionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_VERSION_STATE_UNSPECIFIED: _ModelVersionState.ValueType  # 0
+    """Unknown: no orchestrator of the pool reports states, so the version is routed as it is."""
+    MODEL_VERSION_STATE_LOADING: _ModelVersionState.ValueType  # 1
+    """Its artifact is being fetched or Triton is loading it."""
+    MODEL_VERSION_STATE_WARMING: _ModelVersionState.ValueType  # 2
+    """Loaded, answering its warm-up request."""
+    MODEL_VERSION_STATE_READY: _ModelVersionState.ValueType  # 3
+    """Loaded and warmed: it gets traffic."""
+    MODEL_VERSION_STATE_FAILED: _ModelVersionState.ValueType  # 4
+    """Its artifact could not be fetched, or Triton could not load or warm it; see the reason."""
+
+class ModelVersionState(_ModelVersionState, metaclass=_ModelVersionStateEnumTypeWrapper):
+    """Where a model version stands on one Triton, or, aggregated, on its pool."""
+
+MODEL_VERSION_STATE_UNSPECIFIED: ModelVersionState.ValueType  # 0
+"""Unknown: no orchestrator of the pool reports states, so the version is routed as it is."""
+MODEL_VERSION_STATE_LOADING: ModelVersionState.ValueType  # 1
+"""Its artifact is being fetched or Triton is loading it."""
+MODEL_VERSION_STATE_WARMING: ModelVersionState.ValueType  # 2
+"""Loaded, answering its warm-up request."""
+MODEL_VERSION_STATE_READY: ModelVersionState.ValueType  # 3
+"""Loaded and warmed: it gets traffic."""
+MODEL_VERSION_STATE_FAILED: ModelVersionState.ValueType  # 4
+"""Its artifact could not be fetched, or Triton could not load or warm it; see the reason."""
+Global___ModelVersionState: _TypeAlias = ModelVersionState  # noqa: Y015
+
 @_typing.final
 class Model(_message.Message):
     """A model: a name that clients infer against."""
@@ -344,6 +376,7 @@ class Deployment(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    READINESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "models/{model}/deployments/{deployment}"."""
     pool: _builtins.str
@@ -370,6 +403,10 @@ class Deployment(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it last changed."""
 
+    @_builtins.property
+    def readiness(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionReadiness]:
+        """Output only: the readiness of every version the deployment routes to, on its pool."""
+
     def __init__(
         self,
         *,
@@ -381,14 +418,101 @@ class Deployment(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        readiness: _abc.Iterable[Global___VersionReadiness] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "shadow", b"shadow", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "create_time", b"create_time", "etag", b"etag", "name", b"name", "pool", b"pool", "shadow", b"shadow", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "create_time", b"create_time", "etag", b"etag", "name", b"name", "pool", b"pool", "readiness", b"readiness", "shadow", b"shadow", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class TritonModelState(_message.Message):
+    """A model version's state on one Triton, as one orchestrator of the pool reports it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    TRITON_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The orchestrator that reports it, as the pool's endpoints name it ("host:port")."""
+    triton: _builtins.str
+    """The Triton's gRPC address as the orchestrator reaches it."""
+    state: Global___ModelVersionState.ValueType
+    """The state."""
+    reason: _builtins.str
+    """Why it is not ready, for example Triton's own reason for a failed load."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the orchestrator saw it."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        triton: _builtins.str = ...,
+        state: Global___ModelVersionState.ValueType = ...,
+        reason: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "reason", b"reason", "state", b"state", "triton", b"triton", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TritonModelState: _TypeAlias = TritonModelState  # noqa: Y015
+
+@_typing.final
+class VersionReadiness(_message.Message):
+    """A version's readiness on one pool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    READY_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    REQUIRED_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    TRITONS_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """The version id."""
+    pool: _builtins.str
+    """The pool, "pools/{pool}"."""
+    state: Global___ModelVersionState.ValueType
+    """READY once enough of the pool's endpoints have it ready; FAILED when every report says
+    so; LOADING or WARMING in between; UNSPECIFIED when the pool reports no states.
+    """
+    ready_endpoints: _builtins.int
+    """Endpoints of the pool with the version ready on at least one of their Tritons."""
+    required_endpoints: _builtins.int
+    """Ready endpoints it needs to get traffic."""
+    @_builtins.property
+    def tritons(self) -> _containers.RepeatedCompositeFieldContainer[Global___TritonModelState]:
+        """Every report for the version on the pool."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        pool: _builtins.str = ...,
+        state: Global___ModelVersionState.ValueType = ...,
+        ready_endpoints: _builtins.int = ...,
+        required_endpoints: _builtins.int = ...,
+        tritons: _abc.Iterable[Global___TritonModelState] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool", "ready_endpoints", b"ready_endpoints", "required_endpoints", b"required_endpoints", "state", b"state", "tritons", b"tritons", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionReadiness: _TypeAlias = VersionReadiness  # noqa: Y015
 
 @_typing.final
 class CreateModelRequest(_message.Message):
@@ -1483,6 +1607,9 @@ class VersionRoute(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
+    ARTIFACT_URI_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    READINESS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The version id."""
     weight: _builtins.int
@@ -1495,6 +1622,14 @@ class VersionRoute(_message.Message):
     """The version's largest batch."""
     platform: _builtins.str
     """The version's platform."""
+    artifact_uri: _builtins.str
+    """The version's artifact, for the pool's orchestrators to fetch; empty when the model is in
+    their Tritons' repositories already.
+    """
+    state: Global___ModelVersionState.ValueType
+    """Whether the version may get traffic by weight: READY or UNSPECIFIED may, the others'
+    share goes to the versions that may.
+    """
     @_builtins.property
     def endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The pool's orchestrator endpoints."""
@@ -1507,6 +1642,10 @@ class VersionRoute(_message.Message):
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]:
         """The version's outputs."""
 
+    @_builtins.property
+    def readiness(self) -> Global___VersionReadiness:
+        """The version's readiness on the pool, endpoint by endpoint."""
+
     def __init__(
         self,
         *,
@@ -1518,10 +1657,13 @@ class VersionRoute(_message.Message):
         outputs: _abc.Iterable[_tensor_pb2.TensorSpec] | None = ...,
         max_batch_size: _builtins.int = ...,
         platform: _builtins.str = ...,
+        artifact_uri: _builtins.str = ...,
+        state: Global___ModelVersionState.ValueType = ...,
+        readiness: Global___VersionReadiness | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["readiness", b"readiness"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "outputs", b"outputs", "platform", b"platform", "pool", b"pool", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "endpoints", b"endpoints", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "outputs", b"outputs", "platform", b"platform", "pool", b"pool", "readiness", b"readiness", "state", b"state", "version", b"version", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1702,3 +1844,90 @@ class WatchRoutesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRoutesResponse: _TypeAlias = WatchRoutesResponse  # noqa: Y015
+
+@_typing.final
+class ModelStateReport(_message.Message):
+    """One model version's state on one Triton."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TRITON_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model id."""
+    version: _builtins.str
+    """The version id."""
+    triton: _builtins.str
+    """The Triton's gRPC address."""
+    state: Global___ModelVersionState.ValueType
+    """The state."""
+    reason: _builtins.str
+    """Why it is not ready."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        triton: _builtins.str = ...,
+        state: Global___ModelVersionState.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "reason", b"reason", "state", b"state", "triton", b"triton", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStateReport: _TypeAlias = ModelStateReport  # noqa: Y015
+
+@_typing.final
+class ReportModelStatesRequest(_message.Message):
+    """Request for ReportModelStates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """"pools/{pool}"."""
+    endpoint: _builtins.str
+    """The reporting orchestrator, as the pool's endpoints name it ("host:port")."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStateReport]:
+        """Every model version the orchestrator has placed, per Triton; it replaces the last report."""
+
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        states: _abc.Iterable[Global___ModelStateReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "pool", b"pool", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportModelStatesRequest: _TypeAlias = ReportModelStatesRequest  # noqa: Y015
+
+@_typing.final
+class ReportModelStatesResponse(_message.Message):
+    """Response for ReportModelStates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportModelStatesResponse: _TypeAlias = ReportModelStatesResponse  # noqa: Y015

@@ -151,6 +151,11 @@ class RegistryServiceStub:
                 request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.WatchRoutesRequest.SerializeToString,
                 response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.WatchRoutesResponse.FromString,
                 _registered_method=True)
+        self.ReportModelStates = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/ReportModelStates',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -319,6 +324,14 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportModelStates(self, request, context):
+        """Records the state of every model version one orchestrator of a pool has placed on its
+        Tritons, replacing what that orchestrator reported before. Orchestrators call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -436,6 +449,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.WatchRoutes,
                     request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.WatchRoutesRequest.FromString,
                     response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.WatchRoutesResponse.SerializeToString,
+            ),
+            'ReportModelStates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportModelStates,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1061,6 +1079,33 @@ class RegistryService:
             '/tensorway.registry.v1.RegistryService/WatchRoutes',
             tensorway_dot_registry_dot_v1_dot_registry__service__pb2.WatchRoutesRequest.SerializeToString,
             tensorway_dot_registry_dot_v1_dot_registry__service__pb2.WatchRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportModelStates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/ReportModelStates',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

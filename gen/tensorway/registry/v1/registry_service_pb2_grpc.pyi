@@ -81,6 +81,10 @@ class RegistryServiceStub:
     """Resolves a model name, with an optional version or alias, to its route."""
     WatchRoutes: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.WatchRoutesRequest, _registry_service_pb2.WatchRoutesResponse]
     """Streams the route table: a snapshot first, then every change."""
+    ReportModelStates: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ReportModelStatesRequest, _registry_service_pb2.ReportModelStatesResponse]
+    """Records the state of every model version one orchestrator of a pool has placed on its
+    Tritons, replacing what that orchestrator reported before. Orchestrators call it.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -135,6 +139,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Resolves a model name, with an optional version or alias, to its route."""
     WatchRoutes: _aio.UnaryStreamMultiCallable[_registry_service_pb2.WatchRoutesRequest, _registry_service_pb2.WatchRoutesResponse]  # type: ignore[assignment]
     """Streams the route table: a snapshot first, then every change."""
+    ReportModelStates: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ReportModelStatesRequest, _registry_service_pb2.ReportModelStatesResponse]  # type: ignore[assignment]
+    """Records the state of every model version one orchestrator of a pool has placed on its
+    Tritons, replacing what that orchestrator reported before. Orchestrators call it.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The model registry: models, their versions, the pools that serve them and the
@@ -324,5 +332,15 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_service_pb2.WatchRoutesResponse], _abc.AsyncIterator[_registry_service_pb2.WatchRoutesResponse]]:
         """Streams the route table: a snapshot first, then every change."""
+
+    @_abc_1.abstractmethod
+    def ReportModelStates(
+        self,
+        request: _registry_service_pb2.ReportModelStatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ReportModelStatesResponse, _abc.Awaitable[_registry_service_pb2.ReportModelStatesResponse]]:
+        """Records the state of every model version one orchestrator of a pool has placed on its
+        Tritons, replacing what that orchestrator reported before. Orchestrators call it.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
