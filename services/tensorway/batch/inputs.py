@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from tensorway.batch.domain import InputPlan, NpyLayout, RowError, ShardPlan
 from tensorway.batch.inference import ModelSignature, TensorSpec
@@ -156,6 +157,15 @@ def _decode_value(value: Any, spec: TensorSpec) -> npt.NDArray[Any]:
     return array.astype(target)
 
 
+def _json_row(line: bytes) -> Any:
+    """One JSONL row: orjson, about twice as fast as the standard library's parser, which reads
+    what orjson refuses (integers beyond 64 bits, NaN) and gives the error a row reports."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return json.loads(line)
+
+
 def decode_jsonl(
     data: bytes, row_start: int, signature: ModelSignature
 ) -> tuple[list[tuple[int, Any, dict[str, npt.NDArray[Any]]]], list[RowError]]:
@@ -172,7 +182,7 @@ def decode_jsonl(
             continue
         row_id: Any = row
         try:
-            item = json.loads(line)
+            item = _json_row(line)
             if not isinstance(item, dict) or not isinstance(item.get("inputs"), dict):
                 raise ValueError('expected an object {"id": ..., "inputs": {"name": [...]}}')
             row_id = item.get("id", row)
