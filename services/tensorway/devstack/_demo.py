@@ -1,21 +1,31 @@
 """Registers the demo models in the local stack's registry and sends the first request.
 
+Each demo model's directory (as the Triton's repository holds it) is uploaded to the stack's S3 and
+registered with that artifact and the signature its config.pbtxt declares, so every start runs
+the path a user's model takes: the orchestrator fetches the artifact, loads and warms it, and the
+version gets traffic once it reports it ready.
+
 The registration is the stack's own doing: it writes as `access.SYSTEM_TENANT` with admin scopes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import grpc
 import numpy as np
 from google.protobuf import field_mask_pb2
 
 from tensorway.common.v1 import tensor_pb2
+from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._services import LOCAL_POOL, ROUTED_DEMO_MODELS, endpoint_key
+from tensorway.devstack._settings import DevStackSettings
 from tensorway.devstack._state import StackState
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from tensorway.registry.access import SYSTEM_TENANT, admin_channel
+from tensorway.registry.model_directory import ModelDirectory, s3_client, version_from_config
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
@@ -32,11 +42,33 @@ def _create(method: Callable[..., object], request: object, timeout: float) -> N
             raise
 
 
+def _demo_repository(state: StackState) -> Path | None:
+    """Where the stack's Triton keeps the demo models it built (devstack._triton)."""
+    triton = state.components.get("triton")
+    where = None if triton is None else triton.internal.get("model_repository")
+    return None if where is None else Path(where)
+
+
 def register_demo_models(
-    state: StackState, timeout: float = 10.0, orchestrators: Sequence[str] = ("orchestrator",)
+    state: StackState,
+    timeout: float = 10.0,
+    orchestrators: Sequence[str] = ("orchestrator",),
+    settings: DevStackSettings | None = None,
+    ready_timeout: float = 120.0,
 ) -> list[str]:
     """Pool `pools/local` (the stack's orchestrators, named by ``orchestrators``), and each demo
-    model at version 1 in PRODUCTION with all traffic. Safe to run again on a registry that has them."""
+    model at version 1 in PRODUCTION with all traffic, its artifact uploaded to the stack's S3.
+    Returns once every demo version is ready on the pool (within ``ready_timeout`` seconds).
+    Safe to run again on a registry that has them."""
+    settings = settings or DevStackSettings()
+    repository = _demo_repository(state)
+    endpoints = state.endpoints()
+    s3 = endpoints.get("s3")
+    uploads = (
+        s3_client(s3.url or f"http://{s3.address}", settings.s3_access_key, settings.s3_secret_key)
+        if s3 is not None
+        else None
+    )
     addresses = state.addresses()
     pool_endpoints = [addresses[endpoint_key(orchestrator)] for orchestrator in orchestrators]
     with (
@@ -60,9 +92,6 @@ def register_demo_models(
                 timeout=timeout,
             )
         for model in ROUTED_DEMO_MODELS:
-            metadata = orchestrator.GetModelMetadata(
-                inference_pb.GetModelMetadataRequest(model_name=model), timeout=timeout
-            )
             name = f"models/{model}"
             _create(
                 registry.CreateModel,
@@ -71,13 +100,23 @@ def register_demo_models(
                 ),
                 timeout,
             )
-            version = registry_pb.ModelVersion(
-                platform=metadata.platform,
-                inputs=metadata.inputs,
-                outputs=metadata.outputs,
-                max_batch_size=metadata.max_batch_size,
-                artifact_uri=f"file://demo-models/{model}/{DEMO_VERSION}",
-            )
+            directory = None if repository is None else repository / model
+            if uploads is not None and directory is not None and (directory / "config.pbtxt").is_file():
+                artifact = ModelDirectory.read(directory)
+                version = version_from_config(artifact.config_text)
+                version.artifact_uri = artifact.upload(uploads, model)
+            else:
+                # No S3, or a repository of the user's own: the model is in the Triton's repository.
+                metadata = orchestrator.GetModelMetadata(
+                    inference_pb.GetModelMetadataRequest(model_name=model), timeout=timeout
+                )
+                version = registry_pb.ModelVersion(
+                    platform=metadata.platform,
+                    inputs=metadata.inputs,
+                    outputs=metadata.outputs,
+                    max_batch_size=metadata.max_batch_size,
+                    artifact_uri=f"file://demo-models/{model}/{DEMO_VERSION}",
+                )
             _create(
                 registry.CreateModelVersion,
                 registry_pb.CreateModelVersionRequest(
@@ -108,7 +147,51 @@ def register_demo_models(
                 ),
                 timeout,
             )
+        wait_until_ready(registry_channel, ROUTED_DEMO_MODELS, ready_timeout)
     return list(ROUTED_DEMO_MODELS)
+
+
+def wait_until_ready(channel: grpc.Channel, models: Iterable[str], timeout: float) -> None:
+    """Follow the registry's routes until every version of `models` may get traffic (READY, or
+    on a pool that reports no readiness); DevStackError when one FAILED or time runs out."""
+    waiting = set(models)
+    routes: dict[str, registry_pb.Route] = {}
+    watch = registry_grpc.RegistryServiceStub(channel).WatchRoutes(
+        registry_pb.WatchRoutesRequest(models=sorted(waiting)), timeout=timeout
+    )
+    started = time.monotonic()
+    try:
+        for update in watch:
+            if update.snapshot:
+                routes.clear()
+            routes.update((route.model, route) for route in update.routes)
+            for route in routes.values():
+                for version in route.versions:
+                    if version.state == registry_pb.MODEL_VERSION_STATE_FAILED:
+                        reasons = "; ".join(t.reason for t in version.readiness.tritons if t.reason)
+                        raise DevStackError(
+                            "registry",
+                            f"model {route.model} version {version.version} failed: {reasons}",
+                            "see the orchestrator's log in .tensorway/",
+                        )
+            if all(model in routes and _ready(routes[model]) for model in waiting):
+                return
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    finally:
+        watch.cancel()
+    pending = sorted(model for model in waiting if model not in routes or not _ready(routes[model]))
+    raise DevStackError(
+        "registry",
+        f"demo models {', '.join(pending)} not ready after {time.monotonic() - started:.0f}s",
+        "see the orchestrator's log in .tensorway/",
+    )
+
+
+def _ready(route: registry_pb.Route) -> bool:
+    routable = (registry_pb.MODEL_VERSION_STATE_READY, registry_pb.MODEL_VERSION_STATE_UNSPECIFIED)
+    return all(version.state in routable for version in route.versions)
 
 
 def demo_request(router_address: str, timeout: float = 10.0) -> tuple[list[int], list[int]]:

@@ -16,6 +16,7 @@ from tensorway.devstack._component import Component, LaunchContext, Started, loo
 from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._kafka import TANSU_TOPIC_PARTITIONS
 from tensorway.devstack._state import Endpoint
+from tensorway.devstack._triton import model_repository_path
 
 LOCAL_POOL = "local"
 # Registry names are DNS labels, so Triton's `simple_string` stays reachable on Triton only.
@@ -124,7 +125,7 @@ class Orchestrator(TensorwayService):
         """``tritons`` names the Triton components of its pool."""
         super().__init__(name, settings)
         self._tritons = tuple(tritons)
-        self.requires = (*self._tritons, "registry")
+        self.requires = (*self._tritons, "registry", "s3")
 
     def environment(self, ctx: LaunchContext) -> dict[str, str]:
         tritons = [_endpoint(ctx, f"{endpoint_key(triton)}_grpc") for triton in self._tritons]
@@ -134,6 +135,11 @@ class Orchestrator(TensorwayService):
             "TENSORWAY_ORCHESTRATOR_REGISTRY_ADDRESS": _endpoint(ctx, "registry"),
             # Kept loaded whatever the registry says, so they can be registered from their metadata.
             "TENSORWAY_ORCHESTRATOR_MODELS": json.dumps(ROUTED_DEMO_MODELS),
+            # Versions with s3:// artifacts are fetched from the stack's S3 into the Tritons' repository.
+            "TENSORWAY_ORCHESTRATOR_MODEL_REPOSITORY": str(model_repository_path(ctx)),
+            "TENSORWAY_ORCHESTRATOR_S3_ENDPOINT": _endpoint(ctx, "s3", "url"),
+            "TENSORWAY_ORCHESTRATOR_S3_ACCESS_KEY": ctx.settings.s3_access_key,
+            "TENSORWAY_ORCHESTRATOR_S3_SECRET_KEY": ctx.settings.s3_secret_key,
         }
 
 

@@ -110,7 +110,10 @@ class Triton(Component):
                 f"{key}_grpc": Endpoint(address=loopback(grpc_port)),
                 f"{key}_http": Endpoint(address=loopback(http_port), url=f"http://{loopback(http_port)}"),
             },
-            internal={"metrics": f"http://{loopback(metrics_port)}/metrics"},
+            internal={
+                "metrics": f"http://{loopback(metrics_port)}/metrics",
+                "model_repository": str(repository),
+            },
             cleanup=[str(_SHM_ROOT / f"{shm_prefix}*")],
         )
 
@@ -168,6 +171,13 @@ def _wheel_libs(server_tree: PackageFile) -> str:
 
 def _join_paths(first: str, rest: str | None) -> str:
     return first if not rest else os.pathsep.join([first, rest])
+
+
+def model_repository_path(ctx: LaunchContext) -> Path:
+    """Where the stack's Tritons keep their models: the configured repository, or the demos'.
+    Orchestrators fetch model artifacts into it."""
+    configured = ctx.settings.triton_model_repository
+    return configured.resolve() if configured is not None else ctx.home / "models"
 
 
 def _model_repository(ctx: LaunchContext) -> tuple[Path, list[str]]:

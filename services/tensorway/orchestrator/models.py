@@ -1,17 +1,25 @@
-"""Which models the pool serves: their cached signatures, and loading and unloading them on the
-Tritons (explicit model control) as the pool's deployments say."""
+"""Which models the pool serves: their cached signatures, and placing them on the Tritons
+(explicit model control) as the pool's deployments say: fetching their artifacts, loading,
+warming and unloading them, and reporting each version's state on each Triton."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol
 
+import grpc
+
 from tensorway.common.v1 import error_pb2
+from tensorway.orchestrator.artifacts import ArtifactError, ModelRepository, is_fetched
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
 from tensorway.orchestrator.signatures import ModelSignature
 from tensorway.orchestrator.triton_errors import ModelGone
+from tensorway.orchestrator.warmup import warmed_by_triton, warmup_request
 from tensorway.runtime import NotFound, TensorwayError, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -79,20 +87,81 @@ class ModelCatalog:
         return ModelSignature.from_triton(metadata, config)
 
 
+class DeployedModels(frozenset[str]):
+    """The models the pool should serve, as a set of names, with the versions of each that the
+    registry routes to the pool and their artifact URIs ("" for a model already in the Tritons'
+    repository). A plain set of names (a source that knows no versions) loads models by name."""
+
+    versions: Mapping[str, Mapping[str, str]]
+
+    def __new__(cls, versions: Mapping[str, Mapping[str, str]]) -> DeployedModels:
+        deployed = super().__new__(cls, versions.keys())
+        deployed.versions = versions
+        return deployed
+
+
 class DeploymentSource(Protocol):
     """Where the orchestrator learns which models its pool should serve (the registry, or a fake)."""
 
     def watch(self) -> AsyncIterator[frozenset[str]]:
-        """Each item is the complete set of models the pool should serve from now on."""
+        """Each item is the complete set of models the pool should serve from now on; a
+        `DeployedModels` names their versions too."""
         ...
 
 
+class VersionState(enum.Enum):
+    """Where one model version stands on one Triton."""
+
+    LOADING = "LOADING"
+    WARMING = "WARMING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """A version's state on one Triton, and why it is not ready."""
+
+    state: VersionState
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StateLine:
+    """One line of a state report: a model version's state on one Triton."""
+
+    model: str
+    version: str
+    triton: str
+    state: VersionState
+    reason: str
+
+
+class StateReporter(Protocol):
+    """Where the versions' states go (the registry, or a fake)."""
+
+    async def report(self, lines: Sequence[StateLine]) -> None:
+        """Replace what this orchestrator reported before by `lines`."""
+        ...
+
+
+# (Triton address, model, version)
+_VersionKey = tuple[str, str, str]
+
+
 class ModelPlacement:
-    """Loads and unloads models on every Triton of the pool.
+    """Places models on every Triton of the pool and reports each version's state.
 
     `initial_models` are loaded at start and kept. When a deployment source is given, its sets are
     the truth: their models are loaded, and models neither in the latest set nor initial are
     unloaded. A Triton that comes back (restarted, so empty) gets the wanted models again.
+
+    A deployed version with an `s3://` artifact is fetched into `repository` first; the model's
+    config then loads exactly its deployed versions that have not failed. A version counts as
+    READY on a Triton only once it is loaded and has answered its warm-up request; one that
+    cannot be fetched, loaded or warmed is FAILED with the reason (Triton's own for a load), and
+    is not tried again until its artifact changes. Versions that still load keep serving: Triton
+    swaps a model's versions only once the new ones are loaded.
     """
 
     def __init__(
@@ -101,29 +170,54 @@ class ModelPlacement:
         catalog: ModelCatalog,
         initial_models: Sequence[str],
         source: DeploymentSource | None,
+        *,
+        repository: ModelRepository | None = None,
+        reporter: StateReporter | None = None,
+        warmup_timeout: timedelta = timedelta(seconds=30),
+        report_retry: timedelta = timedelta(seconds=1),
     ) -> None:
         self._pool = pool
         self._catalog = catalog
         self._initial = frozenset(initial_models)
         self._deployed: frozenset[str] | None = None
+        self._versions: Mapping[str, Mapping[str, str]] = {}
         self._source = source
+        self._repository = repository
+        self._reporter = reporter
+        self._warmup_timeout = warmup_timeout.total_seconds()
+        self._report_retry = report_retry.total_seconds()
         self._applying = asyncio.Lock()
         self._replacing: set[asyncio.Task[None]] = set()
+        self.states: dict[_VersionKey, VersionStatus] = {}
+        """Each deployed version's state on each Triton."""
+        self._placed: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+        self._failed_artifacts: dict[tuple[str, str, str], str] = {}
+        self._report_due = asyncio.Event()
+        self.reported = asyncio.Condition()
+        """Notified after every report the reporter took."""
         pool.add_listener(self._on_readiness)
 
     @property
     def wanted(self) -> frozenset[str]:
         return self._initial | (self._deployed or frozenset())
 
+    def report_to(self, reporter: StateReporter) -> None:
+        """Report the versions' states to `reporter` from `run()` on."""
+        self._reporter = reporter
+
     async def run(self) -> None:
         """Place the initial models, then follow the deployment source until cancelled."""
-        await self.apply(self._pool.endpoints)
-        if self._source is None:
-            return
-        async for deployed in self._source.watch():
-            logger.info("deployments for the pool: %s", ", ".join(sorted(deployed)) or "none")
-            self._deployed = deployed
+        async with asyncio.TaskGroup() as group:
+            if self._reporter is not None:
+                group.create_task(self._report_loop())
             await self.apply(self._pool.endpoints)
+            if self._source is None:
+                return
+            async for deployed in self._source.watch():
+                logger.info("deployments for the pool: %s", ", ".join(sorted(deployed)) or "none")
+                self._deployed = frozenset(deployed)
+                self._versions = deployed.versions if isinstance(deployed, DeployedModels) else {}
+                await self.apply(self._pool.endpoints)
 
     async def apply(self, endpoints: Sequence[TritonEndpoint]) -> None:
         """Make the given Tritons serve the wanted models, then report the new readiness."""
@@ -133,36 +227,217 @@ class ModelPlacement:
             changed: set[str] = set()
             for endpoint in endpoints:
                 if not endpoint.ready:
+                    self._mark_lost(endpoint, "the Triton is not reachable")
                     continue
                 ready = endpoint.ready_models or frozenset()
-                removable = ready - wanted if self._deployed is not None else frozenset()
-                changed |= await self._place(endpoint, wanted - ready, removable)
+                for model in sorted(wanted):
+                    if await self._place(endpoint, model, ready):
+                        changed.add(model)
+                if self._deployed is not None:
+                    changed |= await self._unload(endpoint, ready - wanted)
+            self._forget_undeployed()
+            if self._repository is not None and self._deployed is not None:
+                for model in changed - wanted:
+                    await self._repository.remove(model)
             self._catalog.forget(changed)
             await self._pool.refresh(endpoints)
+            self._report_due.set()
 
-    async def _place(
-        self, endpoint: TritonEndpoint, to_load: Iterable[str], to_unload: Iterable[str]
-    ) -> set[str]:
-        done: set[str] = set()
-        for model, action in [*((m, "load") for m in to_load), *((m, "unload") for m in to_unload)]:
+    def report_lines(self) -> list[StateLine]:
+        """The states of every deployed version on every Triton, as the registry gets them."""
+        return [
+            StateLine(model, version, triton, status.state, status.reason)
+            for (triton, model, version), status in sorted(self.states.items())
+        ]
+
+    async def _place(self, endpoint: TritonEndpoint, model: str, ready: frozenset[str]) -> bool:
+        """Bring `model` on this Triton to its deployed versions; True when Triton was asked to
+        load it."""
+        versions = dict(self._versions.get(model, {}))
+        desired = tuple(sorted(versions.items()))
+        key = (endpoint.address, model)
+        if model in ready and self._placed.get(key) == desired:
+            return False
+        loadable = await self._fetch(endpoint, model, versions)
+        fetched = [version for version, uri in loadable.items() if is_fetched(uri)]
+        if any(is_fetched(uri) for uri in versions.values()) and not fetched:
+            self._placed[key] = desired  # every artifact failed: nothing to load until one changes
+            return False
+        if fetched and self._repository is not None:
+            await self._repository.write_config(model, fetched)
+        for version in loadable:
+            if self._status(endpoint, model, version) is not VersionState.READY:
+                self._set(endpoint, model, version, VersionState.LOADING, "Triton is loading it")
+        loaded = await self._load(endpoint, model, loadable, fetched)
+        for version in loaded:
+            if self._status(endpoint, model, version) is not VersionState.READY:
+                await self._warm(endpoint, model, version)
+        self._placed[key] = desired
+        return True
+
+    async def _fetch(
+        self, endpoint: TritonEndpoint, model: str, versions: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Fetch the versions' artifacts; the versions that may be loaded."""
+        loadable = dict(versions)
+        for version, uri in versions.items():
+            if not is_fetched(uri):
+                continue
+            failure = self._failed_artifacts.get((model, version, uri))
+            if failure is None and self._repository is None:
+                failure = "the orchestrator has no model repository to fetch artifacts into"
+            elif failure is None and self._repository is not None:
+                if self._status(endpoint, model, version) is not VersionState.READY:
+                    self._set(endpoint, model, version, VersionState.LOADING, f"fetching {uri}")
+                try:
+                    await self._repository.fetch(model, version, uri)
+                    self._repository.config_of(model, version)
+                except ArtifactError as error:
+                    failure = self._failed_artifacts[model, version, uri] = str(error)
+                    await self._repository.remove_version(model, version)
+            if failure is not None:
+                logger.error("model %s version %s cannot be served: %s", model, version, failure)
+                self._set(endpoint, model, version, VersionState.FAILED, failure)
+                del loadable[version]
+        return loadable
+
+    async def _load(
+        self, endpoint: TritonEndpoint, model: str, loadable: Mapping[str, str], fetched: list[str]
+    ) -> list[str]:
+        """Load the model on the Triton; the versions of `loadable` it then has ready. A version
+        Triton fails is FAILED with Triton's reason, and the others are loaded without it."""
+        try:
+            await endpoint.load(model)
+        except TensorwayError as error:
+            logger.error("cannot load model %s on Triton %s: %s", model, endpoint.address, error)
+            load_error = str(error)
+        else:
+            logger.info("loaded model %s on Triton %s", model, endpoint.address)
+            load_error = ""
+        states = await self._triton_states(endpoint, model)
+        loaded: list[str] = []
+        for version, uri in loadable.items():
+            state, reason = states.get(version, ("", ""))
+            if state == "READY":
+                loaded.append(version)
+                continue
+            reason = reason or load_error or f"Triton has no version {version} of model {model!r}"
+            self._set(endpoint, model, version, VersionState.FAILED, reason)
+            if is_fetched(uri):
+                self._failed_artifacts[model, version, uri] = reason
+        remaining = [version for version in fetched if version in loaded]
+        if load_error and remaining and len(remaining) < len(fetched) and self._repository is not None:
+            # Without the failed versions, so that a Triton that restarts loads the others.
+            await self._repository.write_config(model, remaining)
             try:
-                if action == "load":
-                    await endpoint.load(model)
-                else:
-                    await endpoint.unload(model)
+                await endpoint.load(model)
             except TensorwayError as error:
-                logger.error("cannot %s model %s on Triton %s: %s", action, model, endpoint.address, error)
+                logger.error("cannot reload model %s on Triton %s: %s", model, endpoint.address, error)
+        return loaded
+
+    async def _triton_states(self, endpoint: TritonEndpoint, model: str) -> dict[str, tuple[str, str]]:
+        """Each version of `model` Triton knows: its state and reason."""
+        try:
+            index = await endpoint.repository_index()
+        except grpc.aio.AioRpcError as error:
+            return {"": ("", error.details() or error.code().name)}
+        return {entry.version: (entry.state, entry.reason) for entry in index.models if entry.name == model}
+
+    async def _warm(self, endpoint: TritonEndpoint, model: str, version: str) -> None:
+        self._set(endpoint, model, version, VersionState.WARMING, "answering its warm-up request")
+        try:
+            config = (await endpoint.model_config(model, version)).config
+            if not warmed_by_triton(config):
+                request = warmup_request(model, version, config)
+                await asyncio.wait_for(endpoint.infer(request), self._warmup_timeout)
+        except (TensorwayError, grpc.aio.AioRpcError, TimeoutError) as error:
+            reason = f"its warm-up request failed: {getattr(error, 'details', lambda: None)() or error}"
+            logger.error("model %s version %s on Triton %s: %s", model, version, endpoint.address, reason)
+            self._set(endpoint, model, version, VersionState.FAILED, reason)
+            return
+        logger.info("model %s version %s is ready on Triton %s", model, version, endpoint.address)
+        self._set(endpoint, model, version, VersionState.READY)
+
+    async def _unload(self, endpoint: TritonEndpoint, models: Iterable[str]) -> set[str]:
+        done: set[str] = set()
+        for model in sorted(models):
+            try:
+                await endpoint.unload(model)
+            except TensorwayError as error:
+                logger.error("cannot unload model %s on Triton %s: %s", model, endpoint.address, error)
             else:
-                logger.info("%sed model %s on Triton %s", action, model, endpoint.address)
+                logger.info("unloaded model %s on Triton %s", model, endpoint.address)
+                self._placed.pop((endpoint.address, model), None)
                 done.add(model)
         return done
 
+    def _forget_undeployed(self) -> None:
+        for key in list(self.states):
+            _, model, version = key
+            if version not in self._versions.get(model, {}):
+                del self.states[key]
+                self._report_due.set()
+
+    def _status(self, endpoint: TritonEndpoint, model: str, version: str) -> VersionState | None:
+        status = self.states.get((endpoint.address, model, version))
+        return None if status is None else status.state
+
+    def _set(
+        self, endpoint: TritonEndpoint, model: str, version: str, state: VersionState, reason: str = ""
+    ) -> None:
+        status = VersionStatus(state, reason)
+        if self.states.get((endpoint.address, model, version)) != status:
+            self.states[endpoint.address, model, version] = status
+            self._report_due.set()
+
+    def _mark_lost(self, endpoint: TritonEndpoint, reason: str, models: Iterable[str] | None = None) -> None:
+        """The Triton lost its models (all, or `models`): they are loading again once it is back."""
+        lost = None if models is None else set(models)
+        for (triton, model, version), status in list(self.states.items()):
+            if triton != endpoint.address or (lost is not None and model not in lost):
+                continue
+            if status.state in (VersionState.READY, VersionState.WARMING):
+                self._set(endpoint, model, version, VersionState.LOADING, reason)
+            self._placed.pop((triton, model), None)
+
     async def _on_readiness(self, readiness: Mapping[str, bool], came_up: Sequence[TritonEndpoint]) -> None:
-        if came_up and self.wanted:
+        again = list(came_up)
+        for endpoint in self._pool.endpoints:
+            if not endpoint.ready:
+                self._mark_lost(endpoint, "the Triton is not reachable")
+                continue
+            gone = {
+                model
+                for (triton, model, _), status in self.states.items()
+                if triton == endpoint.address
+                and status.state is VersionState.READY
+                and endpoint.ready_models is not None
+                and model not in endpoint.ready_models
+            }
+            if gone:
+                self._mark_lost(endpoint, "the Triton no longer has it loaded", gone)
+                if endpoint not in again:
+                    again.append(endpoint)
+        if again and self.wanted:
             # Not awaited: apply() refreshes the pool, which is in the middle of telling its listeners.
-            task = asyncio.ensure_future(self.apply(came_up))
+            task = asyncio.ensure_future(self.apply(again))
             self._replacing.add(task)
             task.add_done_callback(self._replacing.discard)
+
+    async def _report_loop(self) -> None:
+        assert self._reporter is not None
+        while True:
+            await self._report_due.wait()
+            self._report_due.clear()
+            try:
+                await self._reporter.report(self.report_lines())
+            except (grpc.aio.AioRpcError, TensorwayError, OSError) as error:
+                logger.warning("cannot report model states: %s", error)
+                await asyncio.sleep(self._report_retry)
+                self._report_due.set()
+                continue
+            async with self.reported:
+                self.reported.notify_all()
 
     async def close(self) -> None:
         """Stop placing models on Tritons that came back."""

@@ -1,14 +1,17 @@
-"""The registry as the orchestrator's deployment source: WatchRoutes, narrowed to this pool."""
+"""The registry as the orchestrator's deployment source (WatchRoutes, narrowed to this pool) and
+as where it reports each model version's state on its Tritons (ReportModelStates)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import timedelta
 
 import grpc
 
+from tensorway.orchestrator.models import DeployedModels, StateLine
+from tensorway.registry.access import SYSTEM_TENANT, admin_metadata
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from tensorway.runtime import create_channel
@@ -28,7 +31,7 @@ class RegistryDeployments:
         self._pool_name = f"pools/{pool}"
         self._retry_delay = retry_delay.total_seconds()
 
-    async def watch(self) -> AsyncIterator[frozenset[str]]:
+    async def watch(self) -> AsyncIterator[DeployedModels]:
         routes: dict[str, registry_pb.Route] = {}
         async with create_channel(self._address) as channel:
             stub = registry_grpc.RegistryServiceStub(channel)
@@ -45,9 +48,49 @@ class RegistryDeployments:
                     logger.warning("watching routes at %s failed: %s", self._address, error.details())
                 await asyncio.sleep(self._retry_delay)
 
-    def _served_here(self, routes: Iterable[registry_pb.Route]) -> frozenset[str]:
-        return frozenset(
-            route.model
-            for route in routes
-            if any(version.pool == self._pool_name for version in route.versions)
+    def _served_here(self, routes: Iterable[registry_pb.Route]) -> DeployedModels:
+        versions: dict[str, dict[str, str]] = {}
+        for route in routes:
+            for version in route.versions:
+                if version.pool == self._pool_name:
+                    versions.setdefault(route.model, {})[version.version] = version.artifact_uri
+        return DeployedModels(versions)
+
+
+class RegistryStateReports:
+    """Reports the versions' states to the registry as this orchestrator of the pool.
+
+    Writes need `models.write`: the orchestrator calls as the mesh's own internal identity, which
+    only callers inside the network can present (see docs/security.md).
+    """
+
+    def __init__(
+        self, address: str, pool: str, endpoint: str, timeout: timedelta = timedelta(seconds=5)
+    ) -> None:
+        self._channel = create_channel(address)
+        self._stub = registry_grpc.RegistryServiceStub(self._channel)
+        self._pool_name = f"pools/{pool}"
+        self._endpoint = endpoint
+        self._timeout = timeout.total_seconds()
+
+    async def report(self, lines: Sequence[StateLine]) -> None:
+        request = registry_pb.ReportModelStatesRequest(
+            pool=self._pool_name,
+            endpoint=self._endpoint,
+            states=[
+                registry_pb.ModelStateReport(
+                    model=line.model,
+                    version=line.version,
+                    triton=line.triton,
+                    state=registry_pb.ModelVersionState.Value(f"MODEL_VERSION_STATE_{line.state.value}"),
+                    reason=line.reason[:4096],
+                )
+                for line in lines
+            ],
         )
+        await self._stub.ReportModelStates(
+            request, timeout=self._timeout, metadata=admin_metadata(SYSTEM_TENANT)
+        )
+
+    async def close(self) -> None:
+        await self._channel.close()
