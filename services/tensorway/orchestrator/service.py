@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from pydantic_settings import SettingsConfigDict
@@ -14,6 +15,7 @@ from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.orchestrator import metrics
+from tensorway.orchestrator.artifacts import model_repository
 from tensorway.orchestrator.core import Orchestrator
 from tensorway.orchestrator.models import DeploymentSource, ModelCatalog, ModelPlacement
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
@@ -60,6 +62,22 @@ class Settings(ServiceSettings):
     """Deadline of readiness, metadata and repository calls to Triton."""
     load_timeout: timedelta = timedelta(seconds=120)
     """Deadline of loading or unloading one model on one Triton."""
+    model_repository: Path | None = None
+    """The Tritons' model repository (the directory of their --model-repository), into which
+    versions with an s3:// artifact are fetched. Unset, only models already there are served."""
+    s3_endpoint: str = "http://127.0.0.1:9000"
+    """S3 endpoint URL that artifacts are fetched from."""
+    s3_access_key: str = ""
+    """S3 access key."""
+    s3_secret_key: str = ""
+    """S3 secret key."""
+    s3_region: str = "us-east-1"
+    """S3 region."""
+    warmup_timeout: timedelta = timedelta(seconds=30)
+    """Deadline of a freshly loaded version's warm-up request."""
+    advertise_address: str | None = None
+    """This orchestrator's address as its pool's endpoints name it ("host:port"); the versions'
+    states are reported to the registry under it. Unset, "{host}:{port}"."""
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -159,7 +177,14 @@ async def create(
         from tensorway.orchestrator.registry import RegistryDeployments
 
         deployments = RegistryDeployments(settings.registry_address, settings.pool)
-    placement = ModelPlacement(pool, catalog, settings.models, deployments)
+    placement = ModelPlacement(
+        pool,
+        catalog,
+        settings.models,
+        deployments,
+        repository=model_repository(settings),
+        warmup_timeout=settings.warmup_timeout,
+    )
     server, port = create_server(
         "orchestrator",
         settings,
@@ -175,6 +200,13 @@ async def create(
         ],
     )
     pool.add_listener(HealthReport(server, pool))
+    reports = None
+    if settings.registry_address is not None:
+        from tensorway.orchestrator.registry import RegistryStateReports
+
+        advertised = settings.advertise_address or f"{settings.host}:{port}"
+        reports = RegistryStateReports(settings.registry_address, settings.pool, advertised)
+        placement.report_to(reports)
     background = [
         asyncio.ensure_future(pool.watch(settings.health_interval)),
         asyncio.ensure_future(placement.run()),
@@ -186,6 +218,8 @@ async def create(
         await asyncio.gather(*background, return_exceptions=True)
         await placement.close()
         await pool.close()
+        if reports is not None:
+            await reports.close()
 
     server.on_stop(stop_background)
     return server, port
