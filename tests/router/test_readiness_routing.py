@@ -44,3 +44,16 @@ def test_pools_that_report_no_readiness_are_routed_as_before() -> None:
 def test_a_version_asked_for_by_name_runs_whatever_its_readiness() -> None:
     model = route({"1": READY, "2": LOADING})
     assert model.choose("2", None, random.Random(1)).version == "2"
+
+
+def test_a_cut_over_to_a_version_still_loading_stays_on_the_ready_ones_without_weight() -> None:
+    model = ModelRoute.from_proto(
+        registry_pb.Route(
+            model="digits",
+            versions=[
+                registry_pb.VersionRoute(version="1", weight=0, endpoints=["o:1"], state=READY),
+                registry_pb.VersionRoute(version="2", weight=100, endpoints=["o:1"], state=LOADING),
+            ],
+        )
+    )
+    assert chosen(model) == Counter({"1": 500})

@@ -57,13 +57,18 @@ class ModelRoute:
         bounds: list[int] = []
         weighted: list[VersionRoute] = []
         total = 0
-        for version in route.versions:
-            # A version its pool has not made ready yet (or failed) gets no share by weight:
-            # its share goes to the versions that can serve. Asked for by name, it still runs.
-            if version.weight > 0 and version.state in ROUTABLE_STATES:
-                total += version.weight
-                bounds.append(total)
-                weighted.append(version)
+        ready = [version for version in route.versions if version.state in ROUTABLE_STATES]
+        # A version its pool has not made ready yet (or failed) gets no share by weight: its
+        # share goes to the versions that can serve, and when none that has weight can (a
+        # cut-over to a version still loading), to the ready ones without weight, equally.
+        # Asked for by name, a version runs whatever its readiness.
+        shares = [(version, version.weight) for version in ready if version.weight > 0]
+        if not shares and len(ready) < len(route.versions):
+            shares = [(version, 1) for version in ready]
+        for version, weight in shares:
+            total += weight
+            bounds.append(total)
+            weighted.append(version)
         shadow = route.shadow if route.HasField("shadow") and route.shadow.percent > 0 else None
         return cls(
             model=route.model,
