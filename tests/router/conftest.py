@@ -71,10 +71,10 @@ class FakeRegistry(registry_grpc.RegistryServiceServicer):
 
 @dataclass
 class FakeOrchestrator(pb_grpc.InferenceServiceServicer):
-    """Forwards Infer to the real Triton (running whatever version Triton has) and answers as the
-    version the router asked for; or fails with `fail_with`, or waits `delay` seconds first, or
-    until `gate` is set. With `drift`, Triton sees INT32 INPUT1 values that much larger: the
-    answers of a build of the model whose results moved."""
+    """Forwards Infer (and Triton's ModelInfer) to the real Triton (running whatever version
+    Triton has) and answers as the version the router asked for; or fails with `fail_with`, or
+    waits `delay` seconds first, or until `gate` is set. With `drift`, Triton sees INT32 INPUT1
+    values that much larger: the answers of a build of the model whose results moved."""
 
     triton_address: str
     name: str = "orchestrator"
@@ -87,6 +87,8 @@ class FakeOrchestrator(pb_grpc.InferenceServiceServicer):
     deadlines: list[float | None] = field(default_factory=list)
     arrivals: list[tuple[str, str]] = field(default_factory=list)
     """(sequence_id parameter, request id) of each request, in the order they arrived."""
+    received: list[bytes] = field(default_factory=list)
+    """Each Triton ModelInferRequest as the bytes that arrived."""
     _channel: grpc.aio.Channel | None = None
 
     def stub(self) -> Any:
@@ -94,11 +96,10 @@ class FakeOrchestrator(pb_grpc.InferenceServiceServicer):
             self._channel = grpc.aio.insecure_channel(self.triton_address)
         return triton_service.GRPCInferenceServiceStub(self._channel)
 
-    async def Infer(self, request: pb.InferRequest, ctx: Any) -> pb.InferResponse:
+    async def _arrive(self, version: str, sequence: str, request_id: str, ctx: Any) -> None:
         self.calls += 1
-        self.versions.append(request.model_version)
-        sequence = request.parameters.get("sequence_id")
-        self.arrivals.append((str(sequence.int64_value) if sequence else "", request.id))
+        self.versions.append(version)
+        self.arrivals.append((sequence, request_id))
         current = context.current.get()
         self.deadlines.append(current.time_remaining() if current else None)
         if self.delay:
@@ -107,17 +108,38 @@ class FakeOrchestrator(pb_grpc.InferenceServiceServicer):
             await self.gate.wait()
         if self.fail_with is not None:
             await ctx.abort(self.fail_with, f"{self.name} fails on purpose")
-        upstream = to_triton_request(request, raw_inputs(request))
+
+    async def _triton_answer(self, upstream: Any) -> Any:
         upstream.model_version = ""
         if self.drift:
             index = next(i for i, tensor in enumerate(upstream.inputs) if tensor.name == "INPUT1")
             moved = np.frombuffer(upstream.raw_input_contents[index], dtype="<i4") + self.drift
             upstream.raw_input_contents[index] = moved.astype("<i4").tobytes()
-        answer = await self.stub().ModelInfer(upstream)
+        return await self.stub().ModelInfer(upstream)
+
+    async def Infer(self, request: pb.InferRequest, ctx: Any) -> pb.InferResponse:
+        sequence = request.parameters.get("sequence_id")
+        await self._arrive(
+            request.model_version, str(sequence.int64_value) if sequence else "", request.id, ctx
+        )
+        answer = await self._triton_answer(to_triton_request(request, raw_inputs(request)))
         response = from_triton_response(answer, request)
         response.model_version = request.model_version
         response.parameters["orchestrator"].string_value = self.name
         return response
+
+    async def ModelInfer(self, data: bytes, ctx: Any) -> bytes:
+        """Triton's ModelInfer, as the serialized bytes the router forwarded (recorded)."""
+        self.received.append(data)
+        request = triton.ModelInferRequest.FromString(data)
+        sequence = request.parameters.get("sequence_id")
+        await self._arrive(
+            request.model_version, str(sequence.int64_param) if sequence else "", request.id, ctx
+        )
+        answer = await self._triton_answer(request)
+        answer.model_version, answer.id = request.model_version, request.id
+        serialized: bytes = answer.SerializeToString()
+        return serialized
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -136,6 +158,17 @@ class Running:
         return int(self.address.rsplit(":", 1)[1])
 
 
+TRITON_SERVICE = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+
+
+def add_triton_infer(orchestrator: FakeOrchestrator, server: grpc.aio.Server) -> None:
+    """Triton's ModelInfer on serialized bytes, as a real orchestrator serves it to routers."""
+    handlers = {"ModelInfer": grpc.unary_unary_rpc_method_handler(orchestrator.ModelInfer)}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(TRITON_SERVICE.full_name, handlers),)
+    )
+
+
 async def start_orchestrator(orchestrator: FakeOrchestrator, port: int = 0) -> Running:
     server, bound = create_server(
         orchestrator.name,
@@ -145,7 +178,8 @@ async def start_orchestrator(orchestrator: FakeOrchestrator, port: int = 0) -> R
                 pb_grpc.add_InferenceServiceServicer_to_server,
                 orchestrator,
                 pb.DESCRIPTOR.services_by_name["InferenceService"],
-            )
+            ),
+            ServiceBinding(add_triton_infer, orchestrator, TRITON_SERVICE),
         ],
     )
     server.on_stop(orchestrator.close)

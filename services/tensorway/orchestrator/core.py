@@ -8,10 +8,10 @@ import logging
 import time
 from asyncio import FIRST_COMPLETED
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from tensorway.common.v1 import error_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
@@ -19,8 +19,9 @@ from tensorway.orchestrator import metrics
 from tensorway.orchestrator.converters import metadata_response
 from tensorway.orchestrator.models import ModelCatalog
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
+from tensorway.orchestrator.signatures import ModelSignature
 from tensorway.orchestrator.triton_errors import ModelGone
-from tensorway.orchestrator.validation import validate_request
+from tensorway.orchestrator.validation import check_triton_contents, validate_request
 from tensorway.runtime import (
     Aborted,
     DeadlineExceeded,
@@ -37,9 +38,12 @@ from tensorway.tensors.triton import (
     raw_inputs,
     sequence_step,
     to_triton_request,
+    triton_raw_inputs,
+    triton_sequence_step,
 )
 
 logger = logging.getLogger(__name__)
+AnswerT = TypeVar("AnswerT")
 
 
 class Orchestrator:
@@ -81,41 +85,86 @@ class Orchestrator:
         # (model, sequence id) → the address of the Triton holding the sequence's state.
         self._sequences: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._max_sequences = max_sequences
+        # Metric children by label values; models are those the catalog knows (or UNKNOWN_MODEL).
+        self._latency_children: dict[tuple[str, str], Any] = {}
+        self._error_children: dict[tuple[str, str], Any] = {}
+        self._slot_children: dict[str, tuple[Any, Any, Any]] = {}
 
     async def infer(self, request: pb.InferRequest) -> pb.InferResponse:
         """Validate `request` against its model's signature, run it, and return the answer."""
+
+        async def run(signature: ModelSignature) -> pb.InferResponse:
+            raw = raw_inputs(request)
+            validate_request(request, signature, raw)
+            answer = await self._run_step(
+                signature.name, to_triton_request(request, raw), sequence_step(request.parameters)
+            )
+            return from_triton_response(answer, request)
+
+        return await self._serve(request.model_name, request.model_version, run)
+
+    async def infer_triton(self, request: Any) -> Any:
+        """Validate a Triton ModelInferRequest against its model's signature, run it as it is, and
+        return Triton's ModelInferResponse, with the caller's id: the request is Triton's message
+        already, so nothing is converted either way."""
+
+        async def run(signature: ModelSignature) -> Any:
+            check_triton_contents(request)
+            validate_request(request, signature, triton_raw_inputs(request))
+            caller_id = request.id
+            answer = await self._run_step(signature.name, request, triton_sequence_step(request.parameters))
+            answer.id = caller_id
+            return answer
+
+        return await self._serve(request.model_name, request.model_version, run)
+
+    async def _serve(
+        self, model_name: str, version: str, run: Callable[[ModelSignature], Awaitable[AnswerT]]
+    ) -> AnswerT:
+        """`run(signature)` within the request's deadline, counted in the metrics by model and code."""
         started = time.perf_counter()
         model = metrics.UNKNOWN_MODEL
         code = "OK"
         try:
             async with asyncio.timeout(self._time_remaining()):
-                signature = await self._catalog.signature(request.model_name, request.model_version)
+                signature = await self._catalog.signature(model_name, version)
                 model = signature.name
-                raw = raw_inputs(request)
-                validate_request(request, signature, raw)
-                triton_request = to_triton_request(request, raw)
-                step = sequence_step(request.parameters)
-                async with self._in_flight_slot(model):
-                    if step is None:
-                        answer = await self._run(model, triton_request)
-                    else:
-                        answer = await self._run_in_sequence(model, triton_request, step)
-            return from_triton_response(answer, request)
+                return await run(signature)
         except TimeoutError as timeout:
             failure: TensorwayError = DeadlineExceeded(
-                f"model {request.model_name!r} did not answer before the deadline"
+                f"model {model_name!r} did not answer before the deadline"
             )
             code = failure.code.name
-            metrics.ERRORS.labels(model, reason_name(failure.reason)).inc()
+            self._errors(model, failure).inc()
             raise failure from timeout
         except TensorwayError as error:
             if isinstance(error, ModelGone):
                 self._catalog.forget([model])
             code = error.code.name
-            metrics.ERRORS.labels(model, reason_name(error.reason)).inc()
+            self._errors(model, error).inc()
             raise
         finally:
-            metrics.REQUEST_SECONDS.labels(model, code).observe(time.perf_counter() - started)
+            self._latency(model, code).observe(time.perf_counter() - started)
+
+    async def _run_step(self, model: str, triton_request: Any, step: SequenceStep | None) -> Any:
+        async with self._in_flight_slot(model):
+            if step is None:
+                return await self._run(model, triton_request)
+            return await self._run_in_sequence(model, triton_request, step)
+
+    def _latency(self, model: str, code: str) -> Any:
+        # Children looked up once: `labels()` takes a lock and hashes its labels on every call.
+        child = self._latency_children.get((model, code))
+        if child is None:
+            child = self._latency_children[(model, code)] = metrics.REQUEST_SECONDS.labels(model, code)
+        return child
+
+    def _errors(self, model: str, error: TensorwayError) -> Any:
+        reason = reason_name(error.reason)
+        child = self._error_children.get((model, reason))
+        if child is None:
+            child = self._error_children[(model, reason)] = metrics.ERRORS.labels(model, reason)
+        return child
 
     async def _run(self, model: str, request: Any) -> Any:
         """Triton's answer to `request`, from the first Triton of the pool that gives one."""
@@ -242,6 +291,14 @@ class Orchestrator:
 
     @asynccontextmanager
     async def _in_flight_slot(self, model: str) -> AsyncIterator[None]:
+        children = self._slot_children.get(model)
+        if children is None:
+            children = self._slot_children[model] = (
+                metrics.QUEUED.labels(model),
+                metrics.QUEUE_SECONDS.labels(model),
+                metrics.IN_FLIGHT.labels(model),
+            )
+        queued, queue_seconds, in_flight = children
         if self._slots.locked():
             if self._queued >= self._max_queued:
                 raise ResourceExhausted(
@@ -251,21 +308,21 @@ class Orchestrator:
                 )
             waited = time.perf_counter()
             self._queued += 1
-            metrics.QUEUED.labels(model).inc()
+            queued.inc()
             try:
                 await self._slots.acquire()
             finally:
                 self._queued -= 1
-                metrics.QUEUED.labels(model).dec()
-                metrics.QUEUE_SECONDS.labels(model).observe(time.perf_counter() - waited)
+                queued.dec()
+                queue_seconds.observe(time.perf_counter() - waited)
         else:
             await self._slots.acquire()
-            metrics.QUEUE_SECONDS.labels(model).observe(0)
-        metrics.IN_FLIGHT.labels(model).inc()
+            queue_seconds.observe(0)
+        in_flight.inc()
         try:
             yield
         finally:
-            metrics.IN_FLIGHT.labels(model).dec()
+            in_flight.dec()
             self._slots.release()
 
 

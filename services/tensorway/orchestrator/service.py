@@ -102,14 +102,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
 
 class TritonControlServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """Triton's `inference.GRPCInferenceService`, served to routers for what only the pool's
-    Tritons know: a model's configuration, its statistics (per Triton, see `triton_control`) and
-    the repository index. Inference comes through `InferenceServicer`; the other methods are
-    UNIMPLEMENTED."""
+    """Triton's `inference.GRPCInferenceService`, served to routers: inference on Triton's own
+    messages (ModelInfer, which routers forward as their Triton clients sent it, each message of
+    a client's stream as one call), and what only the pool's Tritons know: a model's
+    configuration, its statistics (per Triton, see `triton_control`) and the repository index.
+    The other methods are UNIMPLEMENTED."""
 
-    def __init__(self, control: TritonControl, pool: TritonPool) -> None:
+    def __init__(self, control: TritonControl, pool: TritonPool, orchestrator: Orchestrator) -> None:
         self._control = control
         self._pool = pool
+        self._orchestrator = orchestrator
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self._orchestrator.infer_triton(request)
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return triton.ServerLiveResponse(live=True)
@@ -194,7 +199,7 @@ async def create(
             ),
             ServiceBinding(
                 triton_grpc.add_GRPCInferenceServiceServicer_to_server,
-                TritonControlServicer(TritonControl(pool), pool),
+                TritonControlServicer(TritonControl(pool), pool, orchestrator),
                 TRITON_SERVICE,
             ),
         ],

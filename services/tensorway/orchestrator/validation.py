@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from tensorway.common.v1 import error_pb2, tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.orchestrator.signatures import ModelSignature, TensorSignature
-from tensorway.runtime import FieldViolation, InvalidArgument
+from tensorway.runtime import FieldViolation, InvalidArgument, NotFound
 from tensorway.tensors.layouts import BYTES, CONTENTS_FIELDS, FIXED_SIZE_DTYPES
 
 # Triton's raw BYTES elements each start with a 4-byte little-endian length.
@@ -22,6 +23,14 @@ _BYTES_PREFIX = struct.Struct("<I")
 # many it is checked here, which spares Triton the request and the client Triton's wording; past
 # it Triton checks them and its messages are put in the mesh's words (triton_errors).
 MAX_WALKED_BYTES_ELEMENTS = 16384
+_SHARED_MEMORY_REGION = "shared_memory_region"
+_SHARED_MEMORY_BYTE_SIZE = "shared_memory_byte_size"
+_SHARED_MEMORY_OFFSET = "shared_memory_offset"
+NO_SHARED_MEMORY = (
+    "shared memory is not available through tensorway: the router and the Tritons behind it run in "
+    "other processes, usually on other machines, so they cannot map a region of the client's "
+    "memory; send tensors in the request (raw_input_contents) instead"
+)
 
 
 def validate_request(request: pb.InferRequest, signature: ModelSignature, raw: Sequence[bytes]) -> None:
@@ -151,3 +160,60 @@ def _bytes_layout_problem(raw: bytes, count: int) -> str | None:
     if offset != size:
         return f"{size - offset} bytes follow the last of its {count} BYTES elements"
     return None
+
+
+def check_triton_contents(request: Any) -> None:
+    """Refuse, with Triton's codes, what Triton refuses of a ModelInferRequest's contents and the
+    mesh cannot carry: typed contents beside raw ones (INVALID_ARGUMENT), and tensors in shared
+    memory (malformed parameters are INVALID_ARGUMENT; well-formed ones NOT_FOUND, as Triton says
+    of a region it does not know: no region is ever registered through the mesh).
+    `validate_request` checks the rest; raw buffers past the inputs are ignored, as Triton does."""
+    for field, tensors in (("inputs", request.inputs), ("outputs", request.outputs)):
+        for index, tensor in enumerate(tensors):
+            _check_shared_memory(field, index, tensor)
+    raw = request.raw_input_contents
+    if not raw:
+        return
+    for index, tensor in enumerate(request.inputs):
+        if tensor.contents.ListFields():
+            raise InvalidArgument(
+                f"input {tensor.name!r} has contents, but the request has raw_input_contents: "
+                "send every input in one or the other",
+                [FieldViolation(f"inputs[{index}].contents", "set contents or raw_input_contents, not both")],
+                reason=error_pb2.ERROR_REASON_TENSOR_INVALID,
+            )
+
+
+def _check_shared_memory(field: str, index: int, tensor: Any) -> None:
+    """Triton's checks of a tensor's shared-memory parameters, in Triton's order."""
+    parameters = tensor.parameters
+    where = f"{field}[{index}].parameters"
+
+    def kind(name: str) -> str | None:
+        parameter = parameters.get(name)
+        return None if parameter is None else str(parameter.WhichOneof("parameter_choice"))
+
+    def refuse(why: str) -> NoReturn:
+        raise InvalidArgument(
+            f"{field[:-1]} {tensor.name!r}: {why}",
+            [FieldViolation(where, why)],
+            reason=error_pb2.ERROR_REASON_TENSOR_INVALID,
+        )
+
+    region = parameters.get(_SHARED_MEMORY_REGION)
+    if region is None:
+        if _SHARED_MEMORY_BYTE_SIZE in parameters or _SHARED_MEMORY_OFFSET in parameters:
+            refuse(f"{_SHARED_MEMORY_BYTE_SIZE} and {_SHARED_MEMORY_OFFSET} need {_SHARED_MEMORY_REGION}")
+        return
+    if kind(_SHARED_MEMORY_REGION) != "string_param":
+        refuse(f"{_SHARED_MEMORY_REGION} must be a string_param")
+    if kind(_SHARED_MEMORY_BYTE_SIZE) != "int64_param":
+        refuse(f"{_SHARED_MEMORY_REGION} needs {_SHARED_MEMORY_BYTE_SIZE} as an int64_param")
+    if kind(_SHARED_MEMORY_OFFSET) not in (None, "int64_param"):
+        refuse(f"{_SHARED_MEMORY_OFFSET} must be an int64_param")
+    raise NotFound(
+        "shared memory region",
+        region.string_param,
+        f"{field[:-1]} {tensor.name!r} is in shared memory region {region.string_param!r}, which is "
+        f"not registered: {NO_SHARED_MEMORY}",
+    )

@@ -135,10 +135,13 @@ class RequestCost:
     """Bytes."""
 
     @classmethod
-    def of(cls, request: bytes) -> RequestCost:
-        """Rows: the largest first dimension among the inputs; bytes: the serialized length."""
+    def of(cls, request: bytes, inputs_field: int = _INPUTS) -> RequestCost:
+        """Rows: the largest first dimension among the inputs; bytes: the serialized length.
+
+        `inputs_field` is where the message keeps its input tensors: 4 in tensorway's InferRequest,
+        5 in Triton's ModelInferRequest; a tensor's shape is field 3 in both."""
         try:
-            rows = wire.largest_first_dimension(request, _INPUTS, _SHAPE)
+            rows = wire.largest_first_dimension(request, inputs_field, _SHAPE)
         except wire.MalformedMessage as error:
             raise InvalidArgument(
                 "the request is not a serialized InferRequest", [FieldViolation("inputs", str(error))]
@@ -226,14 +229,15 @@ class QuotaLeases:
         """The units one refill asks for: the configured share of the limit, at least one."""
         return max(1, int(limit.limit * self._slice_share))
 
-    async def admit(self, tenant: str, model: str, request: bytes) -> None:
-        """Count a serialized InferRequest against its tenant's and model's limits.
+    async def admit(self, tenant: str, model: str, request: bytes, inputs_field: int = _INPUTS) -> None:
+        """Count a serialized InferRequest (or, with its `inputs_field`, Triton's ModelInferRequest)
+        against its tenant's and model's limits.
 
         Raises RESOURCE_EXHAUSTED, with RetryInfo (until the window ends) and ErrorInfo metadata
         naming the limit, when one of them refuses it; INVALID_ARGUMENT when its tensors cannot be
         read.
         """
-        cost = RequestCost.of(request)
+        cost = RequestCost.of(request, inputs_field)
         plan = self._plans.get((tenant, model))
         if plan is None:
             plan = self._plan(tenant, model)

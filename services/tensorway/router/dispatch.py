@@ -1,10 +1,12 @@
 """The router's core: model → version → pool → endpoint, with breakers, retries, shedding and shadows.
 
 Both public APIs (tensorway's InferenceService and Triton's GRPCInferenceService) hand their
-requests to `Router.infer` as serialized `InferRequest`s; everything that decides where a request
-goes and what happens when it fails lives here. Requests and answers cross the router as the bytes
-they arrived as: routing reads only the model and version from the wire, so tensors are never
-parsed or serialized again on their way through.
+requests to `Router.infer` as the serialized messages they arrived as (an `InferRequest` or a
+`ModelInferRequest`), which go to the orchestrator method that takes the same message;
+everything that decides where a request goes and what happens when it fails lives here.
+Requests and answers cross the router as the bytes they arrived as: routing reads only the
+model and version from the wire (fields 1 and 2 in both APIs), so tensors are never parsed or
+serialized again on their way through.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -26,7 +29,7 @@ from tensorway.ratelimit.leases import QuotaLeases
 from tensorway.router import metrics
 from tensorway.router.balancer import pick
 from tensorway.router.breaker import BreakerPolicy
-from tensorway.router.endpoints import Endpoint, EndpointSet
+from tensorway.router.endpoints import MAX_MESSAGE_BYTES, Endpoint, EndpointSet
 from tensorway.router.retry import RETRYABLE_CODES, RetryBudget, RetryPolicy
 from tensorway.router.routing import ModelRoute, RouteTable, RouteWatcher, VersionRoute
 from tensorway.router.sequences import SequenceKey, SequencePins, key_of
@@ -53,6 +56,8 @@ class RouterPolicy:
     """Mismatching shadow answers of each model version logged in full per minute."""
     max_sequences: int = 65536
     """Live sequences whose endpoint the router remembers (least recently used ones go first)."""
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    """The largest message sent to or taken from an orchestrator, as the router takes from callers."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
 
@@ -74,7 +79,7 @@ class Router:
         self._limits = limits
         self._policy = policy
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not crypto
-        self.endpoints = EndpointSet(policy.breaker)
+        self.endpoints = EndpointSet(policy.breaker, max_message_bytes=policy.max_message_bytes)
         self._budget = RetryBudget(policy.retry)
         self._shadow = ShadowMirror(
             self._shadow_call,
@@ -84,6 +89,9 @@ class Router:
         )
         self._in_flight = 0
         self._sequences = SequencePins(policy.max_sequences)
+        # Metric children of each (model, version), looked up once: `labels()` takes a lock and
+        # hashes its labels on every call. Bounded by the routes; dropped with each new table.
+        self._children: dict[tuple[str, str], _VersionMetrics] = {}
         routes.add_listener(self._on_table)
 
     @property
@@ -117,7 +125,7 @@ class Router:
 
     async def infer(self, request: SerializedRequest, route_key: str | None = None) -> bytes:
         """Run `request` on the version and endpoint the route table and endpoint health choose;
-        returns the serialized InferResponse.
+        returns the serialized answer (an InferResponse, or Triton's ModelInferResponse).
 
         Retryable failures (UNAVAILABLE, RESOURCE_EXHAUSTED) go to another endpoint of the pool
         while attempts and the retry budget last. `route_key` pins default traffic to one version.
@@ -138,11 +146,13 @@ class Router:
             if self._limits is not None:
                 # Every inference of both APIs, unary or a stream's message, passes here once; a
                 # model that does not exist is refused before it could make counters in Redis.
-                await self._limits.admit(caller().tenant, route.model, request.data)
+                await self._limits.admit(
+                    caller().tenant, route.model, request.data, inputs_field=request.api.inputs_field
+                )
             primary_answer = self._shadow.mirror(route, version, request)
             try:
                 response = await self._call_with_retries(
-                    route.model, version, request.for_version(version.version), arrived, request.sequence
+                    route.model, version, request.with_version(version.version), arrived
                 )
             except BaseException:
                 if primary_answer is not None:
@@ -155,10 +165,16 @@ class Router:
             self._in_flight -= 1
 
     async def _call_with_retries(
-        self, model: str, version: VersionRoute, request: bytes, arrived: float, step: SequenceStep | None
+        self,
+        model: str,
+        version: VersionRoute,
+        request: SerializedRequest,
+        arrived: float,
     ) -> bytes:
         self._budget.record_request()
-        metrics.REQUEST_BYTES.labels(model, version.version).inc(len(request))
+        step, method, data = request.sequence, request.api.method, request.data
+        children = self._metrics_of(model, version.version)
+        children.request_bytes.inc(len(data))
         # The routing decision on the request's server span: which version and endpoint ran it.
         span = trace.get_current_span()
         recording = span.is_recording()
@@ -179,7 +195,7 @@ class Router:
                     span.set_attribute("tensorway.route.endpoint", endpoint.address)
                     span.set_attribute("tensorway.route.attempts", len(tried))
                 try:
-                    response = await endpoint.infer(request)
+                    response = await endpoint.infer(data, method)
                 except grpc.aio.AioRpcError as error:
                     code = error.code()
                     if step is not None and not step.start:
@@ -191,7 +207,7 @@ class Router:
                     metrics.RETRIES.labels(model, code.name).inc()
                     continue
                 code = grpc.StatusCode.OK
-                metrics.RESPONSE_BYTES.labels(model, version.version).inc(len(response))
+                children.response_bytes.inc(len(response))
                 return response
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -204,10 +220,9 @@ class Router:
             ):
                 # Ended, or never started: a new START picks its endpoint afresh.
                 self._sequences.unpin(sequence)
-            metrics.ROUTED.labels(model, version.version, code.name).inc()
-            metrics.REQUEST_SECONDS.labels(model, version.version, code.name).observe(
-                time.perf_counter() - arrived
-            )
+            routed, seconds = children.by_code(code)
+            routed.inc()
+            seconds.observe(time.perf_counter() - arrived)
 
     def _choose_endpoint(self, version: VersionRoute, tried: set[str]) -> Endpoint:
         candidates = [
@@ -266,20 +281,49 @@ class Router:
             return False
         return True
 
-    async def _shadow_call(self, version: VersionRoute, request: bytes) -> bytes:
+    async def _shadow_call(self, version: VersionRoute, request: bytes, method: str) -> bytes:
         # One attempt, no retry: a shadow must not spend the budget the primary traffic needs.
         endpoint = pick(self.endpoints.of(version.endpoints), self._rng)
         if endpoint is None:
             raise Unavailable(f"no healthy endpoint serves shadow version {version.version!r}")
-        return await endpoint.infer(request)
+        return await endpoint.infer(request, method)
+
+    def _metrics_of(self, model: str, version: str) -> _VersionMetrics:
+        children = self._children.get((model, version))
+        if children is None:
+            children = self._children[(model, version)] = _VersionMetrics(model, version)
+        return children
 
     def _on_table(self, table: RouteTable) -> None:
         self.endpoints.retain(table.endpoints())
+        self._children = {}
 
     async def close(self) -> None:
         """Stop shadows and close every endpoint channel. Safe to call twice."""
         await self._shadow.close()
         await self.endpoints.close()
+
+
+class _VersionMetrics:
+    """The metric children of one model version."""
+
+    __slots__ = ("_codes", "_model", "_version", "request_bytes", "response_bytes")
+
+    def __init__(self, model: str, version: str) -> None:
+        self._model, self._version = model, version
+        self.request_bytes = metrics.REQUEST_BYTES.labels(model, version)
+        self.response_bytes = metrics.RESPONSE_BYTES.labels(model, version)
+        self._codes: dict[grpc.StatusCode, tuple[Any, Any]] = {}
+
+    def by_code(self, code: grpc.StatusCode) -> tuple[Any, Any]:
+        """(ROUTED, REQUEST_SECONDS) children for answers with `code`."""
+        children = self._codes.get(code)
+        if children is None:
+            children = self._codes[code] = (
+                metrics.ROUTED.labels(self._model, self._version, code.name),
+                metrics.REQUEST_SECONDS.labels(self._model, self._version, code.name),
+            )
+        return children
 
 
 def _rendezvous(addresses: Iterable[str], sequence: SequenceKey) -> list[str]:

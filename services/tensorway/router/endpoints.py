@@ -20,9 +20,14 @@ from tensorway.runtime import Unavailable
 from tensorway.runtime.interceptors import downstream_metadata, downstream_timeout
 from tensorway.runtime.server import message_size_options
 
-INFER_METHOD = "/tensorway.inference.v1.InferenceService/Infer"
-# Large enough for the tensors the router accepts from its callers.
+# The router's own default (runtime settings' max_message_bytes): what it accepts from callers.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Large tensors: HTTP/2 flow-control windows that start large and grow with the measured
+# bandwidth-delay product, so a 4 MiB message is not sent a default 64 KiB window at a time.
+FLOW_CONTROL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.http2.bdp_probe", 1),
+    ("grpc.http2.lookahead_bytes", 8 * 1024 * 1024),
+)
 
 # A backend DEADLINE_EXCEEDED this close to the caller's own deadline is the caller's: the
 # orchestrator's timer, started from the propagated deadline, may fire a little before the router's.
@@ -49,11 +54,14 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
 class Endpoint:
     """One orchestrator: its channel, breaker and load."""
 
-    def __init__(self, address: str, breaker: CircuitBreaker) -> None:
+    def __init__(
+        self, address: str, breaker: CircuitBreaker, max_message_bytes: int = MAX_MESSAGE_BYTES
+    ) -> None:
         self.address = address
         self.breaker = breaker
         self.load = LoadStats()
-        self._channel, self._infer = self._connect()
+        self._max_message_bytes = max_message_bytes
+        self._channel, self._methods = self._connect()
         self._retired: set[asyncio.Task[None]] = set()
         # Children looked up once: `labels()` takes a lock and hashes the labels on every call.
         self._breaker_open = metrics.BREAKER_OPEN.labels(address)
@@ -63,12 +71,20 @@ class Endpoint:
         self._breaker_open.set(0)
         self._outstanding.set(0)
 
-    def _connect(self) -> tuple[grpc.aio.Channel, Any]:
+    def _connect(self) -> tuple[grpc.aio.Channel, dict[str, Any]]:
         # A plain channel, no client interceptor: an intercepted call costs a task of its own, and
         # `infer` passes the request's context and deadline itself. Requests and answers stay
         # serialized (no serializers): the router forwards the bytes it was sent.
-        channel = grpc.aio.insecure_channel(self.address, options=message_size_options(MAX_MESSAGE_BYTES))
-        return channel, channel.unary_unary(INFER_METHOD)
+        channel = grpc.aio.insecure_channel(
+            self.address, options=[*message_size_options(self._max_message_bytes), *FLOW_CONTROL_OPTIONS]
+        )
+        return channel, {}
+
+    def _method(self, method: str) -> Any:
+        call = self._methods.get(method)
+        if call is None:
+            call = self._methods[method] = self._channel.unary_unary(method)
+        return call
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -76,9 +92,10 @@ class Endpoint:
         which neither the breaker nor the load counts)."""
         return self._channel
 
-    async def infer(self, request: bytes) -> bytes:
-        """Run a serialized InferRequest here and return the serialized InferResponse, recording the
-        outcome in the breaker and the load."""
+    async def infer(self, request: bytes, method: str) -> bytes:
+        """Run a serialized request on the orchestrator's `method` (tensorway's Infer or Triton's
+        ModelInfer) and return the serialized answer, recording the outcome in the breaker and
+        the load."""
         probe = self.breaker.state is BreakerState.HALF_OPEN
         if not self.breaker.acquire():
             raise Unavailable(
@@ -92,7 +109,9 @@ class Endpoint:
         outcome, latency, code = Outcome.IGNORED, None, grpc.StatusCode.CANCELLED
         timeout = downstream_timeout()
         try:
-            response: bytes = await self._infer(request, timeout=timeout, metadata=downstream_metadata())
+            response: bytes = await self._method(method)(
+                request, timeout=timeout, metadata=downstream_metadata()
+            )
         except grpc.aio.AioRpcError as error:
             code = error.code()
             outcome = outcome_of(
@@ -128,7 +147,7 @@ class Endpoint:
         if self._channel.get_state() is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
             return
         failed = self._channel
-        self._channel, self._infer = self._connect()
+        self._channel, self._methods = self._connect()
         task = asyncio.create_task(failed.close())
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
@@ -140,8 +159,14 @@ class Endpoint:
 class EndpointSet:
     """The endpoints of the current route table, created on first use and closed when unrouted."""
 
-    def __init__(self, breaker_policy: BreakerPolicy, close_grace: timedelta = timedelta(seconds=30)) -> None:
+    def __init__(
+        self,
+        breaker_policy: BreakerPolicy,
+        close_grace: timedelta = timedelta(seconds=30),
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
         self._breaker_policy = breaker_policy
+        self._max_message_bytes = max_message_bytes
         self._close_grace = close_grace
         self._endpoints: dict[str, Endpoint] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -149,7 +174,9 @@ class EndpointSet:
     def get(self, address: str) -> Endpoint:
         endpoint = self._endpoints.get(address)
         if endpoint is None:
-            endpoint = self._endpoints[address] = Endpoint(address, CircuitBreaker(self._breaker_policy))
+            endpoint = self._endpoints[address] = Endpoint(
+                address, CircuitBreaker(self._breaker_policy), self._max_message_bytes
+            )
         return endpoint
 
     def of(self, addresses: Iterable[str]) -> list[Endpoint]:

@@ -310,7 +310,7 @@ class V2HttpApi:
         model, version = _model_of(request)
         body = await _body(request)
         parsed = v2_http.parse_infer_request(model, version, body, request.headers.get(v2_http.HEADER_LENGTH))
-        answer = await self._call("ModelInfer", parsed.request, call)
+        answer = await self._call("infer_message", parsed.request, call)
         payload, header_length = v2_http.infer_response_body(parsed, answer)
         if header_length is None:
             return web.Response(body=payload, content_type=_JSON)

@@ -104,6 +104,7 @@ class Settings(ServiceSettings):
             shadow_max_in_flight=self.shadow_max_in_flight,
             shadow_mismatch_samples=self.shadow_mismatch_samples,
             max_sequences=self.max_sequences,
+            max_message_bytes=self.max_message_bytes,
             retry=RetryPolicy(
                 max_attempts=self.max_attempts,
                 budget_ratio=self.retry_budget_ratio,

@@ -11,18 +11,20 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import numpy as np
+from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.router import metrics
 from tensorway.router.routing import ModelRoute, VersionRoute
-from tensorway.router.serialized import SerializedRequest
+from tensorway.router.serialized import TRITON, SerializedRequest, WireApi
 from tensorway.tensors.layouts import FIXED_SIZE_DTYPES
 
 logger = logging.getLogger(__name__)
 
-# Serialized InferRequest in, serialized InferResponse out, as the router forwards them.
-ShadowCall = Callable[[VersionRoute, bytes], Awaitable[bytes]]
+# A serialized request in, its serialized answer out, as the router forwards them; the method
+# of the orchestrator that takes the request.
+ShadowCall = Callable[[VersionRoute, bytes, str], Awaitable[bytes]]
 
 # Float outputs of two builds of one model rarely agree to the last bit; these do not count as drift.
 _FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
@@ -58,6 +60,26 @@ def same_outputs(primary: pb.InferResponse, shadow: pb.InferResponse) -> bool:
 _PREVIEW_VALUES = 8
 # Model versions whose sample budget is remembered before expired budgets are forgotten.
 _MAX_SAMPLED_VERSIONS = 1024
+
+
+def read_answer(api: WireApi, answer: bytes) -> pb.InferResponse:
+    """A serialized answer of either API as tensorway's InferResponse, to compare: Triton's raw
+    output buffers become the outputs' raw contents."""
+    if api is not TRITON:
+        return pb.InferResponse.FromString(answer)
+    response = triton.ModelInferResponse.FromString(answer)
+    converted = pb.InferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    raw = response.raw_output_contents
+    for index, output in enumerate(response.outputs):
+        converted.outputs.add(
+            name=output.name,
+            datatype=output.datatype,
+            shape=output.shape,
+            raw_contents=raw[index] if index < len(raw) else b"",
+        )
+    return converted
 
 
 def _preview(tensor: tensor_pb2.Tensor | None) -> str:
@@ -157,7 +179,7 @@ class ShadowMirror:
         primary_answer: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
             self._compare(
-                route.model, primary.version, target, request.for_version(target.version), primary_answer
+                route.model, primary.version, target, request.with_version(target.version), primary_answer
             )
         )
         self._tasks.add(task)
@@ -169,11 +191,11 @@ class ShadowMirror:
         model: str,
         primary_version: str,
         target: VersionRoute,
-        request: bytes,
+        request: SerializedRequest,
         primary_answer: asyncio.Future[bytes | None],
     ) -> None:
         try:
-            shadow = await self._call(target, request)
+            shadow = await self._call(target, request.data, request.api.method)
         except Exception as error:
             logger.debug(
                 "shadow call failed", extra={"model": model, "version": target.version}, exc_info=error
@@ -184,8 +206,8 @@ class ShadowMirror:
         if primary is None:
             return
         primary_response, shadow_response = (
-            pb.InferResponse.FromString(primary),
-            pb.InferResponse.FromString(shadow),
+            read_answer(request.api, primary),
+            read_answer(request.api, shadow),
         )
         if same_outputs(primary_response, shadow_response):
             metrics.SHADOW.labels(model, target.version, "match").inc()

@@ -1,7 +1,12 @@
 """Triton's own `inference.GRPCInferenceService`, served by the router so `tritonclient.grpc` code
 works against the mesh unchanged, answered as Triton answers.
 
-Inference goes through the router's core. Health, metadata and readiness are answered from the
+Inference goes through the router's core as the bytes the client sent: the router reads the model,
+version, id and parameters off the wire (`SerializedRequest.parse_triton`) and forwards the
+message to the orchestrators' own `ModelInfer`, which validates it against the model and hands it
+to Triton as it is, so a Triton request is never converted to tensorway's message and back, and
+its answer comes back as Triton's bytes. A stream's messages go one by one the same way, and
+their answers are wrapped for the stream on the wire. Health, metadata and readiness are answered from the
 route table. What only Tritons know comes from the orchestrators of the version's pool, which
 serve Triton's service for it (`tensorway.orchestrator.triton_control`): a model's configuration
 (a serving Triton's, verbatim, cached per version until the route table changes), its
@@ -37,9 +42,9 @@ from tritonclient.grpc import service_pb2 as triton
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 from tensorway.common.v1 import error_pb2, tensor_pb2
-from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.orchestrator.streams import FINAL_RESPONSE_PARAMETER
 from tensorway.orchestrator.triton_control import TRITONS_METADATA_KEY
+from tensorway.orchestrator.validation import NO_SHARED_MEMORY
 from tensorway.router.dispatch import Router
 from tensorway.router.routing import ModelRoute, RouteTable, VersionRoute
 from tensorway.router.serialized import SerializedRequest
@@ -54,10 +59,15 @@ from tensorway.runtime import (
 )
 from tensorway.runtime.context import Scope, require_scope
 from tensorway.runtime.interceptors import downstream_metadata, downstream_timeout
-from tensorway.tensors.triton import from_triton_request, to_triton_response
+from tensorway.tensors import wire
 
 SERVICE = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-add_to_server = triton_grpc.add_GRPCInferenceServiceServicer_to_server
+_STREAM_ANSWER = triton.ModelStreamInferResponse.INFER_RESPONSE_FIELD_NUMBER
+# Appended to a serialized ModelInferResponse, this map entry adds Triton's final-response flag to
+# its parameters (map entries on the wire merge into the map).
+_FINAL_RESPONSE = triton.ModelInferResponse(
+    parameters={FINAL_RESPONSE_PARAMETER: triton.InferParameter(bool_param=True)}
+).SerializeToString()
 # What ServerMetadata says: Triton's name and the version of Triton the mesh fronts and is tested
 # against, so clients that check the server accept it; and of Triton 2.51's extensions, those the
 # mesh serves as Triton does. Left out: shared memory (system, CUDA), trace and log settings, and
@@ -88,14 +98,6 @@ _PASS_OVER = frozenset(
 # ignored; it refuses a string with no number and a negative number.
 _VERSION_NUMBER = re.compile(r"\s*([+-]?\d+)")
 _INT64_MAX = 2**63 - 1
-_SHARED_MEMORY_REGION = "shared_memory_region"
-_SHARED_MEMORY_BYTE_SIZE = "shared_memory_byte_size"
-_SHARED_MEMORY_OFFSET = "shared_memory_offset"
-_NO_SHARED_MEMORY = (
-    "shared memory is not available through tensorway: the router and the Tritons behind it run in "
-    "other processes, usually on other machines, so they cannot map a region of the client's "
-    "memory; send tensors in the request (raw_input_contents) instead"
-)
 
 
 def _with_batch_dimension(shape: Iterable[int], max_batch_size: int) -> list[int]:
@@ -109,16 +111,6 @@ def _tensor_metadata(specs: Iterable[tensor_pb2.TensorSpec], max_batch_size: int
         )
         for spec in specs
     ]
-
-
-def _sequence_of(request: Any) -> tuple[str, str] | None:
-    """The (model, sequence id) of a Triton request in a stateful sequence; None outside one."""
-    parameter = request.parameters.get("sequence_id")
-    if parameter is None:
-        return None
-    kind = parameter.WhichOneof("parameter_choice")
-    value = getattr(parameter, kind) if kind in ("int64_param", "uint64_param", "string_param") else None
-    return (request.model_name, str(value)) if value else None
 
 
 def version_number(version: str) -> int | None:
@@ -341,71 +333,84 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
     async def SystemSharedMemoryStatus(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
-        raise Unimplemented(_NO_SHARED_MEMORY)
+        raise Unimplemented(NO_SHARED_MEMORY)
 
     async def SystemSharedMemoryRegister(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
-        raise Unimplemented(_NO_SHARED_MEMORY)
+        raise Unimplemented(NO_SHARED_MEMORY)
 
     async def SystemSharedMemoryUnregister(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
-        raise Unimplemented(_NO_SHARED_MEMORY)
+        raise Unimplemented(NO_SHARED_MEMORY)
 
     async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        raise Unimplemented(_NO_SHARED_MEMORY)
+        raise Unimplemented(NO_SHARED_MEMORY)
 
     async def CudaSharedMemoryRegister(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
-        raise Unimplemented(_NO_SHARED_MEMORY)
+        raise Unimplemented(NO_SHARED_MEMORY)
 
     async def CudaSharedMemoryUnregister(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
-        raise Unimplemented(_NO_SHARED_MEMORY)
+        raise Unimplemented(NO_SHARED_MEMORY)
 
     # Inference.
 
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        response = await self._infer(request, route_key(context, self._route_key_header))
-        if FINAL_RESPONSE_PARAMETER in response.parameters:
-            del response.parameters[FINAL_RESPONSE_PARAMETER]
-        return response
+    async def ModelInfer(
+        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """The serialized ModelInferRequest forwarded as it came; the orchestrator's serialized
+        answer, which carries no parameters of the mesh's own, returned as it came."""
+        return await self._infer(
+            SerializedRequest.parse_triton(request), route_key(context, self._route_key_header)
+        )
+
+    async def infer_message(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """ModelInfer on messages, for doors that build them (the V2 HTTP door)."""
+        answer = await self.ModelInfer(request.SerializeToString(), context)
+        return triton.ModelInferResponse.FromString(answer)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """Each serialized ModelInferRequest of the stream forwarded as ModelInfer; answers in
+        request order as serialized ModelStreamInferResponses."""
         key = route_key(context, self._route_key_header)
 
-        async def answer(request: Any) -> Any:
+        async def answer(request: SerializedRequest | BaseException) -> bytes:
+            if isinstance(request, BaseException):
+                return _stream_error(request, "")
             try:
                 response = await self._infer(request, key)
             except Exception as error:
-                # As Triton: the message, and of the answer only the request's id.
-                return triton.ModelStreamInferResponse(
-                    error_message=status_of(error).message,
-                    infer_response=triton.ModelInferResponse(id=request.id),
-                )
+                return _stream_error(error, request.id)
             # Triton marks each answer on a stream as its request's final one.
-            response.parameters[FINAL_RESPONSE_PARAMETER].bool_param = True
-            return triton.ModelStreamInferResponse(infer_response=response)
+            return wire.message_field(_STREAM_ANSWER, response + _FINAL_RESPONSE)
 
-        async for response in answer_in_order(
-            request_iterator, answer, self._stream_max_in_flight, _sequence_of
-        ):
+        async def parsed() -> AsyncIterator[SerializedRequest | BaseException]:
+            async for request in request_iterator:
+                try:
+                    yield SerializedRequest.parse_triton(request)
+                except InvalidArgument as error:
+                    yield error
+
+        def sequence_of(request: SerializedRequest | BaseException) -> tuple[str, str] | None:
+            if isinstance(request, BaseException) or request.sequence is None:
+                return None
+            return (request.model, request.sequence.id)
+
+        async for response in answer_in_order(parsed(), answer, self._stream_max_in_flight, sequence_of):
             yield response
 
-    async def _infer(self, request: Any, key: str | None) -> Any:
-        route, version = self._routed(request.model_name, request.model_version)
-        _check_contents(request)
-        # Resolved here first: a request naming no outputs asks for the chosen version's outputs.
-        _, chosen = self._router.resolve(route.model, version, key)
-        converted = from_triton_request(request, chosen.outputs)
-        converted.model_version = chosen.version
-        response = await self._router.infer(SerializedRequest.of(converted), key)
-        return to_triton_response(pb.InferResponse.FromString(response), request.id)
+    async def _infer(self, request: SerializedRequest, key: str | None) -> bytes:
+        """Route a Triton request by its model and version, the version read as Triton reads it
+        (appended to the bytes when the reading differs from the string sent, as "01" names "1")."""
+        _, version = self._routed(request.model, request.version)
+        return await self._router.infer(request.with_version(version), key)
 
     # Helpers.
 
@@ -518,63 +523,34 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         return "UNAVAILABLE", f"no orchestrator of pool {version.pool} answered"
 
 
-def _check_contents(request: Any) -> None:
-    """Refuse, with Triton's codes, what Triton refuses and the mesh cannot carry: typed contents
-    beside raw ones (INVALID_ARGUMENT), and tensors in shared memory (malformed parameters are
-    INVALID_ARGUMENT; well-formed ones NOT_FOUND, as Triton says of a region it does not know: no
-    region is ever registered through the mesh)."""
-    raw = bool(request.raw_input_contents)
-    for field, tensors in (("inputs", request.inputs), ("outputs", request.outputs)):
-        for index, tensor in enumerate(tensors):
-            _check_shared_memory(field, index, tensor)
-    if raw:
-        for index, tensor in enumerate(request.inputs):
-            if tensor.contents.ListFields():
-                raise InvalidArgument(
-                    f"input {tensor.name!r} has contents, but the request has raw_input_contents: "
-                    "send every input in one or the other",
-                    [
-                        FieldViolation(
-                            f"inputs[{index}].contents", "set contents or raw_input_contents, not both"
-                        )
-                    ],
-                    reason=error_pb2.ERROR_REASON_TENSOR_INVALID,
-                )
+def _stream_error(error: BaseException, request_id: str) -> bytes:
+    """A failed request's answer on a stream, as Triton gives it: the message, and of the answer
+    only the request's id."""
+    answer: bytes = triton.ModelStreamInferResponse(
+        error_message=status_of(error).message,
+        infer_response=triton.ModelInferResponse(id=request_id),
+    ).SerializeToString()
+    return answer
 
 
-def _check_shared_memory(field: str, index: int, tensor: Any) -> None:
-    """Triton's checks of a tensor's shared-memory parameters, in Triton's order."""
-    parameters = tensor.parameters
-    where = f"{field}[{index}].parameters"
-
-    def kind(name: str) -> str | None:
-        parameter = parameters.get(name)
-        return None if parameter is None else str(parameter.WhichOneof("parameter_choice"))
-
-    def refuse(why: str) -> NoReturn:
-        raise InvalidArgument(
-            f"{field[:-1]} {tensor.name!r}: {why}",
-            [FieldViolation(where, why)],
-            reason=error_pb2.ERROR_REASON_TENSOR_INVALID,
-        )
-
-    region = parameters.get(_SHARED_MEMORY_REGION)
-    if region is None:
-        if _SHARED_MEMORY_BYTE_SIZE in parameters or _SHARED_MEMORY_OFFSET in parameters:
-            refuse(f"{_SHARED_MEMORY_BYTE_SIZE} and {_SHARED_MEMORY_OFFSET} need {_SHARED_MEMORY_REGION}")
-        return
-    if kind(_SHARED_MEMORY_REGION) != "string_param":
-        refuse(f"{_SHARED_MEMORY_REGION} must be a string_param")
-    if kind(_SHARED_MEMORY_BYTE_SIZE) != "int64_param":
-        refuse(f"{_SHARED_MEMORY_REGION} needs {_SHARED_MEMORY_BYTE_SIZE} as an int64_param")
-    if kind(_SHARED_MEMORY_OFFSET) not in (None, "int64_param"):
-        refuse(f"{_SHARED_MEMORY_OFFSET} must be an int64_param")
-    raise NotFound(
-        "shared memory region",
-        region.string_param,
-        f"{field[:-1]} {tensor.name!r} is in shared memory region {region.string_param!r}, which is "
-        f"not registered: {_NO_SHARED_MEMORY}",
-    )
+def add_to_server(servicer: TritonServicer, server: grpc.aio.Server) -> None:
+    """The generated `add_GRPCInferenceServiceServicer_to_server`, except that inference's
+    requests and answers stay serialized."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in SERVICE.methods:
+        behaviour = getattr(servicer, method.name)
+        if method.name == "ModelInfer":
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(behaviour)
+        elif method.name == "ModelStreamInfer":
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(behaviour)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behaviour,
+                request_deserializer=getattr(triton, method.input_type.name).FromString,
+                response_serializer=getattr(triton, method.output_type.name).SerializeToString,
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 def _raise_control_failure(failures: list[BaseException], what: str) -> NoReturn:

@@ -176,3 +176,32 @@ def sequence_step(parameters: Mapping[str, tensor_pb2.Parameter]) -> SequenceSte
         start=start is not None and start.bool_value,
         end=end is not None and end.bool_value,
     )
+
+
+def triton_sequence_step(parameters: Mapping[str, Any]) -> SequenceStep | None:
+    """The sequence a Triton request's parameters (InferParameter) put it in; None outside any
+    (no id, or Triton's 0)."""
+    parameter = parameters.get("sequence_id")
+    if parameter is None:
+        return None
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param") and getattr(parameter, kind) != 0:
+        sequence = str(getattr(parameter, kind))
+    elif kind == "string_param" and parameter.string_param:
+        sequence = parameter.string_param
+    else:
+        return None
+    start, end = parameters.get("sequence_start"), parameters.get("sequence_end")
+    return SequenceStep(
+        sequence,
+        start=start is not None and start.bool_param,
+        end=end is not None and end.bool_param,
+    )
+
+
+def triton_raw_inputs(request: Any) -> list[bytes]:
+    """Each input's raw contents of a Triton ModelInferRequest, in input order (empty for an input
+    the request gives no raw buffer): Triton's inputs and raw buffers pair by position."""
+    raw = list(request.raw_input_contents)
+    count = len(request.inputs)
+    return raw[:count] + [b""] * (count - len(raw))

@@ -71,6 +71,35 @@ def read_strings(message: bytes, fields: Collection[int]) -> dict[int, bytes]:
     return found
 
 
+def select(message: bytes, fields: Collection[int]) -> bytes:
+    """The given top-level length-delimited fields of `message` as a message of their own, in
+    their order: parsing it reads those fields (a request's names, id and parameters) without
+    parsing, or copying, the tensors beside them."""
+    kept: list[bytes] = []
+    offset, end = 0, len(message)
+    while offset < end:
+        start = offset
+        key, offset = _varint(message, offset)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == _LENGTH_DELIMITED:
+            length, offset = _varint(message, offset)
+            offset += length
+            if offset > end:
+                raise MalformedMessage(f"field {number} runs past the end of the message")
+            if number in fields:
+                kept.append(message[start:offset])
+        else:
+            offset = _skip(message, offset, number, wire_type)
+    if offset != end:
+        raise MalformedMessage("the last field runs past the end of the message")
+    return b"".join(kept)
+
+
+def message_field(number: int, value: bytes) -> bytes:
+    """One serialized length-delimited field holding `value` (a serialized message)."""
+    return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(value)) + value
+
+
 def string_field(number: int, value: str) -> bytes:
     """One serialized string field. Appended to a message, it replaces the field's value: a
     parser keeps the last occurrence of a singular field."""
