@@ -214,9 +214,12 @@ class ModelPlacement:
             if self._source is None:
                 return
             async for deployed in self._source.watch():
+                versions = deployed.versions if isinstance(deployed, DeployedModels) else {}
+                if frozenset(deployed) == self._deployed and versions == self._versions:
+                    continue  # the routes changed elsewhere (weights, readiness), not what is placed
                 logger.info("deployments for the pool: %s", ", ".join(sorted(deployed)) or "none")
                 self._deployed = frozenset(deployed)
-                self._versions = deployed.versions if isinstance(deployed, DeployedModels) else {}
+                self._versions = versions
                 await self.apply(self._pool.endpoints)
 
     async def apply(self, endpoints: Sequence[TritonEndpoint]) -> None:
@@ -256,8 +259,9 @@ class ModelPlacement:
         versions = dict(self._versions.get(model, {}))
         desired = tuple(sorted(versions.items()))
         key = (endpoint.address, model)
-        if model in ready and self._placed.get(key) == desired:
-            return False
+        failed = all(self._status(endpoint, model, v) is VersionState.FAILED for v in versions)
+        if self._placed.get(key) == desired and (model in ready or (versions and failed)):
+            return False  # placed already, or nothing of it can load until its artifacts change
         loadable = await self._fetch(endpoint, model, versions)
         fetched = [version for version, uri in loadable.items() if is_fetched(uri)]
         if any(is_fetched(uri) for uri in versions.values()) and not fetched:
@@ -398,7 +402,9 @@ class ModelPlacement:
                 continue
             if status.state in (VersionState.READY, VersionState.WARMING):
                 self._set(endpoint, model, version, VersionState.LOADING, reason)
-            self._placed.pop((triton, model), None)
+        for triton, model in list(self._placed):
+            if triton == endpoint.address and (lost is None or model in lost):
+                del self._placed[triton, model]
 
     async def _on_readiness(self, readiness: Mapping[str, bool], came_up: Sequence[TritonEndpoint]) -> None:
         again = list(came_up)

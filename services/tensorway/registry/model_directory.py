@@ -80,8 +80,8 @@ class ModelDirectory:
         files = {CONFIG_FILE: root / CONFIG_FILE}
         for path in sorted(root.rglob("*")):
             relative = path.relative_to(root)
-            # Hidden files and build stamps are the tools' own, not the model's.
-            hidden = any(part.startswith(".") for part in relative.parts)
+            # Hidden files, build stamps and Python's byte code are the tools' own, not the model's.
+            hidden = any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
             if path.is_file() and len(relative.parts) > 1 and not hidden:
                 files[relative.as_posix()] = path
         folders = {key.split("/", 1)[0] for key in files if "/" in key}

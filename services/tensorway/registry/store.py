@@ -82,7 +82,7 @@ SELECT r.revision,
    FROM deployments d JOIN pools p ON p.name = d.pool {deployments_of}) AS deployments,
   (SELECT coalesce(jsonb_agg(jsonb_build_object(
       'model', v.model, 'version', v.version, 'platform', v.platform, 'inputs', v.inputs,
-      'outputs', v.outputs, 'max_batch_size', v.max_batch_size)), '[]')
+      'outputs', v.outputs, 'max_batch_size', v.max_batch_size, 'artifact_uri', v.artifact_uri)), '[]')
    FROM model_versions v
    WHERE v.stage <> 'ARCHIVED' AND EXISTS (SELECT 1 FROM deployments d WHERE d.model = v.model)
    {versions_of}) AS versions,
