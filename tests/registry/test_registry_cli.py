@@ -139,3 +139,60 @@ async def test_every_command_prints_protobuf_json(registry: RunningRegistry) -> 
     assert shown["route"]["route"]["versions"][0]["endpoints"] == ["127.1.1.2:9000"]
     as_yaml = await tensorway(registry, "show", model, "-o", "yaml")
     assert yaml.safe_load(as_yaml.stdout) == shown
+
+
+SIGNED_CONFIG = """
+name: "anything"
+backend: "python"
+max_batch_size: 4
+input [ { name: "pixels" data_type: TYPE_FP32 dims: [ 8, -1 ] } ]
+output [
+  { name: "label" data_type: TYPE_INT64 dims: [ 1 ] },
+  { name: "tag" data_type: TYPE_STRING dims: [ 1 ] }
+]
+"""
+
+
+async def test_register_from_a_model_directory_uploads_it_and_reads_its_signature(
+    registry: RunningRegistry, tmp_path: Path, s3_endpoint: str, s3_credentials: Any
+) -> None:
+    model = unique("from")
+    directory = tmp_path / "my_model"
+    (directory / "1" / "__pycache__").mkdir(parents=True)
+    (directory / "config.pbtxt").write_text(SIGNED_CONFIG)
+    (directory / "1" / "model.py").write_text("class TritonPythonModel: ...\n")
+    (directory / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"not the model's")
+    s3 = [
+        "--s3-endpoint", s3_endpoint,
+        "--s3-access-key", s3_credentials.access_key,
+        "--s3-secret-key", s3_credentials.secret_key,
+    ]  # fmt: skip
+    registered = await tensorway(registry, "register", model, "--from", str(directory), *s3, "-o", "json")
+    assert registered.exit_code == 0, registered.output
+    version = json.loads(registered.output)
+    assert version["platform"] == "python"
+    assert version["max_batch_size"] == 4
+    assert [(t["name"], t["datatype"], t["shape"]) for t in version["inputs"]] == [
+        ("pixels", "FP32", ["-1", "8", "-1"])
+    ]
+    assert [(t["name"], t["datatype"]) for t in version["outputs"]] == [("label", "INT64"), ("tag", "BYTES")]
+    uri = version["artifact_uri"]
+    assert uri.startswith(f"s3://tensorway-models/{model}/")
+
+    from tensorway.registry.model_directory import s3_client
+
+    client = s3_client(s3_endpoint, s3_credentials.access_key, s3_credentials.secret_key)
+    bucket, prefix = uri.removeprefix("s3://").split("/", 1)
+    stored = await asyncio.to_thread(
+        lambda: sorted(
+            o.object_name.removeprefix(prefix) for o in client.list_objects(bucket, prefix, recursive=True)
+        )
+    )
+    assert stored == ["1/model.py", "config.pbtxt"]
+
+    # The same directory again is the same artifact; a directory that is not one is refused.
+    again = await tensorway(registry, "register", model, "--from", str(directory), *s3, "-o", "json")
+    assert json.loads(again.output)["artifact_uri"] == uri
+    refused = await tensorway(registry, "register", model, "--from", str(tmp_path), *s3)
+    assert refused.exit_code != 0
+    assert "config.pbtxt" in refused.output

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import grpc
@@ -139,8 +140,27 @@ def _version_table(versions: Sequence[pb.ModelVersion]) -> Table:
     return table
 
 
+def _state(value: int) -> str:
+    return pb.ModelVersionState.Name(pb.ModelVersionState.ValueType(value)).removeprefix(
+        "MODEL_VERSION_STATE_"
+    )
+
+
+def _readiness(readiness: pb.VersionReadiness) -> str:
+    """`2: FAILED 0/1 (why)`: the version's state on its pool, its ready and needed endpoints, and
+    the reasons its Tritons give."""
+    if readiness.state == pb.MODEL_VERSION_STATE_UNSPECIFIED:
+        return f"{readiness.version}: not reported"
+    reasons = sorted(
+        {t.reason for t in readiness.tritons if t.reason and t.state != pb.MODEL_VERSION_STATE_READY}
+    )
+    counts = f"{readiness.ready_endpoints}/{readiness.required_endpoints}"
+    text = f"{readiness.version}: {_state(readiness.state)} {counts}"
+    return text + (f" ({'; '.join(reasons)})" if reasons else "")
+
+
 def _deployment_table(deployments: Sequence[pb.Deployment]) -> Table:
-    table = Table(key_column("deployment"), key_column("pool"), "traffic", "aliases", "shadow")
+    table = Table(key_column("deployment"), key_column("pool"), "traffic", "aliases", "shadow", "readiness")
     for d in deployments:
         _add_row(
             table,
@@ -149,27 +169,79 @@ def _deployment_table(deployments: Sequence[pb.Deployment]) -> Table:
             ", ".join(f"{t.version}: {t.weight}%" for t in d.traffic),
             ", ".join(f"{alias} → {version}" for alias, version in sorted(d.aliases.items())),
             f"{d.shadow.version}: {d.shadow.percent}%" if d.HasField("shadow") else "",
+            "\n".join(_readiness(r) for r in d.readiness),
         )
     return table
+
+
+def _upload(source: Path, model: str, s3_endpoint: str, access_key: str, secret_key: str) -> pb.ModelVersion:
+    """The Triton model directory `source` uploaded to S3 (the local stack's unless given), as a
+    version with that artifact and the signature its config.pbtxt declares."""
+    from tensorway.devstack import DevStackSettings, status
+    from tensorway.registry.model_directory import (
+        ModelDirectory,
+        ModelDirectoryError,
+        s3_client,
+        version_from_config,
+    )
+
+    try:
+        directory = ModelDirectory.read(source)
+        body = version_from_config(directory.config_text)
+    except (ModelDirectoryError, OSError) as error:
+        raise typer.BadParameter(str(error), param_hint="--from") from None
+    if not s3_endpoint:
+        local = status().endpoints().get("s3")
+        if local is None:
+            raise typer.BadParameter(
+                "no S3 to upload to: start the local stack (`tensorway dev up`) or pass --s3-endpoint",
+                param_hint="--from",
+            )
+        s3_endpoint = local.url or f"http://{local.address}"
+        defaults = DevStackSettings()
+        access_key, secret_key = access_key or defaults.s3_access_key, secret_key or defaults.s3_secret_key
+    body.artifact_uri = directory.upload(s3_client(s3_endpoint, access_key, secret_key), model)
+    return body
 
 
 @models_app.command("register")
 def register_command(
     model: Annotated[str, typer.Argument(help="Model id, the name Triton serves it by, e.g. digits.")],
     *,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="A Triton model directory (config.pbtxt and one version folder): uploaded to S3 and"
+            " registered with the signature its config.pbtxt declares.",
+        ),
+    ] = None,
     artifact_uri: Annotated[
-        str, typer.Option("--artifact-uri", help="Where the artifact lives, e.g. s3://models/digits/1.")
-    ],
+        str, typer.Option("--artifact-uri", help="Where the artifact lives, e.g. s3://models/digits/1/.")
+    ] = "",
     inputs: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option("--input-spec", help="An input, NAME:DATATYPE:DIMS, e.g. input:FP32:64; repeat."),
-    ],
+    ] = None,
     outputs: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option("--output-spec", help="An output, NAME:DATATYPE:DIMS, e.g. label:INT64:1; repeat."),
-    ],
+    ] = None,
     platform: Annotated[str, typer.Option(help="Backend platform.")] = "onnxruntime_onnx",
     max_batch_size: Annotated[int, typer.Option(help="Largest batch; 0 when the model does not batch.")] = 0,
+    s3_endpoint: Annotated[
+        str,
+        typer.Option(
+            envvar="TENSORWAY_S3_ENDPOINT",
+            help="With --from: the S3 to upload to; the local stack's by default.",
+        ),
+    ] = "",
+    s3_access_key: Annotated[
+        str, typer.Option(envvar="TENSORWAY_S3_ACCESS_KEY", help="With --from: S3 access key.")
+    ] = "",
+    s3_secret_key: Annotated[
+        str, typer.Option(envvar="TENSORWAY_S3_SECRET_KEY", help="With --from: S3 secret key.")
+    ] = "",
     version: Annotated[str, typer.Option(help="Version id; default the next number.")] = "",
     description: Annotated[str, typer.Option(help="What the model does (when it is new).")] = "",
     labels: Annotated[
@@ -177,14 +249,30 @@ def register_command(
     ] = None,
     output: OutputOption = OutputFormat.TABLE,
 ) -> None:
-    """Register a version of a model, creating the model first if it is new."""
+    """Register a version of a model, creating the model first if it is new.
+
+    With --from, a Triton model directory on disk is uploaded and registered in one step; its
+    signature comes from its config.pbtxt unless --input-spec/--output-spec say otherwise."""
     body = pb.ModelVersion(
         platform=platform,
-        inputs=[_parse_spec(spec, "--input-spec") for spec in inputs],
-        outputs=[_parse_spec(spec, "--output-spec") for spec in outputs],
+        inputs=[_parse_spec(spec, "--input-spec") for spec in inputs or []],
+        outputs=[_parse_spec(spec, "--output-spec") for spec in outputs or []],
         max_batch_size=max_batch_size,
         artifact_uri=artifact_uri,
     )
+    if source is not None:
+        uploaded = _upload(source, model, s3_endpoint, s3_access_key, s3_secret_key)
+        if inputs or outputs:
+            uploaded.ClearField("inputs")
+            uploaded.ClearField("outputs")
+            uploaded.inputs.extend(body.inputs)
+            uploaded.outputs.extend(body.outputs)
+        body = uploaded
+    elif not (artifact_uri and inputs and outputs):
+        raise typer.BadParameter(
+            "register a Triton model directory with --from, "
+            "or give --artifact-uri, --input-spec and --output-spec"
+        )
     name = f"models/{model}"
     with _stub() as stub:
         try:
@@ -273,11 +361,14 @@ def show_command(
             _out.print("not deployed: no route")
             return
         route = Table(
-            key_column("routed version"), "weight", key_column("pool"), key_column("endpoints"),
+            key_column("routed version"), "weight", "state", key_column("pool"), key_column("endpoints"),
             title=f"route (default version {resolved.version})",
         )  # fmt: skip
         for v in resolved.route.versions:
-            _add_row(route, v.version, str(v.weight), v.pool.removeprefix("pools/"), ", ".join(v.endpoints))
+            _add_row(
+                route, v.version, str(v.weight), _state(v.state), v.pool.removeprefix("pools/"),
+                ", ".join(v.endpoints),
+            )  # fmt: skip
         print_table(_out, route)
 
     emit(output, document, table)
