@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorway.devstack import DevStackSettings, Stack, StackState, demo_request, register_demo_models
 from tensorway.devstack._process import is_alive
+from tensorway.registry.v1 import registry_service_pb2 as registry_pb
+from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 
 SERVICES = {
     "registry": "tensorway.registry.v1.RegistryService",
@@ -62,6 +64,20 @@ def test_demo_models_register_and_answer_through_the_router(mesh: tuple[Stack, S
     assert register_demo_models(state) == ["simple", "digits", "iris", "accumulate"]
     # Registering again (a second `dev up` on the same data) changes nothing and still works.
     register_demo_models(state)
+    # Each demo version came from its artifact in the stack's S3, and its pool made it ready.
+    with grpc.insecure_channel(state.addresses()["registry"]) as channel:
+        registry = registry_grpc.RegistryServiceStub(channel)
+        for model in ("simple", "digits", "accumulate"):
+            version = registry.GetModelVersion(
+                registry_pb.GetModelVersionRequest(name=f"models/{model}/versions/1"), timeout=10
+            ).model_version
+            assert version.artifact_uri.startswith(f"s3://tensorway-models/{model}/"), model
+            deployment = registry.GetDeployment(
+                registry_pb.GetDeploymentRequest(name=f"models/{model}/deployments/local"), timeout=10
+            ).deployment
+            assert [r.state for r in deployment.readiness] == [registry_pb.MODEL_VERSION_STATE_READY], model
+    repository = Path(state.components["triton"].internal["model_repository"])
+    assert (repository / "digits" / "1" / ".tensorway-artifact.json").is_file()
     sums, differences = demo_request(state.addresses()["router"])
     assert sums == list(range(1, 17))
     assert differences == list(range(-1, 15))

@@ -147,13 +147,17 @@ def register_demo_models(
                 ),
                 timeout,
             )
-        wait_until_ready(registry_channel, ROUTED_DEMO_MODELS, ready_timeout)
+        # Orchestrators that fetch artifacts report readiness: wait for their word, not its absence.
+        wait_until_ready(registry_channel, ROUTED_DEMO_MODELS, ready_timeout, reported=uploads is not None)
     return list(ROUTED_DEMO_MODELS)
 
 
-def wait_until_ready(channel: grpc.Channel, models: Iterable[str], timeout: float) -> None:
-    """Follow the registry's routes until every version of `models` may get traffic (READY, or
-    on a pool that reports no readiness); DevStackError when one FAILED or time runs out."""
+def wait_until_ready(
+    channel: grpc.Channel, models: Iterable[str], timeout: float, *, reported: bool = True
+) -> None:
+    """Follow the registry's routes until every version of `models` is READY (or, unless
+    `reported`, on a pool that reports no readiness); DevStackError when one FAILED or time runs
+    out."""
     waiting = set(models)
     routes: dict[str, registry_pb.Route] = {}
     watch = registry_grpc.RegistryServiceStub(channel).WatchRoutes(
@@ -174,14 +178,14 @@ def wait_until_ready(channel: grpc.Channel, models: Iterable[str], timeout: floa
                             f"model {route.model} version {version.version} failed: {reasons}",
                             "see the orchestrator's log in .tensorway/",
                         )
-            if all(model in routes and _ready(routes[model]) for model in waiting):
+            if all(model in routes and _ready(routes[model], reported) for model in waiting):
                 return
     except grpc.RpcError as error:
         if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
             raise
     finally:
         watch.cancel()
-    pending = sorted(model for model in waiting if model not in routes or not _ready(routes[model]))
+    pending = sorted(model for model in waiting if model not in routes or not _ready(routes[model], reported))
     raise DevStackError(
         "registry",
         f"demo models {', '.join(pending)} not ready after {time.monotonic() - started:.0f}s",
@@ -189,8 +193,10 @@ def wait_until_ready(channel: grpc.Channel, models: Iterable[str], timeout: floa
     )
 
 
-def _ready(route: registry_pb.Route) -> bool:
-    routable = (registry_pb.MODEL_VERSION_STATE_READY, registry_pb.MODEL_VERSION_STATE_UNSPECIFIED)
+def _ready(route: registry_pb.Route, reported: bool) -> bool:
+    routable = {registry_pb.MODEL_VERSION_STATE_READY}
+    if not reported:
+        routable.add(registry_pb.MODEL_VERSION_STATE_UNSPECIFIED)
     return all(version.state in routable for version in route.versions)
 
 

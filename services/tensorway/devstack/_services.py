@@ -136,7 +136,12 @@ class Orchestrator(TensorwayService):
             # Kept loaded whatever the registry says, so they can be registered from their metadata.
             "TENSORWAY_ORCHESTRATOR_MODELS": json.dumps(ROUTED_DEMO_MODELS),
             # Versions with s3:// artifacts are fetched from the stack's S3 into the Tritons' repository.
-            "TENSORWAY_ORCHESTRATOR_MODEL_REPOSITORY": str(model_repository_path(ctx)),
+            "TENSORWAY_ORCHESTRATOR_MODEL_REPOSITORIES": json.dumps(
+                {
+                    address: str(model_repository_path(ctx, triton))
+                    for triton, address in zip(self._tritons, tritons, strict=True)
+                }
+            ),
             "TENSORWAY_ORCHESTRATOR_S3_ENDPOINT": _endpoint(ctx, "s3", "url"),
             "TENSORWAY_ORCHESTRATOR_S3_ACCESS_KEY": ctx.settings.s3_access_key,
             "TENSORWAY_ORCHESTRATOR_S3_SECRET_KEY": ctx.settings.s3_secret_key,
@@ -149,7 +154,10 @@ class Router(TensorwayService):
 
     service = "router"
     extra_ports = ("http",)
-    requires = ("registry", "orchestrator", "redis")
+    requires = ("registry", "redis")
+    # It learns the orchestrators from the registry's routes as they register, so it starts
+    # beside them rather than after Triton and its orchestrator.
+    wants = ("orchestrator",)
     env_prefix = "TENSORWAY_ROUTER_"
 
     def __init__(
@@ -222,4 +230,7 @@ class BatchWorker(TensorwayService):
         return {
             **_batch_environment(ctx, self.env_prefix),
             f"{self.env_prefix}INFERENCE_TARGET": target,
+            # A group's first join takes about half the session timeout (Tansu): 5 s of the
+            # worker's 10 s default. A local worker is never far from its broker.
+            f"{self.env_prefix}KAFKA_SESSION_TIMEOUT": "PT3S",
         }

@@ -173,11 +173,12 @@ def _join_paths(first: str, rest: str | None) -> str:
     return first if not rest else os.pathsep.join([first, rest])
 
 
-def model_repository_path(ctx: LaunchContext) -> Path:
-    """Where the stack's Tritons keep their models: the configured repository, or the demos'.
-    Orchestrators fetch model artifacts into it."""
+def model_repository_path(ctx: LaunchContext, triton: str) -> Path:
+    """Where the stack's Triton component `triton` keeps its models: the configured repository,
+    or its own copy of the demos beside its server. Orchestrators fetch model artifacts into it."""
     configured = ctx.settings.triton_model_repository
-    return configured.resolve() if configured is not None else ctx.home / "models"
+    # Every component's home is the state dir's folder of its name.
+    return configured.resolve() if configured is not None else ctx.home.parent / triton / "models"
 
 
 def _model_repository(ctx: LaunchContext) -> tuple[Path, list[str]]:

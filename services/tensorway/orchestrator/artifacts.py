@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -303,19 +303,29 @@ class ModelRepository:
 
 
 class _RepositorySettings(Protocol):
+    tritons: tuple[str, ...]
     model_repository: Path | None
+    model_repositories: Mapping[str, Path]
     s3_endpoint: str
     s3_access_key: str
     s3_secret_key: str
     s3_region: str
 
 
-def model_repository(settings: _RepositorySettings) -> ModelRepository | None:
-    """The repository that artifacts are fetched into, from the orchestrator's settings; None
-    when it has none."""
-    if settings.model_repository is None:
-        return None
+def model_repositories(settings: _RepositorySettings) -> dict[str, ModelRepository]:
+    """The repository each Triton's artifacts are fetched into, by Triton address, from the
+    orchestrator's settings: `model_repositories` where it names the Triton, else the shared
+    `model_repository`; Tritons with neither get no artifacts."""
     objects = S3Objects(
         settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.s3_region
     )
-    return ModelRepository(settings.model_repository, objects)
+    shared = (
+        None if settings.model_repository is None else ModelRepository(settings.model_repository, objects)
+    )
+    chosen: dict[str, ModelRepository] = {}
+    for triton in settings.tritons:
+        own = settings.model_repositories.get(triton)
+        repository = shared if own is None else ModelRepository(own, objects)
+        if repository is not None:
+            chosen[triton] = repository
+    return chosen

@@ -171,7 +171,7 @@ class ModelPlacement:
         initial_models: Sequence[str],
         source: DeploymentSource | None,
         *,
-        repository: ModelRepository | None = None,
+        repository: ModelRepository | Mapping[str, ModelRepository] | None = None,
         reporter: StateReporter | None = None,
         warmup_timeout: timedelta = timedelta(seconds=30),
         report_retry: timedelta = timedelta(seconds=1),
@@ -182,7 +182,12 @@ class ModelPlacement:
         self._deployed: frozenset[str] | None = None
         self._versions: Mapping[str, Mapping[str, str]] = {}
         self._source = source
-        self._repository = repository
+        # One repository for every Triton, or one per Triton address.
+        self._repositories: Mapping[str, ModelRepository] = (
+            {endpoint.address: repository for endpoint in pool.endpoints}
+            if isinstance(repository, ModelRepository)
+            else dict(repository or {})
+        )
         self._reporter = reporter
         self._warmup_timeout = warmup_timeout.total_seconds()
         self._report_retry = report_retry.total_seconds()
@@ -239,9 +244,10 @@ class ModelPlacement:
                 if self._deployed is not None:
                     changed |= await self._unload(endpoint, ready - wanted)
             self._forget_undeployed()
-            if self._repository is not None and self._deployed is not None:
-                for model in changed - wanted:
-                    await self._repository.remove(model)
+            if self._deployed is not None:
+                for repository in {id(r): r for r in self._repositories.values()}.values():
+                    for model in changed - wanted:
+                        await repository.remove(model)
             self._catalog.forget(changed)
             await self._pool.refresh(endpoints)
             self._report_due.set()
@@ -267,8 +273,9 @@ class ModelPlacement:
         if any(is_fetched(uri) for uri in versions.values()) and not fetched:
             self._placed[key] = desired  # every artifact failed: nothing to load until one changes
             return False
-        if fetched and self._repository is not None:
-            await self._repository.write_config(model, fetched)
+        repository = self._repositories.get(endpoint.address)
+        if fetched and repository is not None:
+            await repository.write_config(model, fetched)
         for version in loadable:
             if self._status(endpoint, model, version) is not VersionState.READY:
                 self._set(endpoint, model, version, VersionState.LOADING, "Triton is loading it")
@@ -288,17 +295,18 @@ class ModelPlacement:
             if not is_fetched(uri):
                 continue
             failure = self._failed_artifacts.get((model, version, uri))
-            if failure is None and self._repository is None:
-                failure = "the orchestrator has no model repository to fetch artifacts into"
-            elif failure is None and self._repository is not None:
+            repository = self._repositories.get(endpoint.address)
+            if failure is None and repository is None:
+                failure = f"the orchestrator has no model repository for Triton {endpoint.address}"
+            elif failure is None and repository is not None:
                 if self._status(endpoint, model, version) is not VersionState.READY:
                     self._set(endpoint, model, version, VersionState.LOADING, f"fetching {uri}")
                 try:
-                    await self._repository.fetch(model, version, uri)
-                    self._repository.config_of(model, version)
+                    await repository.fetch(model, version, uri)
+                    repository.config_of(model, version)
                 except ArtifactError as error:
                     failure = self._failed_artifacts[model, version, uri] = str(error)
-                    await self._repository.remove_version(model, version)
+                    await repository.remove_version(model, version)
             if failure is not None:
                 logger.error("model %s version %s cannot be served: %s", model, version, failure)
                 self._set(endpoint, model, version, VersionState.FAILED, failure)
@@ -330,9 +338,10 @@ class ModelPlacement:
             if is_fetched(uri):
                 self._failed_artifacts[model, version, uri] = reason
         remaining = [version for version in fetched if version in loaded]
-        if load_error and remaining and len(remaining) < len(fetched) and self._repository is not None:
+        repository = self._repositories.get(endpoint.address)
+        if load_error and remaining and len(remaining) < len(fetched) and repository is not None:
             # Without the failed versions, so that a Triton that restarts loads the others.
-            await self._repository.write_config(model, remaining)
+            await repository.write_config(model, remaining)
             try:
                 await endpoint.load(model)
             except TensorwayError as error:
