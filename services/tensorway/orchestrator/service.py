@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pydantic_settings import SettingsConfigDict
@@ -15,7 +16,7 @@ from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.orchestrator import metrics
-from tensorway.orchestrator.artifacts import model_repository
+from tensorway.orchestrator.artifacts import model_repositories
 from tensorway.orchestrator.core import Orchestrator
 from tensorway.orchestrator.models import DeploymentSource, ModelCatalog, ModelPlacement
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
@@ -65,6 +66,9 @@ class Settings(ServiceSettings):
     model_repository: Path | None = None
     """The Tritons' model repository (the directory of their --model-repository), into which
     versions with an s3:// artifact are fetched. Unset, only models already there are served."""
+    model_repositories: Mapping[str, Path] = MappingProxyType({})
+    """The repository of each Triton (by its address in `tritons`) that does not share
+    `model_repository` (a JSON object in the environment)."""
     s3_endpoint: str = "http://127.0.0.1:9000"
     """S3 endpoint URL that artifacts are fetched from."""
     s3_access_key: str = ""
@@ -187,7 +191,7 @@ async def create(
         catalog,
         settings.models,
         deployments,
-        repository=model_repository(settings),
+        repository=model_repositories(settings),
         warmup_timeout=settings.warmup_timeout,
     )
     server, port = create_server(
