@@ -19,6 +19,10 @@ def test_up_status_down_round_trip(private_state_dir: Path) -> None:
     started = runner.invoke(dev_app, ["up", "redis", "kafka", *state_dir])
     try:
         assert started.exit_code == 0, started.output
+        # How long each component took, as it answered, and the whole start.
+        assert "redis answered (its start took" in started.stderr
+        assert "kafka answered (its start took" in started.stderr
+        assert "up in " in started.stderr
         status = runner.invoke(dev_app, ["status", "--json", *state_dir])
         addresses = json.loads(status.stdout)
         assert addresses.keys() == {"redis", "kafka"}

@@ -72,7 +72,7 @@ def test_replicas_are_named_and_wired_to_the_peers_given() -> None:
     assert Triton().port_settings == ("triton_grpc_port", "triton_http_port")
     orchestrator = Orchestrator("orchestrator-2", tritons=("triton", "triton-2"))
     assert orchestrator.name == "orchestrator-2"
-    assert orchestrator.requires == ("triton", "triton-2", "registry")
+    assert orchestrator.requires == ("triton", "triton-2", "registry", "s3")
 
 
 def test_envoy_balances_over_every_router_replica() -> None:

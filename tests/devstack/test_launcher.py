@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tensorway.devstack import (
     STATE_FILE_NAME,
     Component,
     DevStackError,
     DevStackSettings,
+    Endpoint,
     LaunchContext,
     PackageFile,
     Stack,
@@ -219,3 +221,88 @@ def test_a_not_ready_answer_is_refused_and_closed() -> None:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+# A server that leaves a marker file once it runs, then waits to be stopped.
+_MARKING_SERVER = "import pathlib, signal, sys; pathlib.Path(sys.argv[1]).touch(); signal.pause()"
+
+
+class Rendezvous(Component):
+    """A server that answers only once its partner's server runs: started one after the other,
+    the first could never answer."""
+
+    def __init__(self, name: str, partner: str, *, requires: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.partner = partner
+        self.requires = requires
+
+    def start(self, ctx: LaunchContext) -> Started:
+        self.seen = sorted(ctx.endpoints)
+        process = ctx.spawn([sys.executable, "-c", _MARKING_SERVER, str(ctx.state_dir / f"{self.name}.up")])
+        partner_up = ctx.state_dir / f"{self.partner}.up"
+        ctx.wait_ready(process, lambda: _exists(partner_up), what=f"{self.partner} running")
+        return Started(process=process, endpoints={self.name: Endpoint(address=f"{self.name}:0")})
+
+
+class NeverReady(Component):
+    """A server that runs but never answers."""
+
+    name = "stuck"
+
+    def start(self, ctx: LaunchContext) -> Started:
+        process = ctx.spawn([sys.executable, "-c", _MARKING_SERVER, str(ctx.state_dir / "stuck.up")])
+        ctx.wait_ready(process, refuse, what="anything")
+        raise AssertionError("the stuck server answered")
+
+
+def _exists(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(path)
+
+
+def test_components_that_do_not_need_each_other_start_together(settings: DevStackSettings) -> None:
+    first, second = Rendezvous("first", "second"), Rendezvous("second", "first")
+    after = Rendezvous("after", "first", requires=("first",))
+    answered: list[str] = []
+    stack = Stack(settings, components=[first, second, after])
+    try:
+        state = stack.up(on_started=lambda name, record: answered.append(name))
+        assert answered.index("after") > answered.index("first")
+        assert "first" in after.seen, "a component starts once what it requires has answered"
+        # The state file lists them in dependency order whatever order they answered in, each
+        # with how long its start took.
+        assert list(state.components) == ["first", "second", "after"]
+        assert all(record.start_seconds is not None for record in state.components.values())
+    finally:
+        assert stack.down()
+
+
+def test_a_failure_cancels_the_starts_under_way_and_stops_what_answered(settings: DevStackSettings) -> None:
+    stack = Stack(settings, components=[Redis(), NeverReady(), DiesWhileStarting()])
+    with pytest.raises(DevStackError, match="exited with code 3 while starting") as raised:
+        stack.up()
+    assert raised.value.component == "doomed", "the first failure, not the cancellations it caused"
+    assert not (settings.state_dir / STATE_FILE_NAME).exists()
+    leftovers = [pid for pid in live_processes() if _cwd(pid).startswith(str(settings.state_dir))]
+    assert not leftovers
+
+
+def test_servers_tied_to_their_parent_outlive_the_threads_that_started_them(
+    settings: DevStackSettings,
+) -> None:
+    # A server tied to its parent gets SIGTERM when the thread that spawned it ends; the starts'
+    # threads have ended by the time `up` returns, so the servers must come from the caller's.
+    stack = Stack(settings, die_with_parent=True)
+    try:
+        state = stack.up(["redis", "kafka"])
+        url = state.components["redis"].endpoints["redis"].url
+        assert url is not None
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            assert client.ping()
+            assert client.ping()
+        finally:
+            client.close()
+        assert stack.status().components.keys() == {"redis", "kafka"}
+    finally:
+        stack.down()

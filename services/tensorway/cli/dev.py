@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from tensorway.cli.envoy import token_command
 from tensorway.cli.output import OutputFormat, OutputOption, emit, key_column, print_table
 from tensorway.devstack import (
     COMPONENT_NAMES,
+    ComponentRecord,
     DevStackError,
     DevStackSettings,
     Stack,
@@ -83,18 +85,28 @@ def up_command(
 ) -> None:
     """Start the stack in the background and print its endpoints."""
     stack = _stack(state_dir)
+    began = time.monotonic()
+
+    def answered(name: str, record: ComponentRecord) -> None:
+        # Components start side by side, so each line says when it answered and what its own start took.
+        took = record.start_seconds or 0.0
+        at = time.monotonic() - began
+        _err.print(f"{at:5.1f}s  {name} answered (its start took {took:.1f}s)", highlight=False)
+
     try:
         with _err.status("starting the local stack…"):
-            state = stack.up(components or None)
+            state = stack.up(components or None, on_started=answered)
             if with_prometheus:
                 # Started last, so its scrape config lists everything the first call started.
-                state = stack.up(["prometheus"])
+                state = stack.up(["prometheus"], on_started=answered)
     except DevStackError as error:
         raise _fail(error) from None
     print_table(_out, _endpoint_table(state))
     addresses = state.addresses()
     if {"registry", "orchestrator"} <= addresses.keys():
-        models = register_demo_models(state)
+        with _err.status("registering the demo models…"):
+            models = register_demo_models(state)
+        _err.print(f"{time.monotonic() - began:5.1f}s  demo models ready", highlight=False)
         _out.print(f"registered demo models in pool pools/local: {', '.join(models)}")
     if "router" in addresses:
         sums, differences = demo_request(addresses["router"])
@@ -121,6 +133,7 @@ def up_command(
             " with an admin token minted for each command"
         )
     _out.print(f"state and logs in {stack.state_dir}; stop with: tensorway dev down")
+    _err.print(f"up in {time.monotonic() - began:.1f}s", highlight=False)
 
 
 @dev_app.command("down")

