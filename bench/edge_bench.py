@@ -7,6 +7,12 @@ orchestrator, Triton, Envoy), registers the demo models, then runs each target a
 concurrency of the sweep for a fixed time and prints p50, p99 and requests/s, with each row's
 ratios against Triton direct (and the p50 against the router direct, the edge's own share).
 
+Floors measured in the same run (`hopfloor.py`): one and two bare Python `grpc.aio` proxies
+forwarding bytes to Triton (the cost of the mesh's two Python hops with no logic), and Envoy
+with no filters routing gRPC straight to the router (the cost of the edge's hop with nothing on
+it). Every mesh row is read against its floor: `floor +ms` and `floor x` are its p50 above its
+floor's p50 (difference, ratio); issue 17's aims are checked at the end.
+
     .venv/bin/python bench/edge_bench.py [--quick] [--json PATH] [--seconds 5] [--concurrency 1 4 16 64]
 """
 
@@ -21,11 +27,13 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import aiohttp
 import grpc
 from benchkit import Results, add_common_arguments, cell_seconds, mode, sweep_cell
+from hopfloor import bare_envoy, bare_proxy
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
@@ -41,6 +49,17 @@ from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 GROUP = "simple (INT32 [1,16] x2)"
 TRITON_DIRECT = "Triton direct"
 ROUTER_DIRECT = "router gRPC (direct)"
+ONE_HOP = "floor: 1 bare proxy -> Triton"
+TWO_HOPS = "floor: 2 bare proxies -> Triton"
+BARE_ENVOY = "floor: Envoy, no filters -> router"
+# Each mesh row's floor: the bare hops standing where its own stand.
+FLOORS = {
+    ROUTER_DIRECT: TWO_HOPS,
+    "router V2 HTTP (direct)": TWO_HOPS,
+    "Envoy gRPC": BARE_ENVOY,
+    "Envoy REST": BARE_ENVOY,
+    "Envoy V2 HTTP": BARE_ENVOY,
+}
 ONES = [1] * 16
 SEQUENCE = list(range(16))
 
@@ -98,14 +117,31 @@ async def run(
     async with (
         grpc.aio.insecure_channel(addresses["triton_grpc"]) as triton,
         grpc.aio.insecure_channel(router) as direct,
+        grpc.aio.insecure_channel(addresses["proxy"]) as proxy,
+        grpc.aio.insecure_channel(addresses["proxy2"]) as proxy2,
+        grpc.aio.insecure_channel(addresses["bare_envoy"]) as bare,
         grpc.aio.secure_channel(envoy, grpc.ssl_channel_credentials(ca_pem)) as edge,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as http,
     ):
         triton_stub = triton_grpc.GRPCInferenceServiceStub(triton)
         direct_stub, edge_stub = pb_grpc.InferenceServiceStub(direct), pb_grpc.InferenceServiceStub(edge)
+        proxy_stub, proxy2_stub = (
+            triton_grpc.GRPCInferenceServiceStub(proxy),
+            triton_grpc.GRPCInferenceServiceStub(proxy2),
+        )
+        bare_stub = pb_grpc.InferenceServiceStub(bare)
 
         async def triton_direct() -> None:
             await triton_stub.ModelInfer(to_triton, timeout=10)
+
+        async def one_hop() -> None:
+            await proxy_stub.ModelInfer(to_triton, timeout=10)
+
+        async def two_hops() -> None:
+            await proxy2_stub.ModelInfer(to_triton, timeout=10)
+
+        async def bare_envoy_grpc() -> None:
+            await bare_stub.Infer(request, timeout=10)
 
         async def router_grpc() -> None:
             await direct_stub.Infer(request, timeout=10)
@@ -139,7 +175,10 @@ async def run(
 
         targets: dict[str, Callable[[], Awaitable[None]]] = {
             TRITON_DIRECT: triton_direct,
+            ONE_HOP: one_hop,
+            TWO_HOPS: two_hops,
             ROUTER_DIRECT: router_grpc,
+            BARE_ENVOY: bare_envoy_grpc,
             "Envoy gRPC": envoy_grpc,
             "Envoy REST": envoy_rest,
             "router V2 HTTP (direct)": router_v2_http,
@@ -154,6 +193,33 @@ async def run(
         )
         cell.extra["p50 / router p50"] = (
             cell.p50_ms / router_cell.p50_ms if cell.p50_ms and router_cell.p50_ms else None
+        )
+    read_against_floors(results)
+
+
+def read_against_floors(results: Results) -> None:
+    """Each mesh row's p50 against its floor's, and issue 17's aims for the edge."""
+    cells = {(cell.path, cell.concurrency): cell for cell in results.cells}
+    for cell in results.cells:
+        floor = cells.get((FLOORS.get(cell.path, ""), cell.concurrency))
+        if floor is not None and cell.p50_ms and floor.p50_ms:
+            cell.extra["floor +ms"] = cell.p50_ms - floor.p50_ms
+            cell.extra["floor x"] = cell.p50_ms / floor.p50_ms
+    router = cells.get((ROUTER_DIRECT, 1))
+    for path, within in (("Envoy gRPC", 0.3), ("Envoy REST", 0.8)):
+        cell = cells.get((path, 1))
+        if cell is not None and router is not None and cell.p50_ms and router.p50_ms:
+            added = cell.p50_ms - router.p50_ms
+            results.aim(
+                f"{path} adds at most {within} ms p50 over the router direct (1 in flight)",
+                f"{added:+.3f} ms",
+                added <= within,
+            )
+    router16, envoy16 = cells.get((ROUTER_DIRECT, 16)), cells.get(("Envoy gRPC", 16))
+    if router16 is not None and envoy16 is not None and router16.throughput:
+        share = envoy16.throughput / router16.throughput
+        results.aim(
+            "Envoy gRPC throughput at least 0.8x the router's (16 in flight)", f"{share:.2f}x", share >= 0.8
         )
 
 
@@ -232,7 +298,18 @@ def main() -> None:
             audience=jwt["audiences"][0],
         )
         ca = local_certificates(state_dir).ca
-        asyncio.run(run(state.addresses(), ca, token, seconds, args.concurrency, results))
+        addresses = dict(state.addresses())
+        with ExitStack() as floors:
+            addresses["proxy"] = floors.enter_context(
+                bare_proxy(addresses["triton_grpc"], state_dir / "proxy.log")
+            )
+            addresses["proxy2"] = floors.enter_context(
+                bare_proxy(addresses["proxy"], state_dir / "proxy2.log")
+            )
+            addresses["bare_envoy"] = floors.enter_context(
+                bare_envoy(ENVOY_BINARY.locate("envoy"), addresses["router"], state_dir)
+            )
+            asyncio.run(run(addresses, ca, token, seconds, args.concurrency, results))
     finally:
         stack.down()
         shutil.rmtree(state_dir, ignore_errors=True)

@@ -6,11 +6,17 @@ Each target runs each workload at each concurrency of the sweep (1, 4, 16, 64 re
 the report gives p50, p99, requests/s and payload MB/s (tensor bytes in + out), and each figure's
 ratio against Triton direct.
 
+Every mesh row is also read against its floor, measured in the same run: one bare Python
+`grpc.aio` proxy forwarding bytes to Triton (`hopfloor.py`) for the orchestrator, two chained for
+the router in front of the orchestrator. The columns `floor +ms` and `floor x` give how far the
+row's p50 is above its floor's (difference and ratio), `floor rps x` its throughput against the
+floor's; the aims of issue 17 are checked at the end.
+
 A target is anything with `infer(workload)`: Triton's own API through tritonclient.grpc.aio, or
-tensorway.inference.v1 at some address. The targets are Triton direct, the orchestrator, and the
-router in front of the orchestrator through both of its APIs (tensorway's and Triton's); more hops
-(Envoy) are more entries in `targets()`. Triton, the orchestrator and the router run as their own
-processes, started here and stopped at the end. The router's routes come from a fake registry in
+tensorway.inference.v1 at some address. The targets are Triton direct, the two floors, the
+orchestrator and the router through both APIs (tensorway's and Triton's). Triton, the
+orchestrator, the router and the proxies run as their own processes, started here and stopped at
+the end. The router's routes come from a fake registry in
 this process that sends one WatchRoutes snapshot and then stays quiet, so it costs nothing while
 the bench runs.
 
@@ -39,6 +45,7 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from benchkit import Results, add_common_arguments, cell_seconds, mode, prefixed, serve, sweep_cell
+from hopfloor import bare_proxy
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from tensorway.common.v1 import tensor_pb2
@@ -233,14 +240,59 @@ def registry(routes: Sequence[registry_pb.Route]) -> Iterator[str]:
         server.stop(grace=None)
 
 
+ONE_HOP = "floor: 1 bare proxy"
+TWO_HOPS = "floor: 2 bare proxies"
+# Each mesh row's floor: the bare hops standing where its Python hops stand.
+FLOORS = {
+    "orchestrator": ONE_HOP,
+    "orchestrator-triton": ONE_HOP,
+    "router": TWO_HOPS,
+    "router-triton": TWO_HOPS,
+}
+
+
 def targets(addresses: dict[str, str]) -> list[Target]:
     """Triton direct first: every ratio is against it."""
     return [
         TritonProtocolTarget("triton-direct", addresses["triton"]),
+        TritonProtocolTarget(ONE_HOP, addresses["proxy"]),
+        TritonProtocolTarget(TWO_HOPS, addresses["proxy2"]),
         InferenceServiceTarget("orchestrator", addresses["orchestrator"]),
+        TritonProtocolTarget("orchestrator-triton", addresses["orchestrator"]),
         InferenceServiceTarget("router", addresses["router"]),
         TritonProtocolTarget("router-triton", addresses["router"]),
     ]
+
+
+def read_against_floors(results: Results) -> None:
+    """Each mesh row's p50 and throughput against its floor's, and issue 17's aims."""
+    cells = {(cell.group, cell.path, cell.concurrency): cell for cell in results.cells}
+    for cell in results.cells:
+        floor = cells.get((cell.group, FLOORS.get(cell.path, ""), cell.concurrency))
+        if floor is None or not cell.p50_ms or not floor.p50_ms:
+            continue
+        cell.extra["floor +ms"] = cell.p50_ms - floor.p50_ms
+        cell.extra["floor x"] = cell.p50_ms / floor.p50_ms
+        cell.extra["floor rps x"] = cell.throughput / floor.throughput if floor.throughput else None
+    for path, within in (("router", 0.2), ("router-triton", 0.2), ("orchestrator", 0.1)):
+        cell = cells.get(("simple", path, 1))
+        if cell is not None and "floor +ms" in cell.extra:
+            above = cell.extra["floor +ms"]
+            results.aim(
+                f"{path} p50 within {within} ms of {FLOORS[path]} (simple, 1 in flight)",
+                f"{above:+.3f} ms ({cell.p50_ms:.3f} ms)",
+                above <= within,
+            )
+    direct = cells.get(("fp32-4MiB", "triton-direct", 1))
+    for path in ("router", "router-triton"):
+        routed = cells.get(("fp32-4MiB", path, 1))
+        if direct is not None and routed is not None and direct.throughput:
+            share = routed.throughput / direct.throughput
+            results.aim(
+                f"4 MiB through the {path}: at least 0.7x direct bandwidth (1 in flight)",
+                f"{share:.2f}x",
+                share >= 0.7,
+            )
 
 
 async def run(
@@ -267,6 +319,7 @@ async def run(
                     )
                     cell.extra["MB/s"] = cell.throughput * workload.payload_bytes / 1e6
                     results.cells.append(cell)
+        read_against_floors(results)
     finally:
         for target in chosen:
             await target.close()
@@ -302,8 +355,12 @@ def main() -> int:
             router_address = running.enter_context(
                 service("router", {"REGISTRY_ADDRESS": registry_address}, workdir)
             )
+            proxy_address = running.enter_context(bare_proxy(triton_address, workdir / "proxy.log"))
+            proxy2_address = running.enter_context(bare_proxy(proxy_address, workdir / "proxy2.log"))
             addresses = {
                 "triton": triton_address,
+                "proxy": proxy_address,
+                "proxy2": proxy2_address,
                 "orchestrator": orchestrator_address,
                 "router": router_address,
             }

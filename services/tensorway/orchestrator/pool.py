@@ -18,7 +18,7 @@ from tensorway.orchestrator import metrics
 from tensorway.orchestrator.streams import InferStream, UnaryInfer
 from tensorway.orchestrator.triton_errors import from_rpc_error
 from tensorway.runtime import Unavailable, create_channel
-from tensorway.runtime.server import message_size_options
+from tensorway.runtime.server import FLOW_CONTROL_OPTIONS, message_size_options
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class TritonEndpoint:
         # Streams carry no request's context, and a client interceptor on a stream call costs
         # an extra queue hop per message: streams get a channel of their own, without one.
         self._stream_channel = grpc.aio.insecure_channel(
-            address, options=[*message_size_options(max_message_bytes), *RECONNECT_OPTIONS]
+            address,
+            options=[*message_size_options(max_message_bytes), *FLOW_CONTROL_OPTIONS, *RECONNECT_OPTIONS],
         )
         stream_stub = triton_grpc.GRPCInferenceServiceStub(self._stream_channel)
         self._senders: Sequence[InferStream | UnaryInfer] = [

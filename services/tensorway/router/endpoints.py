@@ -18,16 +18,10 @@ from tensorway.router.balancer import LoadStats
 from tensorway.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker, Outcome, outcome_of
 from tensorway.runtime import Unavailable
 from tensorway.runtime.interceptors import downstream_metadata, downstream_timeout
-from tensorway.runtime.server import message_size_options
+from tensorway.runtime.server import FLOW_CONTROL_OPTIONS, message_size_options
 
 # The router's own default (runtime settings' max_message_bytes): what it accepts from callers.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Large tensors: HTTP/2 flow-control windows that start large and grow with the measured
-# bandwidth-delay product, so a 4 MiB message is not sent a default 64 KiB window at a time.
-FLOW_CONTROL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.http2.bdp_probe", 1),
-    ("grpc.http2.lookahead_bytes", 8 * 1024 * 1024),
-)
 
 # A backend DEADLINE_EXCEEDED this close to the caller's own deadline is the caller's: the
 # orchestrator's timer, started from the propagated deadline, may fire a little before the router's.

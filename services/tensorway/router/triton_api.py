@@ -360,9 +360,7 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
 
     # Inference.
 
-    async def ModelInfer(
-        self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> bytes:
+    async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         """The serialized ModelInferRequest forwarded as it came; the orchestrator's serialized
         answer, which carries no parameters of the mesh's own, returned as it came."""
         return await self._infer(

@@ -100,6 +100,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 def _observer(service: str, method: str) -> Callable[[ServicerContext[Any, Any]], Any]:
     """The per-call scope of one method: context, span, metrics and the error mapping."""
     in_flight = metrics.IN_FLIGHT.labels(service, method)
+    # By status code, looked up once: `labels()` takes a lock and hashes its labels on every call.
+    by_code: dict[str, tuple[Any, Any]] = {}
     span_name = f"{service}/{method}"
     span_attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
@@ -139,8 +141,14 @@ def _observer(service: str, method: str) -> Callable[[ServicerContext[Any, Any]]
         finally:
             code = _code_of(failure, ctx)
             in_flight.dec()
-            metrics.HANDLED.labels(service, method, code).inc()
-            metrics.HANDLING_SECONDS.labels(service, method, code).observe(time.perf_counter() - started)
+            children = by_code.get(code)
+            if children is None:
+                children = by_code[code] = (
+                    metrics.HANDLED.labels(service, method, code),
+                    metrics.HANDLING_SECONDS.labels(service, method, code),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
             context.current.reset(token)
 
     return observed

@@ -39,12 +39,21 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+# Large tensors: each HTTP/2 stream may take 8 MiB before the receiver must update its window (BDP
+# probing still grows it further), so a message of megabytes is not sent a window at a time while
+# the window grows from gRPC's 64 KiB. In a 4 MiB echo between two grpc.aio processes on two
+# shared cores it took the median from 11.4 to 10.3 ms; the rest of a large message's cost is
+# gRPC's framing and copies, not the windows.
+FLOW_CONTROL_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.http2.lookahead_bytes", 8 * 1024 * 1024),)
+
+
 def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     # Without this, gRPC's SO_REUSEPORT lets a second server silently share a taken port.
     # Metadata past gRPC's default 8 KiB is refused as RESOURCE_EXHAUSTED, which clients retry:
     # Envoy forwards up to its own header cap (16 KiB) plus what it adds, so accept well past that.
     return [
         *message_size_options(max_message_bytes),
+        *FLOW_CONTROL_OPTIONS,
         ("grpc.so_reuseport", 0),
         ("grpc.max_metadata_size", 64 * 1024),
     ]

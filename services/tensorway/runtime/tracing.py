@@ -53,6 +53,10 @@ def extract(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context:
 
 def inject() -> list[tuple[str, str]]:
     """Metadata entries that carry the current trace context to a downstream call."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        # No trace to carry (tracing is off and the caller sent none): skip the propagators,
+        # which cost several microseconds on every downstream call.
+        return []
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return list(carrier.items())
