@@ -4,6 +4,9 @@
 `protos/` generate. google/api and google/rpc protos come from the installed
 googleapis-common-protos package: they are staged into `.build/third_party_protos` for protoc
 and buf, never copied into the repository.
+
+Only `gen/tensorway/` is generated; `gen/pyproject.toml` and `gen/README.md` beside it make the
+client package `tensorway-contracts` and are kept by hand.
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ def generate(root: Path, out: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed; see its messages above")
+    # Typed packages (PEP 561), so a client's type checker reads the .pyi stubs of the installed
+    # contracts. The marker goes in each package, since `tensorway` itself is a namespace.
+    for package in sorted({module.parent for module in out.rglob("*_pb2.py")}):
+        (package / "py.typed").touch()
 
 
 def write_descriptor_set(root: Path, target: Path) -> Path:
@@ -101,11 +108,14 @@ def write_descriptor_set(root: Path, target: Path) -> Path:
 
 
 def differences(expected: Path, actual: Path) -> list[str]:
-    """Relative paths that differ between two generated trees, or exist in only one."""
+    """Relative paths that differ between two generated trees, or exist in only one. Only the
+    generated `tensorway/` tree counts: the package's own files beside it are not generated."""
 
     def files(base: Path) -> set[str]:
         return {
-            str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+            str(p.relative_to(base))
+            for p in (base / "tensorway").rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
         }
 
     want, have = files(expected), files(actual)
