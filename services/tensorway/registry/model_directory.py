@@ -48,13 +48,13 @@ def parse_config(text: str) -> Any:
 
 def version_from_config(text: str) -> registry_pb.ModelVersion:
     """A version's signature (platform, inputs, outputs, largest batch) from a config.pbtxt.
-    Shapes lead with -1 for the batch when the model batches, as Triton's metadata has them."""
+    Shapes are a row's, as the config's dims are and as every signature in the registry is: the
+    batch dimension is `max_batch_size`'s, added where an API shows it (Triton's metadata)."""
     config = parse_config(text)
-    batch = [-1] if config.max_batch_size > 0 else []
 
     def specs(tensors: Any) -> list[tensor_pb2.TensorSpec]:
         return [
-            tensor_pb2.TensorSpec(name=t.name, datatype=_datatype(t.data_type), shape=[*batch, *t.dims])
+            tensor_pb2.TensorSpec(name=t.name, datatype=_datatype(t.data_type), shape=list(t.dims))
             for t in tensors
         ]
 
