@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -305,7 +305,7 @@ class ModelRepository:
 class _RepositorySettings(Protocol):
     tritons: tuple[str, ...]
     model_repository: Path | None
-    model_repositories: Mapping[str, Path]
+    model_repositories: dict[str, Path]
     s3_endpoint: str
     s3_access_key: str
     s3_secret_key: str

@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from tritonclient.grpc import service_pb2 as triton
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
@@ -66,7 +66,7 @@ class Settings(ServiceSettings):
     model_repository: Path | None = None
     """The Tritons' model repository (the directory of their --model-repository), into which
     versions with an s3:// artifact are fetched. Unset, only models already there are served."""
-    model_repositories: Mapping[str, Path] = MappingProxyType({})
+    model_repositories: dict[str, Path] = Field(default_factory=dict)
     """The repository of each Triton (by its address in `tritons`) that does not share
     `model_repository` (a JSON object in the environment)."""
     s3_endpoint: str = "http://127.0.0.1:9000"
