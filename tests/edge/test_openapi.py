@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jsonschema
 import pytest
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
@@ -22,7 +23,7 @@ from schemathesis.openapi import from_dict
 from tensorway import protogen
 from tensorway.edge.bindings import http_bindings, transcoder_descriptor_set
 from tensorway.edge.config import PUBLIC_SERVICES
-from tensorway.edge.openapi import build_openapi
+from tensorway.edge.openapi import build_openapi, load_examples
 
 if TYPE_CHECKING:
     from tests.edge_mesh import Edge
@@ -50,9 +51,15 @@ def test_the_first_service_keeps_a_path_two_services_bind(descriptor_set: bytes)
         for service in file.service
         for method in service.method
     }
-    assert not methods["tensorway.registry.v1.RegistryService/GetModel"].options.HasExtension(
+    # The registry's reads keep the binding of their own under /v1/registry/.
+    get_model = methods["tensorway.registry.v1.RegistryService/GetModel"].options.Extensions[
         annotations_pb2.http
-    )
+    ]
+    assert (get_model.get, list(get_model.additional_bindings)) == ("/v1/registry/{name=models/*}", [])
+    get_version = methods["tensorway.registry.v1.RegistryService/GetModelVersion"].options.Extensions[
+        annotations_pb2.http
+    ]
+    assert get_version.get == "/v1/registry/{name=models/*/versions/*}"
     metadata = methods["tensorway.inference.v1.InferenceService/GetModelMetadata"].options.Extensions[
         annotations_pb2.http
     ]
@@ -93,6 +100,62 @@ def test_the_document_follows_the_transcoder(descriptor_set: bytes) -> None:
         "$ref": "#/components/schemas/google.rpc.Status"
     }
     assert document["security"] == [{"bearer": []}]
+    registry = paths["/v1/registry/models/{model}/versions/{version}"]["get"]
+    assert registry["operationId"] == "RegistryService_GetModelVersion"
+    assert [p["name"] for p in registry["parameters"]] == ["model", "version"]
+    ids = [operation["operationId"] for operations in paths.values() for operation in operations.values()]
+    assert len(ids) == len(set(ids)), "operation ids are unique"
+    assert paths["/v1/models/{model_name}/versions/{model_version}:infer"]["post"]["operationId"] == (
+        "InferenceService_Infer_2"
+    )
+
+
+def test_every_operation_carries_an_example_its_schemas_accept(descriptor_set: bytes) -> None:
+    examples = load_examples()
+    document = build_openapi(transcoder_descriptor_set(descriptor_set, PUBLIC_SERVICES)[0], PUBLIC_SERVICES)
+    operations = {
+        f"{verb.upper()} {path}": operation
+        for path, verbs in document["paths"].items()
+        for verb, operation in verbs.items()
+    }
+    assert sorted(operations) == sorted(examples), "one example per operation, none for an operation gone"
+    components = document["components"]
+    problems: list[str] = []
+    for key, operation in operations.items():
+        parameters = {parameter["name"]: parameter for parameter in operation.get("parameters", [])}
+        given = examples[key].get("parameters") or {}
+        problems.extend(f"{key}: no parameter {name}" for name in given.keys() - parameters.keys())
+        for name, parameter in parameters.items():
+            if parameter["in"] == "path" and "example" not in parameter:
+                problems.append(f"{key}: no example for the path parameter {name}")
+            if "example" in parameter:
+                problems.extend(_violations(key, parameter["schema"], parameter["example"], components))
+        body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+        if (body is not None) != ("body" in examples[key]):
+            problems.append(f"{key}: an example body where the operation takes none, or none where it does")
+        elif body is not None:
+            problems.extend(_violations(key, body["schema"], body["example"], components))
+        if not parameters and body is None:
+            problems.append(f"{key}: nothing to give an example of")
+    assert not problems, "\n".join(problems)
+
+
+def _violations(key: str, schema: dict[str, Any], value: Any, components: dict[str, Any]) -> list[str]:
+    # OpenAPI 3.0's schemas are JSON Schema draft 4 in what they use here; refs resolve in the
+    # document. A field the message lacks is an error, as the transcoder's JSON parser says.
+    validator = jsonschema.Draft4Validator(_closed({**schema, "components": components}))
+    return [f"{key}: {error.json_path}: {error.message}" for error in validator.iter_errors(value)]
+
+
+def _closed(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {name: _closed(value) for name, value in schema.items()}
+    if "properties" in closed and "additionalProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(edge: Edge) -> None:

@@ -4,15 +4,18 @@ The document is built from the same descriptor set and service list Envoy is giv
 drift from what the edge accepts: proto field names (the transcoder preserves them), proto3 JSON
 types (64-bit integers as strings, enums by name, well-known types in their JSON forms) and
 `google.rpc.Status` for every error. When two services bind the same method and path, the
-transcoder serves the first service's binding, and so does the document.
+transcoder serves the first service's binding, and so does the document. Each operation carries
+the example request of `openapi_examples.yaml`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
 from google.protobuf import descriptor_pb2
 
 from tensorway.edge.bindings import VARIABLE, HttpBinding, http_bindings
@@ -20,6 +23,7 @@ from tensorway.edge.bindings import VARIABLE, HttpBinding, http_bindings
 FieldProto = descriptor_pb2.FieldDescriptorProto
 STATUS = "google.rpc.Status"
 JSON = "application/json"
+EXAMPLES_FILE = Path(__file__).with_name("openapi_examples.yaml")
 _INT32 = {FieldProto.TYPE_INT32, FieldProto.TYPE_SINT32, FieldProto.TYPE_SFIXED32}
 _UINT32 = {FieldProto.TYPE_UINT32, FieldProto.TYPE_FIXED32}
 _INT64 = {FieldProto.TYPE_INT64, FieldProto.TYPE_SINT64, FieldProto.TYPE_SFIXED64}
@@ -113,14 +117,19 @@ class OpenApiBuilder:
         # OpenAPI treats paths that differ only in variable names as one path.
         names_by_shape: dict[str, list[str]] = {}
         served, _ = http_bindings(self._files, services)
+        operation_ids: dict[str, int] = {}
         for binding in served:
             path, variables = _openapi_template(binding.template)
             shape = VARIABLE.sub("{}", path)
             names = names_by_shape.setdefault(shape, [name for name, _ in variables])
             renamed = [(names[i], field_path) for i, (_, field_path) in enumerate(variables)]
-            paths.setdefault(_rename_variables(path, names), {})[binding.verb] = self._operation(
-                binding, renamed
-            )
+            operation = self._operation(binding, renamed)
+            # Operation ids are unique in a document: a method's further bindings count on.
+            base_id = operation["operationId"]
+            seen = operation_ids[base_id] = operation_ids.get(base_id, 0) + 1
+            if seen > 1:
+                operation["operationId"] = f"{base_id}_{seen}"
+            paths.setdefault(_rename_variables(path, names), {})[binding.verb] = operation
         self.schemas.setdefault(STATUS, self._message_schema(STATUS))
         return {
             "openapi": "3.0.3",
@@ -307,9 +316,40 @@ def _rename_variables(path: str, names: list[str]) -> str:
     return VARIABLE.sub(lambda _: "{" + next(replacements) + "}", path)
 
 
+def load_examples(path: Path = EXAMPLES_FILE) -> dict[str, Any]:
+    """Example requests by operation, ``"VERB /path"`` as the document names it: ``parameters``
+    (path and query values by name) and ``body`` (the request body's JSON)."""
+    examples: dict[str, Any] = yaml.safe_load(path.read_text())
+    return examples
+
+
+def add_examples(document: dict[str, Any], examples: Mapping[str, Any]) -> None:
+    """Put each operation's example on its parameters and request body, where Swagger UI's "Try it
+    out" and schemathesis take them from."""
+    for path, operations in document["paths"].items():
+        for verb, operation in operations.items():
+            example = examples.get(f"{verb.upper()} {path}")
+            if example is None:
+                continue
+            values = example.get("parameters") or {}
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] in values:
+                    parameter["example"] = values[parameter["name"]]
+            if "body" in example and "requestBody" in operation:
+                operation["requestBody"]["content"][JSON]["example"] = example["body"]
+
+
 def build_openapi(
-    descriptor_set: bytes, services: Sequence[str], *, title: str = "tensorway", version: str = "v1"
+    descriptor_set: bytes,
+    services: Sequence[str],
+    *,
+    title: str = "tensorway",
+    version: str = "v1",
+    examples: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The OpenAPI 3 document of ``services``' HTTP bindings in a serialized FileDescriptorSet."""
+    """The OpenAPI 3 document of ``services``' HTTP bindings in a serialized FileDescriptorSet, with
+    ``examples`` (by default `openapi_examples.yaml`'s) on its operations."""
     files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set).file
-    return OpenApiBuilder(files).build(services, title, version)
+    document = OpenApiBuilder(files).build(services, title, version)
+    add_examples(document, load_examples() if examples is None else examples)
+    return document

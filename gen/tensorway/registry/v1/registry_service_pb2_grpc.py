@@ -171,7 +171,8 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Gets a model.
+        """Gets a model. Over REST it is `GET /v1/registry/models/{model}`: the public edge serves
+        `GET /v1/models/{model_name}` as the inference API's GetModelMetadata.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -206,7 +207,9 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelVersion(self, request, context):
-        """Gets a model version.
+        """Gets a model version. Over REST it is `GET /v1/registry/models/{model}/versions/{version}`:
+        the public edge serves `GET /v1/models/{model_name}/versions/{model_version}` as the
+        inference API's GetModelMetadata.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,9 @@ class RegistryServiceStub:
     CreateModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.CreateModelRequest, _registry_service_pb2.CreateModelResponse]
     """Creates a model."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelRequest, _registry_service_pb2.GetModelResponse]
-    """Gets a model."""
+    """Gets a model. Over REST it is `GET /v1/registry/models/{model}`: the public edge serves
+    `GET /v1/models/{model_name}` as the inference API's GetModelMetadata.
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelsRequest, _registry_service_pb2.ListModelsResponse]
     """Lists models."""
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateModelRequest, _registry_service_pb2.UpdateModelResponse]
@@ -48,7 +50,10 @@ class RegistryServiceStub:
     CreateModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.CreateModelVersionRequest, _registry_service_pb2.CreateModelVersionResponse]
     """Creates a version of a model."""
     GetModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelVersionRequest, _registry_service_pb2.GetModelVersionResponse]
-    """Gets a model version."""
+    """Gets a model version. Over REST it is `GET /v1/registry/models/{model}/versions/{version}`:
+    the public edge serves `GET /v1/models/{model_name}/versions/{model_version}` as the
+    inference API's GetModelMetadata.
+    """
     ListModelVersions: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelVersionsRequest, _registry_service_pb2.ListModelVersionsResponse]
     """Lists a model's versions."""
     UpdateModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateModelVersionRequest, _registry_service_pb2.UpdateModelVersionResponse]
@@ -96,7 +101,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     CreateModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.CreateModelRequest, _registry_service_pb2.CreateModelResponse]  # type: ignore[assignment]
     """Creates a model."""
     GetModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelRequest, _registry_service_pb2.GetModelResponse]  # type: ignore[assignment]
-    """Gets a model."""
+    """Gets a model. Over REST it is `GET /v1/registry/models/{model}`: the public edge serves
+    `GET /v1/models/{model_name}` as the inference API's GetModelMetadata.
+    """
     ListModels: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelsRequest, _registry_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists models."""
     UpdateModel: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateModelRequest, _registry_service_pb2.UpdateModelResponse]  # type: ignore[assignment]
@@ -106,7 +113,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     CreateModelVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.CreateModelVersionRequest, _registry_service_pb2.CreateModelVersionResponse]  # type: ignore[assignment]
     """Creates a version of a model."""
     GetModelVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelVersionRequest, _registry_service_pb2.GetModelVersionResponse]  # type: ignore[assignment]
-    """Gets a model version."""
+    """Gets a model version. Over REST it is `GET /v1/registry/models/{model}/versions/{version}`:
+    the public edge serves `GET /v1/models/{model_name}/versions/{model_version}` as the
+    inference API's GetModelMetadata.
+    """
     ListModelVersions: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelVersionsRequest, _registry_service_pb2.ListModelVersionsResponse]  # type: ignore[assignment]
     """Lists a model's versions."""
     UpdateModelVersion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.UpdateModelVersionRequest, _registry_service_pb2.UpdateModelVersionResponse]  # type: ignore[assignment]
@@ -163,7 +173,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.GetModelResponse, _abc.Awaitable[_registry_service_pb2.GetModelResponse]]:
-        """Gets a model."""
+        """Gets a model. Over REST it is `GET /v1/registry/models/{model}`: the public edge serves
+        `GET /v1/models/{model_name}` as the inference API's GetModelMetadata.
+        """
 
     @_abc_1.abstractmethod
     def ListModels(
@@ -203,7 +215,10 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.GetModelVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.GetModelVersionResponse, _abc.Awaitable[_registry_service_pb2.GetModelVersionResponse]]:
-        """Gets a model version."""
+        """Gets a model version. Over REST it is `GET /v1/registry/models/{model}/versions/{version}`:
+        the public edge serves `GET /v1/models/{model_name}/versions/{model_version}` as the
+        inference API's GetModelMetadata.
+        """
 
     @_abc_1.abstractmethod
     def ListModelVersions(
