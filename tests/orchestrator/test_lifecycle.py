@@ -235,6 +235,12 @@ async def test_versions_get_traffic_only_once_ready_and_a_broken_one_never(
     (tmp_path / "broken").mkdir()
     good = model_directory(source, tmp_path / "good")
     broken = model_directory(source, tmp_path / "broken", BROKEN_MODEL)
+    (tmp_path / "unknown-backend").mkdir()
+    unknown_backend = model_directory(source, tmp_path / "unknown-backend")
+    config = (tmp_path / "unknown-backend" / "config.pbtxt").read_text()
+    (tmp_path / "unknown-backend" / "config.pbtxt").write_text(
+        config.replace('"python"', '"no_such_backend"')
+    )
 
     await stub.CreateModel(registry_pb.CreateModelRequest(model=registry_pb.Model(name=f"models/{model}")))
     await register(stub, model, "1", good, s3)
@@ -266,17 +272,26 @@ async def test_versions_get_traffic_only_once_ready_and_a_broken_one_never(
             served = sum(client.versions.values())
             await client.until(lambda: sum(client.versions.values()) >= served + 20)
 
+            # Version 4's config.pbtxt names a backend Triton does not have: the model's config is
+            # the newest version's, so the load fails whole; version 1 keeps serving, and is
+            # loaded again on its own config.
+            await register(stub, model, "4", unknown_backend, s3)
+            await route_traffic(stub, model, {"1": 50, "2": 25, "4": 25})
+            await routes.until("4", FAILED)
+            served = sum(client.versions.values())
+            await client.until(lambda: sum(client.versions.values()) >= served + 20)
+
             # Version 3 is good: the whole of the traffic moves to it once it is ready, and not
             # one request meets it before.
             await register(stub, model, "3", good, s3)
-            await route_traffic(stub, model, {"1": 0, "2": 0, "3": 100})
+            await route_traffic(stub, model, {"1": 0, "2": 0, "3": 100, "4": 0})
             await routes.until("3", READY)
             await client.until(lambda: client.versions["3"] >= 20)
             looping.cancel()
         following.cancel()
 
     assert client.failures == []
-    assert client.versions["2"] == 0
+    assert client.versions["2"] == client.versions["4"] == 0
     found = await stub.GetDeployment(
         registry_pb.GetDeploymentRequest(name=f"models/{model}/deployments/main")
     )
@@ -284,6 +299,8 @@ async def test_versions_get_traffic_only_once_ready_and_a_broken_one_never(
     assert readiness["2"].state == FAILED
     assert any("broken on purpose" in triton.reason for triton in readiness["2"].tritons)
     assert readiness["3"].state == READY
+    assert readiness["4"].state == FAILED
+    assert any("no_such_backend" in triton.reason for triton in readiness["4"].tritons)
     # Leave the session's Triton as it was: without a deployment the model is unloaded.
     await stub.DeleteDeployment(registry_pb.DeleteDeploymentRequest(name=f"models/{model}/deployments/main"))
 
