@@ -183,6 +183,10 @@ class ModelRepository:
         """Whether some version of `model` came from an artifact."""
         return any((folder / MANIFEST_FILE).exists() for folder in self._versions_of(model))
 
+    def fetched_versions(self, model: str) -> list[str]:
+        """The versions of `model` that came from artifacts."""
+        return sorted(folder.name for folder in self._versions_of(model) if (folder / MANIFEST_FILE).exists())
+
     def _versions_of(self, model: str) -> list[Path]:
         directory = self.root / model
         return [child for child in directory.iterdir() if child.is_dir()] if directory.is_dir() else []

@@ -280,6 +280,12 @@ class ModelPlacement:
             if self._status(endpoint, model, version) is not VersionState.READY:
                 self._set(endpoint, model, version, VersionState.LOADING, "Triton is loading it")
         loaded = await self._load(endpoint, model, loadable, fetched)
+        if repository is not None:
+            # Versions no deployment routes here any more leave the repository once Triton has
+            # loaded the model without them.
+            for version in repository.fetched_versions(model):
+                if version not in versions:
+                    await repository.remove_version(model, version)
         for version in loaded:
             if self._status(endpoint, model, version) is not VersionState.READY:
                 await self._warm(endpoint, model, version)
