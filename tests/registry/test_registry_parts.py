@@ -235,3 +235,26 @@ def test_the_endpoint_allow_list_reads_hosts_as_resolvers_do() -> None:
         assert everything.refusal(host) is not None, host
     with pytest.raises(ValueError, match="neither"):
         EndpointAllowList.parse(["orchestrator:50053"])
+
+
+def test_readiness_needs_the_share_of_endpoints_and_fails_only_when_every_reporter_says_so() -> None:
+    from tensorway.registry.domain import ModelVersionState, TritonModelState, version_readiness
+
+    def report(endpoint: str, state: ModelVersionState) -> TritonModelState:
+        return TritonModelState(endpoint=endpoint, triton="t:1", state=state)
+
+    endpoints = ("a:1", "b:1", "c:1")
+    both = frozenset({"a:1", "b:1"})
+    ready, loading, failed = ModelVersionState.READY, ModelVersionState.LOADING, ModelVersionState.FAILED
+    assert version_readiness("1", "p", endpoints, frozenset(), ()).state is ModelVersionState.UNSPECIFIED
+    assert version_readiness("1", "p", endpoints, both, ()).state is loading
+    one_ready = version_readiness("1", "p", endpoints, both, [report("a:1", ready)])
+    assert (one_ready.state, one_ready.ready_endpoints, one_ready.required_endpoints) == (ready, 1, 1)
+    two_thirds = version_readiness("1", "p", endpoints, both, [report("a:1", ready)], min_ready_share=0.6)
+    assert (two_thirds.state, two_thirds.required_endpoints) == (loading, 2)
+    half_failed = version_readiness("1", "p", endpoints, both, [report("a:1", failed)])
+    assert half_failed.state is loading
+    all_failed = version_readiness("1", "p", endpoints, both, [report("a:1", failed), report("b:1", failed)])
+    assert all_failed.state is failed
+    warming = version_readiness("1", "p", endpoints, both, [report("a:1", ModelVersionState.WARMING)])
+    assert warming.state is ModelVersionState.WARMING
