@@ -45,3 +45,37 @@ def test_triton_warms_what_declares_model_warmup_and_what_a_plain_request_cannot
     assert warmed_by_triton(config("sequence_batching { }"))
     assert warmed_by_triton(config("model_transaction_policy { decoupled: true }"))
     assert not warmed_by_triton(config("max_batch_size: 4"))
+
+
+def test_a_registered_signature_that_does_not_fit_the_loaded_model_is_named() -> None:
+    from tensorway.orchestrator.declared import DeclaredSignature, DeclaredTensor, signature_mismatch
+
+    loaded = config(
+        """
+        max_batch_size: 8
+        input { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] }
+        input { name: "INPUT1" data_type: TYPE_INT32 dims: [ -1 ] }
+        output { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] }
+        """
+    )
+    fits = DeclaredSignature(
+        (DeclaredTensor("INPUT0", "INT32", (16,)), DeclaredTensor("INPUT1", "INT32", (4,))),
+        (DeclaredTensor("OUTPUT0", "INT32", (16,)),),
+        8,
+    )
+    assert signature_mismatch(fits, loaded) is None
+    assert signature_mismatch(DeclaredSignature(), loaded) is None  # nothing declared, nothing to check
+    misfit = DeclaredSignature(
+        (DeclaredTensor("INPUT0", "FP32", (16,)), DeclaredTensor("pixels", "FP32", (64,))),
+        (DeclaredTensor("OUTPUT0", "INT32", (16,)),),
+        4,
+    )
+    reason = signature_mismatch(misfit, loaded)
+    assert reason is not None
+    for part in (
+        "input 'INPUT0' is declared FP32[16], the model has INT32[16]",
+        "input 'pixels' is declared but the model has none",
+        "input 'INPUT1' is required by the model but not declared",
+        "max_batch_size is declared 4, the model has 8",
+    ):
+        assert part in reason

@@ -16,6 +16,7 @@ import grpc
 
 from tensorway.common.v1 import error_pb2
 from tensorway.orchestrator.artifacts import ArtifactError, ModelRepository, is_fetched
+from tensorway.orchestrator.declared import DeclaredSignature, signature_mismatch
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
 from tensorway.orchestrator.signatures import ModelSignature
 from tensorway.orchestrator.triton_errors import ModelGone
@@ -93,10 +94,17 @@ class DeployedModels(frozenset[str]):
     repository). A plain set of names (a source that knows no versions) loads models by name."""
 
     versions: Mapping[str, Mapping[str, str]]
+    signatures: Mapping[tuple[str, str], DeclaredSignature]
+    """(model, version) → the signature the registry declares, checked once Triton loads it."""
 
-    def __new__(cls, versions: Mapping[str, Mapping[str, str]]) -> DeployedModels:
+    def __new__(
+        cls,
+        versions: Mapping[str, Mapping[str, str]],
+        signatures: Mapping[tuple[str, str], DeclaredSignature] | None = None,
+    ) -> DeployedModels:
         deployed = super().__new__(cls, versions.keys())
         deployed.versions = versions
+        deployed.signatures = signatures or {}
         return deployed
 
 
@@ -181,6 +189,7 @@ class ModelPlacement:
         self._initial = frozenset(initial_models)
         self._deployed: frozenset[str] | None = None
         self._versions: Mapping[str, Mapping[str, str]] = {}
+        self._signatures: Mapping[tuple[str, str], DeclaredSignature] = {}
         self._source = source
         # One repository for every Triton, or one per Triton address.
         self._repositories: Mapping[str, ModelRepository] = (
@@ -220,11 +229,17 @@ class ModelPlacement:
                 return
             async for deployed in self._source.watch():
                 versions = deployed.versions if isinstance(deployed, DeployedModels) else {}
-                if frozenset(deployed) == self._deployed and versions == self._versions:
+                signatures = deployed.signatures if isinstance(deployed, DeployedModels) else {}
+                if (frozenset(deployed), versions, signatures) == (
+                    self._deployed,
+                    self._versions,
+                    self._signatures,
+                ):
                     continue  # the routes changed elsewhere (weights, readiness), not what is placed
                 logger.info("deployments for the pool: %s", ", ".join(sorted(deployed)) or "none")
                 self._deployed = frozenset(deployed)
                 self._versions = versions
+                self._signatures = signatures
                 await self.apply(self._pool.endpoints)
 
     async def apply(self, endpoints: Sequence[TritonEndpoint]) -> None:
@@ -366,6 +381,11 @@ class ModelPlacement:
         self._set(endpoint, model, version, VersionState.WARMING, "answering its warm-up request")
         try:
             config = (await endpoint.model_config(model, version)).config
+            mismatch = signature_mismatch(self._signatures.get((model, version), DeclaredSignature()), config)
+            if mismatch is not None:
+                logger.error("model %s version %s: %s", model, version, mismatch)
+                self._set(endpoint, model, version, VersionState.FAILED, mismatch)
+                return
             if not warmed_by_triton(config):
                 request = warmup_request(model, version, config)
                 await asyncio.wait_for(endpoint.infer(request), self._warmup_timeout)

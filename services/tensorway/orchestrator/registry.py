@@ -7,9 +7,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import grpc
 
+from tensorway.orchestrator.declared import DeclaredSignature, DeclaredTensor
 from tensorway.orchestrator.models import DeployedModels, StateLine
 from tensorway.registry.access import SYSTEM_TENANT, admin_metadata
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
@@ -50,11 +52,20 @@ class RegistryDeployments:
 
     def _served_here(self, routes: Iterable[registry_pb.Route]) -> DeployedModels:
         versions: dict[str, dict[str, str]] = {}
+        signatures: dict[tuple[str, str], DeclaredSignature] = {}
         for route in routes:
             for version in route.versions:
                 if version.pool == self._pool_name:
                     versions.setdefault(route.model, {})[version.version] = version.artifact_uri
-        return DeployedModels(versions)
+                    signatures[route.model, version.version] = _declared(version)
+        return DeployedModels(versions, signatures)
+
+
+def _declared(version: registry_pb.VersionRoute) -> DeclaredSignature:
+    def tensors(specs: Iterable[Any]) -> tuple[DeclaredTensor, ...]:
+        return tuple(DeclaredTensor(spec.name, spec.datatype, tuple(spec.shape)) for spec in specs)
+
+    return DeclaredSignature(tensors(version.inputs), tensors(version.outputs), version.max_batch_size)
 
 
 class RegistryStateReports:
