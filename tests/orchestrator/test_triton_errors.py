@@ -156,6 +156,22 @@ async def test_through_the_orchestrator_each_is_invalid_with_no_backend_text(
     assert info.reason == "TENSOR_INVALID"
 
 
+@pytest.mark.parametrize("case", MISTAKES)
+async def test_through_tritons_api_on_the_orchestrator_each_is_invalid_in_the_same_words(
+    orchestrator: str, case: str
+) -> None:
+    request, description = MISTAKES[case]
+    async with grpc.aio.insecure_channel(orchestrator) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await triton_service.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    message = raised.value.details() or ""
+    assert message.startswith("request does not fit model 'simple_string': ")
+    assert "request id" not in message
+    if case in MODEL_REFUSALS:
+        assert message.endswith(description)
+
+
 async def test_a_good_request_still_runs(stub: pb_grpc.InferenceServiceStub) -> None:
     response = await stub.Infer(from_triton_request(pair(DECIMALS), []))
     assert [output.name for output in response.outputs] == ["OUTPUT0", "OUTPUT1"]

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 # after gRPC's reconnect backoff, which grows to two minutes: it sits beside the orchestrator,
 # so trying it often costs nothing.
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
+# Both channels to a Triton take the same arguments, so gRPC lets them share one connection.
+_CHANNEL_OPTIONS = (*RECONNECT_OPTIONS, *FLOW_CONTROL_OPTIONS)
 
 
 class TritonEndpoint:
@@ -48,13 +50,13 @@ class TritonEndpoint:
         self.address = address
         self.ready = True
         self.ready_models: frozenset[str] | None = None
-        self._channel = create_channel(address, max_message_bytes, RECONNECT_OPTIONS)
+        self._channel = create_channel(address, max_message_bytes, _CHANNEL_OPTIONS)
         self._stub = triton_grpc.GRPCInferenceServiceStub(self._channel)
         # Streams carry no request's context, and a client interceptor on a stream call costs
         # an extra queue hop per message: streams get a channel of their own, without one.
         self._stream_channel = grpc.aio.insecure_channel(
             address,
-            options=[*message_size_options(max_message_bytes), *FLOW_CONTROL_OPTIONS, *RECONNECT_OPTIONS],
+            options=[*message_size_options(max_message_bytes), *_CHANNEL_OPTIONS],
         )
         stream_stub = triton_grpc.GRPCInferenceServiceStub(self._stream_channel)
         self._senders: Sequence[InferStream | UnaryInfer] = [

@@ -1,7 +1,8 @@
 """Conversion between tensorway's inference messages and Triton's, both ways, in one place.
 
-The orchestrator turns tensorway requests into Triton's and Triton's answers into tensorway's; the
-router, facing Triton clients, does the other two. Triton takes every input as raw bytes when any
+The orchestrator turns tensorway requests into Triton's and Triton's answers into tensorway's;
+Triton's own requests cross the mesh unconverted, as the bytes their clients sent (`from_triton_request`
+is for tools and tests that speak both). Triton takes every input as raw bytes when any
 input is raw, so requests to Triton always leave raw: raw tensors pass through untouched and typed
 contents are packed with numpy. Triton's gRPC answers are always raw; outputs stay raw when the
 caller asked for binary and are unpacked with numpy otherwise. Raw buffers move as bytes, each
@@ -97,21 +98,6 @@ def from_triton_request(request: Any, default_outputs: Iterable[tensor_pb2.Tenso
             wanted.parameters[key].CopyFrom(parameter_from_triton(value))
     if not request.outputs:
         converted.outputs.extend(pb.RequestedOutput(name=spec.name, binary=True) for spec in default_outputs)
-    return converted
-
-
-def to_triton_response(response: pb.InferResponse, request_id: str) -> Any:
-    """The Triton ModelInferResponse for a tensorway InferResponse: every output in raw bytes."""
-    converted = triton.ModelInferResponse(
-        model_name=response.model_name, model_version=response.model_version, id=request_id
-    )
-    parameters_to_triton(response.parameters, converted.parameters)
-    for tensor in response.outputs:
-        output = converted.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        parameters_to_triton(tensor.parameters, output.parameters)
-        converted.raw_output_contents.append(
-            tensor.raw_contents if tensor.raw_contents else pack_contents(tensor.datatype, tensor.contents)
-        )
     return converted
 
 
