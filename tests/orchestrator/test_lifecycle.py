@@ -3,7 +3,7 @@ repository, loaded, warmed and reported ready before it gets traffic; a broken o
 any and ends FAILED with Triton's reason; a fetch that breaks half-way leaves nothing behind.
 
 The registry, an orchestrator and a router run in the test's process, on the session's
-PostgreSQL, Redis, S3 and Triton. A client loop through the router records every failure, and
+PostgreSQL, Redis and S3 and a Triton of the module's own. A client loop through the router records every failure, and
 the test waits for events (a route's state, the loop's answers), never for time.
 """
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from tensorway.common.v1 import tensor_pb2
-from tensorway.devstack import S3Credentials, ServiceEndpoints, Stack
+from tensorway.devstack import DevStackSettings, S3Credentials, Stack, default_components
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from tensorway.orchestrator import Settings, create
@@ -53,17 +54,38 @@ class TritonPythonModel:
 PATIENCE = 180
 
 
+@dataclass(frozen=True)
+class PrivateTriton:
+    address: str
+    repository: Path
+
+
 @pytest.fixture(scope="module")
-def triton_repository(
-    triton_grpc: str, service_endpoints: ServiceEndpoints, request: pytest.FixtureRequest
-) -> Path:
-    """The session Triton's model repository, which the orchestrator under test fills."""
-    if service_endpoints.triton_grpc is not None:
-        pytest.skip("the Triton runs elsewhere: its repository is not this machine's")
-    stack: Stack = request.getfixturevalue("dev_stack")
-    where = stack.status().components["triton"].internal.get("model_repository")
-    assert where is not None
-    return Path(where)
+def private_triton() -> Iterator[PrivateTriton]:
+    """A Triton of this module's own: the orchestrator under test loads and unloads its models,
+    and strict readiness remembers a model that failed, so the session's Triton stays out of it."""
+    state_dir = Path(tempfile.mkdtemp(prefix="tensorway-lifecycle-"))
+    components = [component for component in default_components() if component.name == "triton"]
+    stack = Stack(
+        DevStackSettings(state_dir=state_dir).without_pinned_ports(),
+        state_dir=state_dir,
+        components=components,
+        die_with_parent=True,
+    )
+    try:
+        record = stack.up()
+        triton = record.components["triton"]
+        yield PrivateTriton(
+            triton.endpoints["triton_grpc"].address, Path(triton.internal["model_repository"])
+        )
+    finally:
+        stack.down()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def triton_repository(private_triton: PrivateTriton) -> Path:
+    return private_triton.repository
 
 
 @pytest.fixture
@@ -162,8 +184,7 @@ class Mesh:
 async def mesh(
     postgres_url: str,
     redis_url: str,
-    triton_grpc: str,
-    triton_repository: Path,
+    private_triton: PrivateTriton,
     s3_endpoint: str,
     s3_credentials: S3Credentials,
 ) -> AsyncIterator[Mesh]:
@@ -173,10 +194,10 @@ async def mesh(
     try:
         server, port = await create(
             Settings(
-                tritons=(triton_grpc,),
+                tritons=(private_triton.address,),
                 pool=pool,
                 registry_address=registry.address,
-                model_repository=triton_repository,
+                model_repository=private_triton.repository,
                 s3_endpoint=s3_endpoint,
                 s3_access_key=s3_credentials.access_key,
                 s3_secret_key=s3_credentials.secret_key,
