@@ -248,7 +248,10 @@ def main() -> None:
         versions={"Envoy": envoy_version()},
         notes=[
             "Envoy checks a JWT and a local per-tenant limit; the router counts every request against"
-            " global limits through leases of Redis windows (Redis only when a lease is spent)."
+            " global limits through leases of Redis windows (Redis only when a lease is spent).",
+            "Floors: the bare proxies forward bytes with no logic (hopfloor.py); the no-filter Envoy"
+            " takes plaintext HTTP/2 (the mesh's Envoy terminates TLS), so what the edge's Envoy adds"
+            " over it is TLS, JWT, the local limit, transcoding and the access log.",
         ],
     )
     state_dir = Path(tempfile.mkdtemp(prefix="tensorway-edge-bench-"))
