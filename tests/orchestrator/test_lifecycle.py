@@ -3,8 +3,9 @@ repository, loaded, warmed and reported ready before it gets traffic; a broken o
 any and ends FAILED with Triton's reason; a fetch that breaks half-way leaves nothing behind.
 
 The registry, an orchestrator and a router run in the test's process, on the session's
-PostgreSQL, Redis and S3 and a Triton of the module's own. A client loop through the router records every failure, and
-the test waits for events (a route's state, the loop's answers), never for time.
+PostgreSQL, Redis and S3 and a Triton of the module's own. A client loop through the router
+records every failure, and the test waits for events (a route's state, the loop's answers),
+never for time.
 """
 
 from __future__ import annotations
