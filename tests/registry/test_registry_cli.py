@@ -196,3 +196,45 @@ async def test_register_from_a_model_directory_uploads_it_and_reads_its_signatur
     refused = await tensorway(registry, "register", model, "--from", str(tmp_path), *s3)
     assert refused.exit_code != 0
     assert "config.pbtxt" in refused.output
+
+
+async def test_show_lists_each_versions_readiness_with_its_reasons(registry: RunningRegistry) -> None:
+    from tensorway.registry.v1 import registry_service_pb2 as pb
+
+    from .conftest import deploy
+
+    deployed = await deploy(registry.stub, versions=2, endpoints=("127.0.0.1:7001",))
+    await registry.stub.UpdateDeployment(
+        pb.UpdateDeploymentRequest(
+            deployment=pb.Deployment(
+                name=f"models/{deployed.model}/deployments/main",
+                traffic=[pb.TrafficSplit(version="1", weight=50), pb.TrafficSplit(version="2", weight=50)],
+            ),
+            update_mask={"paths": ["traffic"]},
+        )
+    )
+    await registry.stub.ReportModelStates(
+        pb.ReportModelStatesRequest(
+            pool=f"pools/{deployed.pool}",
+            endpoint="127.0.0.1:7001",
+            states=[
+                pb.ModelStateReport(
+                    model=deployed.model, version="1", triton="t:1", state=pb.MODEL_VERSION_STATE_READY
+                ),
+                pb.ModelStateReport(
+                    model=deployed.model,
+                    version="2",
+                    triton="t:1",
+                    state=pb.MODEL_VERSION_STATE_FAILED,
+                    reason="model.py raised: broken on purpose",
+                ),
+            ],
+        )
+    )
+    shown = await tensorway(registry, "show", deployed.model)
+    assert shown.exit_code == 0, shown.output
+    assert "1: READY 1/1" in shown.output
+    assert "2: FAILED 0/1 (model.py raised: broken on purpose)" in shown.output
+    as_json = json.loads((await tensorway(registry, "show", deployed.model, "-o", "json")).output)
+    states = {r["version"]: r["state"] for r in as_json["deployments"][0]["readiness"]}
+    assert states == {"1": "MODEL_VERSION_STATE_READY", "2": "MODEL_VERSION_STATE_FAILED"}
