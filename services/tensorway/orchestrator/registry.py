@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -66,6 +67,14 @@ def _declared(version: registry_pb.VersionRoute) -> DeclaredSignature:
         return tuple(DeclaredTensor(spec.name, spec.datatype, tuple(spec.shape)) for spec in specs)
 
     return DeclaredSignature(tensors(version.inputs), tensors(version.outputs), version.max_batch_size)
+
+
+def advertised_address(host: str, port: int) -> str:
+    """How the pool names this orchestrator when no address is configured: the host it binds,
+    or, for a wildcard host, the machine's fully qualified name."""
+    if host in {"", "0.0.0.0", "::", "[::]"}:  # nosec B104 - recognising a wildcard, not binding one
+        host = socket.getfqdn()
+    return f"{host}:{port}"
 
 
 class RegistryStateReports:

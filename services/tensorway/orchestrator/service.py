@@ -81,7 +81,8 @@ class Settings(ServiceSettings):
     """Deadline of a freshly loaded version's warm-up request."""
     advertise_address: str | None = None
     """This orchestrator's address as its pool's endpoints name it ("host:port"); the versions'
-    states are reported to the registry under it. Unset, "{host}:{port}"."""
+    states are reported to the registry under it. Unset, "{host}:{port}", with the machine's
+    fully qualified name for a wildcard host (a StatefulSet pod's stable DNS name)."""
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -211,9 +212,9 @@ async def create(
     pool.add_listener(HealthReport(server, pool))
     reports = None
     if settings.registry_address is not None:
-        from tensorway.orchestrator.registry import RegistryStateReports
+        from tensorway.orchestrator.registry import RegistryStateReports, advertised_address
 
-        advertised = settings.advertise_address or f"{settings.host}:{port}"
+        advertised = settings.advertise_address or advertised_address(settings.host, port)
         reports = RegistryStateReports(settings.registry_address, settings.pool, advertised)
         placement.report_to(reports)
     background = [
