@@ -8,10 +8,9 @@ with no context configured, the internal address of the local stack running in t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 import grpc
 from rich.markup import escape
@@ -19,40 +18,9 @@ from rich.markup import escape
 from tensorway.cli.contexts import active_context
 from tensorway.cli.errors import usage_error
 from tensorway.devstack import status
+from tensorway.runtime.interceptors import sending_metadata
 
 AUTHORIZATION_HEADER = "authorization"
-
-
-class _CallDetails(NamedTuple):
-    method: str
-    timeout: float | None
-    metadata: Sequence[tuple[str, str | bytes]] | None
-    credentials: grpc.CallCredentials | None
-    wait_for_ready: bool | None
-    compression: grpc.Compression | None
-
-
-class _SendsMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Adds headers (a token, or an internal caller's identity) to every call of a blocking channel."""
-
-    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
-        self._metadata = list(metadata)
-
-    def _details(self, details: Any) -> _CallDetails:
-        return _CallDetails(
-            details.method,
-            details.timeout,
-            [*self._metadata, *(details.metadata or ())],
-            details.credentials,
-            details.wait_for_ready,
-            getattr(details, "compression", None),
-        )
-
-    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
 
 
 @dataclass(frozen=True)
@@ -79,7 +47,7 @@ class Connection:
         else:
             raw = grpc.secure_channel(self.address, self.credentials)
         with raw:
-            yield grpc.intercept_channel(raw, _SendsMetadata(self.metadata))
+            yield sending_metadata(raw, self.metadata)
 
 
 def connect(

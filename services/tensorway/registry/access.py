@@ -21,12 +21,10 @@ talks to the registry directly rather than through Envoy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
-
 import grpc
 
 from tensorway.runtime.context import ADMIN_SCOPES, Scope, caller, identity_metadata, require_scope
+from tensorway.runtime.interceptors import sending_metadata
 
 SYSTEM_TENANT = "system"
 """The identity of the stack's own registry writes (the demo models of `tensorway dev up`)."""
@@ -39,37 +37,10 @@ def admin_metadata(tenant: str = SYSTEM_TENANT) -> list[tuple[str, str]]:
     return identity_metadata(tenant, ADMIN_SCOPES)
 
 
-class _CallDetails(NamedTuple):
-    method: str
-    timeout: float | None
-    metadata: Sequence[tuple[str, str | bytes]] | None
-    credentials: grpc.CallCredentials | None
-    wait_for_ready: bool | None
-    compression: grpc.Compression | None
-
-
-class _SendsIdentity(grpc.UnaryUnaryClientInterceptor):
-    """Adds an identity's headers to every unary call of a blocking channel."""
-
-    def __init__(self, identity: Sequence[tuple[str, str]]) -> None:
-        self._identity = list(identity)
-
-    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        sent = _CallDetails(
-            details.method,
-            details.timeout,
-            [*self._identity, *(details.metadata or ())],
-            details.credentials,
-            details.wait_for_ready,
-            getattr(details, "compression", None),
-        )
-        return continuation(sent, request)
-
-
 def admin_channel(channel: grpc.Channel, tenant: str) -> grpc.Channel:
     """`channel` with every unary call made as an admin of `tenant`: how the stack's own tools
     write the registry."""
-    return grpc.intercept_channel(channel, _SendsIdentity(admin_metadata(tenant)))
+    return sending_metadata(channel, admin_metadata(tenant))
 
 
 def require_write() -> None:
