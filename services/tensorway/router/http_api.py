@@ -25,7 +25,6 @@ import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any, cast
 
@@ -33,7 +32,6 @@ import grpc
 import orjson
 from aiohttp import web
 from google.protobuf.descriptor import FieldDescriptor
-from opentelemetry import trace
 from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.router.triton_api import TritonServicer
@@ -213,18 +211,8 @@ class V2HttpApi:
             started = time.perf_counter()
             in_flight.inc()
             code = grpc.StatusCode.OK
-            # Spans cost a few microseconds a call: make them only when someone traces.
-            span_scope: Any = (
-                tracing.tracer.start_as_current_span(
-                    span_name,
-                    context=tracing.extract(metadata),
-                    kind=trace.SpanKind.SERVER,
-                    attributes={"http.request.method": request.method, "url.path": request.path},
-                    record_exception=False,
-                    set_status_on_exception=False,
-                )
-                if tracing.wanted(metadata)
-                else nullcontext(trace.INVALID_SPAN)
+            span_scope = tracing.server_span(
+                span_name, metadata, {"http.request.method": request.method, "url.path": request.path}
             )
             try:
                 with span_scope as span:

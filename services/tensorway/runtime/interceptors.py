@@ -11,13 +11,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import grpc
 from grpc.aio import AioRpcError, ServicerContext
-from opentelemetry import trace
 
 from tensorway.runtime import context, errors, metrics, tracing
 
@@ -112,19 +111,7 @@ def _observer(service: str, method: str) -> Callable[[ServicerContext[Any, Any]]
         started = time.perf_counter()
         in_flight.inc()
         failure: BaseException | None = None
-        # Spans cost a few microseconds a call: make them only when someone traces.
-        span_scope: Any = (
-            tracing.tracer.start_as_current_span(
-                span_name,
-                context=tracing.extract(metadata),
-                kind=trace.SpanKind.SERVER,
-                attributes=span_attributes,
-                record_exception=False,
-                set_status_on_exception=False,
-            )
-            if tracing.wanted(metadata)
-            else nullcontext(trace.INVALID_SPAN)
-        )
+        span_scope = tracing.server_span(span_name, metadata, span_attributes)
         try:
             with span_scope as span:
                 try:
