@@ -27,7 +27,15 @@ def test_realtime_bench_writes_results_the_report_reads(tmp_path: Path) -> None:
     assert results.versions["Triton"]
     assert {(c.path, c.concurrency) for c in results.cells} == {
         (path, concurrency)
-        for path in ("triton-direct", "orchestrator", "router", "router-triton")
+        for path in (
+            "triton-direct",
+            "floor: 1 bare proxy",
+            "floor: 2 bare proxies",
+            "orchestrator",
+            "orchestrator-triton",
+            "router",
+            "router-triton",
+        )
         for concurrency in (1, 2)
     }
     assert all(c.requests and c.p50_ms and c.p99_ms and c.p50_ms <= c.p99_ms for c in results.cells)
