@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.inference.v1 import inference_service_pb2 as pb
@@ -83,7 +84,7 @@ class SerializedRequest:
         bytes are no such message."""
         try:
             head = triton.ModelInferRequest.FromString(wire.select(data, _TRITON_HEAD))
-        except (wire.MalformedMessage, ValueError) as error:  # DecodeError is a ValueError
+        except (wire.MalformedMessage, DecodeError) as error:
             raise InvalidArgument(
                 "the request is not a serialized ModelInferRequest",
                 [FieldViolation("request", str(error))],
