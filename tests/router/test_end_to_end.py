@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import numpy as np
+import psycopg
 import pytest
 import tritonclient.grpc.aio as aioclient
+from psycopg import sql
 from tritonclient.utils import InferenceServerException
 
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
@@ -83,15 +86,30 @@ async def orchestrators(triton_grpc: str) -> AsyncIterator[list[Running]]:
         await orchestrator.server.stop()
 
 
+@pytest.fixture
+def own_registry_store(postgres_url: str, redis_url: str) -> Iterator[tuple[str, str]]:
+    """A database of the test's own on the session's PostgreSQL, and a Redis database no other
+    test uses: the demo models' names are everyone's, and routes other tests leave behind (on
+    pools whose orchestrators they stopped) must not be what this one resolves."""
+    name = f"e2e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}")), redis_url.rsplit("/", 1)[0] + "/7"
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 async def test_real_registry_orchestrators_and_triton_clients_and_a_registry_outage(
-    postgres_url: str,
-    redis_url: str,
+    own_registry_store: tuple[str, str],
     triton_grpc: str,
     orchestrators: list[Running],
     demo_signatures: dict[str, registry_pb.VersionRoute],
 ) -> None:
+    postgres_url, redis_url = own_registry_store
     registry = await start_real_registry(postgres_url, redis_url)
-    deployments = await deploy(registry, [o.address for o in orchestrators], demo_signatures)
+    await deploy(registry, [o.address for o in orchestrators], demo_signatures)
     router = await start_router(registry.address)
     try:
         async with (
@@ -118,7 +136,3 @@ async def test_real_registry_orchestrators_and_triton_clients_and_a_registry_out
     finally:
         await router.server.stop()
         await registry.stop()
-        cleanup = await start_real_registry(postgres_url, redis_url)
-        for name in deployments:
-            await cleanup.stub.DeleteDeployment(registry_pb.DeleteDeploymentRequest(name=name))
-        await cleanup.stop()
