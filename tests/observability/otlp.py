@@ -87,7 +87,7 @@ class SpanStore:
             self.spans.extend(received)
 
     def wait_for(
-        self, done: Callable[[list[ReceivedSpan]], bool], timeout: float = 20.0
+        self, done: Callable[[list[ReceivedSpan]], bool], timeout: float = 60.0
     ) -> list[ReceivedSpan]:
         """The spans received once `done` holds for them; the spans so far after `timeout`."""
         deadline = time.monotonic() + timeout
