@@ -214,8 +214,8 @@ async def test_each_sequence_stays_on_one_endpoint_in_order(mesh: MeshFactory) -
     assert {sequence: len(held) for sequence, held in where.items()} == {
         str(sequence): 1 for sequence in range(1, sequences + 1)
     }
-    # Rendezvous spreads sequences over both endpoints.
-    assert {index for held in where.values() for index in held} == {0, 1}
+    # Which endpoint a sequence lands on depends on which were available at its START (the
+    # order rendezvous gives is fixed, availability is not), so where they land is not asserted.
 
 
 async def test_tensorway_stream_infer_answers_in_request_order(mesh: MeshFactory) -> None:
