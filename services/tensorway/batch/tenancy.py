@@ -18,11 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
 
 from tensorway.batch.domain import ObjectRef
 from tensorway.runtime import FieldViolation, InvalidArgument, PermissionDenied
-from tensorway.runtime.errors import MAX_FIELD_VIOLATIONS, clipped
+from tensorway.runtime.errors import bad_request
 
 # S3's rules for bucket names (no dots, so a name is never an IP address or a dotted host).
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
@@ -42,16 +41,7 @@ class ObjectOutsidePrefix(PermissionDenied):
         self.violations = list(violations)
 
     def details(self) -> list[Message]:
-        return [
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=clipped(v.field), description=clipped(v.description)
-                    )
-                    for v in self.violations[:MAX_FIELD_VIOLATIONS]
-                ]
-            )
-        ]
+        return [bad_request(self.violations)]
 
 
 def _key_problem(key: str, *, prefix: bool) -> str | None:

@@ -48,6 +48,18 @@ class FieldViolation:
     description: str
 
 
+def bad_request(violations: Sequence[FieldViolation]) -> error_details_pb2.BadRequest:
+    """The google.rpc.BadRequest detail naming `violations` (at most MAX_FIELD_VIOLATIONS)."""
+    return error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=clipped(v.field), description=clipped(v.description)
+            )
+            for v in violations[:MAX_FIELD_VIOLATIONS]
+        ]
+    )
+
+
 class TensorwayError(Exception):
     """Base of every error a tensorway service reports to its callers."""
 
@@ -109,16 +121,7 @@ class InvalidArgument(TensorwayError):
     def details(self) -> list[Message]:
         if not self.violations:
             return []
-        return [
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=clipped(v.field), description=clipped(v.description)
-                    )
-                    for v in self.violations[:MAX_FIELD_VIOLATIONS]
-                ]
-            )
-        ]
+        return [bad_request(self.violations)]
 
 
 class _ResourceError(TensorwayError):
