@@ -7,12 +7,18 @@ and buf, never copied into the repository.
 
 Only `gen/tensorway/` is generated; `gen/pyproject.toml` and `gen/README.md` beside it make the
 client package `tensorway-contracts` and are kept by hand.
+
+`stubs/tritonclient/` is generated too: typed `.pyi` stubs for the Triton messages and gRPC
+service that `tritonclient` ships untyped, built from the descriptors compiled into its modules
+(the package carries no `.proto` files), so the type checker knows every Triton message the
+router and orchestrator handle.
 """
 
 from __future__ import annotations
 
 import filecmp
 import shutil
+import subprocess
 import sys
 import tempfile
 from importlib import resources
@@ -88,6 +94,49 @@ def generate(root: Path, out: Path) -> None:
         (package / "py.typed").touch()
 
 
+# Triton's proto files as tritonclient compiled them, and the module path each is imported by.
+TRITON_PROTOS = {
+    "model_config.proto": "tritonclient/grpc/model_config.proto",
+    "grpc_service.proto": "tritonclient/grpc/service.proto",
+}
+# Only the modules named are stubbed; anything else in tritonclient stays untyped.
+PARTIAL_PACKAGE_STUB = "from _typeshed import Incomplete\n\ndef __getattr__(name: str) -> Incomplete: ...\n"
+
+
+def generate_triton_stubs(out: Path) -> None:
+    """Write typed stubs for `tritonclient.grpc.{service,model_config}_pb2` and the service's
+    `service_pb2_grpc` into `out`, by handing mypy-protobuf's plugins the descriptors compiled
+    into tritonclient, renamed to the paths they are imported by."""
+    from google.protobuf import descriptor_pb2
+    from google.protobuf.compiler import plugin_pb2
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    request = plugin_pb2.CodeGeneratorRequest()
+    for module in (model_config_pb2, service_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        proto.name = TRITON_PROTOS[proto.name]
+        proto.dependency[:] = [TRITON_PROTOS[name] for name in proto.dependency]
+        request.proto_file.append(proto)
+        request.file_to_generate.append(proto.name)
+    bin_dir = Path(sys.executable).parent
+    for plugin in ("protoc-gen-mypy", "protoc-gen-mypy_grpc"):
+        answer = subprocess.run(  # noqa: S603  # nosec B603: the venv's own plugin, no shell
+            [str(bin_dir / plugin)], input=request.SerializeToString(), capture_output=True, check=True
+        )
+        response = plugin_pb2.CodeGeneratorResponse.FromString(answer.stdout)
+        if response.error:
+            raise RuntimeError(f"{plugin}: {response.error}")
+        for file in response.file:
+            if file.name.endswith("model_config_pb2_grpc.pyi"):
+                continue  # model_config.proto declares no service
+            target = out / file.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(file.content)
+    for package in (out / "tritonclient", out / "tritonclient" / "grpc"):
+        (package / "__init__.pyi").write_text(PARTIAL_PACKAGE_STUB)
+
+
 def write_descriptor_set(root: Path, target: Path) -> Path:
     """A FileDescriptorSet of every contract and its imports (Envoy's gRPC-JSON transcoder)."""
     from grpc_tools import protoc
@@ -107,14 +156,25 @@ def write_descriptor_set(root: Path, target: Path) -> Path:
     return target
 
 
+# What `make gen` writes, relative to the checkout root.
+GENERATED_TREES = ("gen/tensorway", "stubs/tritonclient")
+
+
+def generate_all(root: Path, out: Path) -> None:
+    """Every generated tree, laid out under `out` as under the checkout root."""
+    generate(root, out / "gen")
+    generate_triton_stubs(out / "stubs")
+
+
 def differences(expected: Path, actual: Path) -> list[str]:
     """Relative paths that differ between two generated trees, or exist in only one. Only the
-    generated `tensorway/` tree counts: the package's own files beside it are not generated."""
+    generated trees count: the client package's own files beside `gen/tensorway` do not."""
 
     def files(base: Path) -> set[str]:
         return {
             str(p.relative_to(base))
-            for p in (base / "tensorway").rglob("*")
+            for tree in GENERATED_TREES
+            for p in (base / tree).rglob("*")
             if p.is_file() and "__pycache__" not in p.parts
         }
 
@@ -127,22 +187,22 @@ def main(
     check: bool = typer.Option(False, help="Fail when gen/ differs from protos/ instead of writing."),
 ) -> None:
     root = project_root()
-    gen = root / "gen"
     with tempfile.TemporaryDirectory() as scratch:
-        fresh = Path(scratch) / "gen"
-        generate(root, fresh)
-        drift = differences(fresh, gen)
+        fresh = Path(scratch)
+        generate_all(root, fresh)
+        drift = differences(fresh, root)
         if check:
             if drift:
-                typer.echo("gen/ is out of date with protos/ (run `make gen`):", err=True)
+                typer.echo("generated files are out of date (run `make gen`):", err=True)
                 for path in drift:
                     typer.echo(f"  {path}", err=True)
                 raise typer.Exit(1)
-            typer.echo("gen/ matches protos/")
+            typer.echo("gen/ and stubs/ match what protos/ and tritonclient generate")
             return
-        shutil.rmtree(gen / "tensorway", ignore_errors=True)
-        shutil.copytree(fresh / "tensorway", gen / "tensorway")
-        typer.echo(f"regenerated gen/ ({len(drift)} files changed)")
+        for tree in GENERATED_TREES:
+            shutil.rmtree(root / tree, ignore_errors=True)
+            shutil.copytree(fresh / tree, root / tree)
+        typer.echo(f"regenerated gen/ and stubs/ ({len(drift)} files changed)")
 
 
 if __name__ == "__main__":
