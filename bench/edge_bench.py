@@ -11,7 +11,7 @@ Floors measured in the same run (`hopfloor.py`): one and two bare Python `grpc.a
 forwarding bytes to Triton (the cost of the mesh's two Python hops with no logic), and Envoy
 with no filters routing gRPC straight to the router (the cost of the edge's hop with nothing on
 it). Every mesh row is read against its floor: `floor +ms` and `floor x` are its p50 above its
-floor's p50 (difference, ratio); issue 17's aims are checked at the end.
+floor's p50 (difference, ratio); the front door's aims are checked at the end.
 
     .venv/bin/python bench/edge_bench.py [--quick] [--json PATH] [--seconds 5] [--concurrency 1 4 16 64]
 """
@@ -198,7 +198,7 @@ async def run(
 
 
 def read_against_floors(results: Results) -> None:
-    """Each mesh row's p50 against its floor's, and issue 17's aims for the edge."""
+    """Each mesh row's p50 against its floor's, and the front door's aims for the edge."""
     cells = {(cell.path, cell.concurrency): cell for cell in results.cells}
     for cell in results.cells:
         floor = cells.get((FLOORS.get(cell.path, ""), cell.concurrency))

@@ -10,7 +10,7 @@ Every mesh row is also read against its floor, measured in the same run: one bar
 `grpc.aio` proxy forwarding bytes to Triton (`hopfloor.py`) for the orchestrator, two chained for
 the router in front of the orchestrator. The columns `floor +ms` and `floor x` give how far the
 row's p50 is above its floor's (difference and ratio), `floor rps x` its throughput against the
-floor's; the aims of issue 17 are checked at the end.
+floor's; the per-hop aims are checked at the end.
 
 A target is anything with `infer(workload)`: Triton's own API through tritonclient.grpc.aio, or
 tensorway.inference.v1 at some address. The targets are Triton direct, the two floors, the
@@ -265,7 +265,7 @@ def targets(addresses: dict[str, str]) -> list[Target]:
 
 
 def read_against_floors(results: Results) -> None:
-    """Each mesh row's p50 and throughput against its floor's, and issue 17's aims."""
+    """Each mesh row's p50 and throughput against its floor's, and the per-hop aims."""
     cells = {(cell.group, cell.path, cell.concurrency): cell for cell in results.cells}
     for cell in results.cells:
         floor = cells.get((cell.group, FLOORS.get(cell.path, ""), cell.concurrency))
