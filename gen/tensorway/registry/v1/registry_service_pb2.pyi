@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -85,6 +86,42 @@ MODEL_VERSION_STATE_READY: ModelVersionState.ValueType  # 3
 MODEL_VERSION_STATE_FAILED: ModelVersionState.ValueType  # 4
 """Its artifact could not be fetched, or Triton could not load or warm it; see the reason."""
 Global___ModelVersionState: _TypeAlias = ModelVersionState  # noqa: Y015
+
+class _RolloutState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_STATE_UNSPECIFIED: _RolloutState.ValueType  # 0
+    """Not set."""
+    ROLLOUT_STATE_RUNNING: _RolloutState.ValueType  # 1
+    """Moving traffic step by step, measuring each step."""
+    ROLLOUT_STATE_PAUSED: _RolloutState.ValueType  # 2
+    """Held at its current step until resumed."""
+    ROLLOUT_STATE_SUCCEEDED: _RolloutState.ValueType  # 3
+    """The new version has all of the traffic the two versions shared."""
+    ROLLOUT_STATE_ROLLED_BACK: _RolloutState.ValueType  # 4
+    """A step broke a bound: the new version's traffic went back to the old one; see the reason."""
+    ROLLOUT_STATE_ABORTED: _RolloutState.ValueType  # 5
+    """Aborted by hand: the new version's traffic went back to the old one."""
+
+class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
+    """Where a rollout stands."""
+
+ROLLOUT_STATE_UNSPECIFIED: RolloutState.ValueType  # 0
+"""Not set."""
+ROLLOUT_STATE_RUNNING: RolloutState.ValueType  # 1
+"""Moving traffic step by step, measuring each step."""
+ROLLOUT_STATE_PAUSED: RolloutState.ValueType  # 2
+"""Held at its current step until resumed."""
+ROLLOUT_STATE_SUCCEEDED: RolloutState.ValueType  # 3
+"""The new version has all of the traffic the two versions shared."""
+ROLLOUT_STATE_ROLLED_BACK: RolloutState.ValueType  # 4
+"""A step broke a bound: the new version's traffic went back to the old one; see the reason."""
+ROLLOUT_STATE_ABORTED: RolloutState.ValueType  # 5
+"""Aborted by hand: the new version's traffic went back to the old one."""
+Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):
@@ -1931,3 +1968,692 @@ class ReportModelStatesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportModelStatesResponse: _TypeAlias = ReportModelStatesResponse  # noqa: Y015
+
+@_typing.final
+class JoinPoolRequest(_message.Message):
+    """Request for JoinPool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    LEASE_DURATION_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """"pools/{pool}"."""
+    endpoint: _builtins.str
+    """The joining orchestrator's gRPC address ("host:port"), where routers will send requests;
+    it must lie where the registry lets pool endpoints live.
+    """
+    @_builtins.property
+    def lease_duration(self) -> _duration_pb2.Duration:
+        """How long the membership lasts unless renewed by joining again, from 1 s to 5 min."""
+
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        lease_duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "lease_duration", b"lease_duration", "pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinPoolRequest: _TypeAlias = JoinPoolRequest  # noqa: Y015
+
+@_typing.final
+class JoinPoolResponse(_message.Message):
+    """Response for JoinPool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the membership ends unless renewed, by the registry's clock."""
+
+    def __init__(
+        self,
+        *,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinPoolResponse: _TypeAlias = JoinPoolResponse  # noqa: Y015
+
+@_typing.final
+class LeavePoolRequest(_message.Message):
+    """Request for LeavePool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """"pools/{pool}"."""
+    endpoint: _builtins.str
+    """The leaving orchestrator's address, as it joined."""
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeavePoolRequest: _TypeAlias = LeavePoolRequest  # noqa: Y015
+
+@_typing.final
+class LeavePoolResponse(_message.Message):
+    """Response for LeavePool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeavePoolResponse: _TypeAlias = LeavePoolResponse  # noqa: Y015
+
+@_typing.final
+class RolloutBounds(_message.Message):
+    """How far the new version may fall behind the old one before a step rolls it back. Unset
+    fields take the registry's defaults.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_P99_RATIO_FIELD_NUMBER: _builtins.int
+    MAX_MISMATCH_SHARE_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    max_error_rate: _builtins.float
+    """How much the new version's server error rate may exceed the old one's (0.01: by one
+    percentage point). Client errors never count against a version.
+    """
+    max_p99_ratio: _builtins.float
+    """How many times the old version's p99 latency the new version's may be."""
+    max_mismatch_share: _builtins.float
+    """Share of shadow comparisons between the two versions that may disagree, where one of
+    them shadows the other.
+    """
+    min_requests: _builtins.int
+    """Requests the new version must have answered in a step before it is judged (and before
+    the rollout moves on); the p99 comparison also needs as many of the old version's.
+    """
+    def __init__(
+        self,
+        *,
+        max_error_rate: _builtins.float | None = ...,
+        max_p99_ratio: _builtins.float | None = ...,
+        max_mismatch_share: _builtins.float | None = ...,
+        min_requests: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_mismatch_share", b"_max_mismatch_share", "_max_p99_ratio", b"_max_p99_ratio", "_min_requests", b"_min_requests", "max_error_rate", b"max_error_rate", "max_mismatch_share", b"max_mismatch_share", "max_p99_ratio", b"max_p99_ratio", "min_requests", b"min_requests"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_mismatch_share", b"_max_mismatch_share", "_max_p99_ratio", b"_max_p99_ratio", "_min_requests", b"_min_requests", "max_error_rate", b"max_error_rate", "max_mismatch_share", b"max_mismatch_share", "max_p99_ratio", b"max_p99_ratio", "min_requests", b"min_requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015
+    _WhichOneofReturnType__max_mismatch_share: _TypeAlias = _typing.Literal["max_mismatch_share"]  # noqa: Y015
+    _WhichOneofArgType__max_mismatch_share: _TypeAlias = _typing.Literal["_max_mismatch_share", b"_max_mismatch_share"]  # noqa: Y015
+    _WhichOneofReturnType__max_p99_ratio: _TypeAlias = _typing.Literal["max_p99_ratio"]  # noqa: Y015
+    _WhichOneofArgType__max_p99_ratio: _TypeAlias = _typing.Literal["_max_p99_ratio", b"_max_p99_ratio"]  # noqa: Y015
+    _WhichOneofReturnType__min_requests: _TypeAlias = _typing.Literal["min_requests"]  # noqa: Y015
+    _WhichOneofArgType__min_requests: _TypeAlias = _typing.Literal["_min_requests", b"_min_requests"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate) -> _WhichOneofReturnType__max_error_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_mismatch_share) -> _WhichOneofReturnType__max_mismatch_share | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_p99_ratio) -> _WhichOneofReturnType__max_p99_ratio | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_requests) -> _WhichOneofReturnType__min_requests | None: ...
+
+Global___RolloutBounds: _TypeAlias = RolloutBounds  # noqa: Y015
+
+@_typing.final
+class RolloutFigures(_message.Message):
+    """One version's figures in a step, as the routers reported them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    SERVER_ERRORS_FIELD_NUMBER: _builtins.int
+    P99_SECONDS_FIELD_NUMBER: _builtins.int
+    SHADOW_COMPARED_FIELD_NUMBER: _builtins.int
+    SHADOW_MISMATCHES_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """Requests answered, server errors included."""
+    server_errors: _builtins.int
+    """Answers with a server error."""
+    p99_seconds: _builtins.float
+    """The 99th percentile latency, as the upper bound of its histogram bucket."""
+    shadow_compared: _builtins.int
+    """Shadow comparisons with the other version."""
+    shadow_mismatches: _builtins.int
+    """Comparisons that disagreed."""
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        server_errors: _builtins.int = ...,
+        p99_seconds: _builtins.float = ...,
+        shadow_compared: _builtins.int = ...,
+        shadow_mismatches: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["p99_seconds", b"p99_seconds", "requests", b"requests", "server_errors", b"server_errors", "shadow_compared", b"shadow_compared", "shadow_mismatches", b"shadow_mismatches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutFigures: _TypeAlias = RolloutFigures  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    """A rollout: a deployment's traffic moving from one version to another in measured steps."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    BOUNDS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEP_INDEX_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TO_FIGURES_FIELD_NUMBER: _builtins.int
+    FROM_FIGURES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    STEP_START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, "models/{model}/rollouts/{rollout}"."""
+    deployment: _builtins.str
+    """The deployment whose traffic moves, "models/{model}/deployments/{deployment}"; empty on
+    start means the model's only deployment.
+    """
+    from_version: _builtins.str
+    """The version that gives up traffic; empty on start means the deployment's heaviest other
+    than `to_version`.
+    """
+    to_version: _builtins.str
+    """The version that takes it."""
+    state: Global___RolloutState.ValueType
+    """Output only."""
+    step_index: _builtins.int
+    """Output only: the index in `steps` of the step in force."""
+    reason: _builtins.str
+    """Output only: why it ended as it did, or why a step is still waiting."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The new version's percent of the traffic the two versions share, at each step; rising,
+        ending at 100. Empty on start means 5, 25, 50, 100.
+        """
+
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """How long each step runs before it is judged; unset on start means 60 s."""
+
+    @_builtins.property
+    def bounds(self) -> Global___RolloutBounds:
+        """The bounds each step is judged by."""
+
+    @_builtins.property
+    def to_figures(self) -> Global___RolloutFigures:
+        """Output only: the new version's figures in the step in force (or the last one judged)."""
+
+    @_builtins.property
+    def from_figures(self) -> Global___RolloutFigures:
+        """Output only: the old version's figures over the same time."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when it started."""
+
+    @_builtins.property
+    def step_start_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when the step in force started (or was resumed)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when it ended."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        deployment: _builtins.str = ...,
+        from_version: _builtins.str = ...,
+        to_version: _builtins.str = ...,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        interval: _duration_pb2.Duration | None = ...,
+        bounds: Global___RolloutBounds | None = ...,
+        state: Global___RolloutState.ValueType = ...,
+        step_index: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        to_figures: Global___RolloutFigures | None = ...,
+        from_figures: Global___RolloutFigures | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        step_start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bounds", b"bounds", "create_time", b"create_time", "end_time", b"end_time", "from_figures", b"from_figures", "interval", b"interval", "step_start_time", b"step_start_time", "to_figures", b"to_figures"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bounds", b"bounds", "create_time", b"create_time", "deployment", b"deployment", "end_time", b"end_time", "from_figures", b"from_figures", "from_version", b"from_version", "interval", b"interval", "name", b"name", "reason", b"reason", "state", b"state", "step_index", b"step_index", "step_start_time", b"step_start_time", "steps", b"steps", "to_figures", b"to_figures", "to_version", b"to_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
+class StartRolloutRequest(_message.Message):
+    """Request for StartRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """"models/{model}"."""
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout to start; `to_version` is required."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent", "rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartRolloutRequest: _TypeAlias = StartRolloutRequest  # noqa: Y015
+
+@_typing.final
+class StartRolloutResponse(_message.Message):
+    """Response for StartRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout, its first step in force."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartRolloutResponse: _TypeAlias = StartRolloutResponse  # noqa: Y015
+
+@_typing.final
+class GetRolloutRequest(_message.Message):
+    """Request for GetRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"models/{model}/rollouts/{rollout}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class GetRolloutResponse(_message.Message):
+    """Response for GetRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutResponse: _TypeAlias = GetRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ListRolloutsRequest(_message.Message):
+    """Request for ListRollouts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """"models/{model}"."""
+    page_size: _builtins.int
+    """At most this many; 0 means the server's default."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsRequest: _TypeAlias = ListRolloutsRequest  # noqa: Y015
+
+@_typing.final
+class ListRolloutsResponse(_message.Message):
+    """Response for ListRollouts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty on the last."""
+    @_builtins.property
+    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rollout]:
+        """The page of rollouts, the newest first."""
+
+    def __init__(
+        self,
+        *,
+        rollouts: _abc.Iterable[Global___Rollout] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rollouts", b"rollouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsResponse: _TypeAlias = ListRolloutsResponse  # noqa: Y015
+
+@_typing.final
+class PauseRolloutRequest(_message.Message):
+    """Request for PauseRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"models/{model}/rollouts/{rollout}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRolloutRequest: _TypeAlias = PauseRolloutRequest  # noqa: Y015
+
+@_typing.final
+class PauseRolloutResponse(_message.Message):
+    """Response for PauseRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout, PAUSED."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRolloutResponse: _TypeAlias = PauseRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ResumeRolloutRequest(_message.Message):
+    """Request for ResumeRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"models/{model}/rollouts/{rollout}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRolloutRequest: _TypeAlias = ResumeRolloutRequest  # noqa: Y015
+
+@_typing.final
+class ResumeRolloutResponse(_message.Message):
+    """Response for ResumeRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout, RUNNING."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRolloutResponse: _TypeAlias = ResumeRolloutResponse  # noqa: Y015
+
+@_typing.final
+class AbortRolloutRequest(_message.Message):
+    """Request for AbortRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"models/{model}/rollouts/{rollout}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRolloutRequest: _TypeAlias = AbortRolloutRequest  # noqa: Y015
+
+@_typing.final
+class AbortRolloutResponse(_message.Message):
+    """Response for AbortRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout, ABORTED, its new version back at 0%."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRolloutResponse: _TypeAlias = AbortRolloutResponse  # noqa: Y015
+
+@_typing.final
+class VersionTraffic(_message.Message):
+    """What one router answered for one model version since its last report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    SERVER_ERRORS_FIELD_NUMBER: _builtins.int
+    LATENCY_BOUNDS_FIELD_NUMBER: _builtins.int
+    LATENCY_COUNTS_FIELD_NUMBER: _builtins.int
+    SHADOW_MATCHES_FIELD_NUMBER: _builtins.int
+    SHADOW_MISMATCHES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model id."""
+    version: _builtins.str
+    """Version id."""
+    requests: _builtins.int
+    """Requests answered, server errors included, client errors not."""
+    server_errors: _builtins.int
+    """Answers with a server error (INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED and the like)."""
+    shadow_matches: _builtins.int
+    """Shadow copies this version ran whose answers matched the primary's."""
+    shadow_mismatches: _builtins.int
+    """Shadow copies this version ran whose answers differed from the primary's."""
+    @_builtins.property
+    def latency_bounds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Upper bounds in seconds of the latency histogram's buckets, rising; the last may be +Inf."""
+
+    @_builtins.property
+    def latency_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Requests in each bucket (not cumulative), one count per bound."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        server_errors: _builtins.int = ...,
+        latency_bounds: _abc.Iterable[_builtins.float] | None = ...,
+        latency_counts: _abc.Iterable[_builtins.int] | None = ...,
+        shadow_matches: _builtins.int = ...,
+        shadow_mismatches: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latency_bounds", b"latency_bounds", "latency_counts", b"latency_counts", "model", b"model", "requests", b"requests", "server_errors", b"server_errors", "shadow_matches", b"shadow_matches", "shadow_mismatches", b"shadow_mismatches", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionTraffic: _TypeAlias = VersionTraffic  # noqa: Y015
+
+@_typing.final
+class ReportTrafficRequest(_message.Message):
+    """Request for ReportTraffic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    router: _builtins.str
+    """The reporting router, for the registry's logs."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionTraffic]:
+        """Each model version the router answered for since its last report."""
+
+    def __init__(
+        self,
+        *,
+        router: _builtins.str = ...,
+        versions: _abc.Iterable[Global___VersionTraffic] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["router", b"router", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportTrafficRequest: _TypeAlias = ReportTrafficRequest  # noqa: Y015
+
+@_typing.final
+class ReportTrafficResponse(_message.Message):
+    """Response for ReportTraffic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportTrafficResponse: _TypeAlias = ReportTrafficResponse  # noqa: Y015

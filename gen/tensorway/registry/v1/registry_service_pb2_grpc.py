@@ -156,6 +156,51 @@ class RegistryServiceStub:
                 request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesRequest.SerializeToString,
                 response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesResponse.FromString,
                 _registered_method=True)
+        self.JoinPool = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/JoinPool',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.JoinPoolRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.JoinPoolResponse.FromString,
+                _registered_method=True)
+        self.LeavePool = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/LeavePool',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.LeavePoolRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.LeavePoolResponse.FromString,
+                _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/StartRollout',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutResponse.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/GetRollout',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/ListRollouts',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/PauseRollout',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutResponse.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/ResumeRollout',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutResponse.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/AbortRollout',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutResponse.FromString,
+                _registered_method=True)
+        self.ReportTraffic = channel.unary_unary(
+                '/tensorway.registry.v1.RegistryService/ReportTraffic',
+                request_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportTrafficRequest.SerializeToString,
+                response_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportTrafficResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -335,6 +380,75 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinPool(self, request, context):
+        """Pool membership: orchestrators add themselves to their pool with a lease, renew it by
+        joining again (a heartbeat), and leave when they stop; a member whose lease runs out leaves
+        by itself. Routes carry a pool's endpoints plus its members. Orchestrators call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeavePool(self, request, context):
+        """Removes an orchestrator from a pool's members at once (an orchestrator that stops).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRollout(self, request, context):
+        """Measured rollouts: traffic moves to a new version step by step while its server error
+        rate, p99 latency and shadow mismatches, as the routers measure them, stay within bounds
+        compared with the version it replaces; otherwise the registry rolls it back by itself.
+        Starts a rollout of a model's deployment; its first step takes effect at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Gets a rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Lists a model's rollouts, the newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """Holds a running rollout at its current step; traffic stays as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """Lets a paused rollout go on; its current step is measured afresh from now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Ends a running or paused rollout and gives the new version's traffic back to the old one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportTraffic(self, request, context):
+        """Records what one router answered per model version since its last report, which the
+        rollouts judge by. Routers call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -457,6 +571,51 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ReportModelStates,
                     request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesRequest.FromString,
                     response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesResponse.SerializeToString,
+            ),
+            'JoinPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinPool,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.JoinPoolRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.JoinPoolResponse.SerializeToString,
+            ),
+            'LeavePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeavePool,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.LeavePoolRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.LeavePoolResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutResponse.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutResponse.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutResponse.SerializeToString,
+            ),
+            'ReportTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTraffic,
+                    request_deserializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportTrafficRequest.FromString,
+                    response_serializer=tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportTrafficResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1109,6 +1268,249 @@ class RegistryService:
             '/tensorway.registry.v1.RegistryService/ReportModelStates',
             tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesRequest.SerializeToString,
             tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportModelStatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/JoinPool',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.JoinPoolRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.JoinPoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeavePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/LeavePool',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.LeavePoolRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.LeavePoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/StartRollout',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.StartRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/GetRollout',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/ListRollouts',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/PauseRollout',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.PauseRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/ResumeRollout',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ResumeRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/AbortRollout',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.AbortRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorway.registry.v1.RegistryService/ReportTraffic',
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportTrafficRequest.SerializeToString,
+            tensorway_dot_registry_dot_v1_dot_registry__service__pb2.ReportTrafficResponse.FromString,
             options,
             channel_credentials,
             insecure,

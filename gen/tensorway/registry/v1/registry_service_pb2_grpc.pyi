@@ -90,6 +90,33 @@ class RegistryServiceStub:
     """Records the state of every model version one orchestrator of a pool has placed on its
     Tritons, replacing what that orchestrator reported before. Orchestrators call it.
     """
+    JoinPool: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.JoinPoolRequest, _registry_service_pb2.JoinPoolResponse]
+    """Pool membership: orchestrators add themselves to their pool with a lease, renew it by
+    joining again (a heartbeat), and leave when they stop; a member whose lease runs out leaves
+    by itself. Routes carry a pool's endpoints plus its members. Orchestrators call it.
+    """
+    LeavePool: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.LeavePoolRequest, _registry_service_pb2.LeavePoolResponse]
+    """Removes an orchestrator from a pool's members at once (an orchestrator that stops)."""
+    StartRollout: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.StartRolloutRequest, _registry_service_pb2.StartRolloutResponse]
+    """Measured rollouts: traffic moves to a new version step by step while its server error
+    rate, p99 latency and shadow mismatches, as the routers measure them, stay within bounds
+    compared with the version it replaces; otherwise the registry rolls it back by itself.
+    Starts a rollout of a model's deployment; its first step takes effect at once.
+    """
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetRolloutRequest, _registry_service_pb2.GetRolloutResponse]
+    """Gets a rollout."""
+    ListRollouts: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListRolloutsRequest, _registry_service_pb2.ListRolloutsResponse]
+    """Lists a model's rollouts, the newest first."""
+    PauseRollout: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.PauseRolloutRequest, _registry_service_pb2.PauseRolloutResponse]
+    """Holds a running rollout at its current step; traffic stays as it is."""
+    ResumeRollout: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ResumeRolloutRequest, _registry_service_pb2.ResumeRolloutResponse]
+    """Lets a paused rollout go on; its current step is measured afresh from now."""
+    AbortRollout: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.AbortRolloutRequest, _registry_service_pb2.AbortRolloutResponse]
+    """Ends a running or paused rollout and gives the new version's traffic back to the old one."""
+    ReportTraffic: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ReportTrafficRequest, _registry_service_pb2.ReportTrafficResponse]
+    """Records what one router answered per model version since its last report, which the
+    rollouts judge by. Routers call it.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -152,6 +179,33 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     ReportModelStates: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ReportModelStatesRequest, _registry_service_pb2.ReportModelStatesResponse]  # type: ignore[assignment]
     """Records the state of every model version one orchestrator of a pool has placed on its
     Tritons, replacing what that orchestrator reported before. Orchestrators call it.
+    """
+    JoinPool: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.JoinPoolRequest, _registry_service_pb2.JoinPoolResponse]  # type: ignore[assignment]
+    """Pool membership: orchestrators add themselves to their pool with a lease, renew it by
+    joining again (a heartbeat), and leave when they stop; a member whose lease runs out leaves
+    by itself. Routes carry a pool's endpoints plus its members. Orchestrators call it.
+    """
+    LeavePool: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.LeavePoolRequest, _registry_service_pb2.LeavePoolResponse]  # type: ignore[assignment]
+    """Removes an orchestrator from a pool's members at once (an orchestrator that stops)."""
+    StartRollout: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.StartRolloutRequest, _registry_service_pb2.StartRolloutResponse]  # type: ignore[assignment]
+    """Measured rollouts: traffic moves to a new version step by step while its server error
+    rate, p99 latency and shadow mismatches, as the routers measure them, stay within bounds
+    compared with the version it replaces; otherwise the registry rolls it back by itself.
+    Starts a rollout of a model's deployment; its first step takes effect at once.
+    """
+    GetRollout: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetRolloutRequest, _registry_service_pb2.GetRolloutResponse]  # type: ignore[assignment]
+    """Gets a rollout."""
+    ListRollouts: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListRolloutsRequest, _registry_service_pb2.ListRolloutsResponse]  # type: ignore[assignment]
+    """Lists a model's rollouts, the newest first."""
+    PauseRollout: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.PauseRolloutRequest, _registry_service_pb2.PauseRolloutResponse]  # type: ignore[assignment]
+    """Holds a running rollout at its current step; traffic stays as it is."""
+    ResumeRollout: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ResumeRolloutRequest, _registry_service_pb2.ResumeRolloutResponse]  # type: ignore[assignment]
+    """Lets a paused rollout go on; its current step is measured afresh from now."""
+    AbortRollout: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.AbortRolloutRequest, _registry_service_pb2.AbortRolloutResponse]  # type: ignore[assignment]
+    """Ends a running or paused rollout and gives the new version's traffic back to the old one."""
+    ReportTraffic: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ReportTrafficRequest, _registry_service_pb2.ReportTrafficResponse]  # type: ignore[assignment]
+    """Records what one router answered per model version since its last report, which the
+    rollouts judge by. Routers call it.
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -356,6 +410,87 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_registry_service_pb2.ReportModelStatesResponse, _abc.Awaitable[_registry_service_pb2.ReportModelStatesResponse]]:
         """Records the state of every model version one orchestrator of a pool has placed on its
         Tritons, replacing what that orchestrator reported before. Orchestrators call it.
+        """
+
+    @_abc_1.abstractmethod
+    def JoinPool(
+        self,
+        request: _registry_service_pb2.JoinPoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.JoinPoolResponse, _abc.Awaitable[_registry_service_pb2.JoinPoolResponse]]:
+        """Pool membership: orchestrators add themselves to their pool with a lease, renew it by
+        joining again (a heartbeat), and leave when they stop; a member whose lease runs out leaves
+        by itself. Routes carry a pool's endpoints plus its members. Orchestrators call it.
+        """
+
+    @_abc_1.abstractmethod
+    def LeavePool(
+        self,
+        request: _registry_service_pb2.LeavePoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.LeavePoolResponse, _abc.Awaitable[_registry_service_pb2.LeavePoolResponse]]:
+        """Removes an orchestrator from a pool's members at once (an orchestrator that stops)."""
+
+    @_abc_1.abstractmethod
+    def StartRollout(
+        self,
+        request: _registry_service_pb2.StartRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.StartRolloutResponse, _abc.Awaitable[_registry_service_pb2.StartRolloutResponse]]:
+        """Measured rollouts: traffic moves to a new version step by step while its server error
+        rate, p99 latency and shadow mismatches, as the routers measure them, stay within bounds
+        compared with the version it replaces; otherwise the registry rolls it back by itself.
+        Starts a rollout of a model's deployment; its first step takes effect at once.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _registry_service_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.GetRolloutResponse, _abc.Awaitable[_registry_service_pb2.GetRolloutResponse]]:
+        """Gets a rollout."""
+
+    @_abc_1.abstractmethod
+    def ListRollouts(
+        self,
+        request: _registry_service_pb2.ListRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ListRolloutsResponse, _abc.Awaitable[_registry_service_pb2.ListRolloutsResponse]]:
+        """Lists a model's rollouts, the newest first."""
+
+    @_abc_1.abstractmethod
+    def PauseRollout(
+        self,
+        request: _registry_service_pb2.PauseRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.PauseRolloutResponse, _abc.Awaitable[_registry_service_pb2.PauseRolloutResponse]]:
+        """Holds a running rollout at its current step; traffic stays as it is."""
+
+    @_abc_1.abstractmethod
+    def ResumeRollout(
+        self,
+        request: _registry_service_pb2.ResumeRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ResumeRolloutResponse, _abc.Awaitable[_registry_service_pb2.ResumeRolloutResponse]]:
+        """Lets a paused rollout go on; its current step is measured afresh from now."""
+
+    @_abc_1.abstractmethod
+    def AbortRollout(
+        self,
+        request: _registry_service_pb2.AbortRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.AbortRolloutResponse, _abc.Awaitable[_registry_service_pb2.AbortRolloutResponse]]:
+        """Ends a running or paused rollout and gives the new version's traffic back to the old one."""
+
+    @_abc_1.abstractmethod
+    def ReportTraffic(
+        self,
+        request: _registry_service_pb2.ReportTrafficRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_service_pb2.ReportTrafficResponse, _abc.Awaitable[_registry_service_pb2.ReportTrafficResponse]]:
+        """Records what one router answered per model version since its last report, which the
+        rollouts judge by. Routers call it.
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
