@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tensorway.router.streaming import answer_in_order
+from tensorway.runtime.streams import answer_in_order
 from tests.router.conftest import MeshFactory
 from tests.router.test_router import simple_request
 from tests.router.test_triton_clients import in_thread, triton_inputs

@@ -32,6 +32,7 @@ from tensorway.runtime import (
     context,
 )
 from tensorway.runtime.errors import GENERIC_INTERNAL_MESSAGE, reason_name
+from tensorway.runtime.streams import answer_in_order
 from tensorway.tensors.triton import (
     SequenceStep,
     from_triton_response,
@@ -247,42 +248,28 @@ class Orchestrator:
         return metadata_response(signature)
 
     async def stream_infer(
-        self, requests: AsyncIterator[pb.StreamInferRequest]
+        self, requests: AsyncIterator[pb.StreamInferRequest], max_in_flight: int
     ) -> AsyncIterator[pb.StreamInferResponse]:
-        """Run every request of a stream concurrently; answer each, success or error, as it ends."""
-        answers: asyncio.Queue[pb.StreamInferResponse | None] = asyncio.Queue()
-        running: set[asyncio.Task[None]] = set()
+        """Run the requests of a stream concurrently, at most `max_in_flight` at once, and answer
+        each, success or error, in the order they came."""
 
-        async def answer(request: pb.InferRequest) -> None:
+        async def answer(item: pb.StreamInferRequest) -> pb.StreamInferResponse:
+            request = item.request
             try:
-                response = await self.infer(request)
+                return pb.StreamInferResponse(id=request.id, response=await self.infer(request))
             except TensorwayError as error:
-                answers.put_nowait(pb.StreamInferResponse(id=request.id, error=error.to_status_proto()))
+                return pb.StreamInferResponse(id=request.id, error=error.to_status_proto())
             except Exception:
                 logger.exception("stream request %s failed", request.id)
                 failure = Internal(GENERIC_INTERNAL_MESSAGE)
-                answers.put_nowait(pb.StreamInferResponse(id=request.id, error=failure.to_status_proto()))
-            else:
-                answers.put_nowait(pb.StreamInferResponse(id=request.id, response=response))
+                return pb.StreamInferResponse(id=request.id, error=failure.to_status_proto())
 
-        async def read_requests() -> None:
-            try:
-                async for item in requests:
-                    task = asyncio.ensure_future(answer(item.request))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                await asyncio.gather(*running)
-            finally:
-                answers.put_nowait(None)
+        def sequence_of(item: pb.StreamInferRequest) -> tuple[str, str] | None:
+            step = sequence_step(item.request.parameters)
+            return None if step is None else (item.request.model_name, step.id)
 
-        reader = asyncio.ensure_future(read_requests())
-        try:
-            while (item := await answers.get()) is not None:
-                yield item
-            await reader  # the caller's stream failed: say so
-        finally:
-            for task in (reader, *running):
-                task.cancel()
+        async for response in answer_in_order(requests, answer, max_in_flight, sequence_of):
+            yield response
 
     def _time_remaining(self) -> float:
         request = context.current.get()

@@ -50,6 +50,9 @@ class Settings(ServiceSettings):
     """Requests at Triton at once; more wait for a slot."""
     max_queued: int = 1024
     """Requests that may wait for a slot; beyond them requests get RESOURCE_EXHAUSTED."""
+    stream_max_in_flight: int = 256
+    """Requests of one stream in flight at once (until each one's last answer is sent); past them
+    the stream is not read until an answer goes out, so the caller is held back by flow control."""
     default_timeout: timedelta = timedelta(seconds=60)
     """Deadline of a request whose caller set none."""
     hedge_after: timedelta | None = None
@@ -88,8 +91,9 @@ class Settings(ServiceSettings):
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """tensorway.inference.v1.InferenceService, served to routers."""
 
-    def __init__(self, orchestrator: Orchestrator) -> None:
+    def __init__(self, orchestrator: Orchestrator, stream_max_in_flight: int) -> None:
         self._orchestrator = orchestrator
+        self._stream_max_in_flight = stream_max_in_flight
 
     async def Infer(self, request: pb.InferRequest, context: Any) -> pb.InferResponse:
         return await self._orchestrator.infer(request)
@@ -97,7 +101,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def StreamInfer(
         self, request_iterator: AsyncIterator[pb.StreamInferRequest], context: Any
     ) -> AsyncIterator[pb.StreamInferResponse]:
-        async for response in self._orchestrator.stream_infer(request_iterator):
+        async for response in self._orchestrator.stream_infer(request_iterator, self._stream_max_in_flight):
             yield response
 
     async def GetModelMetadata(
@@ -200,7 +204,9 @@ async def create(
         settings,
         [
             ServiceBinding(
-                pb_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(orchestrator), SERVICE
+                pb_grpc.add_InferenceServiceServicer_to_server,
+                InferenceServicer(orchestrator, settings.stream_max_in_flight),
+                SERVICE,
             ),
             ServiceBinding(
                 triton_grpc.add_GRPCInferenceServiceServicer_to_server,

@@ -26,8 +26,9 @@ from tensorway.router.dispatch import Router, RouterPolicy
 from tensorway.router.retry import RetryPolicy
 from tensorway.router.routing import RegistryRouteSource, RouteSource, RouteWatcher
 from tensorway.router.serialized import SerializedRequest
-from tensorway.router.streaming import answer_in_order, route_key, status_of
+from tensorway.router.streaming import route_key, status_of
 from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, create_server
+from tensorway.runtime.streams import answer_in_order
 from tensorway.tensors.triton import sequence_step
 
 logger = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ from tensorway.orchestrator.validation import NO_SHARED_MEMORY
 from tensorway.router.dispatch import Router
 from tensorway.router.routing import ModelRoute, RouteTable, VersionRoute
 from tensorway.router.serialized import SerializedRequest
-from tensorway.router.streaming import answer_in_order, route_key, status_of
+from tensorway.router.streaming import route_key, status_of
 from tensorway.runtime import (
     FailedPrecondition,
     FieldViolation,
@@ -59,6 +59,7 @@ from tensorway.runtime import (
 )
 from tensorway.runtime.context import Scope, require_scope
 from tensorway.runtime.interceptors import downstream_metadata, downstream_timeout
+from tensorway.runtime.streams import answer_in_order
 from tensorway.tensors import wire
 
 SERVICE = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
