@@ -16,17 +16,21 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+import psycopg
 import pytest
 import urllib3
 from minio import Minio
+from psycopg import sql
 from tritonclient.grpc import aio as triton_aio
 
 from tensorway.batch import service as batch_service
+from tensorway.batch.store import JobStore
 from tensorway.batch.tensors import from_tensor, to_tensor
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
@@ -283,6 +287,25 @@ async def batch_api(pipeline: Pipeline) -> AsyncIterator[str]:
 async def batch(batch_api: str) -> AsyncIterator[pb_grpc.BatchServiceStub]:
     async with grpc.aio.insecure_channel(batch_api) as channel:
         yield pb_grpc.BatchServiceStub(channel)
+
+
+@pytest.fixture
+async def own_store(postgres_url: str) -> AsyncIterator[JobStore]:
+    """A JobStore on a database of its own, which no running relay or worker sees."""
+    name = f"batch_{uuid.uuid4().hex[:8]}"
+    admin_url = postgres_url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    opened = await JobStore.open(
+        postgres_url.rsplit("/", 1)[0] + f"/{name}",
+        max_size=2,
+        wait=timedelta(seconds=5),
+        retry_after=timedelta(seconds=1),
+    )
+    yield opened
+    await opened.close()
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def tenant(name: str, scopes: tuple[Scope, ...] = TENANT_SCOPES) -> tuple[tuple[str, str], ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import numpy as np
 from minio import Minio
 from typer.testing import CliRunner
 
+from tensorway.batch.v1 import batch_service_pb2 as pb
+from tensorway.cli.batch import eta_text
 from tensorway.cli.main import app
 
 from .conftest import BUCKET, digits_rows
@@ -100,3 +103,12 @@ async def test_json_output_of_every_batch_command(batch_api: str, tmp_path: Path
     assert all(await asyncio.to_thread(lambda: [Path(f).is_file() for f in downloaded["files"]]))
     cancelled = await asyncio.to_thread(as_json, "cancel", created["name"])
     assert cancelled["name"] == created["name"]
+
+
+def test_the_progress_bar_shows_the_apis_estimate_of_the_time_left() -> None:
+    running = pb.Job(state=pb.JOB_STATE_RUNNING)
+    running.progress.eta.FromTimedelta(timedelta(hours=1, minutes=2, seconds=3.4))
+    assert eta_text(running) == "eta 1:02:03"
+    # No rows finished yet, so no pace: unknown, not zero.
+    assert eta_text(pb.Job(state=pb.JOB_STATE_RUNNING)) == "eta -:--:--"
+    assert eta_text(pb.Job(state=pb.JOB_STATE_SUCCEEDED)) == ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
@@ -40,7 +40,8 @@ def kafka_headers(headers: dict[str, str]) -> Sequence[tuple[str, bytes]]:
 
 class OutboxRelay:
     """Moves outbox rows to the shards topic, a batch at a time, each tenant's most urgent job
-    first and the tenants in turn; with `in_flight`, never more shards published and unfinished."""
+    first and the tenants in turn, weighted by their `shares` (tenant → share, 1 for any other);
+    with `in_flight`, never more shards published and unfinished."""
 
     def __init__(
         self,
@@ -52,9 +53,11 @@ class OutboxRelay:
         bootstrap: str,
         partitions: int,
         in_flight: int | None = None,
+        shares: Mapping[str, int] | None = None,
     ) -> None:
         self._store = store
         self._in_flight = in_flight
+        self._shares = dict(shares or {})
         self._left = 0
         self._producer = producer
         self._topic = topic
@@ -72,6 +75,7 @@ class OutboxRelay:
         partitions: int,
         *,
         in_flight: int | None = None,
+        shares: Mapping[str, int] | None = None,
     ) -> OutboxRelay:
         # acks="all" and no idempotence: Kafka-compatible brokers without idempotent producers
         # (Tansu) accept it, and duplicates are harmless here anyway.
@@ -85,12 +89,13 @@ class OutboxRelay:
             bootstrap=bootstrap,
             partitions=partitions,
             in_flight=in_flight,
+            shares=shares,
         )
 
     async def relay_batch(self) -> bool:
         """Publish one batch; True when there may be more waiting."""
         try:
-            async with self._store.outbox_batch(self._batch_size, self._in_flight) as batch:
+            async with self._store.outbox_batch(self._batch_size, self._in_flight, self._shares) as batch:
                 messages = batch.messages
                 send = self._producer.send
                 sent = [

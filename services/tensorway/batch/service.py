@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any, Protocol
 
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
 from tensorway.batch import converters
@@ -70,6 +70,10 @@ class Settings(BatchSettings):
     """Most shards published to the workers and not yet finished; the rest wait in the outbox,
     from which each tenant's next shard is taken in turn. More keeps more workers busy; fewer
     lets a tenant's new job overtake another's backlog sooner."""
+    tenant_shares: dict[str, PositiveInt] = Field(default_factory=dict)
+    """Each tenant's share of the shards in flight, tenant → share (JSON in the environment,
+    e.g. {"acme": 3, "beta": 1}); a tenant not named has share 1. With backlogs waiting, a
+    tenant of share 3 has three shards in flight to each one of a tenant of share 1."""
     watch_interval: timedelta = timedelta(milliseconds=500)
     """How often WatchJob looks at a job's progress when PostgreSQL has not told it of a change."""
     poll_interval: timedelta = timedelta(seconds=1)
@@ -188,6 +192,7 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
             settings.outbox_batch_size,
             settings.shards_topic_partitions,
             in_flight=settings.shards_in_flight,
+            shares=settings.tenant_shares,
         )
     except BaseException:
         await store.close()

@@ -593,15 +593,19 @@ class JobStore:
     # --- the outbox -----------------------------------------------------------------------
 
     @asynccontextmanager
-    async def outbox_batch(self, limit: int, in_flight: int | None = None) -> AsyncIterator[OutboxBatch]:
+    async def outbox_batch(
+        self, limit: int, in_flight: int | None = None, shares: Mapping[str, int] | None = None
+    ) -> AsyncIterator[OutboxBatch]:
         """Up to `limit` waiting messages, locked; they are deleted when the block ends without an
         error, and stay for the next try when it raises.
 
         With `in_flight`, only as many as keep the shards published and not yet finished within
         it, so the backlog waits here, where it can be reordered, rather than in the topic. The
-        tenants take turns: a message's turn is its rank among its tenant's waiting messages
-        (most urgent job first) plus the shards that tenant has in flight, so a tenant's single
-        shard goes out next to another's thousand, not after them."""
+        tenants take turns, weighted by their `shares` (1 for a tenant not named): a message's
+        turn is its rank among its tenant's waiting messages (most urgent job first, then the
+        oldest) plus the shards that tenant has in flight, divided by the tenant's share. So a
+        tenant's single shard goes out next to another's thousand, not after them, and a tenant
+        of share 3 has three shards in flight to every one of a tenant of share 1."""
         async with self._transaction() as connection:
             cursor = await connection.execute(IN_FLIGHT_QUERY)
             counts = await cursor.fetchall()
@@ -609,6 +613,7 @@ class JobStore:
             waiting = sum(int(r["waiting"]) for r in counts)
             if in_flight is not None:
                 limit = min(limit, in_flight - sum(flying.values()))
+            shares = shares or {}
             rows: list[DictRow] = []
             if limit > 0:
                 cursor = await connection.execute(
@@ -617,8 +622,10 @@ class JobStore:
                             PARTITION BY tenant ORDER BY priority DESC, id) AS rank
                         FROM batch_outbox) r ON r.id = o.id
                     LEFT JOIN unnest(%s::text[], %s::bigint[]) AS f(tenant, n) ON f.tenant = o.tenant
-                    ORDER BY r.rank + coalesce(f.n, 0), o.id LIMIT %s FOR UPDATE OF o SKIP LOCKED""",
-                    (list(flying), list(flying.values()), limit),
+                    LEFT JOIN unnest(%s::text[], %s::float8[]) AS w(tenant, share) ON w.tenant = o.tenant
+                    ORDER BY (r.rank + coalesce(f.n, 0)) / coalesce(w.share, 1), o.id
+                    LIMIT %s FOR UPDATE OF o SKIP LOCKED""",
+                    (list(flying), list(flying.values()), list(shares), list(shares.values()), limit),
                 )
                 rows = await cursor.fetchall()
             messages = [

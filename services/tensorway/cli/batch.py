@@ -20,7 +20,7 @@ import grpc
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from tensorway.batch.v1 import batch_service_pb2 as pb
@@ -155,6 +155,18 @@ def _print_job(job: pb.Job) -> None:
     print_table(_out, table)
 
 
+def eta_text(job: pb.Job) -> str:
+    """The job's time left as its progress bar shows it. The API estimates it, as the rows left
+    over the rows per second the job finished in the last ten seconds of its watch (since it
+    started, for a single look), so it follows the job's own pace, not this terminal's updates."""
+    if job.progress.HasField("eta"):
+        seconds = round(job.progress.eta.ToTimedelta().total_seconds())
+        hours, rest = divmod(seconds, 3600)
+        return f"eta {hours}:{rest // 60:02d}:{rest % 60:02d}"
+    # Queued, or running with no rows finished yet: no pace to estimate from.
+    return "eta -:--:--" if job.state in ACTIVE else ""
+
+
 def _emit_job(job: pb.Job, output: OutputFormat) -> None:
     """The job for people, or its protobuf JSON, which carries every result's presigned URL."""
     emit(output, job, lambda: _print_job(job))
@@ -167,11 +179,11 @@ def _watch(stub: pb_grpc.BatchServiceStub, name: str) -> pb.Job:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("rows  {task.fields[rate]:,.0f}/s"),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[eta]}"),
     )
     job = pb.Job()
     with Progress(*columns, console=_err, transient=False) as bar:
-        task = bar.add_task("QUEUED", total=None, rate=0.0)
+        task = bar.add_task("QUEUED", total=None, rate=0.0, eta=eta_text(job))
         try:
             for response in stub.WatchJob(pb.WatchJobRequest(name=name)):
                 job = response.job
@@ -182,6 +194,7 @@ def _watch(stub: pb_grpc.BatchServiceStub, name: str) -> pb.Job:
                     total=progress.rows_total or None,
                     completed=progress.rows_done + progress.rows_failed,
                     rate=progress.rows_per_second,
+                    eta=eta_text(job),
                 )
         except grpc.RpcError as error:
             raise fail(error) from None
