@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from pydantic import ValidationError
 
@@ -122,6 +123,10 @@ def writes(target: Target) -> dict[str, Message]:
                 )
             ],
         ),
+        "JoinPool": pb.JoinPoolRequest(
+            pool=target.pool, endpoint="127.0.0.1:9", lease_duration=duration_pb2.Duration(seconds=60)
+        ),
+        "LeavePool": pb.LeavePoolRequest(pool=target.pool, endpoint="127.0.0.1:7001"),
     }
 
 

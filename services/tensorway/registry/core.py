@@ -12,12 +12,13 @@ import enum
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import Counter
 
 from tensorway.common.v1 import error_pb2
-from tensorway.registry import validation
+from tensorway.registry import membership, validation
 from tensorway.registry.cache import (
     CACHE_LOOKUPS,
     RedisCache,
@@ -513,6 +514,46 @@ class Registry:
             for version in route.versions
             if version.pool == deployment.pool and version.version in wanted and version.readiness is not None
         ]
+
+    # Pool membership (`membership` has the rule)
+
+    async def join_pool(self, pool: str, endpoint: str, lease: timedelta) -> datetime:
+        """Make `endpoint` a member of `pool` for `lease`, or renew it; returns when it expires.
+        A new member changes the routes of the pool's models; a renewal changes nothing."""
+        membership.check_member(pool, endpoint, lease, self._endpoint_allow)
+        async with self._store.write() as tx:
+            expire_time, joined = await tx.join_pool(pool, endpoint, lease)
+            if joined:
+                self._touch_pool_routes(tx, await tx.models_on_pool(pool))
+        await self._committed(tx.change)
+        if joined:
+            logger.info("pool member joined", extra={"pool": pool, "endpoint": endpoint})
+        return expire_time
+
+    async def leave_pool(self, pool: str, endpoint: str) -> None:
+        """Remove `endpoint` from `pool`'s members at once; leaving twice is no error."""
+        async with self._store.write() as tx:
+            left = await tx.leave_pool(pool, endpoint)
+            if left:
+                self._touch_pool_routes(tx, await tx.models_on_pool(pool))
+        await self._committed(tx.change)
+        if left:
+            logger.info("pool member left", extra={"pool": pool, "endpoint": endpoint})
+
+    async def expire_pool_members(self) -> None:
+        """Remove the members whose lease ran out, and change their pools' routes."""
+        async with self._store.write() as tx:
+            expired = await tx.expire_pool_members()
+            for pool in sorted({pool for pool, _ in expired}):
+                self._touch_pool_routes(tx, await tx.models_on_pool(pool))
+        await self._committed(tx.change)
+        for pool, endpoint in expired:
+            logger.warning("pool member's lease expired", extra={"pool": pool, "endpoint": endpoint})
+
+    @staticmethod
+    def _touch_pool_routes(tx: Writer, models: Iterable[str]) -> None:
+        served = sorted(models)
+        tx.touch(models=served, keys=[route_key(model) for model in served])
 
     # Routes
 

@@ -112,6 +112,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX model_version_states_by_model ON model_version_states (model)",
         ),
     ),
+    Migration(
+        3,
+        "pool members: orchestrators that joined their pool with a lease",
+        (
+            # Beside the pool's hand-set endpoints: routes carry both. A member whose lease ran
+            # out is deleted by the registry's sweep (`membership.MemberSweep`).
+            """CREATE TABLE pool_members (
+                pool text NOT NULL REFERENCES pools (name) ON DELETE CASCADE,
+                endpoint text NOT NULL,
+                join_time timestamptz NOT NULL DEFAULT now(),
+                expire_time timestamptz NOT NULL,
+                PRIMARY KEY (pool, endpoint)
+            )""",
+            "CREATE INDEX pool_members_by_expiry ON pool_members (expire_time)",
+        ),
+    ),
 )
 
 

@@ -5,11 +5,14 @@ Who may call what (`access` has the whole rule): writes need the `models.write` 
 are open to internal callers and to tokens with `models.read`, but only `models.write` sees
 where backends live (pool endpoints, a resolved route's endpoints); WatchRoutes is for the
 routers and orchestrators inside the network. Pool endpoints must lie where the
-`pool_endpoint_allow` setting lets pools live, and never at link-local or metadata addresses.
+`pool_endpoint_allow` setting lets pools live, and never at link-local or metadata addresses;
+so must the orchestrators that join a pool themselves (`membership`), which write as the mesh's
+internal identity, as their state reports do.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
@@ -22,6 +25,7 @@ from tensorway.registry import access, converters
 from tensorway.registry.cache import RedisCache
 from tensorway.registry.core import Registry, ResolveSource
 from tensorway.registry.domain import DEFAULT_MIN_READY_SHARE, Deployment, Pool, Route
+from tensorway.registry.membership import MemberSweep
 from tensorway.registry.routes import RouteSync, RouteTable
 from tensorway.registry.store import RegistryStore
 from tensorway.registry.v1 import registry_service_pb2 as pb
@@ -83,6 +87,10 @@ class Settings(ServiceSettings):
     route gives it traffic by weight; whatever the share, at least one. Until then its share
     goes to the versions that can serve. Pools whose orchestrators report no states are
     routed as they are."""
+
+    pool_member_sweep_interval: timedelta = timedelta(seconds=1)
+    """How often expired pool members are removed: a dead orchestrator's lease plus this long
+    bounds how long routers are still sent to it. Each sweep is one indexed DELETE."""
 
     @field_validator("pool_endpoint_allow")
     @classmethod
@@ -322,6 +330,24 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
         return pb.ReportModelStatesResponse()
 
+    async def JoinPool(self, request: pb.JoinPoolRequest, context: Any) -> pb.JoinPoolResponse:
+        access.require_write()
+        refuse_nul(request)
+        (pool,) = parse_name(request.pool, "pool", "pools")
+        expire_time = await self._registry.join_pool(
+            pool, request.endpoint, request.lease_duration.ToTimedelta()
+        )
+        response = pb.JoinPoolResponse()
+        response.expire_time.FromDatetime(expire_time)
+        return response
+
+    async def LeavePool(self, request: pb.LeavePoolRequest, context: Any) -> pb.LeavePoolResponse:
+        access.require_write()
+        refuse_nul(request)
+        (pool,) = parse_name(request.pool, "pool", "pools")
+        await self._registry.leave_pool(pool, request.endpoint)
+        return pb.LeavePoolResponse()
+
     async def WatchRoutes(
         self, request: pb.WatchRoutesRequest, context: Any
     ) -> AsyncIterator[pb.WatchRoutesResponse]:
@@ -390,4 +416,17 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
         await registry.close()
         raise
     server.on_stop(registry.close)
+    sweeping: list[asyncio.Task[None]] = []
+
+    async def start_sweep() -> None:
+        # Stopped before the registry closes (cleanups run last added first).
+        sweeping.append(asyncio.create_task(MemberSweep(registry, settings.pool_member_sweep_interval).run()))
+
+    async def stop_sweep() -> None:
+        for task in sweeping:
+            task.cancel()
+        await asyncio.gather(*sweeping, return_exceptions=True)
+
+    server.on_start(start_sweep)
+    server.on_stop(stop_sweep)
     return server, port

@@ -78,7 +78,8 @@ ROUTES_QUERY = """
 SELECT r.revision,
   (SELECT coalesce(jsonb_agg(jsonb_build_object(
       'model', d.model, 'name', d.name, 'pool', d.pool, 'traffic', d.traffic,
-      'aliases', d.aliases, 'shadow', d.shadow, 'endpoints', p.endpoints) ORDER BY d.model, d.name), '[]')
+      'aliases', d.aliases, 'shadow', d.shadow, 'endpoints', p.endpoints || {members})
+      ORDER BY d.model, d.name), '[]')
    FROM deployments d JOIN pools p ON p.name = d.pool {deployments_of}) AS deployments,
   (SELECT coalesce(jsonb_agg(jsonb_build_object(
       'model', v.model, 'version', v.version, 'platform', v.platform, 'inputs', v.inputs,
@@ -95,12 +96,18 @@ SELECT r.revision,
    FROM model_state_reporters m) AS reporters
 FROM registry_revision r
 """
+# A pool's endpoints in a route: those set by hand, then its members that are not among them.
+POOL_MEMBERS: LiteralString = """coalesce((SELECT jsonb_agg(m.endpoint ORDER BY m.endpoint)
+      FROM pool_members m WHERE m.pool = p.name AND NOT p.endpoints ? m.endpoint), '[]')"""
 ROUTE_OF_MODEL: LiteralString = ROUTES_QUERY.format(
+    members=POOL_MEMBERS,
     deployments_of="WHERE d.model = %(model)s",
     versions_of="AND v.model = %(model)s",
     states_of="WHERE s.model = %(model)s",
 )
-ALL_ROUTES: LiteralString = ROUTES_QUERY.format(deployments_of="", versions_of="", states_of="")
+ALL_ROUTES: LiteralString = ROUTES_QUERY.format(
+    members=POOL_MEMBERS, deployments_of="", versions_of="", states_of=""
+)
 
 
 def etag_of(row: Mapping[str, Any]) -> str:
@@ -806,6 +813,59 @@ class Writer:
         return {key[0] for key in old.keys() ^ new.keys()} | {
             key[0] for key in old.keys() & new.keys() if old[key] != new[key]
         }
+
+    # Pool members
+
+    async def join_pool(self, pool: str, endpoint: str, lease: timedelta) -> tuple[datetime, bool]:
+        """Make `endpoint` a member of `pool` until `lease` from now (the database's clock);
+        returns when it expires and whether it joined just now (rather than renewed)."""
+        await self.get_pool(pool, share_lock=True)
+        renewed = await self._one(
+            "UPDATE pool_members SET expire_time = now() + %(lease)s"
+            " WHERE pool = %(pool)s AND endpoint = %(endpoint)s RETURNING expire_time",
+            {"pool": pool, "endpoint": endpoint, "lease": lease},
+        )
+        if renewed is not None:
+            return renewed["expire_time"], False
+        # Two joins of one endpoint at once: the later one renews what the first inserted.
+        joined = await self._one(
+            "INSERT INTO pool_members (pool, endpoint, expire_time)"
+            " VALUES (%(pool)s, %(endpoint)s, now() + %(lease)s)"
+            " ON CONFLICT (pool, endpoint) DO UPDATE SET expire_time = EXCLUDED.expire_time"
+            " RETURNING expire_time",
+            {"pool": pool, "endpoint": endpoint, "lease": lease},
+        )
+        assert joined is not None
+        return joined["expire_time"], True
+
+    async def leave_pool(self, pool: str, endpoint: str) -> bool:
+        """Remove `endpoint` from `pool`'s members; returns whether it was one."""
+        await self.get_pool(pool)
+        row = await self._one(
+            "DELETE FROM pool_members WHERE pool = %(pool)s AND endpoint = %(endpoint)s RETURNING pool",
+            {"pool": pool, "endpoint": endpoint},
+        )
+        if row is not None:
+            await self._forget_states_of_gone(pool, endpoint)
+        return row is not None
+
+    async def expire_pool_members(self) -> list[tuple[str, str]]:
+        """Remove every member whose lease has run out; returns them as (pool, endpoint)."""
+        rows = await self._all(
+            "DELETE FROM pool_members WHERE expire_time < now() RETURNING pool, endpoint", {}
+        )
+        for row in rows:
+            await self._forget_states_of_gone(row["pool"], row["endpoint"])
+        return sorted((row["pool"], row["endpoint"]) for row in rows)
+
+    async def _forget_states_of_gone(self, pool: str, endpoint: str) -> None:
+        """A member that left no longer counts towards its versions' readiness, unless the pool
+        also lists it by hand."""
+        await self._connection.execute(
+            "DELETE FROM model_state_reporters r USING pools p WHERE p.name = r.pool"
+            " AND r.pool = %(pool)s AND r.endpoint = %(endpoint)s AND NOT p.endpoints ? r.endpoint",
+            {"pool": pool, "endpoint": endpoint},
+        )
 
     async def delete_pool(self, pool: Pool) -> None:
         try:
