@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.runtime.context import TENANT_SCOPES, identity_metadata
 from tests.registry.conftest import RunningRegistry, Stub, deploy, failure, start_registry
-from tests.registry.test_registry_readiness import READY, report, route_state
+from tests.registry.test_registry_readiness import LOADING, READY, report, route_state
 from tests.waiting import eventually
 
 STATIC = "127.0.0.1:7001"
@@ -160,3 +160,16 @@ async def test_a_member_must_lie_where_pools_may_with_a_bounded_lease(
 async def test_joining_a_pool_that_does_not_exist_is_not_found(stub: Stub) -> None:
     refused = await failure(join(stub, "no-such-pool", MEMBER))
     assert refused.code is grpc.StatusCode.NOT_FOUND
+
+
+async def test_in_a_pool_that_reports_states_a_member_serves_a_version_once_it_has_it_ready(
+    stub: Stub,
+) -> None:
+    deployed = await deploy(stub, versions=1, endpoints=(STATIC,))
+    await report(stub, deployed.pool, STATIC, deployed.model, READY)
+    await join(stub, deployed.pool, MEMBER)
+    # Still fetching or loading: routers are not sent to it for this version.
+    await report(stub, deployed.pool, MEMBER, deployed.model, LOADING)
+    assert await routed_endpoints(stub, deployed.model) == [STATIC]
+    await report(stub, deployed.pool, MEMBER, deployed.model, READY)
+    assert await routed_endpoints(stub, deployed.model) == [STATIC, MEMBER]

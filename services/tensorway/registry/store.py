@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, LiteralString
 
@@ -49,6 +50,7 @@ from tensorway.registry.domain import (
     TrafficSplit,
     TritonModelState,
     Versioned,
+    VersionRoute,
     build_route,
 )
 from tensorway.runtime import (
@@ -78,7 +80,7 @@ ROUTES_QUERY = """
 SELECT r.revision,
   (SELECT coalesce(jsonb_agg(jsonb_build_object(
       'model', d.model, 'name', d.name, 'pool', d.pool, 'traffic', d.traffic,
-      'aliases', d.aliases, 'shadow', d.shadow, 'endpoints', p.endpoints || {members})
+      'aliases', d.aliases, 'shadow', d.shadow, 'endpoints', p.endpoints, 'members', {members})
       ORDER BY d.model, d.name), '[]')
    FROM deployments d JOIN pools p ON p.name = d.pool {deployments_of}) AS deployments,
   (SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -96,7 +98,7 @@ SELECT r.revision,
    FROM model_state_reporters m) AS reporters
 FROM registry_revision r
 """
-# A pool's endpoints in a route: those set by hand, then its members that are not among them.
+# A pool's members that it does not also list by hand: the endpoints of its routes are both.
 POOL_MEMBERS: LiteralString = """coalesce((SELECT jsonb_agg(m.endpoint ORDER BY m.endpoint)
       FROM pool_members m WHERE m.pool = p.name AND NOT p.endpoints ? m.endpoint), '[]')"""
 ROUTE_OF_MODEL: LiteralString = ROUTES_QUERY.format(
@@ -226,9 +228,11 @@ def routes_from_row(
     frozen_reporters = {pool: frozenset(endpoints) for pool, endpoints in reporters.items()}
     deployments: dict[str, list[Deployment]] = {}
     endpoints: dict[str, tuple[str, ...]] = {}
+    members: dict[str, frozenset[str]] = {}
     for item in row["deployments"]:
         deployments.setdefault(item["model"], []).append(deployment_from_row(item))
-        endpoints[item["pool"]] = tuple(item["endpoints"])
+        endpoints[item["pool"]] = (*item["endpoints"], *item.get("members", ()))
+        members[item["pool"]] = frozenset(item.get("members", ()))
     versions: dict[str, dict[str, ModelVersion]] = {}
     for item in row["versions"]:
         versions.setdefault(item["model"], {})[item["version"]] = version_from_row(item)
@@ -244,8 +248,26 @@ def routes_from_row(
             min_ready_share,
         )
         if route is not None:
-            routes[model] = route
+            routes[model] = _members_serve_when_ready(route, members)
     return routes
+
+
+def _members_serve_when_ready(route: Route, members: Mapping[str, frozenset[str]]) -> Route:
+    """The route with each version sent only to the pool members that report it ready, beside
+    the endpoints set by hand: an orchestrator that just joined gets a version's traffic once it
+    has fetched, loaded and warmed it. Members of a pool that reports no states all serve."""
+
+    def serving(version: VersionRoute) -> VersionRoute:
+        joined = members.get(version.pool, frozenset())
+        readiness = version.readiness
+        if not joined or readiness is None or readiness.state is ModelVersionState.UNSPECIFIED:
+            return version
+        ready = {t.endpoint for t in readiness.tritons if t.state is ModelVersionState.READY}
+        return replace(
+            version, endpoints=tuple(e for e in version.endpoints if e not in joined or e in ready)
+        )
+
+    return replace(route, versions=tuple(serving(version) for version in route.versions))
 
 
 MAX_PAGE_TOKEN = 512
