@@ -56,10 +56,11 @@ def register_demo_models(
     settings: DevStackSettings | None = None,
     ready_timeout: float = 120.0,
 ) -> list[str]:
-    """Pool `pools/local` (the stack's orchestrators, named by ``orchestrators``), and each demo
+    """Pool `pools/local`, which the stack's orchestrators join by themselves, and each demo
     model at version 1 in PRODUCTION with all traffic, its artifact uploaded to the stack's S3.
-    Returns once every demo version is ready on the pool (within ``ready_timeout`` seconds).
-    Safe to run again on a registry that has them."""
+    ``orchestrators`` names the orchestrator components, the first of which describes a model
+    that is not uploaded. Returns once every demo version is ready on the pool (within
+    ``ready_timeout`` seconds). Safe to run again on a registry that has them."""
     settings = settings or DevStackSettings()
     repository = _demo_repository(state)
     endpoints = state.endpoints()
@@ -70,16 +71,16 @@ def register_demo_models(
         else None
     )
     addresses = state.addresses()
-    pool_endpoints = [addresses[endpoint_key(orchestrator)] for orchestrator in orchestrators]
     with (
         grpc.insecure_channel(addresses["registry"]) as registry_channel,
-        grpc.insecure_channel(pool_endpoints[0]) as orchestrator_channel,
+        grpc.insecure_channel(addresses[endpoint_key(orchestrators[0])]) as orchestrator_channel,
     ):
         registry = registry_grpc.RegistryServiceStub(admin_channel(registry_channel, SYSTEM_TENANT))
         orchestrator = inference_grpc.InferenceServiceStub(orchestrator_channel)
         pool = f"pools/{LOCAL_POOL}"
-        # The pool outlives `dev down` in PostgreSQL; its orchestrator's port does not.
-        local_pool = registry_pb.Pool(name=pool, endpoints=pool_endpoints)
+        # No endpoints by hand: the orchestrators join the pool themselves. The pool outlives
+        # `dev down` in PostgreSQL, so endpoints an older stack set by hand are cleared.
+        local_pool = registry_pb.Pool(name=pool, endpoints=[])
         try:
             registry.CreatePool(registry_pb.CreatePoolRequest(pool=local_pool), timeout=timeout)
         except grpc.RpcError as error:

@@ -1,5 +1,6 @@
-"""The registry as the orchestrator's deployment source (WatchRoutes, narrowed to this pool) and
-as where it reports each model version's state on its Tritons (ReportModelStates)."""
+"""The registry as the orchestrator's deployment source (WatchRoutes, narrowed to this pool), as
+where it reports each model version's state on its Tritons (ReportModelStates), and as the
+keeper of its pool's members, which it joins with a lease (JoinPool, LeavePool)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,71 @@ class RegistryStateReports:
         await self._stub.ReportModelStates(
             request, timeout=self._timeout, metadata=admin_metadata(SYSTEM_TENANT)
         )
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class PoolMembership:
+    """This orchestrator's place among its pool's members: it joins when it starts, renews its
+    lease every `heartbeat` by joining again, and leaves when it stops. Should it die, the lease
+    runs out and the registry removes it, so routers are sent to it for at most about `lease`.
+
+    Joining writes the registry, as the mesh's internal identity, like the state reports.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        pool: str,
+        endpoint: str,
+        *,
+        lease: timedelta,
+        heartbeat: timedelta,
+        timeout: timedelta = timedelta(seconds=2),
+    ) -> None:
+        self._channel = create_channel(address)
+        self._stub = registry_grpc.RegistryServiceStub(self._channel)
+        self._pool_name = f"pools/{pool}"
+        self._endpoint = endpoint
+        self._lease = lease
+        self._heartbeat = heartbeat.total_seconds()
+        # A failed join is retried sooner than a heartbeat: a pool created just after the
+        # orchestrator started (a fresh stack) should not cost it a whole interval.
+        self._retry = min(heartbeat, timedelta(seconds=1)).total_seconds()
+        self._timeout = min(timeout, heartbeat).total_seconds()
+        self.joined = asyncio.Event()
+        """Set once the registry has taken this orchestrator into the pool."""
+
+    async def run(self) -> None:
+        request = registry_pb.JoinPoolRequest(pool=self._pool_name, endpoint=self._endpoint)
+        request.lease_duration.FromTimedelta(self._lease)
+        while True:
+            try:
+                await self._stub.JoinPool(
+                    request, timeout=self._timeout, metadata=admin_metadata(SYSTEM_TENANT)
+                )
+            except grpc.aio.AioRpcError as error:
+                logger.warning("cannot join %s as %s: %s", self._pool_name, self._endpoint, error.details())
+                await asyncio.sleep(self._retry)
+                continue
+            if not self.joined.is_set():
+                logger.info("joined %s as %s", self._pool_name, self._endpoint)
+                self.joined.set()
+            await asyncio.sleep(self._heartbeat)
+
+    async def leave(self) -> None:
+        """Leave the pool now; if the registry cannot be told, the lease runs out instead."""
+        try:
+            await self._stub.LeavePool(
+                registry_pb.LeavePoolRequest(pool=self._pool_name, endpoint=self._endpoint),
+                timeout=self._timeout,
+                metadata=admin_metadata(SYSTEM_TENANT),
+            )
+        except grpc.aio.AioRpcError as error:
+            logger.warning("cannot leave %s: %s; its lease will run out", self._pool_name, error.details())
+        else:
+            logger.info("left %s as %s", self._pool_name, self._endpoint)
 
     async def close(self) -> None:
         await self._channel.close()

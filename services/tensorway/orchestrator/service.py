@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from tritonclient.grpc import service_pb2 as triton
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
@@ -55,15 +55,17 @@ class Settings(ServiceSettings):
     the stream is not read until an answer goes out, so the caller is held back by flow control."""
     default_timeout: timedelta = timedelta(seconds=60)
     """Deadline of a request whose caller set none."""
-    hedge_after: timedelta | None = None
-    """With it set, a request the chosen Triton has not answered after this long is sent to a
-    second Triton of the pool as well and the first answer wins: a stalled Triton then costs a
-    request this delay instead of its deadline, at the price of running it twice. Unset, requests
-    are not hedged (they still move to another Triton when theirs fails)."""
+    hedge_after: timedelta = timedelta(milliseconds=500)
+    """A request the chosen Triton has not answered after this long is sent to a second Triton
+    of the pool as well and the first answer wins: a stalled Triton then costs a request this
+    delay instead of its deadline, at the price of running twice every request slower than it
+    (keep it above the slowest model's p99). 0 turns hedging off; requests still move to
+    another Triton when theirs fails. A pool of one Triton never hedges."""
     health_interval: timedelta = timedelta(seconds=1)
     """How often the Tritons' readiness and their ready models are polled."""
-    control_timeout: timedelta = timedelta(seconds=5)
-    """Deadline of readiness, metadata and repository calls to Triton."""
+    control_timeout: timedelta = timedelta(seconds=2)
+    """Deadline of readiness, metadata and repository calls to Triton. A stalled Triton holds
+    each readiness poll of the pool this long, delaying the news that another came back."""
     load_timeout: timedelta = timedelta(seconds=120)
     """Deadline of loading or unloading one model on one Triton."""
     model_repository: Path | None = None
@@ -83,9 +85,27 @@ class Settings(ServiceSettings):
     warmup_timeout: timedelta = timedelta(seconds=30)
     """Deadline of a freshly loaded version's warm-up request."""
     advertise_address: str | None = None
-    """This orchestrator's address as its pool's endpoints name it ("host:port"); the versions'
-    states are reported to the registry under it. Unset, "{host}:{port}", with the machine's
-    fully qualified name for a wildcard host (a StatefulSet pod's stable DNS name)."""
+    """This orchestrator's address as routers reach it ("host:port"): it joins its pool under it
+    and reports the versions' states under it. Unset, "{host}:{port}", with the machine's fully
+    qualified name for a wildcard host. In Kubernetes, the pod IP from the downward API; it must
+    lie where the registry lets pool endpoints live (its `pool_endpoint_allow`)."""
+
+    join_pool: bool = True
+    """With a registry, join the pool's members under `advertise_address` when serving, renew
+    the lease every `pool_heartbeat`, and leave on a graceful stop, so no one lists orchestrators
+    by hand. Turn it off for a pool whose endpoints are set by hand."""
+    pool_lease: timedelta = timedelta(seconds=10)
+    """How long the pool keeps this orchestrator without a heartbeat: if it dies, routers are
+    sent to it (their breakers and retries absorbing the failures) for about this long."""
+    pool_heartbeat: timedelta = timedelta(seconds=3)
+    """How often the lease is renewed: one small registry write each. Keep it well under
+    `pool_lease`, so a slow heartbeat or two does not drop a live orchestrator."""
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.pool_heartbeat * 2 > self.pool_lease:
+            raise ValueError("pool_heartbeat must be at most half of pool_lease")
+        return self
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -185,7 +205,7 @@ async def create(
         max_in_flight=settings.max_in_flight,
         max_queued=settings.max_queued,
         default_timeout=settings.default_timeout,
-        hedge_after=settings.hedge_after,
+        hedge_after=settings.hedge_after or None,
     )
     if deployments is None and settings.registry_address is not None:
         from tensorway.orchestrator.registry import RegistryDeployments
@@ -227,6 +247,33 @@ async def create(
         asyncio.ensure_future(pool.watch(settings.health_interval)),
         asyncio.ensure_future(placement.run()),
     ]
+    membership = None
+    if settings.registry_address is not None and settings.join_pool:
+        from tensorway.orchestrator.registry import PoolMembership
+
+        membership = PoolMembership(
+            settings.registry_address,
+            settings.pool,
+            advertised,
+            lease=settings.pool_lease,
+            heartbeat=settings.pool_heartbeat,
+        )
+        heartbeats: list[asyncio.Task[None]] = []
+
+        async def join() -> None:
+            # Once the server listens: routers may be sent here as soon as the pool lists it.
+            assert membership is not None
+            heartbeats.append(asyncio.ensure_future(membership.run()))
+
+        async def leave() -> None:
+            assert membership is not None
+            for task in heartbeats:
+                task.cancel()
+            await asyncio.gather(*heartbeats, return_exceptions=True)
+            await membership.leave()
+
+        server.on_start(join)
+        server.on_drain(leave)
 
     async def stop_background() -> None:
         for task in background:
@@ -236,6 +283,8 @@ async def create(
         await pool.close()
         if reports is not None:
             await reports.close()
+        if membership is not None:
+            await membership.close()
 
     server.on_stop(stop_background)
     return server, port

@@ -96,12 +96,18 @@ class ServiceServer:
         self._metrics_server: Any = None
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
         self._startups: list[Callable[[], Awaitable[None]]] = []
+        self._drains: list[Callable[[], Awaitable[None]]] = []
         self._stopping: asyncio.Task[None] | None = None
 
     def on_start(self, startup: Callable[[], Awaitable[None]]) -> None:
         """Run `startup` once the gRPC server has started and before health says SERVING (opening
         another door, such as an HTTP port), first added first."""
         self._startups.append(startup)
+
+    def on_drain(self, drain: Callable[[], Awaitable[None]]) -> None:
+        """Run `drain` when stopping begins, before the server refuses new calls (leaving a pool,
+        so callers stop choosing this server while it can still answer them)."""
+        self._drains.append(drain)
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Run `cleanup` after the server stops (closing channels, draining queues), last added first."""
@@ -129,7 +135,7 @@ class ServiceServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: timedelta | None = None) -> None:
-        """Health NOT_SERVING, stop with grace, then the cleanups. Safe to call twice."""
+        """The drains, health NOT_SERVING, stop with grace, then the cleanups. Safe to call twice."""
         if self._stopping is None:
             self._stopping = asyncio.ensure_future(
                 self._stop(self.settings.grace if grace is None else grace)
@@ -137,6 +143,11 @@ class ServiceServer:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace: timedelta) -> None:
+        for drain in self._drains:
+            try:
+                await drain()
+            except Exception:
+                logger.exception("drain failed during shutdown")
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace.total_seconds())
         for cleanup in reversed(self._cleanups):
