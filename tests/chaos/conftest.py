@@ -6,14 +6,8 @@ Tritons; the registry; two orchestrators, each in front of both Tritons, forming
 batch API and two batch workers inferring through both routers. All are real processes on
 loopback, started by the devstack launcher; the tests kill and restart them one at a time.
 
-Settings tuned for the chaos topology, all through the services' own environment variables
-(production defaults stay as they are):
-- orchestrators hedge a request to the other Triton after 250 ms without an answer, poll
-  Triton readiness every 0.5 s and give Triton's control calls 1 s;
-- the batch API looks for expired leases and unclaimed shards every 0.5 s and republishes a
-  shard nobody leased within 3 s; workers hold leases for 3 s and leave Kafka's group after a
-  2 s silence, so a dead worker's shards move on within the 10 s the suite allows;
-- Envoy health-checks the routers every second.
+Every service runs with its shipped defaults (docs/reliability.md says which ones the faults
+rely on and what they cost); nothing here tunes them.
 
 When TENSORWAY_CHAOS_RESULTS names a file, the fault table is written there as JSON; it is
 printed at the end of the session either way.
@@ -61,18 +55,6 @@ TRITONS = ("triton", "triton-2")
 ORCHESTRATORS = ("orchestrator", "orchestrator-2")
 ROUTERS = ("router", "router-2")
 WORKERS = ("batch-worker", "batch-worker-2")
-ORCHESTRATOR_SETTINGS = {"HEDGE_AFTER": "PT0.25S", "HEALTH_INTERVAL": "PT0.5S", "CONTROL_TIMEOUT": "PT1S"}
-BATCH_SETTINGS = {
-    "POLL_INTERVAL": "PT0.5S",
-    "LEASE_CHECK_INTERVAL": "PT0.5S",
-    "UNCLAIMED_SHARD_TIMEOUT": "PT3S",
-}
-WORKER_SETTINGS = {
-    "LEASE_TIMEOUT": "PT3S",
-    "KAFKA_SESSION_TIMEOUT": "PT2S",
-    "KAFKA_HEARTBEAT_INTERVAL": "PT0.5S",
-}
-ENVOY_VALUES = {"health_check": {"interval": "1s"}}
 REQUESTS_PER_SECOND = 100.0
 REQUEST_DEADLINE = 5.0
 BATCH_ROWS = 6000
@@ -91,11 +73,11 @@ def chaos_components() -> list[Component]:
         S3(),
         *(Triton(name=name) for name in TRITONS),
         Registry(),
-        *(Orchestrator(name, ORCHESTRATOR_SETTINGS, tritons=TRITONS) for name in ORCHESTRATORS),
+        *(Orchestrator(name, tritons=TRITONS) for name in ORCHESTRATORS),
         *(Router(name) for name in ROUTERS),
-        Batch(settings=BATCH_SETTINGS),
-        *(BatchWorker(name, WORKER_SETTINGS, routers=ROUTERS) for name in WORKERS),
-        Envoy(routers=ROUTERS, values=ENVOY_VALUES),
+        Batch(),
+        *(BatchWorker(name, routers=ROUTERS) for name in WORKERS),
+        Envoy(routers=ROUTERS),
     ]
 
 

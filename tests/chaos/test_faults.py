@@ -146,7 +146,7 @@ FAULTS = [
         inject=_stall,
         heal=_resume,
         down_for=3.0,
-        note="a stalled Triton: orchestrators hedge to the other one after 250 ms",
+        note="a stalled Triton: orchestrators hedge to the other one after 500 ms (their default)",
     ),
     Fault(
         label="slow triton-2, stalled 150 ms of every 200 ms for 4 s",

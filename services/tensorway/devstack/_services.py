@@ -230,7 +230,8 @@ class BatchWorker(TensorwayService):
         return {
             **_batch_environment(ctx, self.env_prefix),
             f"{self.env_prefix}INFERENCE_TARGET": target,
-            # A group's first join takes about half the session timeout (Tansu): 5 s of the
-            # worker's 10 s default. A local worker is never far from its broker.
+            # A group's join takes about half the session timeout (Tansu): 3 s of the worker's
+            # 6 s default, each time a worker joins or leaves. A local worker is never far from
+            # its broker.
             f"{self.env_prefix}KAFKA_SESSION_TIMEOUT": "PT3S",
         }
