@@ -183,7 +183,10 @@ class ModelPlacement:
         reporter: StateReporter | None = None,
         warmup_timeout: timedelta = timedelta(seconds=30),
         report_retry: timedelta = timedelta(seconds=1),
+        load_concurrency: int = 4,
     ) -> None:
+        """`load_concurrency` bounds the models being fetched, loaded and warmed at once (Triton's
+        own default for the models it loads at start is 4 threads)."""
         self._pool = pool
         self._catalog = catalog
         self._initial = frozenset(initial_models)
@@ -201,6 +204,10 @@ class ModelPlacement:
         self._warmup_timeout = warmup_timeout.total_seconds()
         self._report_retry = report_retry.total_seconds()
         self._applying = asyncio.Lock()
+        self._loading = asyncio.Semaphore(load_concurrency)
+        self._latest: frozenset[str] = frozenset()
+        """The deployment source's latest set, not placed yet when `_arrived` is set."""
+        self._arrived = asyncio.Event()
         self._replacing: set[asyncio.Task[None]] = set()
         self.states: dict[_VersionKey, VersionStatus] = {}
         """Each deployed version's state on each Triton."""
@@ -220,14 +227,23 @@ class ModelPlacement:
         self._reporter = reporter
 
     async def run(self) -> None:
-        """Place the initial models, then follow the deployment source until cancelled."""
+        """Place the initial models, then follow the deployment source until cancelled.
+
+        The source is read while models load: sets that arrive meanwhile are placed together
+        once the current placement ends, from the latest of them, so deployments created one
+        after another load side by side rather than in line."""
         async with asyncio.TaskGroup() as group:
             if self._reporter is not None:
                 group.create_task(self._report_loop())
+            if self._source is not None:
+                group.create_task(self._follow(self._source))
             await self.apply(self._pool.endpoints)
             if self._source is None:
                 return
-            async for deployed in self._source.watch():
+            while True:
+                await self._arrived.wait()
+                self._arrived.clear()
+                deployed = self._latest
                 versions = deployed.versions if isinstance(deployed, DeployedModels) else {}
                 signatures = deployed.signatures if isinstance(deployed, DeployedModels) else {}
                 if (frozenset(deployed), versions, signatures) == (
@@ -242,22 +258,41 @@ class ModelPlacement:
                 self._signatures = signatures
                 await self.apply(self._pool.endpoints)
 
+    async def _follow(self, source: DeploymentSource) -> None:
+        async for deployed in source.watch():
+            self._latest = deployed
+            self._arrived.set()
+
     async def apply(self, endpoints: Sequence[TritonEndpoint]) -> None:
-        """Make the given Tritons serve the wanted models, then report the new readiness."""
+        """Make the given Tritons serve the wanted models, then report the new readiness.
+
+        Models are placed side by side, up to `load_concurrency` at a time, since a load is
+        mostly Triton starting the model's instances; each model visits the Tritons in turn, so
+        Tritons that share a repository never fetch the same model at once."""
         async with self._applying:
             wanted = self.wanted
             await asyncio.gather(*(endpoint.refresh() for endpoint in endpoints))
-            changed: set[str] = set()
+            reachable = []
             for endpoint in endpoints:
-                if not endpoint.ready:
+                if endpoint.ready:
+                    reachable.append(endpoint)
+                else:
                     self._mark_lost(endpoint, "the Triton is not reachable")
-                    continue
-                ready = endpoint.ready_models or frozenset()
+            ready = {endpoint.address: endpoint.ready_models or frozenset() for endpoint in reachable}
+            changed: set[str] = set()
+
+            async def place_everywhere(model: str) -> None:
+                async with self._loading:
+                    for endpoint in reachable:
+                        if await self._place(endpoint, model, ready[endpoint.address]):
+                            changed.add(model)
+
+            async with asyncio.TaskGroup() as group:
                 for model in sorted(wanted):
-                    if await self._place(endpoint, model, ready):
-                        changed.add(model)
-                if self._deployed is not None:
-                    changed |= await self._unload(endpoint, ready - wanted)
+                    group.create_task(place_everywhere(model))
+            if self._deployed is not None:
+                for endpoint in reachable:
+                    changed |= await self._unload(endpoint, ready[endpoint.address] - wanted)
             self._forget_undeployed()
             if self._deployed is not None:
                 for repository in {id(r): r for r in self._repositories.values()}.values():
@@ -280,6 +315,11 @@ class ModelPlacement:
         versions = dict(self._versions.get(model, {}))
         desired = tuple(sorted(versions.items()))
         key = (endpoint.address, model)
+        if not versions and key not in self._placed and model in ready:
+            # Wanted by name and already served (Triton loaded it at its start, or an orchestrator
+            # before this one did): loading it again would only restart its instances.
+            self._placed[key] = desired
+            return False
         failed = all(self._status(endpoint, model, v) is VersionState.FAILED for v in versions)
         if self._placed.get(key) == desired and (model in ready or (versions and failed)):
             return False  # placed already, or nothing of it can load until its artifacts change
