@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2
 from tensorway.demo_models import build_repository
 from tensorway.demo_models._datasets import Split, digits_split, iris_split
 
-MODELS = ["simple", "simple_string", "digits", "iris", "accumulate"]
+MODELS = ["simple", "simple_string", "digits", "iris", "accumulate", "tokens"]
 ONNX_MODELS = MODELS[:4]
 
 
@@ -101,6 +101,21 @@ def test_accumulate_is_stateful_with_triton_sequence_controls(repository: Path) 
         "READY": "CONTROL_SEQUENCE_READY",
         "CORRID": "CONTROL_SEQUENCE_CORRID",
     }
+
+
+def test_tokens_is_decoupled_and_unbatched(repository: Path) -> None:
+    config = text_format.Parse(
+        (repository / "tokens" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    source = (resources.files("tensorway.demo_models") / "tokens_model.py").read_bytes()
+    assert (repository / "tokens" / "1" / "model.py").read_bytes() == source
+    assert config.model_transaction_policy.decoupled
+    assert config.max_batch_size == 0
+    assert not config.HasField("dynamic_batching")
+    assert [(t.name, model_config_pb2.DataType.Name(t.data_type)) for t in config.output] == [
+        ("TOKEN", "TYPE_STRING"),
+        ("INDEX", "TYPE_INT32"),
+    ]
 
 
 def test_simple_adds_and_subtracts(repository: Path) -> None:

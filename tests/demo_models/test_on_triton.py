@@ -13,6 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from tensorway.demo_models._datasets import Split, digits_split, iris_split
 from tensorway.demo_models._graphs import train_digits, train_iris
+from tests.demo_models.tokens import MODEL, expected_series, prompt_input, token_series
 
 Array = npt.NDArray[Any]
 
@@ -158,3 +159,26 @@ def test_accumulate_refuses_a_request_outside_a_sequence(client: grpcclient.Infe
     with pytest.raises(InferenceServerException) as raised:
         client.infer("accumulate", [tensor])
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("empty_final", [False, True])
+def test_tokens_streams_a_prompts_words_one_response_each(triton_grpc: str, empty_final: bool) -> None:
+    got = token_series(triton_grpc, b"the quick  brown fox", empty_final=empty_final)
+    assert got == expected_series("r1", ["the", "quick", "brown", "fox"], empty_final=empty_final)
+
+
+def test_tokens_answers_a_prompt_of_no_words_with_the_final_flag_alone(triton_grpc: str) -> None:
+    assert token_series(triton_grpc, b"   ", empty_final=True) == expected_series("r1", [], empty_final=True)
+    assert token_series(triton_grpc, b"   ", empty_final=False) == []
+
+
+def test_tokens_refuses_a_prompt_that_is_not_utf8_then_ends(triton_grpc: str) -> None:
+    got = token_series(triton_grpc, b"\xff\xfe", empty_final=True)
+    assert got == [("error", "PROMPT must be UTF-8 text"), ("r1", None, None, True)]
+
+
+def test_tokens_is_refused_on_unary_infer(client: grpcclient.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer(MODEL, prompt_input(b"hello"))
+    assert raised.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert "decoupled" in str(raised.value.message())

@@ -64,7 +64,8 @@ class SequenceBatching:
 @dataclass(frozen=True)
 class ModelConfig:
     """A Python-backend model with one CPU instance, batched by Triton's dynamic batcher, or by
-    its sequence batcher when it keeps state per sequence (`sequence_batching`)."""
+    its sequence batcher when it keeps state per sequence (`sequence_batching`); a model that
+    does not batch (`max_batch_size` 0) gets neither."""
 
     name: str
     max_batch_size: int
@@ -72,6 +73,9 @@ class ModelConfig:
     outputs: tuple[TensorConfig, ...]
     parameters: Mapping[str, str] = field(default_factory=dict)
     sequence_batching: SequenceBatching | None = None
+    decoupled: bool = False
+    """Whether the model answers a request with any number of responses (Triton's decoupled
+    transaction policy), which clients receive on a stream."""
 
     def to_pbtxt(self) -> str:
         lines = [
@@ -85,10 +89,15 @@ class ModelConfig:
             ",\n".join(t.to_pbtxt() for t in self.outputs),
             "]",
             "instance_group [ { kind: KIND_CPU count: 1 } ]",
+        ]
+        if self.sequence_batching is not None:
+            lines.append(self.sequence_batching.to_pbtxt())
+        elif self.max_batch_size > 0:
             # Each execute() is a round trip to the stub process; the generic model.py runs
             # every request of a batch through onnxruntime at once, so batching pays.
-            "dynamic_batching { }" if self.sequence_batching is None else self.sequence_batching.to_pbtxt(),
-        ]
+            lines.append("dynamic_batching { }")
+        if self.decoupled:
+            lines.append("model_transaction_policy { decoupled: true }")
         lines += [
             f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
             for key, value in sorted(self.parameters.items())

@@ -29,8 +29,9 @@ _VERSION = "1"
 _STAMP = "build-stamp.json"
 _MODEL_SOURCE = "triton_model.py"
 _ACCUMULATE_SOURCE = "accumulate_model.py"
+_TOKENS_SOURCE = "tokens_model.py"
 # A model is rebuilt when any of these changes: they decide what the graphs hold.
-_RECIPE_SOURCES = ("_datasets.py", "_graphs.py", _MODEL_SOURCE, _ACCUMULATE_SOURCE)
+_RECIPE_SOURCES = ("_datasets.py", "_graphs.py", _MODEL_SOURCE, _ACCUMULATE_SOURCE, _TOKENS_SOURCE)
 _RECIPE_DISTRIBUTIONS = ("numpy", "scikit-learn", "skl2onnx", "onnx")
 
 
@@ -94,6 +95,18 @@ _MODELS = (
         graph=None,
         source=_ACCUMULATE_SOURCE,
     ),
+    # Decoupled: a prompt's words, one response each, as a language model streams its tokens.
+    _DemoModel(
+        ModelConfig(
+            name="tokens",
+            max_batch_size=0,
+            inputs=(TensorConfig("PROMPT", "STRING", (1,)),),
+            outputs=(TensorConfig("TOKEN", "STRING", (1,)), TensorConfig("INDEX", "INT32", (1,))),
+            decoupled=True,
+        ),
+        graph=None,
+        source=_TOKENS_SOURCE,
+    ),
 )
 
 
@@ -102,10 +115,10 @@ def build_repository(target: Path) -> list[str]:
 
     Every model gets ``<name>/config.pbtxt`` and ``<name>/1/model.py``: the generic onnxruntime
     model beside its ``<name>/1/model.onnx``, or for ``accumulate`` (stateful, sequence
-    batching) a model.py of its own. Training uses fixed seeds and no
-    download, so a build is byte-for-byte reproducible on one machine. A model whose
-    files and recipe are unchanged since the last build is left alone, which makes a
-    repeated call cheap; concurrent calls on one target wait for each other. Other
+    batching) and ``tokens`` (decoupled, several responses per request) a model.py of its own.
+    Training uses fixed seeds and no download, so a build is byte-for-byte reproducible on one
+    machine. A model whose files and recipe are unchanged since the last build is left alone,
+    which makes a repeated call cheap; concurrent calls on one target wait for each other. Other
     directories in ``target`` are not touched.
     """
     target.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from tritonclient.grpc import service_pb2 as triton
+
 from tensorway.common.v1 import error_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.orchestrator import metrics
@@ -20,7 +22,8 @@ from tensorway.orchestrator.converters import metadata_response
 from tensorway.orchestrator.models import ModelCatalog
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
 from tensorway.orchestrator.signatures import ModelSignature
-from tensorway.orchestrator.triton_errors import ModelGone
+from tensorway.orchestrator.streams import EMPTY_FINAL_RESPONSE_PARAMETER, FINAL_RESPONSE_PARAMETER
+from tensorway.orchestrator.triton_errors import ModelGone, from_stream_error
 from tensorway.orchestrator.validation import check_triton_contents, validate_request
 from tensorway.runtime import (
     Aborted,
@@ -29,6 +32,7 @@ from tensorway.runtime import (
     ResourceExhausted,
     TensorwayError,
     Unavailable,
+    Unimplemented,
     context,
 )
 from tensorway.runtime.errors import GENERIC_INTERNAL_MESSAGE, reason_name
@@ -45,6 +49,8 @@ from tensorway.tensors.triton import (
 
 logger = logging.getLogger(__name__)
 AnswerT = TypeVar("AnswerT")
+UNARY_ON_DECOUPLED = "ModelInfer RPC doesn't support models with decoupled transaction policy"
+"""Triton's refusal of a unary ModelInfer on a decoupled model (UNIMPLEMENTED), word for word."""
 
 
 class Orchestrator:
@@ -95,6 +101,11 @@ class Orchestrator:
         """Validate `request` against its model's signature, run it, and return the answer."""
 
         async def run(signature: ModelSignature) -> pb.InferResponse:
+            if signature.decoupled:
+                raise Unimplemented(
+                    "Infer doesn't support models with decoupled transaction policy: "
+                    "use InferStream or StreamInfer"
+                )
             raw = raw_inputs(request)
             validate_request(request, signature, raw)
             answer = await self._run_step(
@@ -110,6 +121,8 @@ class Orchestrator:
         already, so nothing is converted either way."""
 
         async def run(signature: ModelSignature) -> Any:
+            if signature.decoupled:
+                raise Unimplemented(UNARY_ON_DECOUPLED)
             check_triton_contents(request)
             validate_request(request, signature, triton_raw_inputs(request))
             caller_id = request.id
@@ -123,29 +136,111 @@ class Orchestrator:
         self, model_name: str, version: str, run: Callable[[ModelSignature], Awaitable[AnswerT]]
     ) -> AnswerT:
         """`run(signature)` within the request's deadline, counted in the metrics by model and code."""
+        async with self._serving(model_name) as served:
+            signature = await self._catalog.signature(model_name, version)
+            served.model = signature.name
+            answer = await run(signature)
+        return answer
+
+    @asynccontextmanager
+    async def _serving(self, model_name: str) -> AsyncIterator[_Served]:
+        """A request within its deadline, counted in the metrics by model (set on the record it
+        yields once known) and code."""
         started = time.perf_counter()
-        model = metrics.UNKNOWN_MODEL
+        served = _Served()
         code = "OK"
         try:
             async with asyncio.timeout(self._time_remaining()):
-                signature = await self._catalog.signature(model_name, version)
-                model = signature.name
-                return await run(signature)
+                yield served
         except TimeoutError as timeout:
             failure: TensorwayError = DeadlineExceeded(
                 f"model {model_name!r} did not answer before the deadline"
             )
             code = failure.code.name
-            self._errors(model, failure).inc()
+            self._errors(served.model, failure).inc()
             raise failure from timeout
         except TensorwayError as error:
             if isinstance(error, ModelGone):
-                self._catalog.forget([model])
+                self._catalog.forget([served.model])
             code = error.code.name
-            self._errors(model, error).inc()
+            self._errors(served.model, error).inc()
             raise
         finally:
-            self._latency(model, code).observe(time.perf_counter() - started)
+            self._latency(served.model, code).observe(time.perf_counter() - started)
+
+    async def infer_series(self, request: pb.InferRequest) -> AsyncIterator[pb.InferResponse]:
+        """Every answer to `request`: a decoupled model's series, each answer with Triton's
+        `triton_final_response` parameter and the last one true (with no outputs when the model
+        ended with the flag alone); any other model's one answer. Raises the mesh error of a
+        failure, which ends the series."""
+        async with self._serving(request.model_name) as served:
+            signature = await self._catalog.signature(request.model_name, request.model_version)
+            served.model = signature.name
+            raw = raw_inputs(request)
+            validate_request(request, signature, raw)
+            triton_request = to_triton_request(request, raw)
+            if not signature.decoupled:
+                answer = await self._run_step(
+                    signature.name, triton_request, sequence_step(request.parameters)
+                )
+                yield from_triton_response(answer, request)
+                return
+            async for response in self._series(signature.name, triton_request):
+                if response.error_message:
+                    raise from_stream_error(response.error_message, signature.name)
+                yield from_triton_response(response.infer_response, request)
+
+    async def infer_triton_series(self, request: Any) -> AsyncIterator[Any]:
+        """Every answer to a Triton ModelInferRequest as Triton sends it on a ModelStreamInfer
+        stream (ModelStreamInferResponses with the caller's id): a decoupled model's series with
+        Triton's final flag, and its empty final answer when the request asks for one; any other
+        model's one answer, marked final. A failure is an error answer, which ends the series."""
+        caller_id = request.id
+        empty_final = request.parameters.get(EMPTY_FINAL_RESPONSE_PARAMETER)
+        wants_empty_final = empty_final is not None and empty_final.bool_param
+        try:
+            async with self._serving(request.model_name) as served:
+                signature = await self._catalog.signature(request.model_name, request.model_version)
+                served.model = signature.name
+                check_triton_contents(request)
+                validate_request(request, signature, triton_raw_inputs(request))
+                if not signature.decoupled:
+                    step = triton_sequence_step(request.parameters)
+                    answer = await self._run_step(signature.name, request, step)
+                    answer.id = caller_id
+                    answer.parameters[FINAL_RESPONSE_PARAMETER].bool_param = True
+                    yield triton.ModelStreamInferResponse(infer_response=answer)
+                    return
+                async for response in self._series(signature.name, request):
+                    answer = response.infer_response
+                    if not wants_empty_final and _is_empty_final(response):
+                        continue  # asked for by the orchestrator to know the end, not by the caller
+                    answer.id = caller_id
+                    if response.error_message:
+                        response.error_message = from_stream_error(
+                            response.error_message, signature.name
+                        ).message
+                    yield response
+        except TensorwayError as error:
+            yield triton.ModelStreamInferResponse(
+                error_message=error.message, infer_response=triton.ModelInferResponse(id=caller_id)
+            )
+
+    async def _series(self, model: str, request: Any) -> AsyncIterator[Any]:
+        """Triton's stream answers to a request of a decoupled model, through the last one.
+
+        Not moved to another Triton on failure, nor hedged: answers may have reached the caller."""
+        async with self._in_flight_slot(model):
+            endpoint = self._pool.choose(model)
+            try:
+                async for response in endpoint.infer_series(request):
+                    yield response
+            except Unavailable as failure:
+                if isinstance(failure, ModelGone):
+                    endpoint.mark_model_gone(model)
+                else:
+                    endpoint.mark_down()
+                raise
 
     async def _run_step(self, model: str, triton_request: Any, step: SequenceStep | None) -> Any:
         async with self._in_flight_slot(model):
@@ -311,6 +406,22 @@ class Orchestrator:
         finally:
             in_flight.dec()
             self._slots.release()
+
+
+class _Served:
+    """What a request's metrics are counted under, once its model is known."""
+
+    __slots__ = ("model",)
+
+    def __init__(self) -> None:
+        self.model = metrics.UNKNOWN_MODEL
+
+
+def _is_empty_final(response: Any) -> bool:
+    """Triton's empty final answer: the final flag on an answer with no outputs and no error."""
+    answer = response.infer_response
+    final = answer.parameters.get(FINAL_RESPONSE_PARAMETER)
+    return final is not None and final.bool_param and not answer.outputs and not response.error_message
 
 
 def _copy(message: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -89,6 +89,12 @@ class TritonEndpoint:
         """Run a Triton ModelInferRequest on the least busy stream."""
         sender = min(self._senders, key=lambda candidate: candidate.pending)
         return await sender.infer(request)
+
+    def infer_series(self, request: Any) -> AsyncIterator[Any]:
+        """Run a request of a decoupled model on the least busy stream: Triton's stream answers to
+        it as they come, through the final one."""
+        sender = min(self._senders, key=lambda candidate: candidate.pending)
+        return sender.infer_series(request)
 
     async def refresh(self) -> None:
         """Ask Triton whether it is live and which models it has ready.

@@ -22,6 +22,7 @@ from tensorway.orchestrator.models import DeploymentSource, ModelCatalog, ModelP
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
 from tensorway.orchestrator.triton_control import TRITONS_METADATA_KEY, TritonControl, index_response
 from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, create_server
+from tensorway.runtime.streams import answer_series_in_order
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 TRITON_SERVICE = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -124,6 +125,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async for response in self._orchestrator.stream_infer(request_iterator, self._stream_max_in_flight):
             yield response
 
+    async def InferStream(self, request: pb.InferRequest, context: Any) -> AsyncIterator[pb.InferResponse]:
+        async for response in self._orchestrator.infer_series(request):
+            yield response
+
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: Any
     ) -> pb.GetModelMetadataResponse:
@@ -133,17 +138,30 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 class TritonControlServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Triton's `inference.GRPCInferenceService`, served to routers: inference on Triton's own
     messages (ModelInfer, which routers forward as their Triton clients sent it, each message of
-    a client's stream as one call), and what only the pool's Tritons know: a model's
-    configuration, its statistics (per Triton, see `triton_control`) and the repository index.
-    The other methods are UNIMPLEMENTED."""
+    a client's stream as one call; ModelStreamInfer, on which routers send each request of a
+    decoupled model and take its series of answers), and what only the pool's Tritons know: a
+    model's configuration, its statistics (per Triton, see `triton_control`) and the repository
+    index. The other methods are UNIMPLEMENTED."""
 
-    def __init__(self, control: TritonControl, pool: TritonPool, orchestrator: Orchestrator) -> None:
+    def __init__(
+        self, control: TritonControl, pool: TritonPool, orchestrator: Orchestrator, stream_max_in_flight: int
+    ) -> None:
         self._control = control
         self._pool = pool
         self._orchestrator = orchestrator
+        self._stream_max_in_flight = stream_max_in_flight
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self._orchestrator.infer_triton(request)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        """Every answer to each request, request after request, as Triton answers a stream."""
+        async for response in answer_series_in_order(
+            request_iterator, self._orchestrator.infer_triton_series, self._stream_max_in_flight
+        ):
+            yield response
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return triton.ServerLiveResponse(live=True)
@@ -230,7 +248,7 @@ async def create(
             ),
             ServiceBinding(
                 triton_grpc.add_GRPCInferenceServiceServicer_to_server,
-                TritonControlServicer(TritonControl(pool), pool, orchestrator),
+                TritonControlServicer(TritonControl(pool), pool, orchestrator, settings.stream_max_in_flight),
                 TRITON_SERVICE,
             ),
         ],

@@ -27,6 +27,9 @@ class ModelSignature:
     max_batch_size: int
     inputs: Mapping[str, TensorSignature]
     outputs: Mapping[str, TensorSignature]
+    decoupled: bool = False
+    """Whether the model may answer a request with any number of responses (Triton's decoupled
+    transaction policy), which only a stream can carry."""
 
     @classmethod
     def from_triton(cls, metadata: Any, config: Any) -> ModelSignature:
@@ -51,6 +54,7 @@ class ModelSignature:
             max_batch_size=config.max_batch_size,
             inputs={t.name: signature(t, configured_inputs.get(t.name)) for t in metadata.inputs},
             outputs={t.name: signature(t, configured_outputs.get(t.name)) for t in metadata.outputs},
+            decoupled=config.model_transaction_policy.decoupled,
         )
 
     def expected_shape(self, tensor: TensorSignature) -> list[int]:

@@ -1,7 +1,8 @@
 """Persistent ModelStreamInfer streams to one Triton, each carrying many requests at once.
 
 A stream gives every request a Triton-side id of its own and pairs each answer with its waiter
-by that id, so answers may come back in any order. When the stream breaks, every request
+by that id, so answers may come back in any order. A request of a decoupled model has a series
+of answers, which its waiter takes through the final one. When the stream breaks, every request
 waiting on it fails as UNAVAILABLE (the caller may retry elsewhere) and the next request opens
 a new stream.
 """
@@ -12,6 +13,7 @@ import asyncio
 import contextvars
 import itertools
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,16 @@ logger = logging.getLogger(__name__)
 FINAL_RESPONSE_PARAMETER = "triton_final_response"
 """The parameter Triton puts on every answer on a ModelStreamInfer stream (and on no unary one):
 whether it is the last answer to its request."""
+EMPTY_FINAL_RESPONSE_PARAMETER = "triton_enable_empty_final_response"
+"""The request parameter that asks Triton for an empty final answer on a stream when a decoupled
+model ends a request with the final flag alone; without it, nothing tells that request's end."""
+
+
+def is_last_answer(response: Any) -> bool:
+    """Whether a ModelStreamInferResponse is the last to its request: it says so, or it is an
+    error without the flag (Triton's own request checks refuse a request once, with no flag)."""
+    final = response.infer_response.parameters.get(FINAL_RESPONSE_PARAMETER)
+    return final.bool_param if final is not None else bool(response.error_message)
 
 
 class StreamBroken(Unavailable):
@@ -38,6 +50,8 @@ class _Waiter:
     model: str
     # The call the request was written to; None while it is being written.
     call: Any = None
+    # A decoupled request's answers (ModelStreamInferResponses), or the failure that ends them.
+    series: asyncio.Queue[Any] | None = None
 
 
 class InferStream:
@@ -72,6 +86,31 @@ class InferStream:
                 # The call ended while the write completed, after its reader failed its requests.
                 raise StreamBroken(f"the stream to Triton {self._triton} ended")
             return await waiter.answer
+        finally:
+            del self._pending[request.id]
+
+    async def infer_series(self, request: Any) -> AsyncIterator[Any]:
+        """Send `request` (for a decoupled model, asking for the empty final answer) and yield
+        Triton's ModelStreamInferResponses to it, through the last one (`is_last_answer`).
+
+        Raises StreamBroken when the stream fails first. The caller bounds the wait (deadline).
+        """
+        request.id = str(next(self._ids))
+        request.parameters[EMPTY_FINAL_RESPONSE_PARAMETER].bool_param = True
+        series: asyncio.Queue[Any] = asyncio.Queue()
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), request.model_name, series=series)
+        self._pending[request.id] = waiter
+        try:
+            waiter.call = await self._send(request)
+            if waiter.call is not self._call and series.empty():
+                raise StreamBroken(f"the stream to Triton {self._triton} ended")
+            while True:
+                response = await series.get()
+                if isinstance(response, BaseException):
+                    raise response
+                yield response
+                if is_last_answer(response):
+                    return
         finally:
             del self._pending[request.id]
 
@@ -130,11 +169,18 @@ class InferStream:
         finally:
             self._forget(call)
             for waiter in self._pending.values():
-                if waiter.call is call and not waiter.answer.done():
+                if waiter.call is not call:
+                    continue
+                if waiter.series is not None:
+                    waiter.series.put_nowait(failure)
+                elif not waiter.answer.done():
                     waiter.answer.set_exception(failure)
 
     def _answer(self, response: Any) -> None:
         waiter = self._pending.get(response.infer_response.id)
+        if waiter is not None and waiter.series is not None:
+            waiter.series.put_nowait(response)
+            return
         if waiter is None or waiter.answer.done():
             return  # its caller gave up (deadline or cancellation) while Triton worked
         if response.error_message:
@@ -162,4 +208,20 @@ class UnaryInfer:
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, request.model_name) from error
         finally:
+            self.pending -= 1
+
+    async def infer_series(self, request: Any) -> AsyncIterator[Any]:
+        """A decoupled model's answers, on a stream of its own that ends with the request."""
+        self.pending += 1
+        request.parameters[EMPTY_FINAL_RESPONSE_PARAMETER].bool_param = True
+        call = self._stub.ModelStreamInfer()
+        try:
+            await call.write(request)
+            await call.done_writing()
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, request.model_name) from error
+        finally:
+            call.cancel()
             self.pending -= 1

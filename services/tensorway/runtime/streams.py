@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import aclosing
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 RequestT = TypeVar("RequestT")
@@ -60,7 +60,7 @@ async def answer_series_in_order(
     answers: Callable[[RequestT], AsyncIterator[ResponseT]],
     max_in_flight: int,
     sequence_of: Callable[[RequestT], Hashable | None] = lambda _: None,
-) -> AsyncIterator[ResponseT]:
+) -> AsyncGenerator[ResponseT, None]:
     """Yield every answer of `answers(request)` for every request, request after request in the
     order they came.
 

@@ -45,6 +45,11 @@ class InferenceServiceStub:
                 request_serializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.StreamInferRequest.SerializeToString,
                 response_deserializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.StreamInferResponse.FromString,
                 _registered_method=True)
+        self.InferStream = channel.unary_stream(
+                '/tensorway.inference.v1.InferenceService/InferStream',
+                request_serializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferRequest.SerializeToString,
+                response_deserializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferResponse.FromString,
+                _registered_method=True)
         self.GetModelMetadata = channel.unary_unary(
                 '/tensorway.inference.v1.InferenceService/GetModelMetadata',
                 request_serializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.GetModelMetadataRequest.SerializeToString,
@@ -64,8 +69,24 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamInfer(self, request_iterator, context):
-        """Runs many requests over one stream. Responses carry the request id; a failed request
-        gets its error on the stream and the stream goes on.
+        """Runs many requests over one stream. Responses carry the request id, in the order the
+        requests came; a failed request gets its error on the stream and the stream goes on.
+        A request for a decoupled model gets every response the model sends, one after another
+        under its id; each carries the parameter `triton_final_response`, true on the last one,
+        which has no outputs when the model ended with the final flag alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferStream(self, request, context):
+        """Runs one request and streams back every response: for a decoupled model (many responses
+        per request, as a language model streams its tokens), each as the model sends it, with the
+        parameter `triton_final_response`, true on the last one (which has no outputs when the
+        model ended with the final flag alone); for any other model, its one response. The call
+        ends after the last response; a failure ends it with the error's status. Unary Infer
+        refuses decoupled models (UNIMPLEMENTED), as Triton's ModelInfer does. Over REST the
+        responses come as a JSON array streamed as they are sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +111,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.StreamInfer,
                     request_deserializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.StreamInferRequest.FromString,
                     response_serializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.StreamInferResponse.SerializeToString,
+            ),
+            'InferStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.InferStream,
+                    request_deserializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferRequest.FromString,
+                    response_serializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferResponse.SerializeToString,
             ),
             'GetModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelMetadata,
@@ -152,6 +178,33 @@ class InferenceService:
             '/tensorway.inference.v1.InferenceService/StreamInfer',
             tensorway_dot_inference_dot_v1_dot_inference__service__pb2.StreamInferRequest.SerializeToString,
             tensorway_dot_inference_dot_v1_dot_inference__service__pb2.StreamInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorway.inference.v1.InferenceService/InferStream',
+            tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferRequest.SerializeToString,
+            tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,8 +36,20 @@ class InferenceServiceStub:
     Infer: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.InferRequest, _inference_service_pb2.InferResponse]
     """Runs one inference request."""
     StreamInfer: _grpc.StreamStreamMultiCallable[_inference_service_pb2.StreamInferRequest, _inference_service_pb2.StreamInferResponse]
-    """Runs many requests over one stream. Responses carry the request id; a failed request
-    gets its error on the stream and the stream goes on.
+    """Runs many requests over one stream. Responses carry the request id, in the order the
+    requests came; a failed request gets its error on the stream and the stream goes on.
+    A request for a decoupled model gets every response the model sends, one after another
+    under its id; each carries the parameter `triton_final_response`, true on the last one,
+    which has no outputs when the model ended with the final flag alone.
+    """
+    InferStream: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.InferRequest, _inference_service_pb2.InferResponse]
+    """Runs one request and streams back every response: for a decoupled model (many responses
+    per request, as a language model streams its tokens), each as the model sends it, with the
+    parameter `triton_final_response`, true on the last one (which has no outputs when the
+    model ended with the final flag alone); for any other model, its one response. The call
+    ends after the last response; a failure ends it with the error's status. Unary Infer
+    refuses decoupled models (UNIMPLEMENTED), as Triton's ModelInfer does. Over REST the
+    responses come as a JSON array streamed as they are sent.
     """
     GetModelMetadata: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.GetModelMetadataRequest, _inference_service_pb2.GetModelMetadataResponse]
     """Describes a model's inputs and outputs."""
@@ -50,8 +62,20 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Infer: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.InferRequest, _inference_service_pb2.InferResponse]  # type: ignore[assignment]
     """Runs one inference request."""
     StreamInfer: _aio.StreamStreamMultiCallable[_inference_service_pb2.StreamInferRequest, _inference_service_pb2.StreamInferResponse]  # type: ignore[assignment]
-    """Runs many requests over one stream. Responses carry the request id; a failed request
-    gets its error on the stream and the stream goes on.
+    """Runs many requests over one stream. Responses carry the request id, in the order the
+    requests came; a failed request gets its error on the stream and the stream goes on.
+    A request for a decoupled model gets every response the model sends, one after another
+    under its id; each carries the parameter `triton_final_response`, true on the last one,
+    which has no outputs when the model ended with the final flag alone.
+    """
+    InferStream: _aio.UnaryStreamMultiCallable[_inference_service_pb2.InferRequest, _inference_service_pb2.InferResponse]  # type: ignore[assignment]
+    """Runs one request and streams back every response: for a decoupled model (many responses
+    per request, as a language model streams its tokens), each as the model sends it, with the
+    parameter `triton_final_response`, true on the last one (which has no outputs when the
+    model ended with the final flag alone); for any other model, its one response. The call
+    ends after the last response; a failure ends it with the error's status. Unary Infer
+    refuses decoupled models (UNIMPLEMENTED), as Triton's ModelInfer does. Over REST the
+    responses come as a JSON array streamed as they are sent.
     """
     GetModelMetadata: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GetModelMetadataRequest, _inference_service_pb2.GetModelMetadataResponse]  # type: ignore[assignment]
     """Describes a model's inputs and outputs."""
@@ -73,8 +97,26 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_inference_service_pb2.StreamInferRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.StreamInferResponse], _abc.AsyncIterator[_inference_service_pb2.StreamInferResponse]]:
-        """Runs many requests over one stream. Responses carry the request id; a failed request
-        gets its error on the stream and the stream goes on.
+        """Runs many requests over one stream. Responses carry the request id, in the order the
+        requests came; a failed request gets its error on the stream and the stream goes on.
+        A request for a decoupled model gets every response the model sends, one after another
+        under its id; each carries the parameter `triton_final_response`, true on the last one,
+        which has no outputs when the model ended with the final flag alone.
+        """
+
+    @_abc_1.abstractmethod
+    def InferStream(
+        self,
+        request: _inference_service_pb2.InferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.InferResponse], _abc.AsyncIterator[_inference_service_pb2.InferResponse]]:
+        """Runs one request and streams back every response: for a decoupled model (many responses
+        per request, as a language model streams its tokens), each as the model sends it, with the
+        parameter `triton_final_response`, true on the last one (which has no outputs when the
+        model ended with the final flag alone); for any other model, its one response. The call
+        ends after the last response; a failure ends it with the error's status. Unary Infer
+        refuses decoupled models (UNIMPLEMENTED), as Triton's ModelInfer does. Over REST the
+        responses come as a JSON array streamed as they are sent.
         """
 
     @_abc_1.abstractmethod
