@@ -628,7 +628,15 @@ def run_chaos(root: Path, results_dir: Path) -> tuple[Step, list[ChaosFault] | N
     return step, faults, note
 
 
+bench_app = typer.Typer(
+    help="Benchmarks: with no command, every benchmark and the chaos suite, written to the report.",
+    invoke_without_command=True,
+)
+
+
+@bench_app.callback()
 def bench_command(
+    ctx: typer.Context,
     quick: Annotated[
         bool, typer.Option("--quick", help="CI-size run: short cells and small inputs, to prove it works.")
     ] = False,
@@ -641,6 +649,8 @@ def bench_command(
 
     Run it from the repository's root, where bench/ and tests/chaos are.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     root = Path.cwd()
     missing = [name for name in BENCHMARKS if not (root / "bench" / f"{name}_bench.py").exists()]
     if missing:
@@ -676,3 +686,27 @@ def bench_command(
     if failed:
         typer.echo(f"failed: {', '.join(failed)} (the report says so)", err=True)
         raise typer.Exit(1)
+
+
+@bench_app.command("soak")
+def soak_command(
+    minutes: Annotated[float, typer.Option(help="How long the faults rotate under load.")] = 30.0,
+    sample_every: Annotated[float, typer.Option(help="Seconds between samples of each process.")] = 5.0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+) -> None:
+    """Soak the chaos mesh: real-time and batch load with the chaos faults in rotation.
+
+    Reports failed requests, lost or duplicated rows, and each process's memory and open files
+    over time with their growth per hour. Not part of the report, nor of CI.
+
+    Run it from the repository's root, where bench/soak_bench.py is.
+    """
+    script = Path("bench/soak_bench.py")
+    if not script.exists():
+        typer.echo(f"run this from the repository's root: {script} is missing", err=True)
+        raise typer.Exit(2)
+    command = [sys.executable, str(script), "--minutes", str(minutes), "--sample-every", str(sample_every)]
+    if json_path is not None:
+        command += ["--json", str(json_path)]
+    finished = subprocess.run(command, check=False)  # noqa: S603  # nosec B603
+    raise typer.Exit(finished.returncode)

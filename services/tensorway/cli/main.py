@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from tensorway.cli.batch import batch_app
-from tensorway.cli.bench import bench_command
+from tensorway.cli.bench import bench_app
 from tensorway.cli.contexts import CONTEXT_ENV, config_app, select_context
 from tensorway.cli.dev import dev_app
 from tensorway.cli.envoy import envoy_app
@@ -28,12 +28,12 @@ app = typer.Typer(
     epilog=EXIT_CODES_HELP,
 )
 app.add_typer(batch_app, name="batch")
+app.add_typer(bench_app, name="bench")
 app.add_typer(config_app, name="config")
 app.add_typer(dev_app, name="dev")
 app.add_typer(envoy_app, name="envoy")
 app.add_typer(models_app, name="models")
 app.command("infer")(infer_command)
-app.command("bench")(bench_command)
 console = Console(stderr=True)
 
 # Service name → the module that builds it. Each module has `Settings` (a ServiceSettings with
