@@ -9,6 +9,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from tensorway.cli.main import SERVICES
 from tensorway.edge.config import load_values
@@ -235,3 +236,35 @@ def test_images_are_pinned(overlay: list[dict[str, Any]]) -> None:
         image = container.spec["image"]
         assert ":" in image.rsplit("/", 1)[-1], f"{container.where}: {image} has no tag"
         assert not image.endswith(":latest"), container.where
+
+
+def _env(workload: dict[str, Any]) -> dict[str, Any]:
+    return {env["name"]: env for env in workload["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_orchestrators_join_their_pool_at_a_pod_ip_the_registry_admits(overlay: list[dict[str, Any]]) -> None:
+    from tensorway.registry.validation import EndpointAllowList
+
+    orchestrator = _env(by_kind(overlay, "StatefulSet")["orchestrator"])
+    assert orchestrator["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert orchestrator["TENSORWAY_ORCHESTRATOR_ADVERTISE_ADDRESS"]["value"] == "$(POD_IP):50053"
+    registry = _env(by_kind(overlay, "Deployment")["registry"])
+    allow = EndpointAllowList.parse(
+        yaml.safe_load(registry["TENSORWAY_REGISTRY_POOL_ENDPOINT_ALLOW"]["value"])
+    )
+    assert allow.refusal("10.244.3.17") is None
+    assert allow.refusal("169.254.169.254") is not None
+
+
+def test_prod_scales_orchestrators_on_requests_in_flight_that_the_adapter_serves(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    hpa = by_kind(rendered["prod"], "HorizontalPodAutoscaler")["orchestrator"]["spec"]
+    assert hpa["scaleTargetRef"]["kind"] == "StatefulSet"
+    (metric,) = hpa["metrics"]
+    adapter = yaml.safe_load(
+        by_kind(rendered["prod"], "ConfigMap")["tensorway-prometheus-adapter"]["data"]["config.yaml"]
+    )
+    served = {rule["name"]["as"] for rule in adapter["rules"]}
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] in served
