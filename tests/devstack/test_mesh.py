@@ -5,6 +5,7 @@ and Triton."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,16 @@ import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorway.devstack import DevStackSettings, Stack, StackState, demo_request, register_demo_models
+from tensorway.devstack import (
+    ROUTED_DEMO_MODELS,
+    DevStackSettings,
+    Stack,
+    StackState,
+    default_components,
+    demo_request,
+    register_demo_models,
+    up_with_demo_models,
+)
 from tensorway.devstack._process import is_alive
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
@@ -94,3 +104,26 @@ def test_demo_models_register_and_answer_through_the_router(mesh: tuple[Stack, S
     records = list(stack.status().components.values())
     stack.down()
     assert not any(is_alive(record.identity) for record in records)
+
+
+def test_dev_up_loads_each_demo_model_once_from_its_artifact(private_state_dir: Path) -> None:
+    """As `tensorway dev up` starts the stack: Triton starts with no model loaded, and the
+    orchestrator loads each registered demo version once, from its artifact in S3."""
+    stack = Stack(
+        DevStackSettings(state_dir=private_state_dir).without_pinned_ports(),
+        state_dir=private_state_dir,
+        components=default_components(models_from_registry=True),
+        die_with_parent=True,
+    )
+    try:
+        state, models = up_with_demo_models(stack, ["router"])
+        assert models == list(ROUTED_DEMO_MODELS)
+        # Ready on the pool when it returns: the first request answers.
+        sums, _ = demo_request(state.addresses()["router"])
+        assert sums == list(range(1, 17))
+        index = triton.InferenceServerClient(state.addresses()["triton_grpc"]).get_model_repository_index()
+        assert {model.name for model in index.models if model.state == "READY"} == set(ROUTED_DEMO_MODELS)
+        triton_log = (private_state_dir / state.components["triton"].log).read_text()
+        assert sorted(re.findall(r"successfully loaded '([^']+)'", triton_log)) == sorted(ROUTED_DEMO_MODELS)
+    finally:
+        stack.down()

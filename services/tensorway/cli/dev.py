@@ -22,8 +22,9 @@ from tensorway.devstack import (
     DevStackSettings,
     Stack,
     StackState,
+    default_components,
     demo_request,
-    register_demo_models,
+    up_with_demo_models,
 )
 from tensorway.devstack._envoy import jwt_key_dir, local_certificates
 from tensorway.edge.config import load_values
@@ -48,7 +49,9 @@ StateDirOption = Annotated[
 
 
 def _stack(state_dir: Path | None) -> Stack:
-    return Stack(DevStackSettings(), state_dir=state_dir)
+    return Stack(
+        DevStackSettings(), state_dir=state_dir, components=default_components(models_from_registry=True)
+    )
 
 
 def _fail(error: DevStackError) -> typer.Exit:
@@ -94,8 +97,10 @@ def up_command(
         _err.print(f"{at:5.1f}s  {name} answered (its start took {took:.1f}s)", highlight=False)
 
     try:
-        with _err.status("starting the local stack…"):
-            state = stack.up(components or None, on_started=answered)
+        with _err.status("starting the local stack and registering the demo models…"):
+            state, models = up_with_demo_models(stack, components or None, on_started=answered)
+            if models:
+                _err.print(f"{time.monotonic() - began:5.1f}s  demo models ready", highlight=False)
             if with_prometheus:
                 # Started last, so its scrape config lists everything the first call started.
                 state = stack.up(["prometheus"], on_started=answered)
@@ -103,10 +108,7 @@ def up_command(
         raise _fail(error) from None
     print_table(_out, _endpoint_table(state))
     addresses = state.addresses()
-    if {"registry", "orchestrator"} <= addresses.keys():
-        with _err.status("registering the demo models…"):
-            models = register_demo_models(state)
-        _err.print(f"{time.monotonic() - began:5.1f}s  demo models ready", highlight=False)
+    if models:
         _out.print(f"registered demo models in pool pools/local: {', '.join(models)}")
     if "router" in addresses:
         sums, differences = demo_request(addresses["router"])

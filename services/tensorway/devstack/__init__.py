@@ -13,6 +13,7 @@ from tensorway.devstack._errors import DevStackError
 from tensorway.devstack._services import ROUTED_DEMO_MODELS
 from tensorway.devstack._settings import DevStackSettings, S3Credentials, ServiceEndpoints
 from tensorway.devstack._stack import COMPONENT_NAMES, Stack, default_components, down, status, up
+from tensorway.devstack._startup import up_with_demo_models
 from tensorway.devstack._state import STATE_FILE_NAME, ComponentRecord, Endpoint, StackState
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "render_envoy_config",
     "status",
     "up",
+    "up_with_demo_models",
 ]

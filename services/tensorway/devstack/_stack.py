@@ -32,17 +32,24 @@ from tensorway.devstack._state import ComponentRecord, Endpoint, StackState, loa
 from tensorway.devstack._triton import Triton
 
 
-def default_components() -> list[Component]:
+def default_components(*, models_from_registry: bool = False) -> list[Component]:
     """Every component of the local stack, in dependency order; optional ones come last, since they
-    watch the others."""
+    watch the others.
+
+    By default Triton loads every demo model at its start and the orchestrator keeps the routed
+    ones loaded whatever the registry says, so a Triton started alone serves them (as the tests
+    use it). ``models_from_registry`` leaves them to the registry's deployments instead: Triton
+    starts with none loaded and the orchestrator loads each deployed version once, from its
+    artifact (what `tensorway dev up` does; the models loaded at start would only be loaded again).
+    """
     return [
         Postgres(),
         Redis(),
         Kafka(),
         S3(),
-        Triton(),
+        Triton(load_models=not models_from_registry),
         Registry(),
-        Orchestrator(),
+        Orchestrator(settings={"MODELS": "[]"} if models_from_registry else None),
         Router(),
         Batch(),
         BatchWorker(),

@@ -45,17 +45,23 @@ class Triton(Component):
         server_tree: PackageFile = TRITON_SERVER_TREE,
         *,
         name: str = "triton",
+        load_models: bool = True,
     ) -> None:
         """A ``name`` other than ``triton`` makes a replica (``triton-2``): its endpoints are
-        ``triton_2_grpc`` and ``triton_2_http``, on free ports whatever the pinned ones."""
+        ``triton_2_grpc`` and ``triton_2_http``, on free ports whatever the pinned ones.
+
+        Without ``load_models`` it starts with none of its repository's models loaded (still
+        built, for the registration to upload), leaving them to the orchestrators."""
         self._server_tree = server_tree
         self.name = name
+        self._load_models = load_models
         if name != Triton.name:
             self.port_settings = ()
 
     def start(self, ctx: LaunchContext) -> Started:
         server_root = _install_server(self._server_tree.locate(self.name), ctx.home / "server")
-        repository, models = _model_repository(ctx)
+        repository, fill_repository = _model_repository(ctx)
+        models = fill_repository() if self._load_models else []
         grpc_port, http_port = (
             (ctx.port("triton_grpc_port"), ctx.port("triton_http_port"))
             if self.port_settings
@@ -98,6 +104,9 @@ class Triton(Component):
             ],
             env=env,
         )
+        if not self._load_models:
+            # Triton loads none of them at its start, so they are built while it starts.
+            fill_repository()
         ctx.wait_ready(
             process,
             lambda: _check_ready(loopback(grpc_port), models),
@@ -181,8 +190,9 @@ def model_repository_path(ctx: LaunchContext, triton: str) -> Path:
     return configured.resolve() if configured is not None else ctx.home.parent / triton / "models"
 
 
-def _model_repository(ctx: LaunchContext) -> tuple[Path, list[str]]:
-    """The repository to serve and the models in it: a configured one, or the demos."""
+def _model_repository(ctx: LaunchContext) -> tuple[Path, Callable[[], list[str]]]:
+    """The repository to serve, and what fills it and names the models in it: a configured one,
+    listed, or the demos, built."""
     configured = ctx.settings.triton_model_repository
     if configured is not None:
         if not configured.is_dir():
@@ -191,11 +201,12 @@ def _model_repository(ctx: LaunchContext) -> tuple[Path, list[str]]:
                 f"the model repository {configured} is not a directory",
                 "fix TENSORWAY_DEV_TRITON_MODEL_REPOSITORY",
             )
-        models = sorted(entry.parent.name for entry in configured.glob("*/config.pbtxt"))
-        return configured.resolve(), models
+        return configured.resolve(), lambda: sorted(
+            entry.parent.name for entry in configured.glob("*/config.pbtxt")
+        )
     repository = ctx.home / "models"
     repository.mkdir(parents=True, exist_ok=True)
-    return repository, _demo_model_builder()(repository)
+    return repository, lambda: _demo_model_builder()(repository)
 
 
 def _demo_model_builder() -> Callable[[Path], list[str]]:
