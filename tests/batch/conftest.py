@@ -30,7 +30,7 @@ from psycopg import sql
 from tritonclient.grpc import aio as triton_aio
 
 from tensorway.batch import service as batch_service
-from tensorway.batch.store import JobStore
+from tensorway.batch.job_store import JobStore
 from tensorway.batch.tensors import from_tensor, to_tensor
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc

@@ -12,7 +12,7 @@ import pytest
 from minio import Minio
 
 from tensorway.batch.domain import InputFormat, InputPlan, JobSpec, ShardPlan
-from tensorway.batch.store import JobStore
+from tensorway.batch.job_store import JobStore
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tensorway.runtime.context import TENANT_HEADER

@@ -11,8 +11,8 @@ import pytest
 from tensorway.batch.domain import NpyLayout
 from tensorway.batch.inference import ModelSignature, TensorSpec
 from tensorway.batch.inputs import InputError, coalesce, decode_jsonl, npy_batches, plan_jsonl, plan_npy
+from tensorway.batch.shard_messages import parse_task, text_headers
 from tensorway.batch.v1.shard_task_pb2 import ShardTask
-from tensorway.batch.worker import parse_task, text_headers
 
 SIGNATURE = ModelSignature(
     name="m",

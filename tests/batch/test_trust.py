@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 from minio import Minio
 
 from tensorway.batch.domain import InputFormat, JobSpec
-from tensorway.batch.store import JobStore
+from tensorway.batch.job_store import JobStore
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tensorway.runtime.context import Scope

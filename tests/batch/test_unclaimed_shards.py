@@ -7,7 +7,7 @@ import asyncio
 from datetime import timedelta
 
 from tensorway.batch.domain import InputFormat, InputPlan, JobSpec, ShardPlan
-from tensorway.batch.store import JobStore
+from tensorway.batch.job_store import JobStore
 
 SPEC = JobSpec(
     model="digits",

@@ -24,12 +24,14 @@ from tensorway.batch.domain import (
     ObjectRef,
     OutputFormat,
     Page,
+    job_name,
 )
 from tensorway.batch.inputs import NPY_HEADER_PROBE_BYTES, InputError, plan_jsonl, plan_npy
+from tensorway.batch.job_changes import JobChanges
+from tensorway.batch.job_store import JobStore
+from tensorway.batch.object_store import ObjectStore, StorageError
 from tensorway.batch.parquet import plan_parquet
 from tensorway.batch.results import PresignedObject, ResultWriter
-from tensorway.batch.storage import ObjectStore, StorageError
-from tensorway.batch.store import JobChanges, JobStore
 from tensorway.batch.tenancy import TenantStorage
 from tensorway.runtime import FieldViolation, InvalidArgument, PermissionDenied, TensorwayError, tracing
 
@@ -400,5 +402,5 @@ class LeaseReaper:
                 await self._results.finalize(self._store, job_id)
             except Exception:
                 # One job's manifest that cannot be written must not keep the others from ending.
-                logger.exception("job not finalized; trying again", extra={"job": f"jobs/{job_id}"})
+                logger.exception("job not finalized; trying again", extra={"job": job_name(job_id)})
         return False

@@ -153,6 +153,29 @@ class Progress:
         return self.rows_done + self.rows_failed
 
 
+JOBS = "jobs"
+"""The collection of jobs: a job's resource name is jobs/{id}."""
+
+
+def job_name(job_id: str) -> str:
+    """The resource name of the job `job_id`."""
+    return f"{JOBS}/{job_id}"
+
+
+def job_id_of(name: str) -> str | None:
+    """The id in a job's resource name; None when `name` is not jobs/{id} with an id of one
+    segment that PostgreSQL text can hold."""
+    collection, _, job_id = name.partition("/")
+    if collection != JOBS or not job_id or "/" in job_id or "\0" in job_id:
+        return None
+    return job_id
+
+
+def shard_request_id(job_id: str, shard: int) -> str:
+    """The request id a shard's calls carry, so the router's logs name the job and shard."""
+    return f"{job_name(job_id)}/shards/{shard}"
+
+
 @dataclass(frozen=True)
 class Job:
     """A batch inference job as the store holds it."""
@@ -174,7 +197,7 @@ class Job:
 
     @property
     def name(self) -> str:
-        return f"jobs/{self.id}"
+        return job_name(self.id)
 
 
 @dataclass(frozen=True)

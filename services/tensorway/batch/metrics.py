@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge, Histogram
 
 from tensorway.batch.domain import JobState
-from tensorway.batch.store import JobStore
+from tensorway.batch.job_store import JobStore
 
 JOBS = Gauge("tensorway_batch_jobs", "Jobs by state, as PostgreSQL records them.", ["state"])
 SHARDS_PENDING = Gauge(

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError  # type: ignore[import-untyped]
 
-from tensorway.batch.store import JobStore
+from tensorway.batch.job_store import JobStore
 
 logger = logging.getLogger(__name__)
 

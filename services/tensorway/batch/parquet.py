@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from tensorway.batch.domain import InputPlan, ObjectRef, RowError, ShardPlan
 from tensorway.batch.inference import ModelSignature, TensorSpec
 from tensorway.batch.inputs import Batch, InputError
-from tensorway.batch.storage import ObjectStore, RangedObject, StorageError
+from tensorway.batch.object_store import ObjectStore, RangedObject, StorageError
 from tensorway.batch.tensors import ACCEPTED_KINDS, numpy_dtype
 
 PARQUET_SUFFIXES = (".parquet", ".parq")

@@ -34,9 +34,9 @@ from tensorway.batch.domain import (
     StoredObject,
 )
 from tensorway.batch.inference import TensorSpec
+from tensorway.batch.job_store import JobStore, ShardRecord
+from tensorway.batch.object_store import ObjectStore
 from tensorway.batch.parquet import DEFAULT_ID_COLUMN, AnsweredRows, parquet_bytes, part_table
-from tensorway.batch.storage import ObjectStore
-from tensorway.batch.store import JobStore, ShardRecord
 from tensorway.batch.tensors import json_rows
 
 logger = logging.getLogger(__name__)

@@ -17,12 +17,14 @@ from pydantic_settings import SettingsConfigDict
 
 from tensorway.batch import converters
 from tensorway.batch.core import BatchJobs, BatchLimits, JobPlanner, LeaseReaper, Periodic
+from tensorway.batch.domain import job_id_of
+from tensorway.batch.job_changes import JobChanges
+from tensorway.batch.job_store import JobStore
 from tensorway.batch.metrics import JobCensus
+from tensorway.batch.object_store import StorageError
 from tensorway.batch.outbox import OutboxRelay, ensure_topic
 from tensorway.batch.results import ResultWriter
 from tensorway.batch.settings import BatchSettings
-from tensorway.batch.storage import StorageError
-from tensorway.batch.store import JobChanges, JobStore
 from tensorway.batch.tenancy import TenantStorage
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
@@ -80,14 +82,13 @@ class Settings(BatchSettings):
     """How often the planner and the outbox relay look for work that other replicas left."""
     outbox_batch_size: int = 500
     """Outbox messages published per transaction."""
-    lease_check_interval: timedelta = timedelta(seconds=1)
+    lease_check_interval: timedelta = timedelta(seconds=2)
     """How often expired shard leases are looked for; with the workers' lease timeout, this
     bounds how long a dead worker's shard waits."""
-    unclaimed_shard_timeout: timedelta = timedelta(seconds=5)
+    unclaimed_shard_timeout: timedelta = timedelta(minutes=2)
     """A pending shard offered to the workers this long ago that none has taken is published
-    again: its message was lost (a broker restarted without its data). A shard that only waits
-    in a backlog longer than this is published again too, once every this long, which costs a
-    message and a look-up (a shard is leased and counted once); see docs/reliability.md."""
+    again: its message was lost (a broker restarted without its data). Longer than shards wait
+    in a normal backlog, or they are published twice (harmless: a shard is counted once)."""
     max_shard_attempts: int = 5
     """Leases a shard gets before it fails with all its rows."""
     census_interval: timedelta = timedelta(seconds=10)
@@ -100,8 +101,8 @@ def _tenant() -> str:
 
 
 def _job_id(name: str, field: str = "name") -> str:
-    collection, _, job_id = name.partition("/")
-    if collection != "jobs" or not job_id or "/" in job_id or "\0" in job_id:
+    job_id = job_id_of(name)
+    if job_id is None:
         raise InvalidArgument(f"{field} must be jobs/{{job}}", [FieldViolation(field, "jobs/{job}")])
     return job_id
 
@@ -157,34 +158,42 @@ class BackgroundLoop(Protocol):
 
 
 class BackgroundWork:
-    """The API process's loops, started together and stopped together."""
+    """The API process's loops, in one task group from `start` until `stop`."""
 
     def __init__(self, loops: list[BackgroundLoop]) -> None:
         self._loops = loops
-        self._tasks: list[asyncio.Task[None]] = []
+        self._running: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for loop in self._loops:
+                group.create_task(loop.run(), name=loop.name)
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(loop.run(), name=loop.name) for loop in self._loops]
+        # A task of its own owns the group, so the loops outlive `create` and stop together,
+        # each cancelled and awaited, when `stop` cancels it.
+        self._running = asyncio.create_task(self._run(), name="batch background work")
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        """Cancel the loops and wait until they ended; safe to call twice."""
+        running, self._running = self._running, None
+        if running is not None:
+            running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+                await running
 
 
 async def create(settings: Settings) -> tuple[ServiceServer, int]:
     """The batch API server, not yet started, and its port. Its background loops run from here
     until the server stops."""
-    store = await JobStore.open(
-        settings.postgres_url,
-        max_size=settings.postgres_pool_size,
-        wait=settings.postgres_timeout,
-        retry_after=settings.retry_after,
-    )
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        store = await JobStore.open(
+            settings.postgres_url,
+            max_size=settings.postgres_pool_size,
+            wait=settings.postgres_timeout,
+            retry_after=settings.retry_after,
+        )
+        stack.push_async_callback(store.close)
         await ensure_topic(settings.kafka_bootstrap, settings.shards_topic, settings.shards_topic_partitions)
         relay = await OutboxRelay.connect(
             store,
@@ -195,69 +204,62 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
             in_flight=settings.shards_in_flight,
             shares=settings.tenant_shares,
         )
-    except BaseException:
-        await store.close()
-        raise
-    objects = settings.object_store()
-    storage = TenantStorage(settings.uploads_uri, settings.results_uri, settings.extra_input_prefixes)
-    for bucket in sorted(storage.buckets):
-        try:
-            await objects.ensure_bucket(bucket)
-        except StorageError as exc:
-            # S3 down at start must not keep the API down: jobs wait, and their writes fail visibly.
-            logger.warning("cannot make the batch bucket", extra={"bucket": bucket, "error": str(exc)})
-    results = ResultWriter(objects, settings.url_expiry)
-    relaying = Periodic("outbox relay", relay.relay_batch, settings.poll_interval)
-    planner = JobPlanner(store, objects, on_planned=relaying.wake, storage=storage)
-    planning = Periodic("job planner", planner.plan_next, settings.poll_interval)
-    reaper = LeaseReaper(
-        store,
-        results,
-        settings.max_shard_attempts,
-        on_requeued=relaying.wake,
-        unclaimed_timeout=settings.unclaimed_shard_timeout,
-    )
-    reaping = Periodic("lease reaper", reaper.sweep, settings.lease_check_interval)
-    limits = BatchLimits(
-        default_shard_size=settings.default_shard_size,
-        max_shard_size=settings.max_shard_size,
-        min_priority=settings.min_priority,
-        max_priority=settings.max_priority,
-        max_upload_bytes=settings.max_upload_bytes,
-        upload_url_expiry=settings.upload_url_expiry,
-    )
+        stack.push_async_callback(relay.close)
+        objects = settings.object_store()
+        storage = TenantStorage(settings.uploads_uri, settings.results_uri, settings.extra_input_prefixes)
+        for bucket in sorted(storage.buckets):
+            try:
+                await objects.ensure_bucket(bucket)
+            except StorageError as exc:
+                # S3 down at start must not keep the API down: jobs wait, and their writes fail visibly.
+                logger.warning("cannot make the batch bucket", extra={"bucket": bucket, "error": str(exc)})
+        results = ResultWriter(objects, settings.url_expiry)
+        relaying = Periodic("outbox relay", relay.relay_batch, settings.poll_interval)
+        planner = JobPlanner(store, objects, on_planned=relaying.wake, storage=storage)
+        planning = Periodic("job planner", planner.plan_next, settings.poll_interval)
+        reaper = LeaseReaper(
+            store,
+            results,
+            settings.max_shard_attempts,
+            on_requeued=relaying.wake,
+            unclaimed_timeout=settings.unclaimed_shard_timeout,
+        )
+        reaping = Periodic("lease reaper", reaper.sweep, settings.lease_check_interval)
+        limits = BatchLimits(
+            default_shard_size=settings.default_shard_size,
+            max_shard_size=settings.max_shard_size,
+            min_priority=settings.min_priority,
+            max_priority=settings.max_priority,
+            max_upload_bytes=settings.max_upload_bytes,
+            upload_url_expiry=settings.upload_url_expiry,
+        )
 
-    def made_room() -> None:
-        # A change of a job (a shard finished) may make room for shards that wait in the outbox.
-        if relay.backlogged:
-            relaying.wake()
+        def made_room() -> None:
+            # A change of a job (a shard finished) may make room for shards that wait in the outbox.
+            if relay.backlogged:
+                relaying.wake()
 
-    changes = JobChanges(settings.postgres_url, settings.retry_after, on_any_change=made_room)
-    jobs = BatchJobs(
-        store,
-        results,
-        limits,
-        settings.watch_interval,
-        storage=storage,
-        objects=objects,
-        changes=changes,
-        on_created=planning.wake,
-    )
-    counting = Periodic("job census", JobCensus(store).refresh, settings.census_interval)
-    background = BackgroundWork([relaying, planning, reaping, counting, changes])
-    try:
+        changes = JobChanges(store.database, settings.retry_after, on_any_change=made_room)
+        jobs = BatchJobs(
+            store,
+            results,
+            limits,
+            settings.watch_interval,
+            storage=storage,
+            objects=objects,
+            changes=changes,
+            on_created=planning.wake,
+        )
         server, port = create_server(
             "batch",
             settings,
             [ServiceBinding(pb_grpc.add_BatchServiceServicer_to_server, BatchServicer(jobs), SERVICE)],
         )
-    except BaseException:
-        await relay.close()
-        await store.close()
-        raise
-    # Cleanups run last added first: loops stop, then the producer, then the pool.
-    server.on_stop(store.close)
-    server.on_stop(relay.close)
-    server.on_stop(background.stop)
-    background.start()
+        counting = Periodic("job census", JobCensus(store).refresh, settings.census_interval)
+        background = BackgroundWork([relaying, planning, reaping, counting, changes])
+        background.start()
+        # Cleanups run last added first: loops stop, then the producer, then the pool.
+        stack.push_async_callback(background.stop)
+        cleanups = stack.pop_all()
+    server.on_stop(cleanups.aclose)
     return server, port

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from tensorway.batch.storage import ObjectStore
+from tensorway.batch.object_store import ObjectStore
 from tensorway.runtime import ServiceSettings
 
 

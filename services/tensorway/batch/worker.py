@@ -18,7 +18,6 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -27,12 +26,18 @@ import faust
 import grpc
 from faust.transport.drivers import aiokafka as faust_kafka
 from faust.types import EventT, StreamT, TransportT
-from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from pydantic_settings import SettingsConfigDict
 
 from tensorway.batch import metrics
-from tensorway.batch.domain import InputFormat, ObjectRef, OutputFormat, RowError, ShardLease
+from tensorway.batch.domain import (
+    InputFormat,
+    ObjectRef,
+    OutputFormat,
+    RowError,
+    ShardLease,
+    shard_request_id,
+)
 from tensorway.batch.inference import (
     GrpcInferenceClient,
     InferenceClient,
@@ -41,16 +46,16 @@ from tensorway.batch.inference import (
     infer_with_retries,
 )
 from tensorway.batch.inputs import Batch, InputError, coalesce, decode_jsonl, npy_batches
+from tensorway.batch.job_store import JobStore
+from tensorway.batch.object_store import ObjectStore, StorageError
 from tensorway.batch.outbox import ensure_topic
 from tensorway.batch.parquet import DEFAULT_ID_COLUMN, ERROR_COLUMN, AnsweredRows, read_shard
 from tensorway.batch.results import ResultWriter, ShardAnswers
 from tensorway.batch.settings import BatchSettings
-from tensorway.batch.storage import ObjectStore, StorageError
-from tensorway.batch.store import JobStore
+from tensorway.batch.shard_messages import parse_task, text_headers
 from tensorway.batch.tensors import from_tensor, to_tensor
-from tensorway.batch.v1 import shard_task_pb2
 from tensorway.inference.v1 import inference_service_pb2 as infer_pb
-from tensorway.runtime import ServiceServer, create_server, tracing
+from tensorway.runtime import ServiceServer, TensorwayError, create_server, tracing
 from tensorway.runtime.context import DEFAULT_TENANT, TENANT_HEADER, RequestContext, Scope, current
 
 logger = logging.getLogger(__name__)
@@ -80,9 +85,8 @@ class Settings(BatchSettings):
     shards' objects are read and written."""
     consumer_group: str = "tensorway-batch-workers"
     """The Kafka consumer group all workers join."""
-    kafka_session_timeout: timedelta = timedelta(seconds=6)
-    """How long the group waits for a silent worker before giving its partitions to others;
-    6 s is the least Apache Kafka's brokers accept by default (group.min.session.timeout.ms)."""
+    kafka_session_timeout: timedelta = timedelta(seconds=10)
+    """How long the group waits for a silent worker before giving its partitions to others."""
     kafka_heartbeat_interval: timedelta = timedelta(seconds=1)
     """How often a worker tells the group it is alive."""
     kafka_commit_interval: timedelta = timedelta(seconds=1)
@@ -90,13 +94,16 @@ class Settings(BatchSettings):
     kafka_fetch_max_wait: timedelta = timedelta(milliseconds=100)
     """How long the broker may hold a fetch that finds nothing new. Tansu hands over a message
     that arrives meanwhile late: 0.15-0.9 s with faust's own 1.5 s, under 10 ms with 100 ms."""
-    lease_timeout: timedelta = timedelta(seconds=6)
-    """How long a shard stays a silent worker's; the worker renews it every third of this (a
-    PostgreSQL write per shard in progress every 2 s by default)."""
+    lease_timeout: timedelta = timedelta(seconds=30)
+    """How long a shard stays a silent worker's; the worker renews it every third of this."""
     worker_id: str = ""
     """This worker's name in shard leases; empty makes one from the host and process id."""
     lag_report_interval: timedelta = timedelta(seconds=5)
     """How often the consumer lag gauge is updated from the worker's partitions."""
+    signature_ttl: timedelta = timedelta(minutes=1)
+    """How long a model's signature is kept before it is asked for again, so a model whose
+    inputs changed under the same name and version (re-registered, or a version left to the
+    router's choice) is read anew."""
 
 
 class JobCannotRun(Exception):
@@ -137,7 +144,8 @@ class ShardRunner:
         self._settings = settings
         self._owner = owner
         self._infer_slots = asyncio.Semaphore(settings.infer_concurrency)
-        self._signatures: dict[tuple[str, str], ModelSignature] = {}
+        # (model, version) → the signature and when it was fetched (time.monotonic()).
+        self._signatures: dict[tuple[str, str], tuple[ModelSignature, float]] = {}
 
     async def run(self, job_id: str, shard: int) -> None:
         """Process the shard unless it is finished, cancelled or another live worker's."""
@@ -151,7 +159,7 @@ class ShardRunner:
         # message's headers: its limits and routing count them against the job's tenant, and
         # the call may infer and nothing else.
         acting = RequestContext(
-            request_id=f"jobs/{job_id}/shards/{shard}",
+            request_id=shard_request_id(job_id, shard),
             tenant=lease.job.tenant,
             scopes=WORKER_SCOPES,
         )
@@ -238,14 +246,18 @@ class ShardRunner:
 
     async def _signature(self, lease: ShardLease) -> ModelSignature:
         key = (lease.job.spec.model, lease.job.spec.model_version)
-        if key not in self._signatures:
-            try:
-                self._signatures[key] = await self._inference.signature(*key)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                    raise JobCannotRun(f"model {key[0]!r}: {exc.details()}") from exc
-                raise
-        return self._signatures[key]
+        cached = self._signatures.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < self._settings.signature_ttl.total_seconds():
+            return cached[0]
+        try:
+            signature = await self._inference.signature(*key)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise JobCannotRun(f"model {key[0]!r}: {exc.details()}") from exc
+            raise
+        self._signatures[key] = (signature, now)
+        return signature
 
     def _batch_size(self, signature: ModelSignature) -> int:
         if signature.max_batch_size <= 0:
@@ -368,27 +380,6 @@ class ShardRunner:
         ], []
 
 
-def parse_task(value: bytes) -> tuple[str, int]:
-    """A shard message → (job id, shard index); ValueError when it is not one."""
-    try:
-        task = shard_task_pb2.ShardTask.FromString(value)
-    except DecodeError as exc:
-        raise ValueError(f"not a ShardTask: {exc}") from exc
-    collection, _, job_id = task.job.partition("/")
-    if collection != "jobs" or not job_id or task.shard < 0:
-        raise ValueError(f"not a shard of a job: job={task.job!r} shard={task.shard}")
-    return job_id, task.shard
-
-
-def text_headers(headers: Mapping[str, bytes] | Iterable[tuple[str, bytes]] | None) -> dict[str, str]:
-    """Kafka record headers (pairs, or a mapping) as text."""
-    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
-    return {
-        str(key): value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-        for key, value in pairs
-    }
-
-
 class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: faust_kafka.Transport) -> Any:
         consumer = super()._create_worker_consumer(transport)
@@ -455,7 +446,10 @@ class BatchWorker:
             await self.handle(event)
 
     async def handle(self, event: EventT[bytes]) -> None:
-        """One shard message. A malformed one is logged and skipped; nothing here stops the worker."""
+        """One shard message. A malformed one is logged and skipped, and so is one whose shard a
+        dependency (PostgreSQL, S3, the router) failed: its lease runs out or its message is
+        published again. Anything else is a fault here, and crashes the agent, which faust
+        restarts, where its traceback is seen."""
         message = event.message
         try:
             job_id, shard = parse_task(bytes(event.value))
@@ -469,7 +463,7 @@ class BatchWorker:
             return
         # Until the shard is leased, the record's tenant header is only a label for the logs.
         request = RequestContext(
-            request_id=f"jobs/{job_id}/shards/{shard}", tenant=headers.get(TENANT_HEADER) or DEFAULT_TENANT
+            request_id=shard_request_id(job_id, shard), tenant=headers.get(TENANT_HEADER) or DEFAULT_TENANT
         )
         token = current.set(request)
         try:
@@ -480,13 +474,14 @@ class BatchWorker:
                 attributes={"tensorway.batch.job": job_id, "tensorway.batch.shard": shard},
             ):
                 await self._runner.run(job_id, shard)
-        except Exception:
+        except (TensorwayError, StorageError, grpc.RpcError):
             logger.exception("shard failed", extra={"job": job_id, "shard": shard})
         finally:
             current.reset(token)
 
     async def start(self) -> None:
         await self.app.start()
+        # One task beside faust's own, stopped by `shutdown` before the app is.
         self._lag_reporting = asyncio.create_task(self._report_lag(), name="consumer lag")
 
     async def _report_lag(self) -> None:
@@ -524,34 +519,31 @@ def worker_name(settings: Settings) -> str:
 
 async def create(settings: Settings) -> tuple[ServiceServer, int]:
     """A worker: consuming from here on, with a server that reports its health and metrics."""
-    store = await JobStore.open(
-        settings.postgres_url,
-        max_size=settings.postgres_pool_size,
-        wait=settings.postgres_timeout,
-        retry_after=settings.retry_after,
-    )
-    inference = GrpcInferenceClient.connect(settings.inference_target, settings.inference_timeout)
-    objects = settings.object_store()
-    runner = ShardRunner(
-        store=store,
-        objects=objects,
-        results=ResultWriter(objects, settings.url_expiry),
-        inference=inference,
-        settings=settings,
-        owner=worker_name(settings),
-    )
-    worker = BatchWorker(settings, runner)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        store = await JobStore.open(
+            settings.postgres_url,
+            max_size=settings.postgres_pool_size,
+            wait=settings.postgres_timeout,
+            retry_after=settings.retry_after,
+        )
+        stack.push_async_callback(store.close)
+        inference = GrpcInferenceClient.connect(settings.inference_target, settings.inference_timeout)
+        stack.push_async_callback(inference.close)
+        objects = settings.object_store()
+        runner = ShardRunner(
+            store=store,
+            objects=objects,
+            results=ResultWriter(objects, settings.url_expiry),
+            inference=inference,
+            settings=settings,
+            owner=worker_name(settings),
+        )
+        worker = BatchWorker(settings, runner)
+        stack.push_async_callback(worker.shutdown)
         await ensure_topic(settings.kafka_bootstrap, settings.shards_topic, settings.shards_topic_partitions)
         server, port = create_server("batch-worker", settings, [])
         await worker.start()
-    except BaseException:
-        await worker.shutdown()
-        await inference.close()
-        await store.close()
-        raise
-    # Cleanups run last added first: stop consuming, then close the channel and the pool.
-    server.on_stop(store.close)
-    server.on_stop(inference.close)
-    server.on_stop(worker.shutdown)
+        # Cleanups run last added first: stop consuming, then close the channel and the pool.
+        cleanups = stack.pop_all()
+    server.on_stop(cleanups.aclose)
     return server, port

@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from tensorway.batch.domain import job_id_of, job_name
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tensorway.cli.connection import connect
@@ -102,7 +103,7 @@ def _call(method: Callable[..., T], request: object) -> T:
 
 
 def _name(job: str) -> str:
-    return job if job.startswith("jobs/") else f"jobs/{job}"
+    return job if job_id_of(job) is not None else job_name(job)
 
 
 def _state(job: pb.Job) -> str:
