@@ -47,10 +47,9 @@ async def test_infer_stream_streams_the_series_and_unary_infer_refuses(
 ) -> None:
     request = pb.InferRequest(model_name=MODEL, id="t1")
     request.inputs.add(name="PROMPT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"a b c")
-    answers = [answer async for answer in stub.InferStream(request)]
+    answers = [answer.response async for answer in stub.InferStream(pb.InferStreamRequest(request=request))]
     got = [
-        (a.id, list(a.outputs[0].contents.bytes_contents) if a.outputs else None, final(a))
-        for a in answers
+        (a.id, list(a.outputs[0].contents.bytes_contents) if a.outputs else None, final(a)) for a in answers
     ]
     assert got == [("t1", [b"a"], False), ("t1", [b"b"], False), ("t1", [b"c"], False), ("t1", None, True)]
     with pytest.raises(grpc.aio.AioRpcError) as refused:

@@ -20,7 +20,7 @@ from tensorway.devstack._triton import model_repository_path
 
 LOCAL_POOL = "local"
 # Registry names are DNS labels, so Triton's `simple_string` stays reachable on Triton only.
-ROUTED_DEMO_MODELS = ("simple", "digits", "iris", "accumulate")
+ROUTED_DEMO_MODELS = ("simple", "digits", "iris", "accumulate", "tokens")
 
 
 def endpoint_key(component: str) -> str:

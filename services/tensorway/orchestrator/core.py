@@ -23,7 +23,7 @@ from tensorway.orchestrator.models import ModelCatalog
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
 from tensorway.orchestrator.signatures import ModelSignature
 from tensorway.orchestrator.streams import EMPTY_FINAL_RESPONSE_PARAMETER, FINAL_RESPONSE_PARAMETER
-from tensorway.orchestrator.triton_errors import ModelGone, from_stream_error
+from tensorway.orchestrator.triton_errors import UNARY_ON_DECOUPLED, ModelGone, from_stream_error
 from tensorway.orchestrator.validation import check_triton_contents, validate_request
 from tensorway.runtime import (
     Aborted,
@@ -49,8 +49,6 @@ from tensorway.tensors.triton import (
 
 logger = logging.getLogger(__name__)
 AnswerT = TypeVar("AnswerT")
-UNARY_ON_DECOUPLED = "ModelInfer RPC doesn't support models with decoupled transaction policy"
-"""Triton's refusal of a unary ModelInfer on a decoupled model (UNIMPLEMENTED), word for word."""
 
 
 class Orchestrator:

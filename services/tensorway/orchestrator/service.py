@@ -125,9 +125,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async for response in self._orchestrator.stream_infer(request_iterator, self._stream_max_in_flight):
             yield response
 
-    async def InferStream(self, request: pb.InferRequest, context: Any) -> AsyncIterator[pb.InferResponse]:
-        async for response in self._orchestrator.infer_series(request):
-            yield response
+    async def InferStream(
+        self, request: pb.InferStreamRequest, context: Any
+    ) -> AsyncIterator[pb.InferStreamResponse]:
+        async for response in self._orchestrator.infer_series(request.request):
+            yield pb.InferStreamResponse(response=response)
 
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: Any

@@ -146,6 +146,8 @@ _REQUEST_CHECKS = (
         lambda m: f"input {m['input']!r} holds a value outside {m['dtype']}",
     ),
 )
+UNARY_ON_DECOUPLED = "ModelInfer RPC doesn't support models with decoupled transaction policy"
+"""Triton's refusal of a unary ModelInfer on a decoupled model (UNIMPLEMENTED), word for word."""
 # The model was unloaded after its signature was cached: it may come back, another Triton may
 # have it, so the caller may retry.
 _MODEL_GONE_MARKER = "Request for unknown model"

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -161,6 +161,51 @@ class Router:
             if primary_answer is not None:
                 primary_answer.set_result(response)
             return response
+        finally:
+            self._in_flight -= 1
+
+    async def infer_series(
+        self,
+        request: SerializedRequest,
+        route_key: str | None,
+        method: str,
+        *,
+        bidi: bool,
+        framed: Callable[[bytes], bytes] = lambda data: data,
+    ) -> AsyncIterator[bytes]:
+        """Run `request` on the orchestrator's streaming `method` (for a decoupled model's series
+        of answers), as the message `framed` makes of its bytes, and yield each serialized answer
+        as it comes, chosen, limited and shed as `infer` does. A retryable failure goes to another
+        endpoint only before the first answer: after it, the client has part of the series. Not
+        mirrored to shadows."""
+        if self._in_flight >= self._policy.max_concurrency:
+            metrics.SHED.inc()
+            raise ResourceExhausted(
+                f"the router is at its limit of {self._policy.max_concurrency} requests in flight",
+                retry_after=self._policy.shed_retry_after,
+            )
+        self._in_flight += 1
+        try:
+            route, version = self.resolve(request.model, request.version, route_key)
+            if self._limits is not None:
+                await self._limits.admit(
+                    caller().tenant, route.model, request.data, inputs_field=request.api.inputs_field
+                )
+            data = framed(request.for_version(version.version))
+            tried: set[str] = set()
+            while True:
+                endpoint = self._choose_endpoint(version, tried)
+                tried.add(endpoint.address)
+                answered = False
+                try:
+                    async for response in endpoint.infer_series(data, method, bidi=bidi):
+                        answered = True
+                        yield response
+                    return
+                except grpc.aio.AioRpcError as error:
+                    if answered or not self._may_retry(route.model, version, error.code(), tried):
+                        raise
+                    metrics.RETRIES.labels(route.model, error.code().name).inc()
         finally:
             self._in_flight -= 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -128,6 +128,35 @@ class Endpoint:
             self.breaker.release(outcome)
             if self.breaker.trips != trips:
                 self._breaker_trips.inc()
+            self._outstanding.dec()
+            self._breaker_open.set(0 if self.breaker.available() else 1)
+
+    async def infer_series(self, request: bytes, method: str, *, bidi: bool) -> AsyncIterator[bytes]:
+        """Run a serialized request on the orchestrator's streaming `method` and yield each
+        serialized answer as it comes: Triton's ModelStreamInfer (`bidi`, the request written
+        alone) or tensorway's InferStream. The outcome is recorded in the breaker as `infer`'s."""
+        if not self.breaker.acquire():
+            raise Unavailable(
+                f"endpoint {self.address} is open-circuited", retry_after=self.breaker.retry_after()
+            )
+        self._outstanding.inc()
+        outcome = Outcome.IGNORED
+        options: dict[str, Any] = {"timeout": downstream_timeout(), "metadata": downstream_metadata()}
+        multicallable: Any = (
+            self._channel.stream_stream(method) if bidi else self._channel.unary_stream(method)
+        )
+        call = multicallable(iter((request,)) if bidi else request, **options)
+        try:
+            async for response in call:
+                yield response
+            outcome = Outcome.SUCCESS
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            outcome = outcome_of(code, error_reason(error) if code is grpc.StatusCode.INTERNAL else "")
+            raise
+        finally:
+            call.cancel()  # the caller went away before the last answer: so does the call
+            self.breaker.release(outcome)
             self._outstanding.dec()
             self._breaker_open.set(0 if self.breaker.available() else 1)
 

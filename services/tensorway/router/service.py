@@ -34,6 +34,8 @@ from tensorway.tensors.triton import sequence_step
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+# Where InferStream goes: the orchestrator's own, which takes the same message.
+INFER_STREAM_METHOD = f"/{INFERENCE_SERVICE.full_name}/InferStream"
 LIMITS_FILE = Path(__file__).with_name("limits.yaml")
 """The global limits the router enforces unless `limits_file` names others."""
 
@@ -127,17 +129,43 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     without parsing their tensors.
     """
 
-    def __init__(self, router: Router, route_key_header: str, stream_max_in_flight: int) -> None:
+    def __init__(
+        self,
+        router: Router,
+        route_key_header: str,
+        stream_max_in_flight: int,
+        decoupled: Callable[[str, str], Awaitable[bool]],
+    ) -> None:
+        """`decoupled(model, version)` says whether a model answers a request with a series."""
         self._router = router
         self._route_key_header = route_key_header
         self._stream_max_in_flight = stream_max_in_flight
+        self._decoupled = decoupled
 
     async def Infer(  # type: ignore[override]
         self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
-        return await self._router.infer(
-            SerializedRequest.parse(request), route_key(context, self._route_key_header)
-        )
+        parsed = SerializedRequest.parse(request)
+        if await self._decoupled(parsed.model, parsed.version):
+            # Refused here, before an orchestrator would, so the mistake never counts against it.
+            raise Unimplemented(
+                "Infer doesn't support models with decoupled transaction policy: "
+                "use InferStream or StreamInfer"
+            )
+        return await self._router.infer(parsed, route_key(context, self._route_key_header))
+
+    async def InferStream(  # type: ignore[override]
+        self, request: pb.InferStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """The orchestrator's serialized InferStreamResponses, returned as they came."""
+        async for answer in self._router.infer_series(
+            SerializedRequest.of(request.request),
+            route_key(context, self._route_key_header),
+            INFER_STREAM_METHOD,
+            bidi=False,
+            framed=_infer_stream_request,
+        ):
+            yield answer
 
     async def StreamInfer(
         self,
@@ -146,21 +174,29 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.StreamInferResponse]:
         key = route_key(context, self._route_key_header)
 
-        async def answer(item: pb.StreamInferRequest) -> pb.StreamInferResponse:
+        async def answers(item: pb.StreamInferRequest) -> AsyncIterator[pb.StreamInferResponse]:
+            request, request_id = SerializedRequest.of(item.request), item.request.id
             try:
-                response = await self._router.infer(SerializedRequest.of(item.request), key)
-                return pb.StreamInferResponse(
-                    id=item.request.id, response=pb.InferResponse.FromString(response)
-                )
+                if await self._decoupled(request.model, request.version):
+                    async for answer in self._router.infer_series(
+                        request, key, INFER_STREAM_METHOD, bidi=False, framed=_infer_stream_request
+                    ):
+                        yield pb.StreamInferResponse(
+                            id=request_id, response=pb.InferStreamResponse.FromString(answer).response
+                        )
+                    return
+                response = await self._router.infer(request, key)
             except Exception as error:
-                return pb.StreamInferResponse(id=item.request.id, error=status_of(error))
+                yield pb.StreamInferResponse(id=request_id, error=status_of(error))
+                return
+            yield pb.StreamInferResponse(id=request_id, response=pb.InferResponse.FromString(response))
 
         def sequence_of(item: pb.StreamInferRequest) -> tuple[str, str] | None:
             step = sequence_step(item.request.parameters)
             return None if step is None else (item.request.model_name, step.id)
 
-        async for response in answer_in_order(
-            request_iterator, answer, self._stream_max_in_flight, sequence_of
+        async for response in answer_series_in_order(
+            request_iterator, answers, self._stream_max_in_flight, sequence_of
         ):
             yield response
 
@@ -178,11 +214,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
 
 
+def _infer_stream_request(request: bytes) -> bytes:
+    """A serialized InferRequest as the InferStreamRequest that carries it."""
+    return wire.message_field(pb.InferStreamRequest.REQUEST_FIELD_NUMBER, request)
+
+
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     """The generated `add_InferenceServiceServicer_to_server`, except that Infer's request and
-    answer stay serialized."""
+    answer, and InferStream's answers, stay serialized."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Infer": grpc.unary_unary_rpc_method_handler(servicer.Infer),
+        "InferStream": grpc.unary_stream_rpc_method_handler(
+            servicer.InferStream, request_deserializer=pb.InferStreamRequest.FromString
+        ),
         "StreamInfer": grpc.stream_stream_rpc_method_handler(
             servicer.StreamInfer,
             request_deserializer=pb.StreamInferRequest.FromString,
@@ -217,20 +261,24 @@ async def create(settings: Settings, route_source: RouteSource | None = None) ->
             closed_retry_after=settings.limits_closed_retry_after,
         )
     router = Router(watcher, settings.policy(), limits=limits)
+    triton_servicer = triton_api.TritonServicer(
+        router, settings.route_key_header, settings.stream_max_in_flight
+    )
     server, port = create_server(
         "router",
         settings,
         [
             ServiceBinding(
                 add_to_server,
-                InferenceServicer(router, settings.route_key_header, settings.stream_max_in_flight),
+                InferenceServicer(
+                    router,
+                    settings.route_key_header,
+                    settings.stream_max_in_flight,
+                    triton_servicer.decoupled,
+                ),
                 INFERENCE_SERVICE,
             ),
-            ServiceBinding(
-                triton_api.add_to_server,
-                triton_api.TritonServicer(router, settings.route_key_header, settings.stream_max_in_flight),
-                triton_api.SERVICE,
-            ),
+            ServiceBinding(triton_api.add_to_server, triton_servicer, triton_api.SERVICE),
         ],
     )
     # Stopped in reverse order: the router's channels close first, then the watcher.
@@ -241,10 +289,7 @@ async def create(settings: Settings, route_source: RouteSource | None = None) ->
     # Triton's V2 HTTP/REST protocol on a port of its own, answered by the same router; it stops
     # taking calls before the router's channels close.
     http = http_api.V2HttpServer(
-        http_api.V2HttpApi(
-            triton_api.TritonServicer(router, settings.route_key_header, settings.stream_max_in_flight),
-            settings.max_message_bytes,
-        ),
+        http_api.V2HttpApi(triton_servicer, settings.max_message_bytes),
         settings.host,
         settings.http_port,
         settings.grace,

@@ -19,7 +19,10 @@ INVALID_ARGUMENT, statistics of a model or version that is not served are INVALI
 shapes in metadata carry the batch dimension as -1, outputs come back as raw buffers, unary
 answers carry no parameters of the mesh's own and stream answers carry Triton's
 `triton_final_response`, a failed request on a stream is an `error_message` while the stream
-goes on, and a stream's answers come back in the order its requests came. Refusals keep Triton's
+goes on, and a stream's answers come back in the order its requests came. A decoupled model
+(known from its Triton configuration) answers each request of a stream with its whole series,
+final flags and Triton's empty final answer (when asked for) as Triton sends them, and a unary
+ModelInfer on it is refused with Triton's UNIMPLEMENTED and Triton's words. Refusals keep Triton's
 status codes but carry the mesh's own messages.
 
 What a mesh cannot do as one Triton does is refused with a message saying why: shared memory
@@ -44,6 +47,7 @@ from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from tensorway.common.v1 import error_pb2, tensor_pb2
 from tensorway.orchestrator.streams import FINAL_RESPONSE_PARAMETER
 from tensorway.orchestrator.triton_control import TRITONS_METADATA_KEY
+from tensorway.orchestrator.triton_errors import UNARY_ON_DECOUPLED
 from tensorway.orchestrator.validation import NO_SHARED_MEMORY
 from tensorway.router.dispatch import Router
 from tensorway.router.routing import ModelRoute, RouteTable, VersionRoute
@@ -59,11 +63,13 @@ from tensorway.runtime import (
 )
 from tensorway.runtime.context import Scope, require_scope
 from tensorway.runtime.interceptors import downstream_metadata, downstream_timeout
-from tensorway.runtime.streams import answer_in_order
+from tensorway.runtime.streams import answer_series_in_order
 from tensorway.tensors import wire
 
 SERVICE = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 _STREAM_ANSWER = triton.ModelStreamInferResponse.INFER_RESPONSE_FIELD_NUMBER
+# Where a decoupled model's requests go: the orchestrator's stream, one request per call.
+_ORCHESTRATOR_STREAM = f"/{SERVICE.full_name}/ModelStreamInfer"
 # Appended to a serialized ModelInferResponse, this map entry adds Triton's final-response flag to
 # its parameters (map entries on the wire merge into the map).
 _FINAL_RESPONSE = triton.ModelInferResponse(
@@ -363,10 +369,25 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         """The serialized ModelInferRequest forwarded as it came; the orchestrator's serialized
-        answer, which carries no parameters of the mesh's own, returned as it came."""
-        return await self._infer(
-            SerializedRequest.parse_triton(request), route_key(context, self._route_key_header)
-        )
+        answer, which carries no parameters of the mesh's own, returned as it came. Refused for a
+        decoupled model, as Triton refuses it (before an orchestrator would, so that the client's
+        mistake never counts against an endpoint)."""
+        parsed = SerializedRequest.parse_triton(request)
+        if await self.decoupled(parsed.model, parsed.version):
+            raise Unimplemented(UNARY_ON_DECOUPLED)
+        return await self._infer(parsed, route_key(context, self._route_key_header))
+
+    async def decoupled(self, model: str, version: str) -> bool:
+        """Whether a model version answers a request with a series (Triton's decoupled
+        transaction policy), by the configuration of a Triton serving it; a version string that
+        names no version asks about the version metadata calls describe."""
+        try:
+            answer = await self.ModelConfig(triton.ModelConfigRequest(name=model, version=version), _NO_CALL)
+        except (Unavailable, grpc.aio.AioRpcError):
+            # No orchestrator tells (away, or older than Triton's service): the request goes as one
+            # that is not, and an orchestrator that knows better refuses it.
+            return False
+        return bool(answer.config.model_transaction_policy.decoupled)
 
     async def infer_message(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """ModelInfer on messages, for doors that build them (the V2 HTTP door)."""
@@ -376,19 +397,30 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
-        """Each serialized ModelInferRequest of the stream forwarded as ModelInfer; answers in
-        request order as serialized ModelStreamInferResponses."""
+        """Each serialized ModelInferRequest of the stream forwarded as ModelInfer, or for a
+        decoupled model on the orchestrator's ModelStreamInfer, whose every answer (Triton's, with
+        its final flag) comes back as it came; answers in request order as serialized
+        ModelStreamInferResponses."""
         key = route_key(context, self._route_key_header)
 
-        async def answer(request: SerializedRequest | BaseException) -> bytes:
+        async def answers(request: SerializedRequest | BaseException) -> AsyncIterator[bytes]:
             if isinstance(request, BaseException):
-                return _stream_error(request, "")
+                yield _stream_error(request, "")
+                return
             try:
+                if await self.decoupled(request.model, request.version):
+                    _, version = self._routed(request.model, request.version)
+                    async for answer in self._router.infer_series(
+                        request.with_version(version), key, _ORCHESTRATOR_STREAM, bidi=True
+                    ):
+                        yield answer
+                    return
                 response = await self._infer(request, key)
             except Exception as error:
-                return _stream_error(error, request.id)
+                yield _stream_error(error, request.id)
+                return
             # Triton marks each answer on a stream as its request's final one.
-            return wire.message_field(_STREAM_ANSWER, response + _FINAL_RESPONSE)
+            yield wire.message_field(_STREAM_ANSWER, response + _FINAL_RESPONSE)
 
         async def parsed() -> AsyncIterator[SerializedRequest | BaseException]:
             async for request in request_iterator:
@@ -402,7 +434,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
                 return None
             return (request.model, request.sequence.id)
 
-        async for response in answer_in_order(parsed(), answer, self._stream_max_in_flight, sequence_of):
+        async for response in answer_series_in_order(
+            parsed(), answers, self._stream_max_in_flight, sequence_of
+        ):
             yield response
 
     async def _infer(self, request: SerializedRequest, key: str | None) -> bytes:
@@ -520,6 +554,10 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         if reported:
             return "UNAVAILABLE", f"not in the model repository of pool {version.pool}"
         return "UNAVAILABLE", f"no orchestrator of pool {version.pool} answered"
+
+
+# ModelConfig reads nothing of its call, so the router can ask it for its own ends.
+_NO_CALL: Any = None
 
 
 def _stream_error(error: BaseException, request_id: str) -> bytes:

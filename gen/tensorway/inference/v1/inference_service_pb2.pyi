@@ -266,6 +266,54 @@ class StreamInferResponse(_message.Message):
 Global___StreamInferResponse: _TypeAlias = StreamInferResponse  # noqa: Y015
 
 @_typing.final
+class InferStreamRequest(_message.Message):
+    """Request for InferStream: one inference request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request(self) -> Global___InferRequest:
+        """The request."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___InferRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferStreamRequest: _TypeAlias = InferStreamRequest  # noqa: Y015
+
+@_typing.final
+class InferStreamResponse(_message.Message):
+    """Response for InferStream: one of the request's responses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___InferResponse:
+        """The response."""
+
+    def __init__(
+        self,
+        *,
+        response: Global___InferResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferStreamResponse: _TypeAlias = InferStreamResponse  # noqa: Y015
+
+@_typing.final
 class GetModelMetadataRequest(_message.Message):
     """Request for GetModelMetadata."""
 

@@ -47,8 +47,8 @@ class InferenceServiceStub:
                 _registered_method=True)
         self.InferStream = channel.unary_stream(
                 '/tensorway.inference.v1.InferenceService/InferStream',
-                request_serializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferRequest.SerializeToString,
-                response_deserializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferResponse.FromString,
+                request_serializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferStreamRequest.SerializeToString,
+                response_deserializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferStreamResponse.FromString,
                 _registered_method=True)
         self.GetModelMetadata = channel.unary_unary(
                 '/tensorway.inference.v1.InferenceService/GetModelMetadata',
@@ -114,8 +114,8 @@ def add_InferenceServiceServicer_to_server(servicer, server):
             ),
             'InferStream': grpc.unary_stream_rpc_method_handler(
                     servicer.InferStream,
-                    request_deserializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferRequest.FromString,
-                    response_serializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferResponse.SerializeToString,
+                    request_deserializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferStreamRequest.FromString,
+                    response_serializer=tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferStreamResponse.SerializeToString,
             ),
             'GetModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelMetadata,
@@ -203,8 +203,8 @@ class InferenceService:
             request,
             target,
             '/tensorway.inference.v1.InferenceService/InferStream',
-            tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferRequest.SerializeToString,
-            tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferResponse.FromString,
+            tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferStreamRequest.SerializeToString,
+            tensorway_dot_inference_dot_v1_dot_inference__service__pb2.InferStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,7 +42,7 @@ class InferenceServiceStub:
     under its id; each carries the parameter `triton_final_response`, true on the last one,
     which has no outputs when the model ended with the final flag alone.
     """
-    InferStream: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.InferRequest, _inference_service_pb2.InferResponse]
+    InferStream: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.InferStreamRequest, _inference_service_pb2.InferStreamResponse]
     """Runs one request and streams back every response: for a decoupled model (many responses
     per request, as a language model streams its tokens), each as the model sends it, with the
     parameter `triton_final_response`, true on the last one (which has no outputs when the
@@ -68,7 +68,7 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     under its id; each carries the parameter `triton_final_response`, true on the last one,
     which has no outputs when the model ended with the final flag alone.
     """
-    InferStream: _aio.UnaryStreamMultiCallable[_inference_service_pb2.InferRequest, _inference_service_pb2.InferResponse]  # type: ignore[assignment]
+    InferStream: _aio.UnaryStreamMultiCallable[_inference_service_pb2.InferStreamRequest, _inference_service_pb2.InferStreamResponse]  # type: ignore[assignment]
     """Runs one request and streams back every response: for a decoupled model (many responses
     per request, as a language model streams its tokens), each as the model sends it, with the
     parameter `triton_final_response`, true on the last one (which has no outputs when the
@@ -107,9 +107,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def InferStream(
         self,
-        request: _inference_service_pb2.InferRequest,
+        request: _inference_service_pb2.InferStreamRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.InferResponse], _abc.AsyncIterator[_inference_service_pb2.InferResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.InferStreamResponse], _abc.AsyncIterator[_inference_service_pb2.InferStreamResponse]]:
         """Runs one request and streams back every response: for a decoupled model (many responses
         per request, as a language model streams its tokens), each as the model sends it, with the
         parameter `triton_final_response`, true on the last one (which has no outputs when the
