@@ -4,9 +4,11 @@ NetworkPolicies that leave only Envoy open."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -14,10 +16,15 @@ import yaml
 from tensorway.cli.main import SERVICES
 from tensorway.edge.config import load_values
 
-from .manifests import Container, by_kind, containers, unknown_settings
+from .manifests import Container, by_kind, containers, settings_class, unknown_settings
 
 # The Kubernetes release whose schemas kubernetes-validate ships (offline) that we target.
 KUBERNETES_VERSION = "1.37.0"
+# Custom resources kubernetes-validate does not know, checked against schemas written here for the
+# fields the manifests use (no network to fetch the operators' CRDs).
+CUSTOM_RESOURCE_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): Path(__file__).with_name("schemas") / "keda-scaledobject.json",
+}
 # Only Envoy may be reached from outside the namespace (besides Prometheus on metrics ports).
 PUBLIC = "envoy"
 METRICS_PORTS = {9100, 8888, 8002}
@@ -34,11 +41,31 @@ CALLERS = {
 def test_every_object_is_valid_kubernetes(overlay: list[dict[str, Any]]) -> None:
     errors = []
     for obj in overlay:
+        custom = CUSTOM_RESOURCE_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
+        if custom is not None:
+            schema = json.loads(custom.read_text())
+            found = jsonschema.Draft202012Validator(schema).iter_errors(obj)
+            errors.extend(f"{obj['kind']}/{obj['metadata']['name']}: {error.message}" for error in found)
+            continue
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as error:
             errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {error.message}")
     assert not errors, "\n".join(errors)
+
+
+def test_the_scaled_object_schema_refuses_what_keda_would() -> None:
+    schema = json.loads(CUSTOM_RESOURCE_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")].read_text())
+    broken = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "x"},
+        "spec": {
+            "scaleTargetRef": {"name": "x"},
+            "triggers": [{"type": "kafka", "metadata": {"lagThreshold": 4}}],
+        },
+    }
+    assert list(jsonschema.Draft202012Validator(schema).iter_errors(broken))
 
 
 def test_every_tensorway_service_is_deployed(overlay: list[dict[str, Any]]) -> None:
@@ -98,15 +125,20 @@ def test_every_container_has_probes_and_resources(overlay: list[dict[str, Any]])
         assert "memory" in resources["limits"], container.where
 
 
-def test_hpas_target_existing_workloads(overlay: list[dict[str, Any]]) -> None:
+def test_autoscalers_target_existing_workloads(overlay: list[dict[str, Any]]) -> None:
     hpas = by_kind(overlay, "HorizontalPodAutoscaler")
     assert hpas
     for name, hpa in hpas.items():
         target = hpa["spec"]["scaleTargetRef"]
         assert target["name"] in by_kind(overlay, target["kind"]), f"HPA {name} targets {target}"
         assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
-    # Every stateless tensorway service scales by HPA.
-    assert {"router", "registry", "batch", "batch-worker", "envoy"} <= set(hpas)
+    scaled_objects = by_kind(overlay, "ScaledObject")
+    for name, scaled in scaled_objects.items():
+        target = scaled["spec"]["scaleTargetRef"]
+        assert target["name"] in by_kind(overlay, target["kind"]), f"ScaledObject {name} targets {target}"
+        assert scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    # Every stateless tensorway service scales, by an HPA or by KEDA (which makes the HPA).
+    assert {"router", "registry", "batch", "batch-worker", "envoy"} <= set(hpas) | set(scaled_objects)
 
 
 def test_pdbs_select_existing_workloads(overlay: list[dict[str, Any]]) -> None:
@@ -218,7 +250,11 @@ def test_every_pod_has_its_own_policy(overlay: list[dict[str, Any]]) -> None:
 @pytest.mark.parametrize("name", ["registry", "router", "batch", "batch-worker", "envoy"])
 def test_prod_runs_several_replicas(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
     assert by_kind(rendered["prod"], "Deployment")[name]["spec"]["replicas"] >= 3
-    assert by_kind(rendered["prod"], "HorizontalPodAutoscaler")[name]["spec"]["minReplicas"] >= 3
+    scaler = by_kind(rendered["prod"], "HorizontalPodAutoscaler").get(name)
+    if scaler is None:
+        assert by_kind(rendered["prod"], "ScaledObject")[name]["spec"]["minReplicaCount"] >= 3
+    else:
+        assert scaler["spec"]["minReplicas"] >= 3
 
 
 def test_prod_tritons_get_gpus_and_dev_tritons_none(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -268,3 +304,23 @@ def test_prod_scales_orchestrators_on_requests_in_flight_that_the_adapter_serves
     served = {rule["name"]["as"] for rule in adapter["rules"]}
     assert metric["type"] == "Pods"
     assert metric["pods"]["metric"]["name"] in served
+
+
+def test_prod_scales_batch_workers_on_the_lag_of_their_group_up_to_the_partitions(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    worker = settings_class("batch-worker").model_fields
+    prod = rendered["prod"]
+    assert "batch-worker" not in by_kind(prod, "HorizontalPodAutoscaler"), "KEDA owns the workers' HPA"
+    scaled = by_kind(prod, "ScaledObject")["batch-worker"]["spec"]
+    assert scaled["scaleTargetRef"]["name"] in by_kind(prod, "Deployment")
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["consumerGroup"] == worker["consumer_group"].default
+    assert trigger["metadata"]["topic"] == worker["shards_topic"].default
+    assert scaled["maxReplicaCount"] <= worker["shards_topic_partitions"].default
+    endpoints = by_kind(prod, "ConfigMap")
+    bootstrap = next(
+        cm["data"]["kafka-bootstrap"] for cm in endpoints.values() if "kafka-bootstrap" in cm.get("data", {})
+    )
+    assert trigger["metadata"]["bootstrapServers"] == bootstrap
