@@ -1,8 +1,8 @@
 """Register the demo models in the compose stack's registry, as `tensorway dev up` does locally.
 
-Pool `pools/local` gets the orchestrator's address, and `simple`, `digits` and `iris` get
-version 1 in PRODUCTION with all traffic; their signatures are read from the orchestrator,
-so they are what Triton actually serves. Safe to run again.
+Pool `pools/local` is created with no endpoints (orchestrators join it themselves, with a
+lease), and the demo models get version 1 in PRODUCTION with all traffic; their signatures are
+read from the orchestrator, so they are what Triton actually serves. Safe to run again.
 
     python register_demo_models.py REGISTRY_ADDRESS ORCHESTRATOR_ADDRESS
 """
