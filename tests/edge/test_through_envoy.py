@@ -3,6 +3,7 @@ of the real router, registry and batch API, with the router's global limits leas
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import time
@@ -58,6 +59,60 @@ def test_rest_infer_on_digits_returns_json_outputs(edge: Edge) -> None:
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
     labels = [int(v) for v in outputs["label"]["contents"]["int64_contents"]]
     assert labels == list(probabilities.argmax(axis=1))
+
+
+def test_rest_streams_a_decoupled_models_answers_as_server_sent_events(edge: Edge) -> None:
+    prompt = "tokens come one by one"
+    body = {
+        "inputs": [
+            {
+                "name": "PROMPT",
+                "datatype": "BYTES",
+                "shape": [1],
+                "contents": {"bytes_contents": [base64.b64encode(prompt.encode()).decode()]},
+            }
+        ]
+    }
+    with edge.http.post(
+        f"{edge.url}/v1/models/tokens:inferStream", json=body, headers=edge.headers(), stream=True, timeout=30
+    ) as reply:
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        events = [
+            json.loads(line.removeprefix("data: "))
+            for line in reply.iter_lines(decode_unicode=True)
+            if line.startswith("data: ")
+        ]
+    answers = [event["response"] for event in events]
+    tokens = [
+        base64.b64decode(
+            next(o for o in a["outputs"] if o["name"] == "TOKEN")["contents"]["bytes_contents"][0]
+        )
+        for a in answers
+        if a.get("outputs")
+    ]
+    assert tokens == [word.encode() for word in prompt.split()]
+    # The last event is the one that carries Triton's final flag.
+    assert answers[-1]["parameters"]["triton_final_response"]["bool_value"] is True
+    assert not any(a["parameters"]["triton_final_response"].get("bool_value") for a in answers[:-1])
+
+
+def test_unary_rest_infer_on_a_decoupled_model_is_refused_as_triton_refuses_it(edge: Edge) -> None:
+    body = {
+        "inputs": [
+            {
+                "name": "PROMPT",
+                "datatype": "BYTES",
+                "shape": [1],
+                "contents": {"bytes_contents": [base64.b64encode(b"a b").decode()]},
+            }
+        ]
+    }
+    reply = edge.http.post(
+        f"{edge.url}/v1/models/tokens:infer", json=body, headers=edge.headers(), timeout=10
+    )
+    assert reply.status_code == 501, reply.text
+    assert "decoupled" in reply.json()["message"]
 
 
 def test_grpc_and_tritonclient_through_envoy_agree_with_rest(edge: Edge) -> None:
