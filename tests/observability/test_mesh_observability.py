@@ -1,6 +1,7 @@
-"""The local mesh, traced and scraped: one request's trace crosses router, orchestrator and
-Triton; every service's metrics match the catalogue (docs/metrics.md); the local Prometheus
-scrapes every service and can evaluate the rules and every dashboard query."""
+"""The local mesh with its shipped defaults, traced and scraped: one request's trace crosses
+Envoy, router, orchestrator and Triton, and a batch row's crosses Kafka too; every service's
+metrics match the catalogue (docs/metrics.md); the local Prometheus scrapes every service and can
+evaluate the rules and every dashboard query."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,16 +25,27 @@ import pytest
 import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 
+from tensorway.batch.v1 import batch_service_pb2 as batch_pb
+from tensorway.batch.v1 import batch_service_pb2_grpc as batch_grpc
 from tensorway.devstack import DevStackSettings, Stack, StackState, demo_request, register_demo_models
+from tensorway.devstack._envoy import Envoy, jwt_key_dir, local_certificates
+from tensorway.devstack._stack import default_components
+from tensorway.edge.config import load_values
+from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
 from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as inference_grpc
+from tensorway.runtime.context import Scope
 from tests.tempdirs import world_searchable_temp_dir
+from tests.waiting import eventually_blocking
 
 from .catalogue import OBSERVABILITY, CatalogueEntry
 from .conftest import debian_prometheus_binary
 from .otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
 
-TRACED_SERVICES = ("registry", "orchestrator", "router")
+TRACED_SERVICES = ("registry", "orchestrator", "router", "batch", "batch-worker")
+# The services whose metrics the catalogue's "Exported by" names one process each; its `batch`
+# stands for the batch API and its workers together, which the mesh runs as two processes.
+CATALOGUED = ("registry", "orchestrator", "router")
 REQUESTS = 5
 
 
@@ -48,6 +62,7 @@ class Sample:
 class ObservedMesh:
     stack: Stack
     state: StackState
+    state_dir: Path
     receiver: OtlpReceiver
 
 
@@ -59,10 +74,7 @@ def mesh() -> Iterator[ObservedMesh]:
     state_dir = world_searchable_temp_dir("tensorway-test-observability-")
     with otlp_receiver() as receiver, pytest.MonkeyPatch.context() as env:
         for service in TRACED_SERVICES:
-            env.setenv(f"TENSORWAY_{service.upper()}_OTLP_ENDPOINT", receiver.grpc_endpoint)
-        # Triton joins a request's trace only from the request's own gRPC metadata, which a
-        # shared ModelStreamInfer stream cannot carry: unary calls to Triton.
-        env.setenv("TENSORWAY_ORCHESTRATOR_STREAMS_PER_TRITON", "0")
+            env.setenv(f"TENSORWAY_{service.upper().replace('-', '_')}_OTLP_ENDPOINT", receiver.grpc_endpoint)
         # Spans leave the services within a fifth of a second instead of five.
         env.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
         settings = DevStackSettings(
@@ -70,13 +82,18 @@ def mesh() -> Iterator[ObservedMesh]:
             triton_otlp_traces_url=receiver.http_traces_url,
             prometheus_scrape_interval=timedelta(seconds=1),
         ).without_pinned_ports()
-        stack = Stack(settings, state_dir=state_dir, die_with_parent=True)
+        collector = urllib.parse.urlsplit(receiver.grpc_endpoint)
+        traced_envoy = Envoy(
+            values={"tracing": {"collector_host": collector.hostname, "collector_port": collector.port}}
+        )
+        components = [traced_envoy if c.name == "envoy" else c for c in default_components()]
+        stack = Stack(settings, state_dir=state_dir, components=components, die_with_parent=True)
         try:
-            stack.up(["router"])
+            stack.up(["router", "batch", "batch-worker", "envoy"])
             state = stack.up(["prometheus"])
             register_demo_models(state)
             _send_traffic(state)
-            yield ObservedMesh(stack, state, receiver)
+            yield ObservedMesh(stack, state, state_dir, receiver)
         finally:
             stack.down()
             shutil.rmtree(state_dir, ignore_errors=True)
@@ -131,8 +148,8 @@ def _value(samples: list[Sample], sample: str, **labels: str) -> float:
 
 def test_metrics_match_the_catalogue(mesh: ObservedMesh, catalogue: dict[str, CatalogueEntry]) -> None:
     urls = _metrics_urls(mesh.state)
-    assert {*TRACED_SERVICES, "triton"} <= urls.keys()
-    scraped = {name: _scrape(url) for name, url in urls.items()}
+    assert {*CATALOGUED, "triton"} <= urls.keys()
+    scraped = {name: _scrape(urls[name]) for name in (*CATALOGUED, "triton")}
     for component, samples in scraped.items():
         exported = {sample.series for sample in samples}
         ours = {series for series in exported if series.startswith("tensorway_")}
@@ -205,47 +222,184 @@ def _infer_with_trace(router: str, traceparent: str) -> None:
         )
 
 
+def _trace_of(spans: list[ReceivedSpan], trace_id: str) -> list[ReceivedSpan]:
+    return [span for span in spans if span.trace_id == trace_id]
+
+
+def _with_triton(spans: list[ReceivedSpan]) -> bool:
+    """Whether a trace holds the router's, the orchestrator's and Triton's three spans."""
+    services = {span.service for span in spans}
+    triton = [span for span in spans if span.service == "triton"]
+    return {"router", "orchestrator"} <= services and len(triton) >= 3
+
+
 def _traced(mesh: ObservedMesh) -> tuple[str, list[ReceivedSpan]]:
     """The caller's span id and the trace's spans, for one fresh request with a sampled traceparent."""
     trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
     _infer_with_trace(mesh.state.addresses()["router"], f"00-{trace_id}-{caller_span}-01")
-
-    def complete(spans: list[ReceivedSpan]) -> bool:
-        services = {span.service for span in spans if span.trace_id == trace_id}
-        return {"router", "orchestrator", "triton"} <= services and len(
-            [span for span in spans if span.trace_id == trace_id and span.service == "triton"]
-        ) >= 3
-
-    spans = mesh.receiver.store.wait_for(complete)
-    return caller_span, [span for span in spans if span.trace_id == trace_id]
+    spans = mesh.receiver.store.wait_for(lambda spans: _with_triton(_trace_of(spans, trace_id)))
+    return caller_span, _trace_of(spans, trace_id)
 
 
-def test_one_trace_covers_router_orchestrator_and_triton(mesh: ObservedMesh) -> None:
-    caller_span, spans = _traced(mesh)
-    by_service: dict[str, list[ReceivedSpan]] = {}
-    for span in spans:
-        by_service.setdefault(span.service, []).append(span)
-    assert {"router", "orchestrator", "triton"} <= by_service.keys(), spans
+def _only(spans: list[ReceivedSpan], service: str, name_suffix: str) -> ReceivedSpan:
+    (span,) = [span for span in spans if span.service == service and span.name.endswith(name_suffix)]
+    return span
 
-    # router ← the caller; orchestrator ← router; Triton's request span ← orchestrator.
-    (router,) = [span for span in by_service["router"] if span.name.endswith("/Infer")]
-    assert router.parent_span_id == caller_span
+
+def _is_descendant(spans: list[ReceivedSpan], span: ReceivedSpan, ancestor: ReceivedSpan) -> bool:
+    by_id = {candidate.span_id: candidate for candidate in spans}
+    parent = by_id.get(span.parent_span_id)
+    while parent is not None:
+        if parent.span_id == ancestor.span_id:
+            return True
+        parent = by_id.get(parent.parent_span_id)
+    return False
+
+
+def _assert_inference_chain(spans: list[ReceivedSpan], caller: ReceivedSpan, model: str) -> None:
+    """router <- caller; orchestrator <- router; Triton's request, model and compute spans under
+    the orchestrator's."""
+    router = _only(spans, "router", "/Infer")
+    assert router.parent_span_id == caller.span_id
     assert router.attributes["rpc.service"] == "tensorway.inference.v1.InferenceService"
-    (orchestrator,) = [span for span in by_service["orchestrator"] if span.name.endswith("/Infer")]
+    orchestrator = _only(spans, "orchestrator", "/Infer")
     assert orchestrator.parent_span_id == router.span_id
-    triton_spans = {span.name: span for span in by_service["triton"]}
-    assert {"InferRequest", "iris", "compute"} <= triton_spans.keys()
-    assert triton_spans["InferRequest"].parent_span_id == orchestrator.span_id
-    assert triton_spans["iris"].parent_span_id == triton_spans["InferRequest"].span_id
-    assert triton_spans["iris"].attributes["triton.model_name"] == "iris"
-    assert triton_spans["compute"].parent_span_id == triton_spans["iris"].span_id
+    triton_spans = {span.name: span for span in spans if span.service == "triton"}
+    assert {"InferRequest", model, "compute"} <= triton_spans.keys()
+    assert _is_descendant(spans, triton_spans["InferRequest"], orchestrator)
+    assert triton_spans[model].parent_span_id == triton_spans["InferRequest"].span_id
+    assert triton_spans[model].attributes["triton.model_name"] == model
+    assert triton_spans["compute"].parent_span_id == triton_spans[model].span_id
+
+
+def _edge_token(mesh: ObservedMesh, *scopes: Scope) -> str:
+    jwt = load_values("local")["jwt"]
+    return mint_token(
+        jwt_key_dir(mesh.state_dir) / PRIVATE_KEY_FILE,
+        tenant="tracer",
+        scopes=scopes,
+        issuer=jwt["issuer"],
+        audience=jwt["audiences"][0],
+        ttl=timedelta(minutes=10),
+    )
+
+
+def _edge_channel(mesh: ObservedMesh) -> grpc.Channel:
+    ca = local_certificates(mesh.state_dir).ca.read_bytes()
+    return grpc.secure_channel(mesh.state.addresses()["envoy"], grpc.ssl_channel_credentials(ca))
+
+
+def _envoy_roots(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:
+    """Envoy's spans that start a trace, by trace id."""
+    return {span.trace_id: span for span in spans if span.service == "envoy" and not span.parent_span_id}
+
+
+def test_one_trace_covers_envoy_router_orchestrator_and_triton(mesh: ObservedMesh) -> None:
+    """With the shipped defaults (persistent streams to Triton), a request through Envoy with a
+    token and no trace context of its own: Envoy's span is the root, and Triton's spans are under
+    the orchestrator's."""
+    before = set(_envoy_roots(mesh.receiver.store.wait_for(lambda spans: True, timeout=0)))
+    request = inference_pb.InferRequest(model_name="iris")
+    features = np.array([[6.3, 3.3, 6.0, 2.5]], dtype=np.float32)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 4], raw_contents=features.tobytes())
+    token = _edge_token(mesh, Scope.INFER)
+    with _edge_channel(mesh) as channel:
+        inference_grpc.InferenceServiceStub(channel).Infer(
+            request, metadata=[("authorization", f"Bearer {token}")], timeout=10
+        )
+
+    def traced_inference(spans: list[ReceivedSpan]) -> list[ReceivedSpan] | None:
+        for trace_id in _envoy_roots(spans).keys() - before:
+            trace = _trace_of(spans, trace_id)
+            if _with_triton(trace):
+                return trace
+        return None
+
+    spans = mesh.receiver.store.wait_for(lambda spans: traced_inference(spans) is not None)
+    trace = traced_inference(spans)
+    assert trace is not None, [span for span in spans if span.service == "envoy"]
+    (envoy,) = [span for span in trace if span.service == "envoy"]
+    assert not envoy.parent_span_id
+    _assert_inference_chain(trace, envoy, "iris")
+    # The defaults were in force: the orchestrator keeps streams to Triton, which this sampled
+    # request went around.
+    orchestrator = _scrape(_metrics_urls(mesh.state)["orchestrator"])
+    assert _value(orchestrator, "tensorway_orchestrator_streams_opened_total") >= 1
+
+
+def test_a_caller_trace_covers_router_orchestrator_and_triton(mesh: ObservedMesh) -> None:
+    caller_span, spans = _traced(mesh)
+    caller = ReceivedSpan("caller", "caller", spans[0].trace_id, caller_span, "", {})
+    _assert_inference_chain(spans, caller, "iris")
 
 
 def test_router_span_records_the_routing_decision(mesh: ObservedMesh) -> None:
     _, spans = _traced(mesh)
-    (router,) = [span for span in spans if span.service == "router" and span.name.endswith("/Infer")]
+    router = _only(spans, "router", "/Infer")
     assert router.attributes.get("tensorway.route.version") == "1"
     assert router.attributes.get("tensorway.route.endpoint") == mesh.state.addresses()["orchestrator"]
+
+
+def test_a_batch_rows_trace_crosses_kafka(mesh: ObservedMesh, tmp_path: Path) -> None:
+    """A job submitted through Envoy: its CreateJob span, the worker's shard span (the trace
+    context rode the shard's Kafka record) and the shard's inference spans are one trace."""
+    token = _edge_token(mesh, Scope.BATCH)
+    auth = [("authorization", f"Bearer {token}")]
+    rows = np.random.default_rng(7).integers(0, 17, (4, 64)).astype(np.float32)
+    body = "".join(
+        json.dumps({"id": i, "inputs": {"input": row.tolist()}}) + "\n" for i, row in enumerate(rows)
+    )
+    with _edge_channel(mesh) as channel:
+        batch = batch_grpc.BatchServiceStub(channel)
+        upload = batch.CreateUpload(
+            batch_pb.CreateUploadRequest(file_name="rows.jsonl", size_bytes=len(body)),
+            metadata=auth,
+            timeout=10,
+        )
+        put = urllib.request.Request(upload.upload_url, data=body.encode(), method="PUT")
+        # Loopback URL of the stack's own S3, presigned by the batch API.
+        with urllib.request.urlopen(put, timeout=10):
+            pass
+        job = batch.CreateJob(
+            batch_pb.CreateJobRequest(
+                job=batch_pb.Job(model="digits", input_uri=upload.input_uri), request_id=uuid.uuid4().hex
+            ),
+            metadata=auth,
+            timeout=10,
+        ).job
+
+        def ended() -> batch_pb.Job | None:
+            current = batch.GetJob(batch_pb.GetJobRequest(name=job.name), metadata=auth, timeout=10).job
+            running = (batch_pb.JOB_STATE_QUEUED, batch_pb.JOB_STATE_RUNNING)
+            return None if current.state in running else current
+
+        finished = eventually_blocking(ended, within=120, what="the job ends")
+    assert finished.state == batch_pb.JOB_STATE_SUCCEEDED, finished
+
+    def shard_trace(spans: list[ReceivedSpan]) -> list[ReceivedSpan] | None:
+        shards = [
+            span
+            for span in spans
+            if span.name == "batch shard"
+            and span.attributes.get("tensorway.batch.job") == job.name.split("/")[-1]
+        ]
+        for shard in shards:
+            trace = _trace_of(spans, shard.trace_id)
+            if _with_triton(trace) and any(span.service == "envoy" for span in trace):
+                return trace
+        return None
+
+    spans = mesh.receiver.store.wait_for(lambda spans: shard_trace(spans) is not None)
+    trace = shard_trace(spans)
+    assert trace is not None, [span for span in spans if span.name == "batch shard"]
+    envoy = _only(trace, "envoy", "")
+    assert not envoy.parent_span_id
+    submit = _only(trace, "batch", "/CreateJob")
+    assert submit.parent_span_id == envoy.span_id
+    (shard,) = [span for span in trace if span.name == "batch shard"]
+    assert shard.service == "batch-worker"
+    assert shard.parent_span_id == submit.span_id
+    _assert_inference_chain(trace, shard, "digits")
 
 
 def _query(prometheus: str, expr: str) -> list[dict[str, Any]]:

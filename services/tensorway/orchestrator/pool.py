@@ -17,7 +17,7 @@ from tensorway.common.v1 import error_pb2
 from tensorway.orchestrator import metrics
 from tensorway.orchestrator.streams import InferStream, UnaryInfer
 from tensorway.orchestrator.triton_errors import from_rpc_error
-from tensorway.runtime import Unavailable, create_channel
+from tensorway.runtime import Unavailable, create_channel, tracing
 from tensorway.runtime.server import FLOW_CONTROL_OPTIONS, message_size_options
 
 logger = logging.getLogger(__name__)
@@ -62,13 +62,16 @@ class TritonEndpoint:
         self._senders: Sequence[InferStream | UnaryInfer] = [
             InferStream(stream_stub, address) for _ in range(streams)
         ] or [UnaryInfer(self._stub)]
+        # Triton joins a trace only from a call's own metadata, which a shared stream cannot
+        # carry per request: a sampled request goes unary, with its traceparent.
+        self._traced = UnaryInfer(self._stub)
         self._control_timeout = control_timeout.total_seconds()
         self._load_timeout = load_timeout.total_seconds()
 
     @property
     def pending(self) -> int:
         """Requests sent to this Triton and not yet answered."""
-        return sum(sender.pending for sender in self._senders)
+        return self._traced.pending + sum(sender.pending for sender in self._senders)
 
     def serves(self, model: str) -> bool:
         return self.ready and (self.ready_models is None or model in self.ready_models)
@@ -86,7 +89,10 @@ class TritonEndpoint:
             self.ready_models = self.ready_models - {model}
 
     async def infer(self, request: Any) -> Any:
-        """Run a Triton ModelInferRequest on the least busy stream."""
+        """Run a Triton ModelInferRequest on the least busy stream, or as a unary call of its own
+        when its trace is sampled, so that Triton's spans join the trace."""
+        if tracing.sampled():
+            return await self._traced.infer(request)
         sender = min(self._senders, key=lambda candidate: candidate.pending)
         return await sender.infer(request)
 

@@ -46,6 +46,12 @@ def wanted(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
     return _exporting or any(key == TRACE_CONTEXT_HEADER for key, _ in metadata or ())
 
 
+def sampled() -> bool:
+    """Whether the current request's trace is sampled: this process records it, or a caller that
+    does asked downstream hops to join it."""
+    return trace.get_current_span().get_span_context().trace_flags.sampled
+
+
 def extract(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context:
     """The trace context a caller sent in its gRPC metadata."""
     carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
