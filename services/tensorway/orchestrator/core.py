@@ -113,7 +113,7 @@ class Orchestrator:
 
         return await self._serve(request.model_name, request.model_version, run)
 
-    async def infer_triton(self, request: Any) -> Any:
+    async def infer_triton(self, request: triton.ModelInferRequest) -> triton.ModelInferResponse:
         """Validate a Triton ModelInferRequest against its model's signature, run it as it is, and
         return Triton's ModelInferResponse, with the caller's id: the request is Triton's message
         already, so nothing is converted either way."""
@@ -188,7 +188,9 @@ class Orchestrator:
                     raise from_stream_error(response.error_message, signature.name)
                 yield from_triton_response(response.infer_response, request)
 
-    async def infer_triton_series(self, request: Any) -> AsyncIterator[Any]:
+    async def infer_triton_series(
+        self, request: triton.ModelInferRequest
+    ) -> AsyncIterator[triton.ModelStreamInferResponse]:
         """Every answer to a Triton ModelInferRequest as Triton sends it on a ModelStreamInfer
         stream (ModelStreamInferResponses with the caller's id): a decoupled model's series with
         Triton's final flag, and its empty final answer when the request asks for one; any other

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tensorway.orchestrator.warmup import datatype_name
+from tensorway.tensors.triton import config_datatype
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _tensors_differ(kind: str, declared: Sequence[DeclaredTensor], loaded: Any) 
         if actual is None:
             problems.append(f"{kind} {tensor.name!r} is declared but the model has none")
             continue
-        datatype, dims = datatype_name(actual.data_type), list(actual.dims)
+        datatype, dims = config_datatype(actual.data_type), list(actual.dims)
         if datatype != tensor.datatype or not _dims_agree(tensor.shape, dims):
             problems.append(
                 f"{kind} {tensor.name!r} is declared {tensor.datatype}{list(tensor.shape)}, "

@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from tritonclient.grpc import service_pb2 as triton
@@ -137,7 +138,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return await self._orchestrator.model_metadata(request)
 
 
-class TritonControlServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class TritonControlServicer(triton_grpc.GRPCInferenceServiceServicer):
     """Triton's `inference.GRPCInferenceService`, served to routers: inference on Triton's own
     messages (ModelInfer, which routers forward as their Triton clients sent it, each message of
     a client's stream as one call; ModelStreamInfer, on which routers send each request of a
@@ -153,33 +154,47 @@ class TritonControlServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: 
         self._orchestrator = orchestrator
         self._stream_max_in_flight = stream_max_in_flight
 
-    async def ModelInfer(self, request: Any, context: Any) -> Any:
+    async def ModelInfer(
+        self, request: triton.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ModelInferResponse:
         return await self._orchestrator.infer_triton(request)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[Any], context: Any
-    ) -> AsyncIterator[Any]:
+        self,
+        request_iterator: AsyncIterator[triton.ModelInferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[triton.ModelStreamInferResponse]:
         """Every answer to each request, request after request, as Triton answers a stream."""
         async for response in answer_series_in_order(
             request_iterator, self._orchestrator.infer_triton_series, self._stream_max_in_flight
         ):
             yield response
 
-    async def ServerLive(self, request: Any, context: Any) -> Any:
+    async def ServerLive(
+        self, request: triton.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ServerLiveResponse:
         return triton.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Any, context: Any) -> Any:
+    async def ServerReady(
+        self, request: triton.ServerReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ServerReadyResponse:
         return triton.ServerReadyResponse(ready=self._pool.ready)
 
-    async def ModelConfig(self, request: Any, context: Any) -> Any:
+    async def ModelConfig(
+        self, request: triton.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ModelConfigResponse:
         return await self._control.model_config(request.name, request.version)
 
-    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+    async def ModelStatistics(
+        self, request: triton.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ModelStatisticsResponse:
         entries = await self._control.model_statistics(request.name, request.version)
         context.set_trailing_metadata(((TRITONS_METADATA_KEY, ",".join(address for address, _ in entries)),))
         return triton.ModelStatisticsResponse(model_stats=[statistics for _, statistics in entries])
 
-    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+    async def RepositoryIndex(
+        self, request: triton.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.RepositoryIndexResponse:
         return index_response(await self._control.repository_index(), request.ready)
 
 
@@ -250,7 +265,11 @@ async def create(
             ),
             ServiceBinding(
                 triton_grpc.add_GRPCInferenceServiceServicer_to_server,
-                TritonControlServicer(TritonControl(pool), pool, orchestrator, settings.stream_max_in_flight),
+                # The methods it leaves out answer UNIMPLEMENTED, as tritonclient's servicer does at
+                # run time; its typed stub marks them abstract.
+                TritonControlServicer(  # type: ignore[abstract]
+                    TritonControl(pool), pool, orchestrator, settings.stream_max_in_flight
+                ),
                 TRITON_SERVICE,
             ),
         ],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2 as triton
@@ -73,7 +72,7 @@ class TritonControl:
     def __init__(self, pool: TritonPool) -> None:
         self._pool = pool
 
-    async def model_config(self, model: str, version: str) -> Any:
+    async def model_config(self, model: str, version: str) -> triton.ModelConfigResponse:
         """The ModelConfigResponse of a Triton that has the version ready, verbatim: the Triton
         that requests for the model would go to first, then the others."""
         tried: set[str] = set()
@@ -82,7 +81,8 @@ class TritonControl:
             endpoint = self._pool.choose(model, exclude=tried)
             tried.add(endpoint.address)
             try:
-                return await endpoint.model_config(model, version)
+                config: triton.ModelConfigResponse = await endpoint.model_config(model, version)
+                return config
             except grpc.aio.AioRpcError as error:
                 # NOT_FOUND too: this Triton may not have loaded the model while another has.
                 if error.code() not in _PASS_OVER | {grpc.StatusCode.NOT_FOUND}:
@@ -92,14 +92,14 @@ class TritonControl:
         failures.sort(key=lambda error: error.code() in _PASS_OVER)
         raise _refusal(failures[0], model, version) from failures[0]
 
-    async def model_statistics(self, model: str, version: str) -> list[tuple[str, Any]]:
+    async def model_statistics(self, model: str, version: str) -> list[tuple[str, triton.ModelStatistics]]:
         """(Triton address, ModelStatistics) for every model version each Triton of the pool
         reports ("" for every model or version); Tritons that do not have it are left out."""
         endpoints = self._pool.endpoints
         answers = await asyncio.gather(
             *(endpoint.model_statistics(model, version) for endpoint in endpoints), return_exceptions=True
         )
-        found: list[tuple[str, Any]] = []
+        found: list[tuple[str, triton.ModelStatistics]] = []
         refusals: list[grpc.aio.AioRpcError] = []
         for endpoint, answer in zip(endpoints, answers, strict=True):
             if isinstance(answer, grpc.aio.AioRpcError):
@@ -114,14 +114,14 @@ class TritonControl:
         refusals.sort(key=lambda error: error.code() in _PASS_OVER)
         raise _refusal(refusals[0], model, version) from refusals[0]
 
-    async def repository_index(self) -> list[Any]:
+    async def repository_index(self) -> list[triton.RepositoryIndexResponse.ModelIndex]:
         """Every model version some Triton of the pool knows, once: READY when any Triton has it
         ready, else the state and reason the first Triton to know it gives."""
         endpoints: Sequence[TritonEndpoint] = self._pool.endpoints
         answers = await asyncio.gather(
             *(endpoint.repository_index() for endpoint in endpoints), return_exceptions=True
         )
-        merged: dict[tuple[str, str], Any] = {}
+        merged: dict[tuple[str, str], triton.RepositoryIndexResponse.ModelIndex] = {}
         failures: list[grpc.aio.AioRpcError] = []
         for answer in answers:
             if isinstance(answer, grpc.aio.AioRpcError):
@@ -138,7 +138,9 @@ class TritonControl:
         return [merged[key] for key in sorted(merged)]
 
 
-def index_response(entries: Sequence[Any], ready_only: bool) -> Any:
+def index_response(
+    entries: Sequence[triton.RepositoryIndexResponse.ModelIndex], ready_only: bool
+) -> triton.RepositoryIndexResponse:
     """Triton's RepositoryIndexResponse of `entries`, only the READY ones with `ready_only`."""
     return triton.RepositoryIndexResponse(
         models=[entry for entry in entries if entry.state == "READY" or not ready_only]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
+
+from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.common.v1 import error_pb2, tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
@@ -33,13 +35,22 @@ NO_SHARED_MEMORY = (
 )
 
 
-def validate_request(request: pb.InferRequest, signature: ModelSignature, raw: Sequence[bytes]) -> None:
+# Tensorway's request and Triton's have the same shape where validation looks.
+Request = pb.InferRequest | triton.ModelInferRequest
+InputTensor = tensor_pb2.Tensor | triton.ModelInferRequest.InferInputTensor
+
+
+def validate_request(request: Request, signature: ModelSignature, raw: Sequence[bytes]) -> None:
     """Raise InvalidArgument (TENSOR_INVALID) listing every way `request` misfits `signature`;
-    `raw` is `raw_inputs(request)`."""
+    `raw` is each input's raw bytes (`raw_inputs` of either kind of request)."""
+    inputs: Sequence[InputTensor] = request.inputs
+    outputs: Sequence[pb.RequestedOutput | triton.ModelInferRequest.InferRequestedOutputTensor] = (
+        request.outputs
+    )
     violations: list[FieldViolation] = []
     seen: set[str] = set()
     batch_sizes: dict[str, int] = {}
-    for index, (tensor, tensor_raw) in enumerate(zip(request.inputs, raw, strict=True)):
+    for index, (tensor, tensor_raw) in enumerate(zip(inputs, raw, strict=True)):
         field = f"inputs[{index}]"
         expected = signature.inputs.get(tensor.name)
         if expected is None:
@@ -64,7 +75,7 @@ def validate_request(request: pb.InferRequest, signature: ModelSignature, raw: S
     if len(set(batch_sizes.values())) > 1:
         sizes = ", ".join(f"{name}: {size}" for name, size in batch_sizes.items())
         violations.append(FieldViolation("inputs", f"inputs disagree on the batch size ({sizes})"))
-    for index, output in enumerate(request.outputs):
+    for index, output in enumerate(outputs):
         if output.name not in signature.outputs:
             known = ", ".join(signature.outputs)
             violations.append(
@@ -84,7 +95,7 @@ def validate_request(request: pb.InferRequest, signature: ModelSignature, raw: S
 
 
 def _check_tensor(
-    field: str, tensor: tensor_pb2.Tensor, raw: bytes, expected: TensorSignature, signature: ModelSignature
+    field: str, tensor: InputTensor, raw: bytes, expected: TensorSignature, signature: ModelSignature
 ) -> list[FieldViolation]:
     name = tensor.name
     if tensor.datatype != expected.datatype:
@@ -113,7 +124,7 @@ def _shape_problem(shape: Sequence[int], expected: TensorSignature, signature: M
     return None
 
 
-def _contents_problem(tensor: tensor_pb2.Tensor, raw: bytes, count: int) -> tuple[str, str] | None:
+def _contents_problem(tensor: InputTensor, raw: bytes, count: int) -> tuple[str, str] | None:
     """The (field suffix, description) of what is wrong with the tensor's data, if anything."""
     typed_fields = tensor.contents.ListFields()
     if raw and typed_fields:
@@ -162,15 +173,16 @@ def _bytes_layout_problem(raw: bytes, count: int) -> str | None:
     return None
 
 
-def check_triton_contents(request: Any) -> None:
+def check_triton_contents(request: triton.ModelInferRequest) -> None:
     """Refuse, with Triton's codes, what Triton refuses of a ModelInferRequest's contents and the
     mesh cannot carry: typed contents beside raw ones (INVALID_ARGUMENT), and tensors in shared
     memory (malformed parameters are INVALID_ARGUMENT; well-formed ones NOT_FOUND, as Triton says
     of a region it does not know: no region is ever registered through the mesh).
     `validate_request` checks the rest; raw buffers past the inputs are ignored, as Triton does."""
-    for field, tensors in (("inputs", request.inputs), ("outputs", request.outputs)):
-        for index, tensor in enumerate(tensors):
-            _check_shared_memory(field, index, tensor)
+    for index, tensor in enumerate(request.inputs):
+        _check_shared_memory("inputs", index, tensor)
+    for index, output in enumerate(request.outputs):
+        _check_shared_memory("outputs", index, output)
     raw = request.raw_input_contents
     if not raw:
         return
@@ -184,7 +196,11 @@ def check_triton_contents(request: Any) -> None:
             )
 
 
-def _check_shared_memory(field: str, index: int, tensor: Any) -> None:
+def _check_shared_memory(
+    field: str,
+    index: int,
+    tensor: triton.ModelInferRequest.InferInputTensor | triton.ModelInferRequest.InferRequestedOutputTensor,
+) -> None:
     """Triton's checks of a tensor's shared-memory parameters, in Triton's order."""
     parameters = tensor.parameters
     where = f"{field}[{index}].parameters"

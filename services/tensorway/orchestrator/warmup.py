@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as triton
+
+from tensorway.tensors.triton import config_datatype
 
 # Element sizes of Triton's fixed-size datatypes; BYTES elements are a 4-byte length each.
 _ELEMENT_BYTES = {
@@ -32,12 +33,6 @@ _ELEMENT_BYTES = {
 }
 
 
-def datatype_name(data_type: int) -> str:
-    """The V2 name ("FP32") of a config's DataType enum value (TYPE_FP32); TYPE_STRING is BYTES."""
-    name = str(model_config_pb2.DataType.Name(data_type)).removeprefix("TYPE_")
-    return "BYTES" if name == "STRING" else name
-
-
 def warmed_by_triton(config: Any) -> bool:
     """Whether Triton warms the model itself (model_warmup), or a plain request cannot (sequence
     batching needs a correlation id; a decoupled model answers on a stream)."""
@@ -54,7 +49,7 @@ def warmup_request(model: str, version: str, config: Any) -> Any:
     for tensor in config.input:
         if tensor.optional:
             continue
-        datatype = datatype_name(tensor.data_type)
+        datatype = config_datatype(tensor.data_type)
         dims = [1 if dim < 0 else int(dim) for dim in tensor.dims]
         shape = [1, *dims] if config.max_batch_size > 0 else dims
         request.inputs.add(name=tensor.name, datatype=datatype, shape=shape)

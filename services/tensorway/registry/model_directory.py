@@ -12,13 +12,16 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from google.protobuf import text_format
 
 from tensorway.common.v1 import tensor_pb2
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2
 
 CONFIG_FILE = "config.pbtxt"
 MODELS_BUCKET = "tensorway-models"
@@ -29,14 +32,7 @@ class ModelDirectoryError(Exception):
     """A directory that is not a Triton model directory the mesh can serve."""
 
 
-def _datatype(data_type: int) -> str:
-    from tritonclient.grpc import model_config_pb2
-
-    name = str(model_config_pb2.DataType.Name(data_type)).removeprefix("TYPE_")
-    return "BYTES" if name == "STRING" else name
-
-
-def parse_config(text: str) -> Any:
+def parse_config(text: str) -> model_config_pb2.ModelConfig:
     """A config.pbtxt as Triton's ModelConfig; ModelDirectoryError when it does not parse."""
     from tritonclient.grpc import model_config_pb2
 
@@ -50,11 +46,14 @@ def version_from_config(text: str) -> registry_pb.ModelVersion:
     """A version's signature (platform, inputs, outputs, largest batch) from a config.pbtxt.
     Shapes are a row's, as the config's dims are and as every signature in the registry is: the
     batch dimension is `max_batch_size`'s, added where an API shows it (Triton's metadata)."""
+    # Imported here, as tritonclient is by parse_config: the registry pays for it only when used.
+    from tensorway.tensors.triton import config_datatype
+
     config = parse_config(text)
 
     def specs(tensors: Any) -> list[tensor_pb2.TensorSpec]:
         return [
-            tensor_pb2.TensorSpec(name=t.name, datatype=_datatype(t.data_type), shape=list(t.dims))
+            tensor_pb2.TensorSpec(name=t.name, datatype=config_datatype(t.data_type), shape=list(t.dims))
             for t in tensors
         ]
 

@@ -41,6 +41,7 @@ from datetime import timedelta
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as triton
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
@@ -91,6 +92,10 @@ EXTENSIONS = (
     "parameters",
     "statistics",
 )
+NOT_THROUGH_THE_MESH = (
+    "Triton's log and trace settings are each Triton's own and are not set through tensorway: set "
+    "them where each Triton runs; the mesh's own logs and traces are set by its services' settings"
+)
 # Orchestrator answers the control RPCs pass over to the next orchestrator: it is away, or
 # older than the Triton service it serves.
 _PASS_OVER = frozenset(
@@ -111,7 +116,9 @@ def _with_batch_dimension(shape: Iterable[int], max_batch_size: int) -> list[int
     return [-1, *shape] if max_batch_size > 0 else list(shape)
 
 
-def _tensor_metadata(specs: Iterable[tensor_pb2.TensorSpec], max_batch_size: int) -> list[Any]:
+def _tensor_metadata(
+    specs: Iterable[tensor_pb2.TensorSpec], max_batch_size: int
+) -> list[triton.ModelMetadataResponse.TensorMetadata]:
     return [
         triton.ModelMetadataResponse.TensorMetadata(
             name=spec.name, datatype=spec.datatype, shape=_with_batch_dimension(spec.shape, max_batch_size)
@@ -140,7 +147,7 @@ def _not_available(model: str, version: str) -> InvalidArgument:
     )
 
 
-def add_statistics(total: Any, part: Any) -> None:
+def add_statistics(total: triton.ModelStatistics, part: triton.ModelStatistics) -> None:
     """Add one Triton's ModelStatistics of a model version to `total`: counts and durations
     summed, batch and response statistics by batch size and by key, the latest inference kept."""
     total.last_inference = max(total.last_inference, part.last_inference)
@@ -161,7 +168,7 @@ def add_statistics(total: Any, part: Any) -> None:
         _add_durations(total.response_stats[key], response)
 
 
-def _add_durations(total: Any, part: Any, skip: Iterable[str] = ()) -> None:
+def _add_durations(total: Message, part: Message, skip: Iterable[str] = ()) -> None:
     """Add every StatisticDuration field of `part` to `total`'s."""
     for field in part.DESCRIPTOR.fields:
         if field.name in skip:
@@ -171,7 +178,7 @@ def _add_durations(total: Any, part: Any, skip: Iterable[str] = ()) -> None:
         into.ns += added.ns
 
 
-class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class TritonServicer:
     """Thin: convert the request, call the router (or the orchestrators), convert the answer.
 
     Raises the mesh's errors and never touches the call's context beyond its metadata, so the
@@ -190,23 +197,31 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         self._stream_max_in_flight = stream_max_in_flight
         self._control_timeout = control_timeout.total_seconds()
         # Triton's configuration of each (model, version), for the route table it was fetched under.
-        self._configs: dict[tuple[str, str], Any] = {}
+        self._configs: dict[tuple[str, str], triton.ModelConfigResponse] = {}
         self._configs_table: RouteTable | None = None
 
     # Health and server metadata.
 
-    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def ServerLive(
+        self, request: triton.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ServerLiveResponse:
         return triton.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def ServerReady(
+        self, request: triton.ServerReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ServerReadyResponse:
         return triton.ServerReadyResponse(ready=self._router.loaded)
 
-    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def ServerMetadata(
+        self, request: triton.ServerMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ServerMetadataResponse:
         return triton.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
     # Models.
 
-    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def ModelReady(
+        self, request: triton.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ModelReadyResponse:
         try:
             route, version = self._routed(request.name, request.version)
             _, chosen = self._router.describe(route.model, version)
@@ -214,7 +229,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             return triton.ModelReadyResponse(ready=False)
         return triton.ModelReadyResponse(ready=self._router.serviceable(chosen))
 
-    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def ModelMetadata(
+        self, request: triton.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ModelMetadataResponse:
         route, version = self._routed(request.name, request.version)
         route, chosen = self._router.describe(route.model, version)
         return triton.ModelMetadataResponse(
@@ -225,7 +242,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             outputs=_tensor_metadata(chosen.outputs, chosen.max_batch_size),
         )
 
-    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def ModelConfig(
+        self, request: triton.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ModelConfigResponse:
         route, version = self._routed(request.name, request.version)
         route, chosen = self._router.describe(route.model, version)
         table = self._router.table
@@ -242,7 +261,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
                 self._configs[key] = config
         return config
 
-    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def ModelStatistics(
+        self, request: triton.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ModelStatisticsResponse:
         # Which versions to report, and which orchestrators serve each.
         # (model, version) asked of each orchestrator, "" for all.
         wanted: dict[tuple[str, str], VersionRoute] = {}
@@ -288,7 +309,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
 
     # The repository.
 
-    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def RepositoryIndex(
+        self, request: triton.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.RepositoryIndexResponse:
         if request.repository_name:
             raise NotFound("repository", request.repository_name)
         table = self._router.table
@@ -299,7 +322,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
                 index.models.add(name=model, version=version, state=state, reason=reason)
         return index
 
-    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def RepositoryModelLoad(
+        self, request: triton.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.RepositoryModelLoadResponse:
         require_scope(Scope.MODELS_WRITE)
         if request.repository_name:
             raise NotFound("repository", request.repository_name)
@@ -325,7 +350,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             metadata={"model": route.model},
         )
 
-    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def RepositoryModelUnload(
+        self, request: triton.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.RepositoryModelUnloadResponse:
         require_scope(Scope.MODELS_WRITE)
         raise FailedPrecondition(
             f"the mesh serves models by the registry's deployments, not by Triton's model control, "
@@ -335,35 +362,23 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             metadata={"model": request.model_name},
         )
 
-    # Shared memory: refused, a mesh cannot map a client's memory.
+    # Shared memory: refused, a mesh cannot map a client's memory; Triton's log and trace
+    # settings are each Triton's own, set where it runs, not through the mesh.
 
-    async def SystemSharedMemoryStatus(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
+    async def _no_shared_memory(
+        self, request: Message, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> NoReturn:
         raise Unimplemented(NO_SHARED_MEMORY)
 
-    async def SystemSharedMemoryRegister(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
-        raise Unimplemented(NO_SHARED_MEMORY)
+    SystemSharedMemoryStatus = SystemSharedMemoryRegister = SystemSharedMemoryUnregister = _no_shared_memory
+    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _no_shared_memory
 
-    async def SystemSharedMemoryUnregister(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
-        raise Unimplemented(NO_SHARED_MEMORY)
+    async def _not_through_the_mesh(
+        self, request: Message, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> NoReturn:
+        raise Unimplemented(NOT_THROUGH_THE_MESH)
 
-    async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        raise Unimplemented(NO_SHARED_MEMORY)
-
-    async def CudaSharedMemoryRegister(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
-        raise Unimplemented(NO_SHARED_MEMORY)
-
-    async def CudaSharedMemoryUnregister(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
-        raise Unimplemented(NO_SHARED_MEMORY)
+    LogSettings = TraceSetting = _not_through_the_mesh
 
     # Inference.
 
@@ -389,7 +404,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             return False
         return bool(answer.config.model_transaction_policy.decoupled)
 
-    async def infer_message(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def infer_message(
+        self, request: triton.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> triton.ModelInferResponse:
         """ModelInfer on messages, for doors that build them (the V2 HTTP door)."""
         answer = await self.ModelInfer(request.SerializeToString(), context)
         return triton.ModelInferResponse.FromString(answer)
@@ -468,7 +485,7 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             version = str(number)
         return table.model(model), version
 
-    def _channel(self, address: str) -> Any:
+    def _channel(self, address: str) -> triton_grpc.GRPCInferenceServiceAsyncStub:
         return triton_grpc.GRPCInferenceServiceStub(self._router.endpoints.get(address).channel)
 
     async def _first_answer(self, version: VersionRoute, method: str, request: Any) -> Any:
@@ -490,7 +507,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
                 failures.append(error)
         _raise_control_failure(failures, f"version {version.version} (pool {version.pool})")
 
-    async def _statistics_of(self, address: str, model: str, version: str) -> list[tuple[str, Any]]:
+    async def _statistics_of(
+        self, address: str, model: str, version: str
+    ) -> list[tuple[str, triton.ModelStatistics]]:
         """(Triton address, ModelStatistics) for each Triton behind the orchestrator at `address`."""
         call = self._channel(address).ModelStatistics(
             triton.ModelStatisticsRequest(name=model, version=version),
@@ -505,7 +524,9 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             tritons = [address] * len(answer.model_stats)
         return list(zip(tritons, answer.model_stats, strict=True))
 
-    async def _index_of(self, address: str) -> Mapping[tuple[str, str], Any]:
+    async def _index_of(
+        self, address: str
+    ) -> Mapping[tuple[str, str], triton.RepositoryIndexResponse.ModelIndex]:
         answer = await self._channel(address).RepositoryIndex(
             triton.RepositoryIndexRequest(ready=False),
             timeout=downstream_timeout(self._control_timeout),
@@ -534,7 +555,10 @@ class TritonServicer(triton_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         }
 
     def _state_of(
-        self, model: str, version: VersionRoute, indexes: Mapping[str, Mapping[tuple[str, str], Any]]
+        self,
+        model: str,
+        version: VersionRoute,
+        indexes: Mapping[str, Mapping[tuple[str, str], triton.RepositoryIndexResponse.ModelIndex]],
     ) -> tuple[str, str]:
         if not version.endpoints:
             return "UNAVAILABLE", f"pool {version.pool} has no orchestrators"

@@ -218,9 +218,9 @@ def _wrap(handler: Any, observed: Callable[[ServicerContext[Any, Any]], Any]) ->
     return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
 
 
-def downstream_metadata() -> list[tuple[str, str]]:
+def downstream_metadata() -> tuple[tuple[str, str], ...]:
     """What a downstream call carries of the current request: its id, tenant and trace context."""
-    return [*context.outgoing_metadata(), *tracing.inject()]
+    return (*context.outgoing_metadata(), *tracing.inject())
 
 
 def downstream_timeout(timeout: float | None = None) -> float | None:

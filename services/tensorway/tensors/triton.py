@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.internal.containers import MessageMap
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.common.v1 import tensor_pb2
@@ -24,6 +25,12 @@ from tensorway.runtime import FieldViolation, InvalidArgument
 from tensorway.tensors.layouts import pack_contents, unpack_contents
 
 INT64_MAX = 2**63 - 1
+
+
+def config_datatype(data_type: model_config_pb2.DataType.ValueType) -> str:
+    """The V2 name ("FP32") of a model config's DataType (TYPE_FP32); TYPE_STRING is BYTES."""
+    name = model_config_pb2.DataType.Name(data_type).removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
 
 
 def raw_inputs(request: pb.InferRequest) -> list[bytes]:
