@@ -63,8 +63,12 @@ breaking: setup
 	echo "buf breaking: protos/ against $(BREAKING_BASE) at $$(git rev-parse --short $$base)" && \
 	$(BIN)/buf breaking --against "$$scratch"
 
+# Every test with line coverage of services/ (data in .build/coverage), then the total, printed
+# whether the tests passed or not; `coverage report` gives the table by file.
 test: tools lint breaking
-	$(BIN)/pytest
+	@status=0; $(BIN)/pytest --cov --cov-report= || status=$$?; \
+	echo "line coverage of services/: $$($(BIN)/coverage report --format=total)%"; \
+	exit $$status
 
 gen: setup
 	$(BIN)/python -m tensorway.protogen

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,28 @@ from tensorway.devstack._envoy import local_certificates
 # The mesh behind Envoy that tests/edge and tests/security share.
 from tests.edge_mesh import edge  # noqa: F401
 from tests.tempdirs import world_searchable_temp_dir
+
+# Tests and seconds (setup, call and teardown) per folder, for the summary of a run over several.
+_TESTS_BY_FOLDER: Counter[str] = Counter()
+_SECONDS_BY_FOLDER: Counter[str] = Counter()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # A folder is charged for the servers its fixtures start, as setup, and stop, as teardown.
+    folder = report.nodeid.split("::")[0].rpartition("/")[0]
+    _SECONDS_BY_FOLDER[folder] += report.duration
+    if report.when == "setup":
+        _TESTS_BY_FOLDER[folder] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if len(_TESTS_BY_FOLDER) < 2:
+        return
+    terminalreporter.section("time per folder")
+    for folder, seconds in sorted(_SECONDS_BY_FOLDER.items()):
+        terminalreporter.write_line(f"{folder}: {_TESTS_BY_FOLDER[folder]} tests, {seconds:.0f} s")
+    total = sum(_SECONDS_BY_FOLDER.values())
+    terminalreporter.write_line(f"total: {_TESTS_BY_FOLDER.total()} tests, {total:.0f} s")
 
 
 @pytest.fixture
