@@ -82,13 +82,14 @@ class Settings(BatchSettings):
     """How often the planner and the outbox relay look for work that other replicas left."""
     outbox_batch_size: int = 500
     """Outbox messages published per transaction."""
-    lease_check_interval: timedelta = timedelta(seconds=2)
+    lease_check_interval: timedelta = timedelta(seconds=1)
     """How often expired shard leases are looked for; with the workers' lease timeout, this
     bounds how long a dead worker's shard waits."""
-    unclaimed_shard_timeout: timedelta = timedelta(minutes=2)
+    unclaimed_shard_timeout: timedelta = timedelta(seconds=5)
     """A pending shard offered to the workers this long ago that none has taken is published
-    again: its message was lost (a broker restarted without its data). Longer than shards wait
-    in a normal backlog, or they are published twice (harmless: a shard is counted once)."""
+    again: its message was lost (a broker restarted without its data). A shard that only waits
+    in a backlog longer than this is published again too, once every this long, which costs a
+    message and a look-up (a shard is leased and counted once); see docs/reliability.md."""
     max_shard_attempts: int = 5
     """Leases a shard gets before it fails with all its rows."""
     census_interval: timedelta = timedelta(seconds=10)

@@ -85,8 +85,9 @@ class Settings(BatchSettings):
     shards' objects are read and written."""
     consumer_group: str = "tensorway-batch-workers"
     """The Kafka consumer group all workers join."""
-    kafka_session_timeout: timedelta = timedelta(seconds=10)
-    """How long the group waits for a silent worker before giving its partitions to others."""
+    kafka_session_timeout: timedelta = timedelta(seconds=6)
+    """How long the group waits for a silent worker before giving its partitions to others;
+    6 s is the least Apache Kafka's brokers accept by default (group.min.session.timeout.ms)."""
     kafka_heartbeat_interval: timedelta = timedelta(seconds=1)
     """How often a worker tells the group it is alive."""
     kafka_commit_interval: timedelta = timedelta(seconds=1)
@@ -94,8 +95,9 @@ class Settings(BatchSettings):
     kafka_fetch_max_wait: timedelta = timedelta(milliseconds=100)
     """How long the broker may hold a fetch that finds nothing new. Tansu hands over a message
     that arrives meanwhile late: 0.15-0.9 s with faust's own 1.5 s, under 10 ms with 100 ms."""
-    lease_timeout: timedelta = timedelta(seconds=30)
-    """How long a shard stays a silent worker's; the worker renews it every third of this."""
+    lease_timeout: timedelta = timedelta(seconds=6)
+    """How long a shard stays a silent worker's; the worker renews it every third of this (a
+    PostgreSQL write per shard in progress every 2 s by default)."""
     worker_id: str = ""
     """This worker's name in shard leases; empty makes one from the host and process id."""
     lag_report_interval: timedelta = timedelta(seconds=5)
