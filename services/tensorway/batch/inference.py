@@ -16,12 +16,11 @@ import grpc
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.runtime import create_channel
+from tensorway.runtime.errors import RETRYABLE_CODES
 
-# Codes after which the same request may well succeed: the mesh says so (UNAVAILABLE,
-# RESOURCE_EXHAUSTED) or the call merely ran out of time.
-RETRYABLE_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
-)
+# Codes after which a worker sends the same request again: the mesh says it may well succeed,
+# or the attempt merely ran out of its own time (each attempt has a deadline of its own).
+ATTEMPT_AGAIN_CODES = RETRYABLE_CODES | {grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ async def infer_with_retries(
         try:
             return await client.infer(request)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRYABLE_CODES or attempt >= attempts:
+            if exc.code() not in ATTEMPT_AGAIN_CODES or attempt >= attempts:
                 raise
         await asyncio.sleep(backoff.total_seconds() * 2 ** (attempt - 1))
         attempt += 1

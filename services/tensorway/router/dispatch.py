@@ -30,13 +30,14 @@ from tensorway.router import metrics
 from tensorway.router.balancer import pick
 from tensorway.router.breaker import BreakerPolicy
 from tensorway.router.endpoints import MAX_MESSAGE_BYTES, Endpoint, EndpointSet
-from tensorway.router.retry import RETRYABLE_CODES, RetryBudget, RetryPolicy
+from tensorway.router.retry import RetryBudget, RetryPolicy
 from tensorway.router.routing import ModelRoute, RouteTable, RouteWatcher, VersionRoute
 from tensorway.router.sequences import SequenceKey, SequencePins, key_of
 from tensorway.router.serialized import SerializedRequest
 from tensorway.router.shadow import MismatchSamples, ShadowMirror
 from tensorway.runtime import Aborted, ResourceExhausted, Unavailable
 from tensorway.runtime.context import caller
+from tensorway.runtime.errors import RETRYABLE_CODES
 from tensorway.tensors.triton import SequenceStep
 
 logger = logging.getLogger(__name__)

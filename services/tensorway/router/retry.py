@@ -1,4 +1,5 @@
-"""Which failures the router retries, and the budget that keeps retries from multiplying an outage."""
+"""How often the router retries (the codes it retries are runtime.errors.RETRYABLE_CODES), and the
+budget that keeps retries from multiplying an outage."""
 
 from __future__ import annotations
 
@@ -7,12 +8,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-
-import grpc
-
-# UNAVAILABLE: the endpoint could not take the call (down, restarting, unreachable).
-# RESOURCE_EXHAUSTED: the endpoint shed it. Either way another endpoint may well succeed.
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 @dataclass(frozen=True)

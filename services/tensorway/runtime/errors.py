@@ -215,6 +215,11 @@ class ResourceExhausted(_RetryableError):
     default_reason = error_pb2.ERROR_REASON_RESOURCE_EXHAUSTED
 
 
+# The codes of the two errors above, which tell the caller the same call may well succeed: on
+# another endpoint at once, or here after the delay their RetryInfo gives.
+RETRYABLE_CODES = frozenset({Unavailable.code, ResourceExhausted.code})
+
+
 class DeadlineExceeded(TensorwayError):
     """The deadline passed before the work finished."""
 
