@@ -35,7 +35,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorway.cli.bench import BenchResults
+from tensorway.bench_results import BenchResults
 
 # Requests in flight for each cell of the latency-against-concurrency curves.
 SWEEP = (1, 4, 16, 64)

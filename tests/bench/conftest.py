@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tensorway.cli.bench import BenchResults, Report, Step, load_chaos
+from tensorway.bench_results import BenchResults, load_chaos
+from tensorway.cli.bench import Report, Step
 
 RECORDED = Path(__file__).parent / "recorded"
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tensorway.cli.bench import Report, load_chaos, physical_cores, render, run_chaos
+from tensorway.bench_results import load_chaos
+from tensorway.cli.bench import Report, physical_cores, render, run_chaos
 
 
 def rows_of(markdown: str, first_cell: str) -> list[list[str]]:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tensorway.cli.bench import BenchResults
+from tensorway.bench_results import BenchResults
 
 ROOT = Path(__file__).parents[2]
 

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from tensorway.batch.v1 import batch_service_pb2 as batch_pb
+from tensorway.bench_results import MAX_FAILED_PERCENT, MAX_RECOVERY_SECONDS
 
 from .faults import FAULTS, Fault, FaultRunner
 
-MAX_FAILED_SHARE = 0.001
-MAX_RECOVERY_SECONDS = 10.0
+MAX_FAILED_SHARE = MAX_FAILED_PERCENT / 100
 
 
 # The first test also starts the mesh (about a minute on a busy two-core machine), the last one
