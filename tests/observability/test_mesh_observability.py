@@ -1,6 +1,8 @@
-"""The local mesh with its shipped defaults, traced and scraped: one request's trace crosses
-Envoy, router, orchestrator and Triton, and a batch row's crosses Kafka too; every service's
-metrics match the catalogue (docs/metrics.md); the local Prometheus scrapes every service and can
+"""The local mesh with its shipped defaults, traced and scraped: a request whose client asks for
+its trace (x-client-trace-id through Envoy, or a sampled traceparent) is traced across Envoy,
+router, orchestrator and Triton, and a batch row's across Kafka too, while a request whose trace
+is not sampled stays on the orchestrator's streams and leaves no span; every service's metrics
+match the catalogue (docs/metrics.md); the local Prometheus scrapes every service and can
 evaluate the rules and every dashboard query."""
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def mesh() -> Iterator[ObservedMesh]:
     with otlp_receiver() as receiver, pytest.MonkeyPatch.context() as env:
         for service in TRACED_SERVICES:
             env.setenv(f"TENSORWAY_{service.upper().replace('-', '_')}_OTLP_ENDPOINT", receiver.grpc_endpoint)
+        # The services sample new traces at their default ratio (no TRACE_SAMPLE_RATIO set).
         # Spans leave the services within a fifth of a second instead of five.
         env.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
         settings = DevStackSettings(
@@ -83,8 +86,17 @@ def mesh() -> Iterator[ObservedMesh]:
             prometheus_scrape_interval=timedelta(seconds=1),
         ).without_pinned_ports()
         collector = urllib.parse.urlsplit(receiver.grpc_endpoint)
+        # Envoy traced as compose and Kubernetes ship it (random sampling included), exporting to
+        # the receiver.
+        shipped = load_values("compose")["tracing"]
         traced_envoy = Envoy(
-            values={"tracing": {"collector_host": collector.hostname, "collector_port": collector.port}}
+            values={
+                "tracing": {
+                    "collector_host": collector.hostname,
+                    "collector_port": collector.port,
+                    "random_sampling": shipped["random_sampling"],
+                }
+            }
         )
         components = [traced_envoy if c.name == "envoy" else c for c in default_components()]
         stack = Stack(settings, state_dir=state_dir, components=components, die_with_parent=True)
@@ -212,13 +224,17 @@ def test_metrics_match_the_catalogue(mesh: ObservedMesh, catalogue: dict[str, Ca
     assert _value(scraped["triton"], "nv_inference_count_total", model="digits") >= 2
 
 
-def _infer_with_trace(router: str, traceparent: str) -> None:
+def _iris_request() -> inference_pb.InferRequest:
     request = inference_pb.InferRequest(model_name="iris")
     features = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
     request.inputs.add(name="input", datatype="FP32", shape=[1, 4], raw_contents=features.tobytes())
+    return request
+
+
+def _infer_with_trace(router: str, traceparent: str) -> None:
     with grpc.insecure_channel(router) as channel:
         inference_grpc.InferenceServiceStub(channel).Infer(
-            request, metadata=[("traceparent", traceparent)], timeout=10
+            _iris_request(), metadata=[("traceparent", traceparent)], timeout=10
         )
 
 
@@ -294,25 +310,26 @@ def _envoy_roots(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:
     return {span.trace_id: span for span in spans if span.service == "envoy" and not span.parent_span_id}
 
 
-def test_one_trace_covers_envoy_router_orchestrator_and_triton(mesh: ObservedMesh) -> None:
-    """With the shipped defaults (persistent streams to Triton), a request through Envoy with a
-    token and no trace context of its own: Envoy's span is the root, and Triton's spans are under
-    the orchestrator's."""
-    before = set(_envoy_roots(mesh.receiver.store.wait_for(lambda spans: True, timeout=0)))
-    request = inference_pb.InferRequest(model_name="iris")
-    features = np.array([[6.3, 3.3, 6.0, 2.5]], dtype=np.float32)
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 4], raw_contents=features.tobytes())
+def _infer_through_envoy(mesh: ObservedMesh, *metadata: tuple[str, str]) -> None:
     token = _edge_token(mesh, Scope.INFER)
     with _edge_channel(mesh) as channel:
         inference_grpc.InferenceServiceStub(channel).Infer(
-            request, metadata=[("authorization", f"Bearer {token}")], timeout=10
+            _iris_request(), metadata=[("authorization", f"Bearer {token}"), *metadata], timeout=10
         )
 
+
+def test_a_client_asks_envoy_for_its_trace_with_x_client_trace_id(mesh: ObservedMesh) -> None:
+    """At the shipped sampling (1 % at random), a client that sends x-client-trace-id through
+    Envoy gets its request traced (client_sampling, 100 %): Envoy's span, tagged with the client's
+    id, is the root, and Triton's spans are under the orchestrator's."""
+    client_trace_id = uuid.uuid4().hex
+    _infer_through_envoy(mesh, ("x-client-trace-id", client_trace_id))
+
     def traced_inference(spans: list[ReceivedSpan]) -> list[ReceivedSpan] | None:
-        for trace_id in _envoy_roots(spans).keys() - before:
-            trace = _trace_of(spans, trace_id)
-            if _with_triton(trace):
-                return trace
+        for envoy in _envoy_roots(spans).values():
+            if envoy.attributes.get("guid:x-client-trace-id") == client_trace_id:
+                trace = _trace_of(spans, envoy.trace_id)
+                return trace if _with_triton(trace) else None
         return None
 
     spans = mesh.receiver.store.wait_for(lambda spans: traced_inference(spans) is not None)
@@ -321,10 +338,59 @@ def test_one_trace_covers_envoy_router_orchestrator_and_triton(mesh: ObservedMes
     (envoy,) = [span for span in trace if span.service == "envoy"]
     assert not envoy.parent_span_id
     _assert_inference_chain(trace, envoy, "iris")
-    # The defaults were in force: the orchestrator keeps streams to Triton, which this sampled
-    # request went around.
+
+
+def test_x_client_trace_id_beside_a_sampled_traceparent(mesh: ObservedMesh) -> None:
+    """Envoy 1.40 does not trace a request for its sampled traceparent alone (its own sampling
+    decides: measured, a sampled traceparent through Envoy left no span at 1 %); with
+    x-client-trace-id beside it the request is traced, in the client's trace, under its span."""
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    client_trace_id = uuid.uuid4().hex
+    _infer_through_envoy(
+        mesh,
+        ("traceparent", f"00-{trace_id}-{client_span}-01"),
+        ("x-client-trace-id", client_trace_id),
+    )
+
+    def envoy_span(spans: list[ReceivedSpan]) -> ReceivedSpan | None:
+        tagged = [
+            span
+            for span in spans
+            if span.service == "envoy" and span.attributes.get("guid:x-client-trace-id") == client_trace_id
+        ]
+        return tagged[0] if tagged and _with_triton(_trace_of(spans, tagged[0].trace_id)) else None
+
+    spans = mesh.receiver.store.wait_for(lambda spans: envoy_span(spans) is not None)
+    envoy = envoy_span(spans)
+    assert envoy is not None, [span for span in spans if span.service == "envoy"]
+    assert (envoy.trace_id, envoy.parent_span_id) == (trace_id, client_span)
+    _assert_inference_chain(_trace_of(spans, trace_id), envoy, "iris")
+
+
+def test_an_unsampled_request_leaves_no_span_and_stays_on_the_stream(mesh: ObservedMesh) -> None:
+    """A request whose trace is not sampled, as nearly every request is at the default ratio
+    (0.01): neither router, orchestrator nor Triton records a span of it, and the orchestrator
+    sends it on its persistent ModelStreamInfer stream. A traceparent that says not-sampled, sent
+    to the router, makes the decision deterministic (the services' ParentBased sampler follows
+    it), where a request without one would be sampled 1 time in 100."""
+    direct = secrets.token_hex(16)
+    _infer_with_trace(mesh.state.addresses()["router"], f"00-{direct}-{secrets.token_hex(8)}-00")
+    # A sampled request sent after it: once its Triton spans have arrived, any span of the one
+    # before it (Triton's come out in order, the services' sooner) would have too.
+    _traced(mesh)
+    spans = mesh.receiver.store.wait_for(lambda spans: True, timeout=0)
+    assert _trace_of(spans, direct) == []
+    # Not sampled at the orchestrator, so not sent unary (TritonEndpoint.infer): the stream to
+    # Triton is open and carried it.
     orchestrator = _scrape(_metrics_urls(mesh.state)["orchestrator"])
-    assert _value(orchestrator, "tensorway_orchestrator_streams_opened_total") >= 1
+    assert (
+        _value(
+            orchestrator,
+            "tensorway_orchestrator_streams_opened_total",
+            triton=mesh.state.addresses()["triton_grpc"],
+        )
+        >= 1
+    )
 
 
 def test_a_caller_trace_covers_router_orchestrator_and_triton(mesh: ObservedMesh) -> None:
@@ -341,8 +407,9 @@ def test_router_span_records_the_routing_decision(mesh: ObservedMesh) -> None:
 
 
 def test_a_batch_rows_trace_crosses_kafka(mesh: ObservedMesh, tmp_path: Path) -> None:
-    """A job submitted through Envoy: its CreateJob span, the worker's shard span (the trace
-    context rode the shard's Kafka record) and the shard's inference spans are one trace."""
+    """A job submitted through Envoy with x-client-trace-id: its CreateJob span, the worker's shard
+    span (the trace context rode the shard's Kafka record) and the shard's inference spans are one
+    trace."""
     token = _edge_token(mesh, Scope.BATCH)
     auth = [("authorization", f"Bearer {token}")]
     rows = np.random.default_rng(7).integers(0, 17, (4, 64)).astype(np.float32)
@@ -360,11 +427,12 @@ def test_a_batch_rows_trace_crosses_kafka(mesh: ObservedMesh, tmp_path: Path) ->
         # Loopback URL of the stack's own S3, presigned by the batch API.
         with urllib.request.urlopen(put, timeout=10):
             pass
+        # The client asks for the job's trace, as a user would: x-client-trace-id through Envoy.
         job = batch.CreateJob(
             batch_pb.CreateJobRequest(
                 job=batch_pb.Job(model="digits", input_uri=upload.input_uri), request_id=uuid.uuid4().hex
             ),
-            metadata=auth,
+            metadata=[*auth, ("x-client-trace-id", uuid.uuid4().hex)],
             timeout=10,
         ).job
 

@@ -27,8 +27,11 @@ class ServiceSettings(BaseSettings):
     """Largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED."""
     otlp_endpoint: str | None = None
     """OTLP/gRPC collector address (e.g. http://127.0.0.1:4317); tracing is off when unset."""
-    trace_sample_ratio: float = 1.0
-    """Share of new traces sampled; a sampled caller's choice is always followed."""
+    trace_sample_ratio: float = 0.01
+    """Share of new traces sampled (1 %); a caller's sampled or not-sampled `traceparent` is always
+    followed. A sampled request reaches Triton as a unary ModelInfer instead of on the
+    orchestrator's persistent streams, so the share is kept small; a client asks for one request's
+    trace with `x-client-trace-id` through Envoy, or a sampled `traceparent` sent to a router."""
     log_level: str = "INFO"
     """Root log level."""
     log_json: bool = True
