@@ -54,7 +54,6 @@ from benchkit import Cell, Results, add_common_arguments, mode, percentile_ms, p
 from minio import Minio
 from sklearn.datasets import load_digits
 
-from tensorway.batch.inference import TensorSpec
 from tensorway.batch.parquet import AnsweredRows, parquet_bytes, part_table
 from tensorway.batch.results import answer_lines
 from tensorway.batch.tensors import json_rows
@@ -64,6 +63,7 @@ from tensorway.devstack import DevStackSettings, Stack, register_demo_models
 from tensorway.devstack._services import Router
 from tensorway.devstack._stack import default_components
 from tensorway.runtime.context import TENANT_SCOPES, identity_metadata
+from tensorway.tensors.signatures import TensorSpec
 
 BUCKET = "batch-bench"
 TENANT = "bench"

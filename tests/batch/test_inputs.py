@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tensorway.batch.domain import NpyLayout
-from tensorway.batch.inference import ModelSignature, TensorSpec
 from tensorway.batch.inputs import InputError, coalesce, decode_jsonl, npy_batches, plan_jsonl, plan_npy
 from tensorway.batch.shard_messages import parse_task, text_headers
 from tensorway.batch.v1.shard_task_pb2 import ShardTask
+from tensorway.tensors.signatures import ModelSignature, TensorSpec
 
 SIGNATURE = ModelSignature(
     name="m",

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tensorway.batch.domain import RowError, ShardPlan
-from tensorway.batch.inference import ModelSignature, TensorSpec
 from tensorway.batch.inputs import InputError
 from tensorway.batch.parquet import AnsweredRows, cut_row_groups, parquet_bytes, part_table, read_shard
+from tensorway.tensors.signatures import ModelSignature, TensorSpec
 
 DIGITS = ModelSignature(
     "digits",

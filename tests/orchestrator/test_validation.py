@@ -16,10 +16,10 @@ from grpc_status import rpc_status
 from tensorway.common.v1 import tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from tensorway.orchestrator import ModelSignature, TensorSignature
 from tensorway.orchestrator.validation import validate_request
 from tensorway.runtime import InvalidArgument
 from tensorway.tensors.layouts import pack_bytes
+from tensorway.tensors.signatures import ModelSignature, TensorSpec
 from tensorway.tensors.triton import raw_inputs
 
 from .conftest import StartOrchestrator, TcpProxy
@@ -150,12 +150,12 @@ SIGNATURE = ModelSignature(
     versions=("1",),
     platform="python",
     max_batch_size=4,
-    inputs={
-        "x": TensorSignature("x", "FP32", (-1, 3)),
-        "s": TensorSignature("s", "BYTES", (1,)),
-        "o": TensorSignature("o", "BF16", (2,), optional=True),
-    },
-    outputs={"y": TensorSignature("y", "FP32", (3,))},
+    inputs=(
+        TensorSpec("x", "FP32", (-1, 3)),
+        TensorSpec("s", "BYTES", (1,)),
+        TensorSpec("o", "BF16", (2,), optional=True),
+    ),
+    outputs=(TensorSpec("y", "FP32", (3,)),),
 )
 
 

@@ -48,7 +48,8 @@ def test_triton_warms_what_declares_model_warmup_and_what_a_plain_request_cannot
 
 
 def test_a_registered_signature_that_does_not_fit_the_loaded_model_is_named() -> None:
-    from tensorway.orchestrator.declared import DeclaredSignature, DeclaredTensor, signature_mismatch
+    from tensorway.orchestrator.declared import signature_mismatch
+    from tensorway.tensors.signatures import ModelSignature, TensorSpec
 
     loaded = config(
         """
@@ -58,16 +59,19 @@ def test_a_registered_signature_that_does_not_fit_the_loaded_model_is_named() ->
         output { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] }
         """
     )
-    fits = DeclaredSignature(
-        (DeclaredTensor("INPUT0", "INT32", (16,)), DeclaredTensor("INPUT1", "INT32", (4,))),
-        (DeclaredTensor("OUTPUT0", "INT32", (16,)),),
+    fits = ModelSignature(
+        "m",
+        (TensorSpec("INPUT0", "INT32", (16,)), TensorSpec("INPUT1", "INT32", (4,))),
+        (TensorSpec("OUTPUT0", "INT32", (16,)),),
         8,
     )
     assert signature_mismatch(fits, loaded) is None
-    assert signature_mismatch(DeclaredSignature(), loaded) is None  # nothing declared, nothing to check
-    misfit = DeclaredSignature(
-        (DeclaredTensor("INPUT0", "FP32", (16,)), DeclaredTensor("pixels", "FP32", (64,))),
-        (DeclaredTensor("OUTPUT0", "INT32", (16,)),),
+    nothing_declared = ModelSignature("m", (), (), 0)
+    assert signature_mismatch(nothing_declared, loaded) is None
+    misfit = ModelSignature(
+        "m",
+        (TensorSpec("INPUT0", "FP32", (16,)), TensorSpec("pixels", "FP32", (64,))),
+        (TensorSpec("OUTPUT0", "INT32", (16,)),),
         4,
     )
     reason = signature_mismatch(misfit, loaded)

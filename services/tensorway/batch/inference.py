@@ -7,7 +7,6 @@ the router, tests may hand in any server of the same contract.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
@@ -17,29 +16,11 @@ from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.runtime import create_channel
 from tensorway.runtime.errors import RETRYABLE_CODES
+from tensorway.tensors.signatures import ModelSignature
 
 # Codes after which a worker sends the same request again: the mesh says it may well succeed,
 # or the attempt merely ran out of its own time (each attempt has a deadline of its own).
 ATTEMPT_AGAIN_CODES = RETRYABLE_CODES | {grpc.StatusCode.DEADLINE_EXCEEDED}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One of a model's inputs or outputs; the shape leaves out the batch dimension."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ModelSignature:
-    """What a model takes and gives, and the largest batch it accepts (0: it does not batch)."""
-
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    max_batch_size: int
 
 
 class InferenceClient(Protocol):
@@ -70,12 +51,7 @@ class GrpcInferenceClient:
         response = await self._stub.GetModelMetadata(
             pb.GetModelMetadataRequest(model_name=model, model_version=version), timeout=self._timeout
         )
-        return ModelSignature(
-            name=response.name,
-            inputs=tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in response.inputs),
-            outputs=tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in response.outputs),
-            max_batch_size=response.max_batch_size,
-        )
+        return ModelSignature.from_metadata(response)
 
     async def infer(self, request: pb.InferRequest) -> pb.InferResponse:
         response: pb.InferResponse = await self._stub.Infer(request, timeout=self._timeout)

@@ -20,8 +20,8 @@ import numpy.typing as npt
 import orjson
 
 from tensorway.batch.domain import InputPlan, NpyLayout, RowError, ShardPlan
-from tensorway.batch.inference import ModelSignature, TensorSpec
 from tensorway.batch.tensors import ACCEPTED_KINDS, numpy_dtype
+from tensorway.tensors.signatures import ModelSignature, TensorSpec
 
 # Enough for any .npy header NumPy writes (it pads headers to 64 bytes; large shapes stay small).
 NPY_HEADER_PROBE_BYTES = 64 * 1024

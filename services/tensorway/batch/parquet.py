@@ -31,10 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tensorway.batch.domain import InputPlan, ObjectRef, RowError, ShardPlan
-from tensorway.batch.inference import ModelSignature, TensorSpec
 from tensorway.batch.inputs import Batch, InputError
 from tensorway.batch.object_store import ObjectStore, RangedObject, StorageError
 from tensorway.batch.tensors import ACCEPTED_KINDS, numpy_dtype
+from tensorway.tensors.signatures import ModelSignature, TensorSpec
 
 PARQUET_SUFFIXES = (".parquet", ".parq")
 # A prefix with more files than this is more likely a mistake than an input.

@@ -33,11 +33,11 @@ from tensorway.batch.domain import (
     ShardPlan,
     StoredObject,
 )
-from tensorway.batch.inference import TensorSpec
 from tensorway.batch.job_store import JobStore, ShardRecord
 from tensorway.batch.object_store import ObjectStore
 from tensorway.batch.parquet import DEFAULT_ID_COLUMN, AnsweredRows, parquet_bytes, part_table
 from tensorway.batch.tensors import json_rows
+from tensorway.tensors.signatures import TensorSpec
 
 logger = logging.getLogger(__name__)
 JSONL = "application/x-ndjson"

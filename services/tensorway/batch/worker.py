@@ -38,13 +38,7 @@ from tensorway.batch.domain import (
     ShardLease,
     shard_request_id,
 )
-from tensorway.batch.inference import (
-    GrpcInferenceClient,
-    InferenceClient,
-    ModelSignature,
-    TensorSpec,
-    infer_with_retries,
-)
+from tensorway.batch.inference import GrpcInferenceClient, InferenceClient, infer_with_retries
 from tensorway.batch.inputs import Batch, InputError, coalesce, decode_jsonl, npy_batches
 from tensorway.batch.job_store import JobStore
 from tensorway.batch.object_store import ObjectStore, StorageError
@@ -57,6 +51,7 @@ from tensorway.batch.tensors import from_tensor, to_tensor
 from tensorway.inference.v1 import inference_service_pb2 as infer_pb
 from tensorway.runtime import ServiceServer, TensorwayError, create_server, tracing
 from tensorway.runtime.context import DEFAULT_TENANT, TENANT_HEADER, RequestContext, Scope, current
+from tensorway.tensors.signatures import ModelSignature, TensorSpec
 
 logger = logging.getLogger(__name__)
 # What a worker may do for a job's tenant: infer, with the tenant's own limits.

@@ -8,15 +8,12 @@ signature before Triton sees them, and loads and unloads models as the pool's de
 from tensorway.orchestrator.core import Orchestrator
 from tensorway.orchestrator.models import DeploymentSource, ModelCatalog, ModelPlacement
 from tensorway.orchestrator.service import Settings, create
-from tensorway.orchestrator.signatures import ModelSignature, TensorSignature
 
 __all__ = [
     "DeploymentSource",
     "ModelCatalog",
     "ModelPlacement",
-    "ModelSignature",
     "Orchestrator",
     "Settings",
-    "TensorSignature",
     "create",
 ]

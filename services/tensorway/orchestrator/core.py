@@ -18,10 +18,8 @@ from tritonclient.grpc import service_pb2 as triton
 from tensorway.common.v1 import error_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
 from tensorway.orchestrator import metrics
-from tensorway.orchestrator.converters import metadata_response
 from tensorway.orchestrator.models import ModelCatalog
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
-from tensorway.orchestrator.signatures import ModelSignature
 from tensorway.orchestrator.streams import EMPTY_FINAL_RESPONSE_PARAMETER, FINAL_RESPONSE_PARAMETER
 from tensorway.orchestrator.triton_errors import UNARY_ON_DECOUPLED, ModelGone, from_stream_error
 from tensorway.orchestrator.validation import check_triton_contents, validate_request
@@ -37,6 +35,7 @@ from tensorway.runtime import (
 )
 from tensorway.runtime.errors import GENERIC_INTERNAL_MESSAGE, reason_name
 from tensorway.runtime.streams import answer_in_order
+from tensorway.tensors.signatures import ModelSignature
 from tensorway.tensors.triton import (
     SequenceStep,
     from_triton_response,
@@ -340,7 +339,7 @@ class Orchestrator:
     async def model_metadata(self, request: pb.GetModelMetadataRequest) -> pb.GetModelMetadataResponse:
         """The signature of a model version, as the pool's Tritons declare it."""
         signature = await self._catalog.signature(request.model_name, request.model_version)
-        return metadata_response(signature)
+        return signature.to_metadata()
 
     async def stream_infer(
         self, requests: AsyncIterator[pb.StreamInferRequest], max_in_flight: int

@@ -9,28 +9,10 @@ a mismatch as the version's FAILED reason instead of letting it get traffic.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from tensorway.tensors.signatures import ModelSignature, TensorSpec
 from tensorway.tensors.triton import config_datatype
-
-
-@dataclass(frozen=True)
-class DeclaredTensor:
-    """One declared input or output: datatype and a row's shape (-1 is dynamic)."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class DeclaredSignature:
-    """What the registry says a version takes and returns."""
-
-    inputs: tuple[DeclaredTensor, ...] = ()
-    outputs: tuple[DeclaredTensor, ...] = ()
-    max_batch_size: int = 0
 
 
 def _dims_agree(declared: Sequence[int], loaded: Sequence[int]) -> bool:
@@ -39,7 +21,7 @@ def _dims_agree(declared: Sequence[int], loaded: Sequence[int]) -> bool:
     )
 
 
-def _tensors_differ(kind: str, declared: Sequence[DeclaredTensor], loaded: Any) -> list[str]:
+def _tensors_differ(kind: str, declared: Sequence[TensorSpec], loaded: Any) -> list[str]:
     found = {tensor.name: tensor for tensor in loaded}
     problems = []
     for tensor in declared:
@@ -56,10 +38,10 @@ def _tensors_differ(kind: str, declared: Sequence[DeclaredTensor], loaded: Any) 
     return problems
 
 
-def signature_mismatch(declared: DeclaredSignature, config: Any) -> str | None:
-    """Why the declared signature does not fit Triton's loaded ModelConfig; None when it does
-    (or declares nothing to check)."""
-    if not (declared.inputs or declared.outputs):
+def signature_mismatch(declared: ModelSignature | None, config: Any) -> str | None:
+    """Why the registry's declared signature does not fit Triton's loaded ModelConfig; None when
+    it does (or declares nothing to check)."""
+    if declared is None or not (declared.inputs or declared.outputs):
         return None
     problems = _tensors_differ("input", declared.inputs, config.input)
     problems += _tensors_differ("output", declared.outputs, config.output)

@@ -16,12 +16,12 @@ import grpc
 
 from tensorway.common.v1 import error_pb2
 from tensorway.orchestrator.artifacts import ArtifactError, ModelRepository, is_fetched
-from tensorway.orchestrator.declared import DeclaredSignature, signature_mismatch
+from tensorway.orchestrator.declared import signature_mismatch
 from tensorway.orchestrator.pool import TritonEndpoint, TritonPool
-from tensorway.orchestrator.signatures import ModelSignature
 from tensorway.orchestrator.triton_errors import ModelGone
 from tensorway.orchestrator.warmup import warmed_by_triton, warmup_request
 from tensorway.runtime import NotFound, TensorwayError, Unavailable
+from tensorway.tensors.signatures import ModelSignature
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +94,13 @@ class DeployedModels(frozenset[str]):
     repository). A plain set of names (a source that knows no versions) loads models by name."""
 
     versions: Mapping[str, Mapping[str, str]]
-    signatures: Mapping[tuple[str, str], DeclaredSignature]
+    signatures: Mapping[tuple[str, str], ModelSignature]
     """(model, version) → the signature the registry declares, checked once Triton loads it."""
 
     def __new__(
         cls,
         versions: Mapping[str, Mapping[str, str]],
-        signatures: Mapping[tuple[str, str], DeclaredSignature] | None = None,
+        signatures: Mapping[tuple[str, str], ModelSignature] | None = None,
     ) -> DeployedModels:
         deployed = super().__new__(cls, versions.keys())
         deployed.versions = versions
@@ -192,7 +192,7 @@ class ModelPlacement:
         self._initial = frozenset(initial_models)
         self._deployed: frozenset[str] | None = None
         self._versions: Mapping[str, Mapping[str, str]] = {}
-        self._signatures: Mapping[tuple[str, str], DeclaredSignature] = {}
+        self._signatures: Mapping[tuple[str, str], ModelSignature] = {}
         self._source = source
         # One repository for every Triton, or one per Triton address.
         self._repositories: Mapping[str, ModelRepository] = (
@@ -421,7 +421,7 @@ class ModelPlacement:
         self._set(endpoint, model, version, VersionState.WARMING, "answering its warm-up request")
         try:
             config = (await endpoint.model_config(model, version)).config
-            mismatch = signature_mismatch(self._signatures.get((model, version), DeclaredSignature()), config)
+            mismatch = signature_mismatch(self._signatures.get((model, version)), config)
             if mismatch is not None:
                 logger.error("model %s version %s: %s", model, version, mismatch)
                 self._set(endpoint, model, version, VersionState.FAILED, mismatch)

@@ -9,16 +9,15 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import timedelta
-from typing import Any
 
 import grpc
 
-from tensorway.orchestrator.declared import DeclaredSignature, DeclaredTensor
 from tensorway.orchestrator.models import DeployedModels, StateLine
 from tensorway.registry.access import SYSTEM_TENANT, admin_metadata
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from tensorway.runtime import create_channel
+from tensorway.tensors.signatures import ModelSignature, specs_from_proto
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +53,24 @@ class RegistryDeployments:
 
     def _served_here(self, routes: Iterable[registry_pb.Route]) -> DeployedModels:
         versions: dict[str, dict[str, str]] = {}
-        signatures: dict[tuple[str, str], DeclaredSignature] = {}
+        signatures: dict[tuple[str, str], ModelSignature] = {}
         for route in routes:
             for version in route.versions:
                 if version.pool == self._pool_name:
                     versions.setdefault(route.model, {})[version.version] = version.artifact_uri
-                    signatures[route.model, version.version] = _declared(version)
+                    signatures[route.model, version.version] = _declared(route.model, version)
         return DeployedModels(versions, signatures)
 
 
-def _declared(version: registry_pb.VersionRoute) -> DeclaredSignature:
-    def tensors(specs: Iterable[Any]) -> tuple[DeclaredTensor, ...]:
-        return tuple(DeclaredTensor(spec.name, spec.datatype, tuple(spec.shape)) for spec in specs)
-
-    return DeclaredSignature(tensors(version.inputs), tensors(version.outputs), version.max_batch_size)
+def _declared(model: str, version: registry_pb.VersionRoute) -> ModelSignature:
+    """The signature the registry declares for the version."""
+    return ModelSignature(
+        model,
+        specs_from_proto(version.inputs),
+        specs_from_proto(version.outputs),
+        version.max_batch_size,
+        versions=(version.version,),
+    )
 
 
 def advertised_address(host: str, port: int) -> str:

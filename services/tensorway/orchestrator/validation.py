@@ -15,9 +15,9 @@ from tritonclient.grpc import service_pb2 as triton
 
 from tensorway.common.v1 import error_pb2, tensor_pb2
 from tensorway.inference.v1 import inference_service_pb2 as pb
-from tensorway.orchestrator.signatures import ModelSignature, TensorSignature
 from tensorway.runtime import FieldViolation, InvalidArgument, NotFound
 from tensorway.tensors.layouts import BYTES, CONTENTS_FIELDS, FIXED_SIZE_DTYPES
+from tensorway.tensors.signatures import ModelSignature, TensorSpec
 
 # Triton's raw BYTES elements each start with a 4-byte little-endian length.
 _BYTES_PREFIX = struct.Struct("<I")
@@ -52,9 +52,9 @@ def validate_request(request: Request, signature: ModelSignature, raw: Sequence[
     batch_sizes: dict[str, int] = {}
     for index, (tensor, tensor_raw) in enumerate(zip(inputs, raw, strict=True)):
         field = f"inputs[{index}]"
-        expected = signature.inputs.get(tensor.name)
+        expected = signature.inputs_by_name.get(tensor.name)
         if expected is None:
-            known = ", ".join(signature.inputs)
+            known = ", ".join(signature.inputs_by_name)
             violations.append(
                 FieldViolation(
                     f"{field}.name", f"{signature.name} has no input {tensor.name!r}; it has {known}"
@@ -69,15 +69,15 @@ def validate_request(request: Request, signature: ModelSignature, raw: Sequence[
         violations += tensor_violations
         if not tensor_violations and signature.max_batch_size > 0:
             batch_sizes[tensor.name] = tensor.shape[0]
-    for name, expected in signature.inputs.items():
-        if name not in seen and not expected.optional:
-            violations.append(FieldViolation("inputs", f"input {name!r} is missing"))
+    for expected in signature.inputs:
+        if expected.name not in seen and not expected.optional:
+            violations.append(FieldViolation("inputs", f"input {expected.name!r} is missing"))
     if len(set(batch_sizes.values())) > 1:
         sizes = ", ".join(f"{name}: {size}" for name, size in batch_sizes.items())
         violations.append(FieldViolation("inputs", f"inputs disagree on the batch size ({sizes})"))
     for index, output in enumerate(outputs):
-        if output.name not in signature.outputs:
-            known = ", ".join(signature.outputs)
+        if output.name not in signature.outputs_by_name:
+            known = ", ".join(signature.outputs_by_name)
             violations.append(
                 FieldViolation(
                     f"outputs[{index}].name",
@@ -95,7 +95,7 @@ def validate_request(request: Request, signature: ModelSignature, raw: Sequence[
 
 
 def _check_tensor(
-    field: str, tensor: InputTensor, raw: bytes, expected: TensorSignature, signature: ModelSignature
+    field: str, tensor: InputTensor, raw: bytes, expected: TensorSpec, signature: ModelSignature
 ) -> list[FieldViolation]:
     name = tensor.name
     if tensor.datatype != expected.datatype:
@@ -112,7 +112,7 @@ def _check_tensor(
     return [FieldViolation(f"{field}.{problem[0]}", f"input {name!r}: {problem[1]}")] if problem else []
 
 
-def _shape_problem(shape: Sequence[int], expected: TensorSignature, signature: ModelSignature) -> str | None:
+def _shape_problem(shape: Sequence[int], expected: TensorSpec, signature: ModelSignature) -> str | None:
     wanted = signature.expected_shape(expected)
     described = f"shape {list(shape)} does not match {wanted}"
     if len(shape) != len(wanted) or any(dim < 0 for dim in shape):

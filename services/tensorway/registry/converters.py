@@ -6,14 +6,13 @@ ids. The same conversions encode the values the Redis cache keeps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tensorway.common.v1 import tensor_pb2
 from tensorway.registry.domain import (
     Deployment,
     Model,
@@ -25,7 +24,6 @@ from tensorway.registry.domain import (
     RouteUpdate,
     Shadow,
     Stage,
-    TensorSpec,
     TrafficSplit,
     TritonModelState,
     VersionReadiness,
@@ -34,6 +32,7 @@ from tensorway.registry.domain import (
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.validation import parse_name
 from tensorway.runtime import FieldViolation, InvalidArgument
+from tensorway.tensors.signatures import specs_from_proto, specs_to_proto
 
 T = TypeVar("T")
 
@@ -82,14 +81,6 @@ def _datetime(message: Timestamp, present: bool, field: str) -> datetime | None:
         return message.ToDatetime(tzinfo=UTC)
     except ValueError as exc:  # seconds or nanos outside what a Timestamp may hold
         raise InvalidArgument(f"{field} is not a valid timestamp", [FieldViolation(field, str(exc))]) from exc
-
-
-def specs_to_proto(specs: Iterable[TensorSpec]) -> list[tensor_pb2.TensorSpec]:
-    return [tensor_pb2.TensorSpec(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in specs]
-
-
-def specs_from_proto(specs: Iterable[tensor_pb2.TensorSpec]) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in specs)
 
 
 def model_to_proto(model: Model) -> pb.Model:

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
 
+# Re-exported: the registry's store and validation name a version's tensors from the domain.
+from tensorway.tensors.signatures import TensorSpec as TensorSpec  # noqa: PLC0414
+
 T = TypeVar("T")
 
 MODEL = "tensorway.registry.v1.Model"
@@ -114,15 +117,6 @@ def version_readiness(  # noqa: PLR0917 - the readiness of one (version, pool) i
     else:
         state = ModelVersionState.LOADING
     return VersionReadiness(version, pool, state, len(ready), required, tuple(reports))
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of a model: name, V2 datatype and shape (-1 is dynamic)."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
