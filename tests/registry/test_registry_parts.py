@@ -22,7 +22,7 @@ from tensorway.registry.domain import (
     TrafficSplit,
     build_route,
 )
-from tensorway.registry.routes import WATCHER_BACKLOG, RouteTable
+from tensorway.registry.routes import WATCHER_BACKLOG, PublishedRoutes
 from tensorway.registry.store import PageCursor
 from tensorway.registry.validation import EndpointAllowList, parse_model_filter, parse_model_version_filter
 from tensorway.runtime import InvalidArgument, NotFound
@@ -77,7 +77,7 @@ def test_choose_version() -> None:
 
 
 async def test_route_table_applies_only_newer_revisions_and_tells_watchers() -> None:
-    table = RouteTable()
+    table = PublishedRoutes()
     table.replace({"a": route("a")}, revision=5)
     everything, only_b = table.watch(), table.watch(["b"])
     first = await everything.next()
@@ -106,7 +106,7 @@ async def test_route_table_applies_only_newer_revisions_and_tells_watchers() -> 
 
 
 async def test_a_watcher_that_falls_behind_gets_a_fresh_snapshot() -> None:
-    table = RouteTable()
+    table = PublishedRoutes()
     watcher = table.watch()
     for revision in range(1, WATCHER_BACKLOG + 10):
         table.apply("m", route("m", weight_of_1=revision % 2 * 50 + 50), revision)

@@ -1,5 +1,6 @@
-"""The route table each registry replica keeps in memory, how it stays current, and the
-WatchRoutes fan-out.
+"""The routes each registry replica publishes: the table it keeps in memory, how it stays
+current, and the WatchRoutes fan-out to its subscribers (routers and orchestrators keep their own
+tables from it, `tensorway.router.routing.RouteTable` in a router).
 
 The table is loaded whole at start. Each committed write announces its revision and models
 on two channels, Redis pub/sub and PostgreSQL NOTIFY, so a replica hears of it even when one
@@ -23,14 +24,14 @@ from tensorway.registry.store import RegistryStore
 
 logger = logging.getLogger(__name__)
 
-# A watcher that falls this far behind gets a fresh snapshot instead of the backlog.
+# A subscriber that falls this far behind gets a fresh snapshot instead of the backlog.
 WATCHER_BACKLOG = 256
 
 
-class RouteWatcher:
+class RouteSubscription:
     """One WatchRoutes subscriber: the snapshot it starts from, then the updates it asked for."""
 
-    def __init__(self, table: RouteTable, models: frozenset[str]) -> None:
+    def __init__(self, table: PublishedRoutes, models: frozenset[str]) -> None:
         self._table = table
         self._models = models
         self._queue: asyncio.Queue[RouteUpdate] = asyncio.Queue(WATCHER_BACKLOG)
@@ -58,7 +59,7 @@ class RouteWatcher:
         self._table.unwatch(self)
 
 
-class RouteTable:
+class PublishedRoutes:
     """Every model's route, each with the revision it is current at."""
 
     def __init__(self) -> None:
@@ -67,7 +68,7 @@ class RouteTable:
         self._table_revision = 0
         self.revision = 0
         """The newest revision applied."""
-        self._watchers: set[RouteWatcher] = set()
+        self._watchers: set[RouteSubscription] = set()
 
     def get(self, model: str) -> Route | None:
         return self._routes.get(model)
@@ -115,13 +116,13 @@ class RouteTable:
         )
         return RouteUpdate(self.revision, True, routes, ())
 
-    def watch(self, models: Iterable[str] = ()) -> RouteWatcher:
+    def watch(self, models: Iterable[str] = ()) -> RouteSubscription:
         """A watcher that starts with the snapshot of now; `models` empty means all."""
-        watcher = RouteWatcher(self, frozenset(models))
+        watcher = RouteSubscription(self, frozenset(models))
         self._watchers.add(watcher)
         return watcher
 
-    def unwatch(self, watcher: RouteWatcher) -> None:
+    def unwatch(self, watcher: RouteSubscription) -> None:
         self._watchers.discard(watcher)
 
     def _publish(self, update: RouteUpdate) -> None:
@@ -130,10 +131,10 @@ class RouteTable:
 
 
 class RouteSync:
-    """Keeps a RouteTable current from PostgreSQL, through Redis, as writes are announced."""
+    """Keeps a PublishedRoutes current from PostgreSQL, through Redis, as writes are announced."""
 
     def __init__(
-        self, table: RouteTable, store: RegistryStore, cache: RedisCache, reconnect_delay: timedelta
+        self, table: PublishedRoutes, store: RegistryStore, cache: RedisCache, reconnect_delay: timedelta
     ) -> None:
         self.table = table
         self._store = store
@@ -203,3 +204,9 @@ class RouteSync:
         if not task.cancelled() and task.exception() is not None:
             # The next change, or the resync after PostgreSQL reconnects, catches the table up.
             logger.warning("route refresh failed: %s", task.exception())
+
+
+# The names registry/service.py and registry/core.py import until their change for measured
+# rollouts lands; then they import the names above and these two lines go.
+RouteTable = PublishedRoutes
+RouteWatcher = RouteSubscription
