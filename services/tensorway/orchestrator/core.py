@@ -299,8 +299,10 @@ class Orchestrator:
                                 raise
                             launch()
         finally:
+            # The attempts that lost the race, or all of them when this call was cancelled.
             for future in running:
                 future.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _run_in_sequence(self, model: str, request: Any, step: SequenceStep) -> Any:
         """Triton's answer to a request of a sequence, from the Triton that holds the sequence."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -221,109 +222,107 @@ async def create(
 
     `deployments` replaces the registry as the source of the pool's models (tests, other setups).
     """
-    pool = TritonPool(
-        [
-            TritonEndpoint(
-                address,
-                streams=settings.streams_per_triton,
-                max_message_bytes=settings.max_message_bytes,
-                control_timeout=settings.control_timeout,
-                load_timeout=settings.load_timeout,
-            )
-            for address in settings.tritons
-        ]
-    )
-    catalog = ModelCatalog(pool)
-    orchestrator = Orchestrator(
-        pool,
-        catalog,
-        max_in_flight=settings.max_in_flight,
-        max_queued=settings.max_queued,
-        default_timeout=settings.default_timeout,
-        hedge_after=settings.hedge_after or None,
-    )
-    if deployments is None and settings.registry_address is not None:
-        from tensorway.orchestrator.registry import RegistryDeployments
-
-        deployments = RegistryDeployments(settings.registry_address, settings.pool)
-    placement = ModelPlacement(
-        pool,
-        catalog,
-        settings.models,
-        deployments,
-        repository=model_repositories(settings),
-        warmup_timeout=settings.warmup_timeout,
-    )
-    server, port = create_server(
-        "orchestrator",
-        settings,
-        [
-            ServiceBinding(
-                pb_grpc.add_InferenceServiceServicer_to_server,
-                InferenceServicer(orchestrator, settings.stream_max_in_flight),
-                SERVICE,
-            ),
-            ServiceBinding(
-                triton_grpc.add_GRPCInferenceServiceServicer_to_server,
-                # The methods it leaves out answer UNIMPLEMENTED, as tritonclient's servicer does at
-                # run time; its typed stub marks them abstract.
-                TritonControlServicer(  # type: ignore[abstract]
-                    TritonControl(pool), pool, orchestrator, settings.stream_max_in_flight
-                ),
-                TRITON_SERVICE,
-            ),
-        ],
-    )
-    pool.add_listener(HealthReport(server, pool))
-    reports = None
-    if settings.registry_address is not None:
-        from tensorway.orchestrator.registry import RegistryStateReports, advertised_address
-
-        advertised = settings.advertise_address or advertised_address(settings.host, port)
-        reports = RegistryStateReports(settings.registry_address, settings.pool, advertised)
-        placement.report_to(reports)
-    background = [
-        asyncio.ensure_future(pool.watch(settings.health_interval)),
-        asyncio.ensure_future(placement.run()),
-    ]
-    membership = None
-    if settings.registry_address is not None and settings.join_pool:
-        from tensorway.orchestrator.registry import PoolMembership
-
-        membership = PoolMembership(
-            settings.registry_address,
-            settings.pool,
-            advertised,
-            lease=settings.pool_lease,
-            heartbeat=settings.pool_heartbeat,
+    async with contextlib.AsyncExitStack() as stack:
+        pool = TritonPool(
+            [
+                TritonEndpoint(
+                    address,
+                    streams=settings.streams_per_triton,
+                    max_message_bytes=settings.max_message_bytes,
+                    control_timeout=settings.control_timeout,
+                    load_timeout=settings.load_timeout,
+                )
+                for address in settings.tritons
+            ]
         )
-        heartbeats: list[asyncio.Task[None]] = []
+        stack.push_async_callback(pool.close)
+        catalog = ModelCatalog(pool)
+        orchestrator = Orchestrator(
+            pool,
+            catalog,
+            max_in_flight=settings.max_in_flight,
+            max_queued=settings.max_queued,
+            default_timeout=settings.default_timeout,
+            hedge_after=settings.hedge_after or None,
+        )
+        if deployments is None and settings.registry_address is not None:
+            from tensorway.orchestrator.registry import RegistryDeployments
 
-        async def join() -> None:
-            # Once the server listens: routers may be sent here as soon as the pool lists it.
-            assert membership is not None
-            heartbeats.append(asyncio.ensure_future(membership.run()))
+            deployments = RegistryDeployments(settings.registry_address, settings.pool)
+        placement = ModelPlacement(
+            pool,
+            catalog,
+            settings.models,
+            deployments,
+            repository=model_repositories(settings),
+            warmup_timeout=settings.warmup_timeout,
+        )
+        stack.push_async_callback(placement.close)
+        server, port = create_server(
+            "orchestrator",
+            settings,
+            [
+                ServiceBinding(
+                    pb_grpc.add_InferenceServiceServicer_to_server,
+                    InferenceServicer(orchestrator, settings.stream_max_in_flight),
+                    SERVICE,
+                ),
+                ServiceBinding(
+                    triton_grpc.add_GRPCInferenceServiceServicer_to_server,
+                    # The methods it leaves out answer UNIMPLEMENTED, as tritonclient's servicer does at
+                    # run time; its typed stub marks them abstract.
+                    TritonControlServicer(  # type: ignore[abstract]
+                        TritonControl(pool), pool, orchestrator, settings.stream_max_in_flight
+                    ),
+                    TRITON_SERVICE,
+                ),
+            ],
+        )
+        pool.add_listener(HealthReport(server, pool))
+        reports = None
+        if settings.registry_address is not None:
+            from tensorway.orchestrator.registry import RegistryStateReports, advertised_address
 
-        async def leave() -> None:
-            assert membership is not None
-            for task in heartbeats:
-                task.cancel()
-            await asyncio.gather(*heartbeats, return_exceptions=True)
-            await membership.leave()
+            advertised = settings.advertise_address or advertised_address(settings.host, port)
+            reports = RegistryStateReports(settings.registry_address, settings.pool, advertised)
+            stack.push_async_callback(reports.close)
+            placement.report_to(reports)
+        # Owned by the server from here until it stops: cancelled and awaited first when it does.
+        background = [
+            asyncio.create_task(pool.watch(settings.health_interval), name="triton health"),
+            asyncio.create_task(placement.run(), name="model placement"),
+        ]
+        stack.push_async_callback(_cancel_and_wait, background)
+        if settings.registry_address is not None and settings.join_pool:
+            from tensorway.orchestrator.registry import PoolMembership
 
-        server.on_start(join)
-        server.on_drain(leave)
+            membership = PoolMembership(
+                settings.registry_address,
+                settings.pool,
+                advertised,
+                lease=settings.pool_lease,
+                heartbeat=settings.pool_heartbeat,
+            )
+            stack.push_async_callback(membership.close)
+            heartbeats: list[asyncio.Task[None]] = []
 
-    async def stop_background() -> None:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        await placement.close()
-        await pool.close()
-        if reports is not None:
-            await reports.close()
-        if membership is not None:
-            await membership.close()
+            async def join() -> None:
+                # Once the server listens: routers may be sent here as soon as the pool lists it.
+                heartbeats.append(asyncio.create_task(membership.run(), name="pool membership"))
 
-    server.on_stop(stop_background)
+            async def leave() -> None:
+                await _cancel_and_wait(heartbeats)
+                await membership.leave()
+
+            server.on_start(join)
+            server.on_drain(leave)
+        # Cleanups run last added first: the background tasks, then what they use, the pool last.
+        cleanups = stack.pop_all()
+    server.on_stop(cleanups.aclose)
     return server, port
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -197,9 +197,10 @@ async def serve(server: ServiceServer) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
     await server.start()
-    waiting = asyncio.ensure_future(server.wait())
-    signalled = asyncio.ensure_future(stop_requested.wait())
-    await asyncio.wait({waiting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    async with asyncio.TaskGroup() as group:
+        terminated = group.create_task(server.wait())
+        signalled = group.create_task(stop_requested.wait())
+        await asyncio.wait({terminated, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        terminated.cancel()
+        signalled.cancel()
     await server.stop()
-    for task in (waiting, signalled):
-        task.cancel()
