@@ -74,6 +74,9 @@ ACCESS_POLICIES = {
         r"^/tensorway\.registry\.v1\.RegistryService/(Create|Update|Delete|Transition)[A-Za-z]*$",
         Scope.MODELS_WRITE,
     ),
+    "registry-rollouts": AccessPolicy(
+        r"^/tensorway\.registry\.v1\.RegistryService/(Start|Pause|Resume|Abort)Rollout$", Scope.MODELS_WRITE
+    ),
 }
 DESCRIPTOR_FILE = "api.pb"
 OPENAPI_FILE = "openapi.json"

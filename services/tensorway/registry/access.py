@@ -3,8 +3,11 @@
 The rule, checked here again after Envoy checked it at the edge:
 
 - **Writes need `models.write`.** Creating, updating or deleting a model, version, pool or
-  deployment, and TransitionModelVersionStage, are PERMISSION_DENIED without it, before the
-  request is looked at, so a caller inside the network that sends no identity cannot write.
+  deployment, TransitionModelVersionStage, and starting, pausing, resuming or aborting a
+  rollout, are PERMISSION_DENIED without it, before the request is looked at, so a caller
+  inside the network that sends no identity cannot write. The reports of orchestrators
+  (ReportModelStates) and routers (ReportTraffic) are writes too: they call as the mesh's
+  internal identity, and Envoy refuses both at the edge.
 - **Reads are open, addresses are not.** Get, List and ResolveModel answer a caller without
   identity (an internal one: routers, orchestrators, tools); a caller that presents scopes came
   through Envoy (or acts for a tenant) and needs `models.read` (or `models.write`). Where

@@ -128,6 +128,50 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX pool_members_by_expiry ON pool_members (expire_time)",
         ),
     ),
+    Migration(
+        4,
+        "measured rollouts and the routers' traffic reports they are judged by",
+        (
+            """CREATE TABLE rollouts (
+                model text NOT NULL REFERENCES models (name) ON DELETE CASCADE,
+                id bigint GENERATED ALWAYS AS IDENTITY,
+                deployment text NOT NULL,
+                from_version text NOT NULL,
+                to_version text NOT NULL,
+                steps integer[] NOT NULL,
+                step_interval interval NOT NULL,
+                bounds jsonb NOT NULL,
+                state text NOT NULL
+                    CHECK (state IN ('RUNNING', 'PAUSED', 'SUCCEEDED', 'ROLLED_BACK', 'ABORTED')),
+                step_index integer NOT NULL DEFAULT 0,
+                reason text NOT NULL DEFAULT '',
+                to_figures jsonb,
+                from_figures jsonb,
+                last_judged timestamptz,
+                create_time timestamptz NOT NULL DEFAULT now(),
+                step_start_time timestamptz NOT NULL DEFAULT now(),
+                end_time timestamptz,
+                PRIMARY KEY (model, id)
+            )""",
+            # One rollout at a time per model: two would fight over its traffic.
+            "CREATE UNIQUE INDEX rollouts_one_active ON rollouts (model)"
+            " WHERE state IN ('RUNNING', 'PAUSED')",
+            # Kept only for models under an active rollout, and only while a step may read them.
+            """CREATE TABLE version_traffic (
+                model text NOT NULL,
+                version text NOT NULL,
+                router text NOT NULL,
+                report_time timestamptz NOT NULL DEFAULT now(),
+                requests bigint NOT NULL,
+                server_errors bigint NOT NULL,
+                latency_bounds double precision[] NOT NULL,
+                latency_counts bigint[] NOT NULL,
+                shadow_matches bigint NOT NULL,
+                shadow_mismatches bigint NOT NULL
+            )""",
+            "CREATE INDEX version_traffic_by_version ON version_traffic (model, version, report_time)",
+        ),
+    ),
 )
 
 

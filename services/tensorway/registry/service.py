@@ -26,6 +26,13 @@ from tensorway.registry.cache import RedisCache
 from tensorway.registry.core import Registry, ResolveSource
 from tensorway.registry.domain import DEFAULT_MIN_READY_SHARE, Deployment, Pool, Route
 from tensorway.registry.membership import MemberSweep
+from tensorway.registry.rollouts import (
+    RolloutDriver,
+    Rollouts,
+    rollout_from_proto,
+    rollout_to_proto,
+    traffic_from_proto,
+)
 from tensorway.registry.routes import RouteSync, RouteTable
 from tensorway.registry.store import RegistryStore
 from tensorway.registry.v1 import registry_service_pb2 as pb
@@ -92,6 +99,10 @@ class Settings(ServiceSettings):
     """How often expired pool members are removed: a dead orchestrator's lease plus this long
     bounds how long routers are still sent to it. Each sweep is one indexed DELETE."""
 
+    rollout_tick: timedelta = timedelta(seconds=1)
+    """How often each replica looks for rollout steps that are due (one replica takes each);
+    a step is judged at most this long after its interval ends."""
+
     @field_validator("pool_endpoint_allow")
     @classmethod
     def _allow_list_parses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -102,8 +113,9 @@ class Settings(ServiceSettings):
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
     """RegistryService over gRPC: each method converts, calls the core and converts back."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, rollouts: Rollouts) -> None:
         self._registry = registry
+        self._rollouts = rollouts
         # ResolveModel is the hot path: a response is built once per route and requested
         # version, and reused until the route table replaces that route object.
         # Callers that may not see addresses get the same answer with the endpoints cleared.
@@ -348,6 +360,50 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         await self._registry.leave_pool(pool, request.endpoint)
         return pb.LeavePoolResponse()
 
+    # Measured rollouts (`rollouts` has the rule)
+
+    async def StartRollout(self, request: pb.StartRolloutRequest, context: Any) -> pb.StartRolloutResponse:
+        access.require_write()
+        refuse_nul(request)
+        (model,) = parse_name(request.parent, "parent", "models")
+        started = await self._rollouts.start(rollout_from_proto(request.rollout, model))
+        return pb.StartRolloutResponse(rollout=rollout_to_proto(started))
+
+    async def GetRollout(self, request: pb.GetRolloutRequest, context: Any) -> pb.GetRolloutResponse:
+        access.require_read()
+        model, rollout = parse_name(request.name, "name", "models", "rollouts")
+        return pb.GetRolloutResponse(rollout=rollout_to_proto(await self._rollouts.get(model, rollout)))
+
+    async def ListRollouts(self, request: pb.ListRolloutsRequest, context: Any) -> pb.ListRolloutsResponse:
+        access.require_read()
+        refuse_nul(request)
+        (model,) = parse_name(request.parent, "parent", "models")
+        page = await self._rollouts.list(model, request.page_size, request.page_token)
+        return pb.ListRolloutsResponse(
+            rollouts=[rollout_to_proto(r) for r in page.items], next_page_token=page.next_page_token
+        )
+
+    async def PauseRollout(self, request: pb.PauseRolloutRequest, context: Any) -> pb.PauseRolloutResponse:
+        access.require_write()
+        model, rollout = parse_name(request.name, "name", "models", "rollouts")
+        return pb.PauseRolloutResponse(rollout=rollout_to_proto(await self._rollouts.pause(model, rollout)))
+
+    async def ResumeRollout(self, request: pb.ResumeRolloutRequest, context: Any) -> pb.ResumeRolloutResponse:
+        access.require_write()
+        model, rollout = parse_name(request.name, "name", "models", "rollouts")
+        return pb.ResumeRolloutResponse(rollout=rollout_to_proto(await self._rollouts.resume(model, rollout)))
+
+    async def AbortRollout(self, request: pb.AbortRolloutRequest, context: Any) -> pb.AbortRolloutResponse:
+        access.require_write()
+        model, rollout = parse_name(request.name, "name", "models", "rollouts")
+        return pb.AbortRolloutResponse(rollout=rollout_to_proto(await self._rollouts.abort(model, rollout)))
+
+    async def ReportTraffic(self, request: pb.ReportTrafficRequest, context: Any) -> pb.ReportTrafficResponse:
+        access.require_write()
+        refuse_nul(request)
+        await self._rollouts.report_traffic(request.router, traffic_from_proto(request))
+        return pb.ReportTrafficResponse()
+
     async def WatchRoutes(
         self, request: pb.WatchRoutesRequest, context: Any
     ) -> AsyncIterator[pb.WatchRoutesResponse]:
@@ -402,20 +458,27 @@ async def open_registry(settings: Settings) -> Registry:
 async def create(settings: Settings) -> tuple[ServiceServer, int]:
     """The registry server, not yet started, and its port."""
     registry = await open_registry(settings)
+    rollouts = Rollouts(settings.postgres_url, registry, settings.retry_after)
     try:
+        await rollouts.open()
         server, port = create_server(
             "registry",
             settings,
             [
                 ServiceBinding(
-                    pb_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), SERVICE
+                    pb_grpc.add_RegistryServiceServicer_to_server,
+                    RegistryServicer(registry, rollouts),
+                    SERVICE,
                 )
             ],
         )
     except BaseException:
+        await rollouts.close()
         await registry.close()
         raise
     server.on_stop(registry.close)
+    server.on_stop(rollouts.close)
+    server.on_start(lambda: _start_rollout_driver(rollouts, settings.rollout_tick, server))
     sweeping: list[asyncio.Task[None]] = []
 
     async def start_sweep() -> None:
@@ -430,3 +493,15 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
     server.on_start(start_sweep)
     server.on_stop(stop_sweep)
     return server, port
+
+
+async def _start_rollout_driver(rollouts: Rollouts, tick: timedelta, server: ServiceServer) -> None:
+    """Every replica drives rollouts; each due step is taken by one of them."""
+    driving = asyncio.create_task(RolloutDriver(rollouts, tick).run())
+
+    async def stop_driving() -> None:
+        driving.cancel()
+        await asyncio.gather(driving, return_exceptions=True)
+
+    # Registered on start, so it runs before the clean-ups registered at creation.
+    server.on_stop(stop_driving)
