@@ -8,7 +8,8 @@ calls `create`; tests call `create` with their own settings and, if they like, t
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ from tensorway.router.retry import RetryPolicy
 from tensorway.router.routing import RegistryRouteSource, RouteSource, RouteWatcher
 from tensorway.router.serialized import SerializedRequest
 from tensorway.router.streaming import route_key, status_of
-from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, create_server
-from tensorway.runtime.streams import answer_in_order
+from tensorway.router.traffic import TrafficReporter
+from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, Unimplemented, create_server
+from tensorway.runtime.streams import answer_series_in_order
+from tensorway.tensors import wire
 from tensorway.tensors.triton import sequence_step
 
 logger = logging.getLogger(__name__)
@@ -99,6 +102,9 @@ class Settings(ServiceSettings):
     """After Redis fails, how long limits answer by their failure mode without asking it."""
     limits_closed_retry_after: timedelta = timedelta(seconds=1)
     """The retry delay of requests a fail-closed limit refuses while Redis is down."""
+    traffic_report_interval: timedelta = timedelta(seconds=5)
+    """How often the router reports what each model version answered to the registry, whose
+    measured rollouts judge by it (`traffic`)."""
 
     def policy(self) -> RouterPolicy:
         return RouterPolicy(
@@ -297,6 +303,12 @@ async def create(settings: Settings, route_source: RouteSource | None = None) ->
     server.ports["http"] = http.port
     server.on_start(http.start)
     server.on_stop(http.stop)
+    if settings.registry_address:
+        reporter = TrafficReporter(
+            settings.registry_address, f"{socket.gethostname()}:{port}", settings.traffic_report_interval
+        )
+        server.on_start(reporter.start)
+        server.on_stop(reporter.stop)
     watcher.start()
     if not await watcher.wait_loaded(settings.initial_routes_timeout):
         logger.warning("no route table from the registry yet; inference is UNAVAILABLE until it comes")
