@@ -1,4 +1,4 @@
-"""`tensorway models`: register, list, show, deploy, promote and split traffic.
+"""`tensorway models`: register, list, show, deploy, promote, split traffic and roll out.
 
 Through the context's Envoy, the token says who calls: reads need models.read, writes models.write
 (an admin token; the local stack's context has one). At an internal address (`--registry` or
@@ -7,6 +7,8 @@ the admin identity of `access.OPERATOR_TENANT`, which may write and sees pool ad
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -326,7 +328,7 @@ def show_command(
     """A model's versions, deployments and the route routers get for it.
 
     As JSON: {"model": Model, "model_versions": [...], "deployments": [...], "route": ResolveModelResponse
-    or null when it is not deployed}.
+    or null when it is not deployed, "rollouts": [Rollout, ...] the newest first}.
     """
     name = f"models/{model}"
     with _stub() as stub:
@@ -337,6 +339,9 @@ def show_command(
         deployments = _call(
             stub.ListDeployments, pb.ListDeploymentsRequest(parent=name, page_size=1000)
         ).deployments
+        rollouts = _call(
+            stub.ListRollouts, pb.ListRolloutsRequest(parent=name, page_size=ROLLOUTS_SHOWN)
+        ).rollouts
         try:
             resolved: pb.ResolveModelResponse | None = stub.ResolveModel(
                 pb.ResolveModelRequest(name=name), timeout=CALL_TIMEOUT_SECONDS
@@ -350,6 +355,7 @@ def show_command(
         "model_versions": [message_data(v) for v in versions],
         "deployments": [message_data(d) for d in deployments],
         "route": None if resolved is None else message_data(resolved),
+        "rollouts": [message_data(r) for r in rollouts],
     }
 
     def table() -> None:
@@ -357,6 +363,8 @@ def show_command(
         _out.print(f"[bold]{escape(model)}[/bold]  {escape(found.description)}  {escape(labels)}")
         print_table(_out, _version_table(versions))
         print_table(_out, _deployment_table(deployments))
+        if rollouts:
+            _out.print(_rollout_line(rollouts[0]))
         if resolved is None:
             _out.print("not deployed: no route")
             return
@@ -488,3 +496,149 @@ def traffic_command(
             ),
         ).deployment
     emit(output, saved, lambda: print_table(_out, _deployment_table([saved])))
+
+
+# Measured rollouts
+
+ROLLOUTS_SHOWN = 5
+ROLLOUT_POLL_SECONDS = 1.0
+_ACTIVE_ROLLOUT_STATES = (pb.ROLLOUT_STATE_RUNNING, pb.ROLLOUT_STATE_PAUSED)
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _parse_duration(text: str, option: str) -> duration_pb2.Duration:
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise typer.BadParameter(f"{text!r} is not a duration such as 90s, 5m or 500ms", param_hint=option)
+    duration = duration_pb2.Duration()
+    duration.FromMilliseconds(round(float(match[1]) * _DURATION_UNITS[match[2]] * 1000))
+    return duration
+
+
+def _parse_steps(text: str) -> list[int]:
+    try:
+        return [int(step) for step in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            "percents separated by commas, e.g. 5,25,50,100", param_hint="--steps"
+        ) from None
+
+
+def _rollout_state(value: int) -> str:
+    return pb.RolloutState.Name(pb.RolloutState.ValueType(value)).removeprefix("ROLLOUT_STATE_")
+
+
+def _rollout_line(rollout: pb.Rollout) -> str:
+    step = f"step {rollout.step_index + 1}/{len(rollout.steps)} ({rollout.steps[rollout.step_index]}%)"
+    figures = rollout.to_figures
+    line = (
+        f"rollout {escape(rollout.name)}: {rollout.from_version} → {rollout.to_version}"
+        f" {_rollout_state(rollout.state)}, {step};"
+        f" version {rollout.to_version}: {figures.requests} requests, {figures.server_errors} server errors,"
+        f" p99 {figures.p99_seconds * 1000:g} ms"
+    )
+    return line + (f"\n  {escape(rollout.reason)}" if rollout.reason else "")
+
+
+def _active_rollout(stub: pb_grpc.RegistryServiceStub, model: str) -> pb.Rollout:
+    latest = _call(stub.ListRollouts, pb.ListRolloutsRequest(parent=f"models/{model}", page_size=1)).rollouts
+    if not latest or latest[0].state not in _ACTIVE_ROLLOUT_STATES:
+        _err.print(f"model {escape(model)} has no rollout running or paused")
+        raise typer.Exit(ExitCode.CLIENT_ERROR)
+    return latest[0]
+
+
+@models_app.command("rollout")
+def rollout_command(
+    model: Annotated[str, typer.Argument(help="Model id.")],
+    *,
+    version: Annotated[str, typer.Option(help="The version to roll out.")] = "",
+    steps: Annotated[str, typer.Option(help="The new version's percent at each step, rising to 100.")] = "",
+    interval: Annotated[
+        str, typer.Option(help="How long each step runs before it is judged: 60s, 5m...")
+    ] = "",
+    max_error_rate: Annotated[
+        float | None,
+        typer.Option(help="How much the new version's server error rate may exceed the old one's."),
+    ] = None,
+    max_p99_ratio: Annotated[
+        float | None, typer.Option(help="How many times the old version's p99 latency the new one's may be.")
+    ] = None,
+    max_mismatch_share: Annotated[
+        float | None, typer.Option(help="Share of shadow comparisons that may disagree (where one shadows).")
+    ] = None,
+    min_requests: Annotated[
+        int | None, typer.Option(help="Answers of the new version in a step before it is judged.")
+    ] = None,
+    from_version: Annotated[
+        str, typer.Option(help="The version giving up traffic; default the heaviest.")
+    ] = "",
+    deployment: Annotated[str, typer.Option(help="Deployment id; default the model's only one.")] = "",
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the rollout until it ends.")] = False,
+    pause: Annotated[bool, typer.Option("--pause", help="Hold the model's rollout at its step.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Let the model's paused rollout go on.")] = False,
+    abort: Annotated[
+        bool, typer.Option("--abort", help="End the model's rollout; the old version gets its traffic back.")
+    ] = False,
+    output: OutputOption = OutputFormat.TABLE,
+) -> None:
+    """Move traffic to a version step by step while it keeps up with the current one, e.g.
+    `rollout digits --version 2 --steps 5,25,50,100 --interval 60s --wait`; the registry rolls it
+    back by itself when a step breaks a bound. `--pause`, `--resume` and `--abort` act on the
+    model's rollout in progress. Exits non-zero when a followed rollout does not succeed."""
+    actions = [
+        name for name, chosen in (("--pause", pause), ("--resume", resume), ("--abort", abort)) if chosen
+    ]
+    if len(actions) > 1 or (actions and version) or not (actions or version):
+        raise typer.BadParameter(
+            "either --version V to start a rollout, or one of --pause, --resume, --abort"
+        )
+    with _stub() as stub:
+        if actions:
+            name = _active_rollout(stub, model).name
+            if pause:
+                rollout = _call(stub.PauseRollout, pb.PauseRolloutRequest(name=name)).rollout
+            elif resume:
+                rollout = _call(stub.ResumeRollout, pb.ResumeRolloutRequest(name=name)).rollout
+            else:
+                rollout = _call(stub.AbortRollout, pb.AbortRolloutRequest(name=name)).rollout
+        else:
+            bounds = pb.RolloutBounds()
+            for field, value in (
+                ("max_error_rate", max_error_rate),
+                ("max_p99_ratio", max_p99_ratio),
+                ("max_mismatch_share", max_mismatch_share),
+                ("min_requests", min_requests),
+            ):
+                if value is not None:
+                    setattr(bounds, field, value)
+            body = pb.Rollout(
+                to_version=version,
+                from_version=from_version,
+                deployment=f"models/{model}/deployments/{deployment}" if deployment else "",
+                steps=_parse_steps(steps) if steps else [],
+                bounds=bounds,
+            )
+            if interval:
+                body.interval.CopyFrom(_parse_duration(interval, "--interval"))
+            rollout = _call(
+                stub.StartRollout, pb.StartRolloutRequest(parent=f"models/{model}", rollout=body)
+            ).rollout
+        if wait:
+            rollout = _follow(stub, rollout, output)
+    emit(output, rollout, lambda: _out.print(_rollout_line(rollout)))
+    if wait and rollout.state != pb.ROLLOUT_STATE_SUCCEEDED:
+        raise typer.Exit(ExitCode.CLIENT_ERROR)
+
+
+def _follow(stub: pb_grpc.RegistryServiceStub, rollout: pb.Rollout, output: OutputFormat) -> pb.Rollout:
+    """Poll the rollout until it ends, printing each step it takes (in table output)."""
+    shown = (rollout.state, rollout.step_index)
+    while rollout.state in _ACTIVE_ROLLOUT_STATES:
+        time.sleep(ROLLOUT_POLL_SECONDS)
+        rollout = _call(stub.GetRollout, pb.GetRolloutRequest(name=rollout.name)).rollout
+        if (rollout.state, rollout.step_index) != shown and output is OutputFormat.TABLE:
+            shown = (rollout.state, rollout.step_index)
+            _out.print(_rollout_line(rollout))
+    return rollout
