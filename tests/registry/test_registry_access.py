@@ -43,6 +43,8 @@ READS = {
     "ListDeployments",
     "ResolveModel",
     "WatchRoutes",
+    "GetRollout",
+    "ListRollouts",
 }
 TENANT_B = identity_metadata("b", TENANT_SCOPES)
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -111,6 +113,13 @@ def writes(target: Target) -> dict[str, Message]:
             update_mask=mask("traffic"),
         ),
         "DeleteDeployment": pb.DeleteDeploymentRequest(name=deployment),
+        "StartRollout": pb.StartRolloutRequest(parent=model, rollout=pb.Rollout(to_version="2")),
+        "PauseRollout": pb.PauseRolloutRequest(name=f"{model}/rollouts/1"),
+        "ResumeRollout": pb.ResumeRolloutRequest(name=f"{model}/rollouts/1"),
+        "AbortRollout": pb.AbortRolloutRequest(name=f"{model}/rollouts/1"),
+        "ReportTraffic": pb.ReportTrafficRequest(
+            versions=[pb.VersionTraffic(model=target.deployed.model, version="2", requests=1)]
+        ),
         "ReportModelStates": pb.ReportModelStatesRequest(
             pool=target.pool,
             endpoint="127.0.0.1:9",
