@@ -12,6 +12,7 @@ from psycopg.rows import dict_row
 from tensorway.common.v1 import tensor_pb2
 from tensorway.registry import migrations
 from tensorway.registry.v1 import registry_service_pb2 as pb
+from tensorway.runtime.postgres import migrate
 from tests.waiting import PATIENCE
 
 from .conftest import Stub, deploy, failure, mask, unique, version_body
@@ -716,7 +717,7 @@ async def test_migrations_are_safe_to_run_again(stub: Stub, postgres_url: str) -
     async with await psycopg.AsyncConnection.connect(
         postgres_url, autocommit=True, row_factory=dict_row
     ) as connection:
-        assert await migrations.migrate(connection) == []
+        assert await migrate(connection, migrations.SCHEMA) == []
         cursor = await connection.execute("SELECT version FROM registry_schema_migrations ORDER BY version")
         assert [row["version"] for row in await cursor.fetchall()] == [
             m.version for m in migrations.MIGRATIONS

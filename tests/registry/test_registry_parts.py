@@ -23,9 +23,10 @@ from tensorway.registry.domain import (
     build_route,
 )
 from tensorway.registry.routes import WATCHER_BACKLOG, PublishedRoutes
-from tensorway.registry.store import PageCursor
+from tensorway.registry.store import MAX_PAGE_SIZE
 from tensorway.registry.validation import EndpointAllowList, parse_model_filter, parse_model_version_filter
 from tensorway.runtime import InvalidArgument, NotFound
+from tensorway.runtime.postgres import PageCursor
 
 from .conftest import unique
 
@@ -196,25 +197,28 @@ def test_filters_are_parsed_strictly() -> None:
 
 
 def test_page_tokens_round_trip_and_are_bound_to_their_query() -> None:
-    first = PageCursor(2, "", "query-a")
+    first = PageCursor(2, "", "query-a", max_page_size=MAX_PAGE_SIZE)
     rows = [{"name": n} for n in ("a", "b", "c")]
     page, token = first.page(rows, "name")
     assert [r["name"] for r in page] == ["a", "b"]
-    assert PageCursor(2, token, "query-a").after == "b"
+    assert PageCursor(2, token, "query-a", max_page_size=MAX_PAGE_SIZE).after == "b"
     with pytest.raises(InvalidArgument):
-        PageCursor(2, token, "query-b")
+        PageCursor(2, token, "query-b", max_page_size=MAX_PAGE_SIZE)
     assert first.page(rows[:2], "name") == (rows[:2], "")
-    assert PageCursor(5000, "", "").limit == 1000
+    assert PageCursor(5000, "", "", max_page_size=MAX_PAGE_SIZE).limit == 1000
 
 
 def test_page_tokens_hold_only_keys_of_their_list() -> None:
-    names, seqs = PageCursor(1, "", "names"), PageCursor(1, "", "seqs", int)
+    names, seqs = (
+        PageCursor(1, "", "names", max_page_size=MAX_PAGE_SIZE),
+        PageCursor(1, "", "seqs", int, max_page_size=MAX_PAGE_SIZE),
+    )
     _, name_token = names.page([{"k": "a"}, {"k": "b"}], "k")
     _, seq_token = seqs.page([{"k": 7}, {"k": 8}], "k")
-    assert PageCursor(1, seq_token, "seqs", int).after == 7
+    assert PageCursor(1, seq_token, "seqs", int, max_page_size=MAX_PAGE_SIZE).after == 7
     for token, query, key in ((name_token, "seqs", int), (seq_token, "names", str)):
         with pytest.raises(InvalidArgument) as caught:
-            PageCursor(1, token, query, key)
+            PageCursor(1, token, query, key, max_page_size=MAX_PAGE_SIZE)
         assert caught.value.violations[0].field == "page_token"
 
 

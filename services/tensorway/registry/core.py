@@ -161,7 +161,7 @@ class Registry:
         cached = await self._cache.get(key)
         if cached is not None:
             CACHE_LOOKUPS.labels(kind, "redis").inc()
-            if not self._store.reachable:
+            if not self._store.database.reachable:
                 STALE_ANSWERS.labels(kind).inc()
             return codec.decode(cached.payload)
 
@@ -570,7 +570,7 @@ class Registry:
 
     async def _route(self, model: str) -> Route | None:
         if self._resolve_from is ResolveSource.MEMORY:
-            if not self._store.reachable:
+            if not self._store.database.reachable:
                 STALE_ANSWERS.labels("route").inc()
             return self._sync.table.get(model)
         if self._resolve_from is ResolveSource.REDIS:

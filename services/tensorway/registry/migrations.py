@@ -1,29 +1,13 @@
-"""The registry's schema, as versioned migrations applied on start.
-
-Each migration runs once, in order, in one transaction with its record in
-`registry_schema_migrations`. An advisory lock serializes replicas that start together, so
-running them twice, or from two processes at once, is safe. Never edit a released migration:
-add the next one.
-"""
+"""The registry's schema in PostgreSQL: models, versions, pools and their members,
+deployments, readiness reports and rollouts, as versioned migrations applied on start (see
+runtime.postgres.migrate)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import LiteralString
-
-from psycopg import AsyncConnection
-from psycopg.rows import DictRow
+from tensorway.runtime.postgres import Migration, Schema
 
 # Any constant works; it only has to be the same in every replica ("tw-registry" in ASCII).
 ADVISORY_LOCK_KEY = 0x74772D7265676973
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    statements: tuple[LiteralString, ...]
-
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -175,28 +159,4 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-async def migrate(connection: AsyncConnection[DictRow]) -> list[int]:
-    """Apply the migrations this database lacks; returns the versions applied."""
-    applied_now = []
-    async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
-        await connection.execute(
-            """CREATE TABLE IF NOT EXISTS registry_schema_migrations (
-                version integer PRIMARY KEY,
-                name text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )"""
-        )
-        cursor = await connection.execute("SELECT version FROM registry_schema_migrations")
-        applied = {row["version"] for row in await cursor.fetchall()}
-        for migration in MIGRATIONS:
-            if migration.version in applied:
-                continue
-            for statement in migration.statements:
-                await connection.execute(statement)
-            await connection.execute(
-                "INSERT INTO registry_schema_migrations (version, name) VALUES (%s, %s)",
-                (migration.version, migration.name),
-            )
-            applied_now.append(migration.version)
-    return applied_now
+SCHEMA = Schema("registry_schema_migrations", ADVISORY_LOCK_KEY, MIGRATIONS)

@@ -31,23 +31,20 @@ import enum
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any, LiteralString, Protocol
 
-import psycopg
 from google.protobuf.duration_pb2 import Duration
-from psycopg import AsyncConnection, errors
-from psycopg.rows import DictRow, dict_row
+from psycopg import errors
+from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from tensorway.registry import validation
+from tensorway.registry import migrations, validation
 from tensorway.registry.domain import MODEL, Deployment, Model, Page, TrafficSplit
-from tensorway.registry.store import PageCursor
+from tensorway.registry.store import MAX_PAGE_SIZE
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.runtime import (
     FailedPrecondition,
@@ -55,8 +52,8 @@ from tensorway.runtime import (
     InvalidArgument,
     NotFound,
     TensorwayError,
-    Unavailable,
 )
+from tensorway.runtime.postgres import Connection, Database, PageCursor
 
 logger = logging.getLogger(__name__)
 
@@ -269,8 +266,6 @@ class DeploymentWriter(Protocol):
     async def update_deployment(self, deployment: Deployment, mask: Sequence[str]) -> Deployment: ...
 
 
-Connection = AsyncConnection[DictRow]
-
 _SELECT_ROLLOUT: LiteralString = (
     "SELECT *, extract(epoch FROM step_interval) AS interval_seconds FROM rollouts"
 )
@@ -340,39 +335,38 @@ class Rollouts:
     """Starts, reads, pauses, resumes and aborts rollouts, records the routers' traffic
     reports, and (`step_due`) judges the steps that are due.
 
-    It has a small connection pool of its own: a step holds its rollout's row lock while it
-    writes the deployment through the registry, which must not wait for the same pool."""
+    Its database is a small pool of its own beside the registry's: a step or an abort holds a
+    connection (and its rollout's row lock) while the deployment write it makes through the
+    registry takes another, so in one pool a few of them at once could hold every connection
+    and each wait for a second."""
 
-    def __init__(
-        self, postgres_url: str, registry: DeploymentWriter, retry_after: timedelta, pool_size: int = 3
-    ) -> None:
+    def __init__(self, database: Database, registry: DeploymentWriter) -> None:
+        self._database = database
         self._registry = registry
-        self._retry_after = retry_after
-        self._pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
-            postgres_url,
-            connection_class=AsyncConnection[DictRow],
-            kwargs={"autocommit": True, "row_factory": dict_row},
-            min_size=1,
-            max_size=pool_size,
-            timeout=5,
-            open=False,
-        )
 
-    async def open(self) -> None:
-        await self._pool.open(wait=False)
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        registry: DeploymentWriter,
+        *,
+        wait: timedelta,
+        retry_after: timedelta,
+        pool_size: int = 3,
+    ) -> Rollouts:
+        """Connect (the registry's store has migrated the schema, so nothing is left to apply)."""
+        database = await Database.open(
+            url,
+            migrations.SCHEMA,
+            size=pool_size,
+            wait=wait,
+            retry_after=retry_after,
+            what="the registry's database",
+        )
+        return cls(database, registry)
 
     async def close(self) -> None:
-        await self._pool.close()
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Connection]:
-        try:
-            async with self._pool.connection() as connection, connection.transaction():
-                yield connection
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise Unavailable(
-                "the registry's database is unreachable; retry", retry_after=self._retry_after
-            ) from exc
+        await self._database.close()
 
     async def start(self, rollout: Rollout) -> Rollout:
         """Start `rollout` (its deployment, or the model's only one; its old version, or the
@@ -400,7 +394,7 @@ class Rollouts:
             raise FailedPrecondition(
                 f"deployment {rollout.deployment} has no traffic split for version {rollout.from_version}"
             )
-        async with self._transaction() as connection:
+        async with self._database.transaction() as connection:
             try:
                 cursor = await connection.execute(
                     "INSERT INTO rollouts (model, deployment, from_version, to_version, steps, step_interval,"
@@ -430,7 +424,7 @@ class Rollouts:
         try:
             await self._apply(started, started.steps[0])
         except TensorwayError:
-            async with self._transaction() as connection:
+            async with self._database.transaction() as connection:
                 await connection.execute(
                     "DELETE FROM rollouts WHERE model = %(model)s AND id = %(id)s",
                     {"model": started.model, "id": int(started.id)},
@@ -443,12 +437,14 @@ class Rollouts:
         return await self.get(rollout.model, started.id)
 
     async def get(self, model: str, rollout_id: str) -> Rollout:
-        async with self._transaction() as connection:
+        async with self._database.transaction() as connection:
             return rollout_from_row(await self._row(connection, model, rollout_id))
 
     async def list(self, model: str, page_size: int, page_token: str) -> Page[Rollout]:
-        cursor = PageCursor(page_size, page_token, json.dumps(["rollouts", model]), int)
-        async with self._transaction() as connection:
+        cursor = PageCursor(
+            page_size, page_token, json.dumps(["rollouts", model]), int, max_page_size=MAX_PAGE_SIZE
+        )
+        async with self._database.transaction() as connection:
             found = await connection.execute(
                 _SELECT_ROLLOUT + " WHERE model = %(model)s AND (%(after)s::bigint IS NULL OR id < %(after)s)"
                 " ORDER BY id DESC LIMIT %(limit)s",
@@ -467,7 +463,7 @@ class Rollouts:
         return await self._move(model, rollout_id, RolloutState.PAUSED, RolloutState.RUNNING)
 
     async def abort(self, model: str, rollout_id: str) -> Rollout:
-        async with self._transaction() as connection:
+        async with self._database.transaction() as connection:
             rollout = rollout_from_row(await self._row(connection, model, rollout_id, lock=True))
             if not rollout.state.active:
                 raise FailedPrecondition(
@@ -479,7 +475,7 @@ class Rollouts:
         return await self.get(model, rollout_id)
 
     async def _move(self, model: str, rollout_id: str, state: RolloutState, to: RolloutState) -> Rollout:
-        async with self._transaction() as connection:
+        async with self._database.transaction() as connection:
             rollout = rollout_from_row(await self._row(connection, model, rollout_id, lock=True))
             if rollout.state is not state:
                 raise FailedPrecondition(
@@ -523,7 +519,7 @@ class Rollouts:
         """Keep the figures of the versions of models under an active rollout; the rest are
         dropped here, so routers may report everything they answered."""
         check_traffic(reports)
-        async with self._transaction() as connection:
+        async with self._database.transaction() as connection:
             for report in reports:
                 await connection.execute(
                     "INSERT INTO version_traffic (model, version, router, requests, server_errors,"
@@ -548,7 +544,7 @@ class Rollouts:
         """Judge one running rollout whose step is due, if any, and act on the verdict;
         whether there was one. Replicas skip the rows another one holds; a step still waiting
         for answers is looked at again after `recheck`."""
-        async with self._transaction() as connection:
+        async with self._database.transaction() as connection:
             cursor = await connection.execute(
                 _SELECT_ROLLOUT + " WHERE state = 'RUNNING' AND step_start_time + step_interval <= now()"
                 " AND (last_judged IS NULL OR last_judged <= now() - %(recheck)s)"
@@ -623,7 +619,7 @@ class Rollouts:
 
     async def forget_old_traffic(self) -> None:
         """Drop the reports no active step will read again."""
-        async with self._transaction() as connection:
+        async with self._database.transaction() as connection:
             await connection.execute(
                 "DELETE FROM version_traffic t WHERE NOT EXISTS (SELECT 1 FROM rollouts r"
                 " WHERE r.model = t.model AND r.state IN ('RUNNING', 'PAUSED')"

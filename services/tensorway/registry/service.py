@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -457,10 +458,14 @@ async def open_registry(settings: Settings) -> Registry:
 
 async def create(settings: Settings) -> tuple[ServiceServer, int]:
     """The registry server, not yet started, and its port."""
-    registry = await open_registry(settings)
-    rollouts = Rollouts(settings.postgres_url, registry, settings.retry_after)
-    try:
-        await rollouts.open()
+    # What is opened before the server exists is closed again if a later step fails.
+    async with AsyncExitStack() as opened:
+        registry = await open_registry(settings)
+        opened.push_async_callback(registry.close)
+        rollouts = await Rollouts.open(
+            settings.postgres_url, registry, wait=settings.postgres_timeout, retry_after=settings.retry_after
+        )
+        opened.push_async_callback(rollouts.close)
         server, port = create_server(
             "registry",
             settings,
@@ -472,10 +477,7 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
                 )
             ],
         )
-    except BaseException:
-        await rollouts.close()
-        await registry.close()
-        raise
+        opened.pop_all()
     server.on_stop(registry.close)
     server.on_stop(rollouts.close)
     server.on_start(lambda: _start_rollout_driver(rollouts, settings.rollout_tick, server))

@@ -8,23 +8,16 @@ write that lost a race is refused (ABORTED) instead of silently overwriting.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import hashlib
 import json
-import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, LiteralString
 
-import psycopg
-from psycopg import AsyncConnection, errors
-from psycopg.rows import DictRow, dict_row
+from psycopg import errors
+from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
 from tensorway.registry import migrations
 from tensorway.registry.domain import (
@@ -53,26 +46,14 @@ from tensorway.registry.domain import (
     VersionRoute,
     build_route,
 )
-from tensorway.runtime import (
-    Aborted,
-    AlreadyExists,
-    FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-)
-
-logger = logging.getLogger(__name__)
+from tensorway.runtime import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from tensorway.runtime.postgres import Connection, Database, PageCursor
 
 CHANGES_CHANNEL: LiteralString = "tensorway_registry_changes"
 # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more; a change naming more models than
 # fit is sent as several notifications with the same revision.
 MAX_NOTIFY_BYTES = 7000
-DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-
-Connection = AsyncConnection[DictRow]
 
 
 # One statement, so the routes and the revision they belong to come from one snapshot.
@@ -270,95 +251,12 @@ def _members_serve_when_ready(route: Route, members: Mapping[str, frozenset[str]
     return replace(route, versions=tuple(serving(version) for version in route.versions))
 
 
-MAX_PAGE_TOKEN = 512
-MAX_PAGE_KEY = 256
-MAX_SEQ = 2**63 - 1
-
-
-def _bad_page_token(why: str) -> InvalidArgument:
-    return InvalidArgument(
-        f"bad page_token: {why}", [FieldViolation("page_token", "not a token this list returned")]
-    )
-
-
-def _storable(text: str) -> bool:
-    """Whether PostgreSQL text can hold it: no NUL, no lone surrogate."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return "\0" not in text
-
-
-class PageCursor:
-    """Where a list continues: an opaque token of the last key and the query it belongs to.
-
-    A token is base64 JSON of that key and a digest of the query (the list, its parent and
-    filter), so it stays small whatever the filter. Anything that is not a token this very
-    query returned (broken base64, other JSON, a key of the wrong type or range, a token of
-    another list) is INVALID_ARGUMENT, before a query could run with it.
-    """
-
-    def __init__(self, page_size: int, page_token: str, query: str, key: type[str] | type[int] = str) -> None:
-        if page_size < 0:
-            raise InvalidArgument("page_size is negative", [FieldViolation("page_size", "0 or more")])
-        self.limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        self.query = hashlib.sha256(query.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        self.key = key
-        self.after: str | int | None = None
-        if page_token:
-            self.after = self._parse(page_token)
-
-    def _parse(self, page_token: str) -> str | int:
-        if len(page_token) > MAX_PAGE_TOKEN:
-            raise _bad_page_token("too long")
-        try:
-            token = json.loads(base64.b64decode(page_token.encode("ascii"), altchars=b"-_", validate=True))
-        except (binascii.Error, ValueError, RecursionError) as exc:  # UnicodeError is a ValueError
-            raise _bad_page_token("not base64 JSON") from exc
-        if not isinstance(token, dict) or set(token) != {"after", "query"}:
-            raise _bad_page_token("not a page token")
-        if token["query"] != self.query:
-            raise InvalidArgument(
-                "page_token belongs to another query",
-                [FieldViolation("page_token", "send the same parent and filter as the first page")],
-            )
-        after: object = token["after"]
-        if self.key is int:
-            if isinstance(after, int) and not isinstance(after, bool) and 0 <= after <= MAX_SEQ:
-                return after
-        elif isinstance(after, str) and 0 < len(after) <= MAX_PAGE_KEY and _storable(after):
-            return after
-        raise _bad_page_token("not a position in this list")
-
-    def page(self, rows: Sequence[Mapping[str, Any]], key: str) -> tuple[Sequence[Mapping[str, Any]], str]:
-        """The rows of this page (the query fetched one more than `limit`) and the next token."""
-        if len(rows) <= self.limit:
-            return rows, ""
-        rows = rows[: self.limit]
-        token = json.dumps({"after": rows[-1][key], "query": self.query}).encode()
-        return rows, base64.urlsafe_b64encode(token).decode()
-
-
 class RegistryStore:
     """The registry's tables in PostgreSQL, through a connection pool."""
 
-    def __init__(
-        self,
-        url: str,
-        pool_size: int,
-        wait: timedelta,
-        retry_after: timedelta,
-        min_ready_share: float = DEFAULT_MIN_READY_SHARE,
-    ) -> None:
-        self.url = url
+    def __init__(self, database: Database, min_ready_share: float = DEFAULT_MIN_READY_SHARE) -> None:
+        self.database = database
         self.min_ready_share = min_ready_share
-        self._pool_size = pool_size
-        self._wait = wait
-        self._retry_after = retry_after
-        self._pool = self._new_pool()
-        self.reachable = True
-        """False since an operation could not reach PostgreSQL, until one succeeds again."""
 
     @classmethod
     async def open(
@@ -373,65 +271,26 @@ class RegistryStore:
         """Connect, and bring the schema up to date. A call waits up to `wait` for a
         connection before it fails UNAVAILABLE. `min_ready_share` is the share of a pool's
         endpoints that must have a version ready before its route gives it traffic."""
-        store = cls(url, pool_size, wait, retry_after, min_ready_share)
-        try:
-            await store._pool.open(wait=True, timeout=wait.total_seconds())
-            async with store._pool.connection() as connection:
-                applied = await migrations.migrate(connection)
-        except psycopg.OperationalError:
-            await store.close()
-            raise
-        if applied:
-            logger.info("registry schema migrated", extra={"versions": applied})
-        return store
-
-    def _new_pool(self) -> AsyncConnectionPool[Connection]:
-        return AsyncConnectionPool(
-            self.url,
-            connection_class=AsyncConnection[DictRow],
-            kwargs={
-                "autocommit": True,
-                "row_factory": dict_row,
-                "connect_timeout": max(1, int(self._wait.total_seconds())),
-            },
-            min_size=1,
-            max_size=self._pool_size,
-            timeout=self._wait.total_seconds(),
-            open=False,
+        database = await Database.open(
+            url,
+            migrations.SCHEMA,
+            size=pool_size,
+            wait=wait,
+            retry_after=retry_after,
+            what="the registry's database",
         )
-
-    async def _renew_pool(self) -> None:
-        """Replace the pool once PostgreSQL is back: its connections died with the server, and
-        it may be asleep in its reconnect backoff, which doubles up to minutes."""
-        old, self._pool = self._pool, self._new_pool()
-        await self._pool.open(wait=False)
-        # Connections still in use close as they are returned.
-        await old.close()
+        return cls(database, min_ready_share)
 
     async def close(self) -> None:
-        await self._pool.close()
-
-    def unavailable(self, exc: BaseException) -> Unavailable:
-        self.reachable = False
-        logger.warning("PostgreSQL unreachable: %s", exc)
-        return Unavailable("the registry's database is unreachable; retry", retry_after=self._retry_after)
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
-        try:
-            async with self._pool.connection() as connection:
-                yield connection
-        except psycopg.OperationalError as exc:
-            raise self.unavailable(exc) from exc
-        self.reachable = True
+        await self.database.close()
 
     async def _one(self, query: LiteralString, params: Mapping[str, Any]) -> DictRow | None:
-        async with self._connection() as connection:
+        async with self.database.connection() as connection:
             cursor = await connection.execute(query, params)
             return await cursor.fetchone()
 
     async def _all(self, query: LiteralString, params: Mapping[str, Any]) -> list[DictRow]:
-        async with self._connection() as connection:
+        async with self.database.connection() as connection:
             cursor = await connection.execute(query, params)
             return await cursor.fetchall()
 
@@ -439,7 +298,7 @@ class RegistryStore:
     async def write(self) -> AsyncIterator[Writer]:
         """A write transaction. What it `touch`es is committed with a new revision and a NOTIFY;
         `writer.change` holds them after the block. PostgreSQL down gives UNAVAILABLE."""
-        async with self._connection() as connection, connection.transaction():
+        async with self.database.transaction() as connection:
             writer = Writer(connection)
             yield writer
             await writer.commit_change()
@@ -456,7 +315,12 @@ class RegistryStore:
         return Versioned(model_from_row(row), row["revision"])
 
     async def list_models(self, where: ModelFilter, page_size: int, page_token: str) -> Page[Model]:
-        cursor = PageCursor(page_size, page_token, json.dumps(["models", sorted(where.labels.items())]))
+        cursor = PageCursor(
+            page_size,
+            page_token,
+            json.dumps(["models", sorted(where.labels.items())]),
+            max_page_size=MAX_PAGE_SIZE,
+        )
         rows = await self._all(
             "SELECT * FROM models WHERE labels @> %(labels)s"
             " AND (%(after)s::text IS NULL OR name > %(after)s) ORDER BY name LIMIT %(limit)s",
@@ -479,7 +343,7 @@ class RegistryStore:
         self, model: str, where: ModelVersionFilter, page_size: int, page_token: str
     ) -> Page[ModelVersion]:
         query = json.dumps(["versions", model, where.stage and where.stage.value, where.platform])
-        cursor = PageCursor(page_size, page_token, query, int)
+        cursor = PageCursor(page_size, page_token, query, int, max_page_size=MAX_PAGE_SIZE)
         rows = await self._all(
             "SELECT * FROM model_versions WHERE model = %(model)s"
             " AND (%(stage)s::text IS NULL OR stage = %(stage)s)"
@@ -508,7 +372,7 @@ class RegistryStore:
         return Versioned(pool_from_row(row), row["revision"])
 
     async def list_pools(self, page_size: int, page_token: str) -> Page[Pool]:
-        cursor = PageCursor(page_size, page_token, json.dumps(["pools"]))
+        cursor = PageCursor(page_size, page_token, json.dumps(["pools"]), max_page_size=MAX_PAGE_SIZE)
         rows = await self._all(
             "SELECT * FROM pools WHERE (%(after)s::text IS NULL OR name > %(after)s)"
             " ORDER BY name LIMIT %(limit)s",
@@ -527,7 +391,9 @@ class RegistryStore:
         return Versioned(deployment_from_row(row), row["revision"])
 
     async def list_deployments(self, model: str, page_size: int, page_token: str) -> Page[Deployment]:
-        cursor = PageCursor(page_size, page_token, json.dumps(["deployments", model]))
+        cursor = PageCursor(
+            page_size, page_token, json.dumps(["deployments", model]), max_page_size=MAX_PAGE_SIZE
+        )
         rows = await self._all(
             "SELECT * FROM deployments WHERE model = %(model)s"
             " AND (%(after)s::text IS NULL OR name > %(after)s) ORDER BY name LIMIT %(limit)s",
@@ -556,25 +422,8 @@ class RegistryStore:
         Yields None after each (re)connection: changes made while disconnected were missed,
         so the caller reloads what it keeps. Reconnects after `reconnect_delay` on failure.
         """
-        while True:
-            try:
-                connection = await psycopg.AsyncConnection.connect(
-                    self.url,
-                    autocommit=True,
-                    connect_timeout=max(1, int(reconnect_delay.total_seconds() * 4)),
-                )
-                async with connection:
-                    await connection.execute("LISTEN " + CHANGES_CHANNEL)
-                    if not self.reachable:
-                        await self._renew_pool()
-                        self.reachable = True
-                    yield None
-                    async for notify in connection.notifies():
-                        yield change_from_json(notify.payload)
-            except (psycopg.Error, OSError) as exc:
-                if self.reachable:
-                    self.unavailable(exc)
-            await asyncio.sleep(reconnect_delay.total_seconds())
+        async for payload in self.database.notifications(CHANGES_CHANNEL, reconnect_delay):
+            yield None if payload is None else change_from_json(payload)
 
 
 def change_to_json(change: Change, models: Iterable[str] | None = None) -> str:

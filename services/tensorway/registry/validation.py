@@ -26,6 +26,7 @@ from tensorway.registry.domain import (
     TensorSpec,
 )
 from tensorway.runtime import FieldViolation, InvalidArgument
+from tensorway.runtime.postgres import parse_filter_terms
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # Model ids are the names Triton serves the models by, and Triton's names often carry
@@ -43,8 +44,6 @@ V2_DATATYPES = frozenset(
 ENDPOINT = re.compile(r"(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
 ARTIFACT_URI = re.compile(r"[a-z][a-z0-9+.-]*://\S+")
 MAX_DESCRIPTION = 2048
-FILTER_TERM = re.compile(r"\s*(?P<key>[^=\s]+)\s*=\s*(?P<value>\S*)\s*")
-
 MODEL_MASK_FIELDS = frozenset({"description", "labels"})
 # Once a version leaves DRAFT, what it is and where its artifact lives no longer change:
 # routers and orchestrators may already serve it.
@@ -372,24 +371,8 @@ def check_mask(paths: Sequence[str], allowed: frozenset[str], field: str = "upda
     return frozenset(paths)
 
 
-def parse_terms(text: str) -> list[tuple[str, str]]:
-    """`key=value` terms joined by " AND "; anything else is an INVALID_ARGUMENT on `filter`."""
-    if not text.strip():
-        return []
-    terms = []
-    for term in re.split(r"\s+AND\s+", text.strip()):
-        match = FILTER_TERM.fullmatch(term)
-        if match is None:
-            raise InvalidArgument(
-                f"bad filter term {term!r}",
-                [FieldViolation("filter", f"{term!r} is not key=value (terms joined by AND)")],
-            )
-        terms.append((match["key"], match["value"]))
-    return terms
-
-
 def parse_model_filter(text: str) -> ModelFilter:
-    terms = parse_terms(text)
+    terms = parse_filter_terms(text)
     raise_if([FieldViolation("filter", v.description) for v in _labels(terms, "filter")], "filter")
     labels: dict[str, str] = {}
     for key, value in terms:
@@ -401,7 +384,7 @@ def parse_model_filter(text: str) -> ModelFilter:
 def parse_model_version_filter(text: str) -> ModelVersionFilter:
     stage: Stage | None = None
     platform: str | None = None
-    for key, value in parse_terms(text):
+    for key, value in parse_filter_terms(text):
         if key == "stage" and stage is None and value.upper() in Stage.__members__:
             stage = Stage[value.upper()]
         elif key == "platform" and platform is None and value:
