@@ -38,7 +38,7 @@ from tensorway.bench_results import (
 )
 
 # The benchmarks in the order the report shows them: bench/<name>_bench.py each.
-BENCHMARKS = ("realtime", "edge", "batch", "registry")
+BENCHMARKS = ("realtime", "edge", "batch", "registry", "lifecycle")
 # Packages whose versions decide the figures: the servers the benchmarks run and the clients.
 PACKAGES = (
     "tensorway",
