@@ -23,7 +23,7 @@ from tensorway.registry.domain import (
     build_route,
 )
 from tensorway.registry.routes import WATCHER_BACKLOG, PublishedRoutes
-from tensorway.registry.store import MAX_PAGE_SIZE
+from tensorway.registry.rows import MAX_PAGE_SIZE
 from tensorway.registry.validation import EndpointAllowList, parse_model_filter, parse_model_version_filter
 from tensorway.runtime import InvalidArgument, NotFound
 from tensorway.runtime.postgres import PageCursor

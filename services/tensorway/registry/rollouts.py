@@ -44,7 +44,7 @@ from psycopg.types.json import Jsonb
 
 from tensorway.registry import migrations, validation
 from tensorway.registry.domain import MODEL, Deployment, Model, Page, TrafficSplit
-from tensorway.registry.store import MAX_PAGE_SIZE
+from tensorway.registry.rows import MAX_PAGE_SIZE
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.runtime import (
     FailedPrecondition,
