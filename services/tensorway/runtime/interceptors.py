@@ -8,6 +8,7 @@ and remaining deadline ride along on every downstream call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -136,7 +137,10 @@ def _observer(service: str, method: str) -> Callable[[ServicerContext[Any, Any]]
                 )
             children[0].inc()
             children[1].observe(time.perf_counter() - started)
-            context.current.reset(token)
+            # A streaming response's generator that gRPC closes from another task (the call was
+            # cancelled) ends here in another context, where the token was never set: nothing to undo.
+            with contextlib.suppress(ValueError):
+                context.current.reset(token)
 
     return observed
 
