@@ -18,7 +18,6 @@ from tensorway.registry.domain import (
     Route,
     Shadow,
     Stage,
-    TensorSpec,
     TrafficSplit,
     build_route,
 )
@@ -27,6 +26,7 @@ from tensorway.registry.rows import MAX_PAGE_SIZE
 from tensorway.registry.validation import EndpointAllowList, parse_model_filter, parse_model_version_filter
 from tensorway.runtime import InvalidArgument, NotFound
 from tensorway.runtime.postgres import PageCursor
+from tensorway.tensors.signatures import TensorSpec
 
 from .conftest import unique
 

@@ -53,7 +53,7 @@ from tensorway.registry.domain import (
     Versioned,
     VersionReadiness,
 )
-from tensorway.registry.routes import RouteSync, RouteWatcher
+from tensorway.registry.routes import RouteSubscription, RouteSync
 from tensorway.registry.store import RegistryStore, Writer
 from tensorway.runtime import (
     Aborted,
@@ -577,6 +577,6 @@ class Registry:
             return (await self._sync.load_route(model)).value
         return (await self._store.load_route(model)).value
 
-    def watch_routes(self, models: Iterable[str]) -> RouteWatcher:
+    def watch_routes(self, models: Iterable[str]) -> RouteSubscription:
         """A snapshot of the route table, then every change to it (for the models named, or all)."""
         return self._sync.table.watch(models)

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
 
-# Re-exported: the registry's store and validation name a version's tensors from the domain.
-from tensorway.tensors.signatures import TensorSpec as TensorSpec  # noqa: PLC0414
+from tensorway.tensors.signatures import TensorSpec
 
 T = TypeVar("T")
 

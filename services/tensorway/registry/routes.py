@@ -204,9 +204,3 @@ class RouteSync:
         if not task.cancelled() and task.exception() is not None:
             # The next change, or the resync after PostgreSQL reconnects, catches the table up.
             logger.warning("route refresh failed: %s", task.exception())
-
-
-# The names registry/service.py and registry/core.py import until their change for measured
-# rollouts lands; then they import the names above and these two lines go.
-RouteTable = PublishedRoutes
-RouteWatcher = RouteSubscription

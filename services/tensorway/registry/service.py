@@ -34,7 +34,7 @@ from tensorway.registry.rollouts import (
     rollout_to_proto,
     traffic_from_proto,
 )
-from tensorway.registry.routes import RouteSync, RouteTable
+from tensorway.registry.routes import PublishedRoutes, RouteSync
 from tensorway.registry.store import RegistryStore
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
@@ -444,7 +444,7 @@ async def open_registry(settings: Settings) -> Registry:
         ttl=settings.cache_ttl,
         outage_backoff=settings.redis_outage_backoff,
     )
-    sync = RouteSync(RouteTable(), store, cache, settings.reconnect_delay)
+    sync = RouteSync(PublishedRoutes(), store, cache, settings.reconnect_delay)
     registry = Registry(
         store, cache, sync, settings.resolve_from, EndpointAllowList.parse(settings.pool_endpoint_allow)
     )

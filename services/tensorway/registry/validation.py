@@ -23,10 +23,10 @@ from tensorway.registry.domain import (
     ModelVersionState,
     Pool,
     Stage,
-    TensorSpec,
 )
 from tensorway.runtime import FieldViolation, InvalidArgument
 from tensorway.runtime.postgres import parse_filter_terms
+from tensorway.tensors.signatures import TensorSpec
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # Model ids are the names Triton serves the models by, and Triton's names often carry

@@ -22,6 +22,8 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 from opentelemetry import trace
 
 from tensorway.common.v1 import error_pb2
@@ -37,7 +39,7 @@ from tensorway.router.serialized import SerializedRequest
 from tensorway.router.shadow import MismatchSamples, ShadowMirror
 from tensorway.runtime import Aborted, ResourceExhausted, Unavailable
 from tensorway.runtime.context import caller
-from tensorway.runtime.errors import RETRYABLE_CODES
+from tensorway.runtime.errors import GENERIC_INTERNAL_MESSAGE, RETRYABLE_CODES, Internal, TensorwayError
 from tensorway.tensors.triton import SequenceStep
 
 logger = logging.getLogger(__name__)
@@ -391,3 +393,18 @@ def _sequence_lost(model: str, step: SequenceStep, why: str) -> Aborted:
         reason=error_pb2.ERROR_REASON_FAILED_PRECONDITION,
         metadata={"model": model, "sequence_id": step.id},
     )
+
+
+def status_of(error: BaseException) -> Any:
+    """The google.rpc.Status a unary call would have failed with, for a failed request of a
+    stream, which answers with it instead of ending the stream."""
+    if isinstance(error, TensorwayError):
+        return error.to_status_proto()
+    if isinstance(error, grpc.aio.AioRpcError):
+        # A downstream tensorway service's status, with its details, passes through as it is.
+        downstream = rpc_status.from_call(error)
+        if downstream is not None:
+            return downstream
+        return status_pb2.Status(code=error.code().value[0], message=error.details() or "")
+    logger.error("unhandled error in a stream", exc_info=error)
+    return Internal(GENERIC_INTERNAL_MESSAGE).to_status_proto()

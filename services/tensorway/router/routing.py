@@ -14,7 +14,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -31,6 +31,14 @@ VersionRoute = registry_pb.VersionRoute
 ROUTABLE_STATES = frozenset(
     {registry_pb.MODEL_VERSION_STATE_UNSPECIFIED, registry_pb.MODEL_VERSION_STATE_READY}
 )
+
+
+def route_key(context: grpc.aio.ServicerContext[Any, Any], header: str) -> str | None:
+    """The caller's route key (the value of `header`), if it sent one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == header and isinstance(value, str):
+            return value
+    return None
 
 
 def key_point(route_key: str) -> float:

@@ -23,11 +23,10 @@ from tensorway.ratelimit.leases import QuotaLeases, RedisLeaseStore
 from tensorway.ratelimit.limits import LimitsFile
 from tensorway.router import http_api, triton_api
 from tensorway.router.breaker import BreakerPolicy
-from tensorway.router.dispatch import Router, RouterPolicy
+from tensorway.router.dispatch import Router, RouterPolicy, status_of
 from tensorway.router.retry import RetryPolicy
-from tensorway.router.routing import RegistryRouteSource, RouteSource, RouteWatcher
+from tensorway.router.routing import RegistryRouteSource, RouteSource, RouteWatcher, route_key
 from tensorway.router.serialized import SerializedRequest
-from tensorway.router.streaming import route_key, status_of
 from tensorway.router.traffic import TrafficReporter
 from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, Unimplemented, create_server
 from tensorway.runtime.streams import answer_series_in_order

@@ -50,10 +50,9 @@ from tensorway.orchestrator.streams import FINAL_RESPONSE_PARAMETER
 from tensorway.orchestrator.triton_control import TRITONS_METADATA_KEY
 from tensorway.orchestrator.triton_errors import UNARY_ON_DECOUPLED
 from tensorway.orchestrator.validation import NO_SHARED_MEMORY
-from tensorway.router.dispatch import Router
-from tensorway.router.routing import ModelRoute, RouteTable, VersionRoute
+from tensorway.router.dispatch import Router, status_of
+from tensorway.router.routing import ModelRoute, RouteTable, VersionRoute, route_key
 from tensorway.router.serialized import SerializedRequest
-from tensorway.router.streaming import route_key, status_of
 from tensorway.runtime import (
     FailedPrecondition,
     FieldViolation,
