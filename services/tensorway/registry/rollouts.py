@@ -42,9 +42,10 @@ from psycopg import errors
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from tensorway.registry import migrations, validation
+from tensorway.registry import validation
 from tensorway.registry.domain import MODEL, Deployment, Model, Page, TrafficSplit
 from tensorway.registry.rows import MAX_PAGE_SIZE
+from tensorway.registry.store import open_database
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.runtime import (
     FailedPrecondition,
@@ -355,15 +356,7 @@ class Rollouts:
         pool_size: int = 3,
     ) -> Rollouts:
         """Connect (the registry's store has migrated the schema, so nothing is left to apply)."""
-        database = await Database.open(
-            url,
-            migrations.SCHEMA,
-            size=pool_size,
-            wait=wait,
-            retry_after=retry_after,
-            what="the registry's database",
-        )
-        return cls(database, registry)
+        return cls(await open_database(url, size=pool_size, wait=wait, retry_after=retry_after), registry)
 
     async def close(self) -> None:
         await self._database.close()

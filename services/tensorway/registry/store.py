@@ -30,6 +30,13 @@ CHANGES_CHANNEL: LiteralString = "tensorway_registry_changes"
 MAX_NOTIFY_BYTES = 7000
 
 
+async def open_database(url: str, *, size: int, wait: timedelta, retry_after: timedelta) -> Database:
+    """A pool of `size` connections to the registry's database, its schema brought up to date."""
+    return await Database.open(
+        url, migrations.SCHEMA, size=size, wait=wait, retry_after=retry_after, what="the registry's database"
+    )
+
+
 class RegistryStore(DeploymentReads, ModelReads, PoolReads, RouteReads):
     """The registry's tables in PostgreSQL, through a connection pool. Each read runs on a
     connection of its own and returns the revision it read at, which the cache keeps with the
@@ -52,14 +59,7 @@ class RegistryStore(DeploymentReads, ModelReads, PoolReads, RouteReads):
         """Connect, and bring the schema up to date. A call waits up to `wait` for a
         connection before it fails UNAVAILABLE. `min_ready_share` is the share of a pool's
         endpoints that must have a version ready before its route gives it traffic."""
-        database = await Database.open(
-            url,
-            migrations.SCHEMA,
-            size=pool_size,
-            wait=wait,
-            retry_after=retry_after,
-            what="the registry's database",
-        )
+        database = await open_database(url, size=pool_size, wait=wait, retry_after=retry_after)
         return cls(database, min_ready_share)
 
     async def close(self) -> None:
