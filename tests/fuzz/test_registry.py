@@ -34,7 +34,7 @@ REGISTRY = pb.DESCRIPTOR.services_by_name["RegistryService"]
 READS = frozenset(
     {
         "GetModel", "ListModels", "GetModelVersion", "ListModelVersions", "GetPool", "ListPools",
-        "GetDeployment", "ListDeployments", "ResolveModel", "WatchRoutes",
+        "GetDeployment", "ListDeployments", "ResolveModel", "WatchRoutes", "GetRollout", "ListRollouts",
     }
 )  # fmt: skip
 TENANT = tuple(identity_metadata("fuzz-tenant", TENANT_SCOPES))
