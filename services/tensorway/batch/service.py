@@ -85,7 +85,7 @@ class Settings(BatchSettings):
     lease_check_interval: timedelta = timedelta(seconds=1)
     """How often expired shard leases are looked for; with the workers' lease timeout, this
     bounds how long a dead worker's shard waits."""
-    unclaimed_shard_timeout: timedelta = timedelta(seconds=5)
+    unclaimed_shard_timeout: timedelta = timedelta(seconds=3)
     """A pending shard offered to the workers this long ago that none has taken is published
     again: its message was lost (a broker restarted without its data). A shard that only waits
     in a backlog longer than this is published again too, once every this long, which costs a
