@@ -122,7 +122,7 @@ class Figures:
 
 class Verdict(enum.Enum):
     WAIT = "WAIT"
-    PASS = "PASS"  # noqa: S105 - a verdict, not a password
+    WITHIN_BOUNDS = "WITHIN_BOUNDS"
     FAIL = "FAIL"
 
 
@@ -153,7 +153,7 @@ def judge(bounds: RolloutBounds, new: Figures, old: Figures, to: str, frm: str) 
             f"{mismatches} of {compared} shadow comparisons between versions {frm} and {to} disagreed"
             f" ({mismatches / compared:.1%}); at most {bounds.max_mismatch_share:.1%} may"
         )
-    return Verdict.PASS, ""
+    return Verdict.WITHIN_BOUNDS, ""
 
 
 @dataclass(frozen=True)
