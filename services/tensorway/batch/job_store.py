@@ -32,6 +32,7 @@ from tensorway.batch.domain import (
 )
 from tensorway.batch.job_rows import JOB_QUERY, job_from_row, npy_layout_from_row, shard_from_row
 from tensorway.batch.migrations import SCHEMA
+from tensorway.batch.settings import BatchSettings
 from tensorway.batch.shard_messages import INSERT_OUTBOX, OutboxBatch, OutboxMessage, shard_message
 from tensorway.runtime import FieldViolation, InvalidArgument, NotFound
 from tensorway.runtime.postgres import Connection, Database, PageCursor, parse_filter_terms
@@ -116,6 +117,16 @@ class JobStore:
             url, SCHEMA, size=max_size, wait=wait, retry_after=retry_after, what="the batch database"
         )
         return cls(database)
+
+    @classmethod
+    async def for_service(cls, settings: BatchSettings) -> JobStore:
+        """The store the batch API and each worker open, as their settings say."""
+        return await cls.open(
+            settings.postgres_url,
+            max_size=settings.postgres_pool_size,
+            wait=settings.postgres_timeout,
+            retry_after=settings.retry_after,
+        )
 
     async def close(self) -> None:
         await self.database.close()

@@ -188,12 +188,7 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
     """The batch API server, not yet started, and its port. Its background loops run from here
     until the server stops."""
     async with contextlib.AsyncExitStack() as stack:
-        store = await JobStore.open(
-            settings.postgres_url,
-            max_size=settings.postgres_pool_size,
-            wait=settings.postgres_timeout,
-            retry_after=settings.retry_after,
-        )
+        store = await JobStore.for_service(settings)
         stack.push_async_callback(store.close)
         await ensure_topic(settings.kafka_bootstrap, settings.shards_topic, settings.shards_topic_partitions)
         relay = await OutboxRelay.connect(

@@ -517,12 +517,7 @@ def worker_name(settings: Settings) -> str:
 async def create(settings: Settings) -> tuple[ServiceServer, int]:
     """A worker: consuming from here on, with a server that reports its health and metrics."""
     async with contextlib.AsyncExitStack() as stack:
-        store = await JobStore.open(
-            settings.postgres_url,
-            max_size=settings.postgres_pool_size,
-            wait=settings.postgres_timeout,
-            retry_after=settings.retry_after,
-        )
+        store = await JobStore.for_service(settings)
         stack.push_async_callback(store.close)
         inference = GrpcInferenceClient.connect(settings.inference_target, settings.inference_timeout)
         stack.push_async_callback(inference.close)

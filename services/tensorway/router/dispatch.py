@@ -136,22 +136,11 @@ class Router:
         A request of a stateful sequence (`request.sequence`) runs on the endpoint its sequence
         started on; only a sequence's START may move to another endpoint.
         """
-        if self._in_flight >= self._policy.max_concurrency:
-            metrics.SHED.inc()
-            raise ResourceExhausted(
-                f"the router is at its limit of {self._policy.max_concurrency} requests in flight",
-                retry_after=self._policy.shed_retry_after,
-            )
+        self._shed_when_full()
         self._in_flight += 1
         arrived = time.perf_counter()
         try:
-            route, version = self.resolve(request.model, request.version, route_key)
-            if self._limits is not None:
-                # Every inference of both APIs, unary or a stream's message, passes here once; a
-                # model that does not exist is refused before it could make counters in Redis.
-                await self._limits.admit(
-                    caller().tenant, route.model, request.data, inputs_field=request.api.inputs_field
-                )
+            route, version = await self._admitted(request, route_key)
             primary_answer = self._shadow.mirror(route, version, request)
             try:
                 response = await self._call_with_retries(
@@ -181,19 +170,10 @@ class Router:
         as it comes, chosen, limited and shed as `infer` does. A retryable failure goes to another
         endpoint only before the first answer: after it, the client has part of the series. Not
         mirrored to shadows."""
-        if self._in_flight >= self._policy.max_concurrency:
-            metrics.SHED.inc()
-            raise ResourceExhausted(
-                f"the router is at its limit of {self._policy.max_concurrency} requests in flight",
-                retry_after=self._policy.shed_retry_after,
-            )
+        self._shed_when_full()
         self._in_flight += 1
         try:
-            route, version = self.resolve(request.model, request.version, route_key)
-            if self._limits is not None:
-                await self._limits.admit(
-                    caller().tenant, route.model, request.data, inputs_field=request.api.inputs_field
-                )
+            route, version = await self._admitted(request, route_key)
             data = framed(request.for_version(version.version))
             tried: set[str] = set()
             while True:
@@ -211,6 +191,27 @@ class Router:
                     metrics.RETRIES.labels(route.model, error.code().name).inc()
         finally:
             self._in_flight -= 1
+
+    def _shed_when_full(self) -> None:
+        if self._in_flight >= self._policy.max_concurrency:
+            metrics.SHED.inc()
+            raise ResourceExhausted(
+                f"the router is at its limit of {self._policy.max_concurrency} requests in flight",
+                retry_after=self._policy.shed_retry_after,
+            )
+
+    async def _admitted(
+        self, request: SerializedRequest, route_key: str | None
+    ) -> tuple[ModelRoute, VersionRoute]:
+        """The route and version `request` runs on, once the global limits admit it."""
+        route, version = self.resolve(request.model, request.version, route_key)
+        if self._limits is not None:
+            # Every inference of both APIs, unary or a stream's message, passes here once; a
+            # model that does not exist is refused before it could make counters in Redis.
+            await self._limits.admit(
+                caller().tenant, route.model, request.data, inputs_field=request.api.inputs_field
+            )
+        return route, version
 
     async def _call_with_retries(
         self,
