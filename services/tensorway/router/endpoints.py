@@ -193,6 +193,8 @@ class EndpointSet:
         self._close_grace = close_grace
         self._endpoints: dict[str, Endpoint] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # The addresses the current route table uses, once one has been retained.
+        self._routed: set[str] | None = None
 
     def get(self, address: str) -> Endpoint:
         endpoint = self._endpoints.get(address)
@@ -203,10 +205,19 @@ class EndpointSet:
         return endpoint
 
     def of(self, addresses: Iterable[str]) -> list[Endpoint]:
+        """The endpoints of `addresses` that the current table still routes to: a request
+        resolved on an older table must not bring back one that was dropped (it would stay, with
+        its channel, until the next table). All of them when the table routes to none."""
+        addresses = list(addresses)
+        routed = self._routed
+        if routed is not None:
+            current = [address for address in addresses if address in routed]
+            addresses = current or addresses
         return [self.get(address) for address in addresses]
 
     def retain(self, addresses: set[str]) -> None:
         """Drop endpoints no route uses any more; their calls in flight get `close_grace` to finish."""
+        self._routed = set(addresses)
         for address in [address for address in self._endpoints if address not in addresses]:
             endpoint = self._endpoints.pop(address)
             task = asyncio.create_task(endpoint.close(self._close_grace))
