@@ -71,7 +71,7 @@ async def test_every_service_answers_health_and_reflection(mesh: tuple[Stack, St
 
 def test_demo_models_register_and_answer_through_the_router(mesh: tuple[Stack, StackState]) -> None:
     stack, state = mesh
-    assert register_demo_models(state) == ["simple", "digits", "iris", "accumulate"]
+    assert register_demo_models(state) == list(ROUTED_DEMO_MODELS)
     # Registering again (a second `dev up` on the same data) changes nothing and still works.
     register_demo_models(state)
     # Each demo version came from its artifact in the stack's S3, and its pool made it ready.

@@ -28,9 +28,11 @@ PROMPTS = [b"one two three", b"  ", b"\xff\xfe", "pi\u00f1ata fiesta".encode()]
 async def tokens_mesh(mesh: MeshFactory, triton_address: str) -> Mesh:
     """A router in front of a real orchestrator, routing `tokens` to it."""
     async with grpc.aio.insecure_channel(triton_address) as channel:
-        metadata = await triton_service.GRPCInferenceServiceStub(channel).ModelMetadata(
-            triton.ModelMetadataRequest(name=MODEL)
-        )
+        stub = triton_service.GRPCInferenceServiceStub(channel)
+        # The session's Triton is shared: an orchestrator of an earlier test that places only its
+        # own deployments may have unloaded the model. Loading a loaded model changes nothing.
+        await stub.RepositoryModelLoad(triton.RepositoryModelLoadRequest(model_name=MODEL))
+        metadata = await stub.ModelMetadata(triton.ModelMetadataRequest(name=MODEL))
 
     def routes(endpoints: list[str]) -> list[registry_pb.Route]:
         route = registry_pb.Route(model=MODEL)
