@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import psycopg
 import pytest
+import redis
 import tritonclient.grpc.aio as aioclient
 from psycopg import sql
 from tritonclient.utils import InferenceServerException
@@ -90,12 +91,17 @@ async def orchestrators(triton_grpc: str) -> AsyncIterator[list[Running]]:
 def own_registry_store(postgres_url: str, redis_url: str) -> Iterator[tuple[str, str]]:
     """A database of the test's own on the session's PostgreSQL, and a Redis database no other
     test uses: the demo models' names are everyone's, and routes other tests leave behind (on
-    pools whose orchestrators they stopped) must not be what this one resolves."""
+    pools whose orchestrators they stopped) must not be what this one resolves. Every test that
+    uses it shares the Redis database, so it starts empty: the registry's cache would otherwise
+    answer with the routes of the test before."""
     name = f"e2e_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(postgres_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    own_redis = redis_url.rsplit("/", 1)[0] + "/7"
+    with redis.Redis.from_url(own_redis) as cache:
+        cache.flushdb()
     try:
-        yield urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}")), redis_url.rsplit("/", 1)[0] + "/7"
+        yield urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}")), own_redis
     finally:
         with psycopg.connect(postgres_url, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
