@@ -14,25 +14,41 @@ it). Every mesh row is read against its floor: `floor +ms` and `floor x` are its
 floor's p50 (difference, ratio); the front door's aims are checked at the end.
 
     .venv/bin/python bench/edge_bench.py [--quick] [--json PATH] [--seconds 5] [--concurrency 1 4 16 64]
+
+`--variants ROUNDS` measures instead where the edge's Envoy spends its time: the shipped config
+beside copies of it with one part removed or one setting changed (`VARIANTS`), each its own Envoy
+in front of the same router, over gRPC and REST at the first concurrency given; the targets run
+in turn, each for `--seconds`, for ROUNDS rounds, and each row is the median over the rounds of
+its p50 and of its p50's difference from the router direct and from the shipped config measured
+in the same round.
+
+    .venv/bin/python bench/edge_bench.py --variants 5 --seconds 1 --concurrency 1
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import shutil
 import ssl
+import statistics
 import struct
 import subprocess
 import tempfile
-from collections.abc import Awaitable, Callable
-from contextlib import ExitStack
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
-from benchkit import Results, add_common_arguments, cell_seconds, mode, sweep_cell
+import yaml
+from benchkit import Cell, Results, add_common_arguments, cell_seconds, free_port, mode, sweep_cell
 from hopfloor import bare_envoy, bare_proxy
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
@@ -223,6 +239,318 @@ def read_against_floors(results: Results) -> None:
         )
 
 
+# --variants: the shipped config with one part removed or one setting changed.
+Config = dict[str, Any]
+TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
+JWT = "envoy.filters.http.jwt_authn"
+
+
+def _hcm(config: Config) -> Config:
+    hcm: Config = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def _routes(config: Config) -> list[Config]:
+    routes: list[Config] = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+    return routes
+
+
+def _cluster(config: Config, name: str) -> Config:
+    return next(c for c in config["static_resources"]["clusters"] if c["name"] == name)
+
+
+def _without_filters(*names: str) -> Callable[[Config], None]:
+    def edit(config: Config) -> None:
+        hcm = _hcm(config)
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in names]
+        for holder in (hcm["route_config"]["virtual_hosts"][0], *_routes(config)):
+            for name in names:
+                holder.get("typed_per_filter_config", {}).pop(name, None)
+
+    return edit
+
+
+def _without_tls(config: Config) -> None:
+    del config["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]
+
+
+def _without_access_log(config: Config) -> None:
+    del _hcm(config)["access_log"]
+
+
+def _with_tracing(config: Config) -> None:
+    """As compose and Kubernetes ship it (1 % sampled), to a collector port nothing listens on."""
+    _hcm(config)["tracing"] = {
+        "client_sampling": {"value": 100},
+        "random_sampling": {"value": 1},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "otel_collector"}, "timeout": "1s"},
+                "service_name": "envoy",
+            },
+        },
+    }
+    collector = copy.deepcopy(_cluster(config, "registry"))
+    for key in ("health_checks", "outlier_detection", "circuit_breakers"):
+        collector.pop(key, None)
+    collector["name"] = collector["load_assignment"]["cluster_name"] = "otel_collector"
+    endpoint = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"]["port_value"] = free_port()
+    config["static_resources"]["clusters"].append(collector)
+
+
+def _without_stats(config: Config) -> None:
+    config["stats_config"] = {"stats_matcher": {"reject_all": True}}
+
+
+def _without_retries(config: Config) -> None:
+    for route in _routes(config):
+        route.get("route", {}).pop("retry_policy", None)
+
+
+def _jwt_cache(config: Config) -> None:
+    jwt = next(f for f in _hcm(config)["http_filters"] if f["name"] == JWT)
+    for provider in jwt["typed_config"]["providers"].values():
+        provider["jwt_cache_config"] = {"jwt_cache_size": 1000}
+
+
+def _no_transcoder_on_grpc_routes(config: Config) -> None:
+    for route in _routes(config):
+        if route["match"].get("prefix", "").startswith(("/tensorway.", "/inference.", "/grpc.")):
+            route.setdefault("typed_per_filter_config", {})[TRANSCODER] = {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                "disabled": True,
+            }
+
+
+def _h2_windows(size: int) -> Callable[[Config], None]:
+    def edit(config: Config) -> None:
+        windows = {"initial_stream_window_size": size, "initial_connection_window_size": size}
+        _hcm(config)["http2_protocol_options"] = dict(windows)
+        options = _cluster(config, "router")["typed_extension_protocol_options"]
+        next(iter(options.values()))["explicit_http_config"]["http2_protocol_options"] = dict(windows)
+
+    return edit
+
+
+def _buffer_limits(size: int) -> Callable[[Config], None]:
+    def edit(config: Config) -> None:
+        config["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] = size
+        _cluster(config, "router")["per_connection_buffer_limit_bytes"] = size
+
+    return edit
+
+
+def _all(*edits: Callable[[Config], None]) -> Callable[[Config], None]:
+    def edit(config: Config) -> None:
+        for one in edits:
+            one(config)
+
+    return edit
+
+
+_MINOR_FILTERS = (
+    "envoy.filters.http.health_check",
+    "envoy.filters.http.cors",
+    "envoy.filters.http.header_mutation",
+    "envoy.filters.http.buffer",
+    "envoy.filters.http.grpc_web",
+)
+_EVERY_FILTER = (
+    *_MINOR_FILTERS,
+    JWT,
+    TRANSCODER,
+    "envoy.filters.http.rbac",
+    "envoy.filters.http.local_ratelimit",
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A change to the shipped config (None: as shipped) and Envoy's command-line arguments."""
+
+    edit: Callable[[Config], None] | None = None
+    arguments: tuple[str, ...] = ()
+    rest: bool = True
+
+
+VARIANTS = {
+    "shipped": Variant(),
+    "- TLS": Variant(_without_tls),
+    "- JWT and rbac (which reads its claims)": Variant(_without_filters(JWT, "envoy.filters.http.rbac")),
+    "- rbac": Variant(_without_filters("envoy.filters.http.rbac")),
+    "- local limit": Variant(_without_filters("envoy.filters.http.local_ratelimit")),
+    "- transcoder": Variant(_without_filters(TRANSCODER), rest=False),
+    "- health_check, cors, header_mutation, buffer, grpc_web": Variant(_without_filters(*_MINOR_FILTERS)),
+    "- access log": Variant(_without_access_log),
+    "- retry policy": Variant(_without_retries),
+    "- stats (reject_all)": Variant(_without_stats),
+    "+ tracing (1 %)": Variant(_with_tracing),
+    "+ JWT cache": Variant(_jwt_cache),
+    "transcoder off on gRPC routes": Variant(_no_transcoder_on_grpc_routes),
+    "HTTP/2 windows 1 MiB": Variant(_h2_windows(1 << 20)),
+    "buffer limits 32 KiB": Variant(_buffer_limits(32 << 10)),
+    "--concurrency 2": Variant(arguments=("--concurrency", "2")),
+    "TLS, no filters, access log": Variant(_without_filters(*_EVERY_FILTER), rest=False),
+    "no TLS, no filters, no access log": Variant(
+        _all(_without_tls, _without_filters(*_EVERY_FILTER), _without_access_log), rest=False
+    ),
+}
+
+
+@dataclass(frozen=True)
+class VariantEnvoy:
+    address: str
+    tls: bool
+    rest: bool
+
+
+@contextmanager
+def variant_envoy(envoy: Path, shipped: Config, variant: Variant, workdir: Path) -> Iterator[VariantEnvoy]:
+    """An Envoy with the variant's config on ports of its own, one worker unless the variant
+    says otherwise (as the stack runs it), until the block ends."""
+    config = copy.deepcopy(shipped)
+    if variant.edit is not None:
+        variant.edit(config)
+    listener = config["static_resources"]["listeners"][0]
+    port, admin = free_port(), free_port()
+    listener["address"]["socket_address"]["port_value"] = port
+    config["admin"]["address"]["socket_address"]["port_value"] = admin
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # As the stack runs its Envoy; a variant's arguments replace these (Envoy takes each once).
+    options = {"--concurrency": "1", "--file-flush-interval-msec": "1000"}
+    options.update(zip(variant.arguments[::2], variant.arguments[1::2], strict=True))
+    arguments = [part for option in options.items() for part in option]
+    with (workdir / "envoy.log").open("ab") as output:
+        process = subprocess.Popen(
+            [str(envoy), "-c", str(path), "--disable-hot-restart", "-l", "warning", *arguments],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as ready:  # nosec B310
+                    if ready.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"Envoy variant in {workdir} exited: see envoy.log")
+        yield VariantEnvoy(
+            f"127.0.0.1:{port}", "transport_socket" in listener["filter_chains"][0], variant.rest
+        )
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def measure_variants(
+    addresses: dict[str, str],
+    envoys: dict[str, VariantEnvoy],
+    ca: Path,
+    token: str,
+    seconds: float,
+    concurrency: int,
+    rounds: int,
+    results: Results,
+) -> None:
+    """Every variant over gRPC and REST, and the router direct, in turn for `rounds` rounds."""
+    tls = ssl.create_default_context(cafile=ca)
+    credentials = grpc.ssl_channel_credentials(ca.read_bytes())  # noqa: ASYNC240  # before any timing
+    auth = (("authorization", f"Bearer {token}"),)
+    request = grpc_request()
+    rest_headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)))
+        direct = pb_grpc.InferenceServiceStub(
+            await stack.enter_async_context(grpc.aio.insecure_channel(addresses["router"]))
+        )
+        targets: dict[tuple[str, str], Callable[[], Awaitable[None]]] = {}
+
+        async def router_grpc() -> None:
+            await direct.Infer(request, timeout=10)
+
+        targets["gRPC", ROUTER_DIRECT] = router_grpc
+        for name, envoy in envoys.items():
+            channel = (
+                grpc.aio.secure_channel(envoy.address, credentials)
+                if envoy.tls
+                else grpc.aio.insecure_channel(envoy.address)
+            )
+            stub = pb_grpc.InferenceServiceStub(await stack.enter_async_context(channel))
+
+            async def over_grpc(stub: pb_grpc.InferenceServiceStub = stub) -> None:
+                await stub.Infer(request, metadata=auth, timeout=10)
+
+            targets["gRPC", name] = over_grpc
+            if envoy.rest:
+                url = f"{'https' if envoy.tls else 'http'}://{envoy.address}/v1/models/simple:infer"
+
+                async def over_rest(url: str = url) -> None:
+                    async with http.post(url, data=REST_BODY, headers=rest_headers) as reply:
+                        await reply.read()
+                        if reply.status != 200:
+                            raise RuntimeError(f"REST answered {reply.status}")
+
+                targets["REST", name] = over_rest
+        for call in targets.values():
+            await until_answered(call)
+        cells: dict[tuple[str, str], list[Cell]] = {key: [] for key in targets}
+        keys = list(targets)
+        for round_ in range(rounds):
+            # Each round starts one target further on, so no target always follows the same one.
+            shift = round_ * len(keys) // max(rounds, 1)
+            for key in keys[shift:] + keys[:shift]:
+                cells[key].append(await sweep_cell(key[0], key[1], targets[key], concurrency, seconds))
+    router = cells["gRPC", ROUTER_DIRECT]
+    for (protocol, name), measured in cells.items():
+        shipped = cells.get((protocol, "shipped"), [])
+        results.cells.append(
+            Cell(
+                group=f"variants, {protocol}",
+                path=name,
+                concurrency=concurrency,
+                seconds=sum(cell.seconds for cell in measured),
+                throughput=statistics.median(cell.throughput for cell in measured),
+                requests=sum(cell.requests or 0 for cell in measured),
+                p50_ms=statistics.median(cell.p50_ms or 0 for cell in measured),
+                p99_ms=statistics.median(cell.p99_ms or 0 for cell in measured),
+                extra={
+                    "router +ms": _median_difference(measured, router),
+                    "shipped +ms": _median_difference(measured, shipped) if shipped else None,
+                },
+            )
+        )
+
+
+def _median_difference(cells: list[Cell], others: list[Cell]) -> float:
+    return statistics.median((a.p50_ms or 0) - (b.p50_ms or 0) for a, b in zip(cells, others, strict=True))
+
+
+async def until_answered(call: Callable[[], Awaitable[None]], attempts: int = 100) -> None:
+    """The first answer: an Envoy just started may not have seen the router healthy yet."""
+    for attempt in range(attempts):
+        try:
+            await call()
+            return
+        except (grpc.RpcError, aiohttp.ClientError, RuntimeError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.1)
+
+
 def envoy_version() -> str:
     """The version Envoy reports of itself, e.g. `1.40.0/Clean/RELEASE/BoringSSL`."""
     answer = subprocess.run(
@@ -236,6 +564,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_arguments(parser)
+    parser.add_argument(
+        "--variants",
+        type=int,
+        metavar="ROUNDS",
+        help="measure the shipped Envoy config against its variants for ROUNDS rounds instead",
+    )
     args = parser.parse_args()
     seconds = cell_seconds(args)
     results = Results(
@@ -302,17 +636,34 @@ def main() -> None:
         )
         ca = local_certificates(state_dir).ca
         addresses = dict(state.addresses())
-        with ExitStack() as floors:
-            addresses["proxy"] = floors.enter_context(
-                bare_proxy(addresses["triton_grpc"], state_dir / "proxy.log")
-            )
-            addresses["proxy2"] = floors.enter_context(
-                bare_proxy(addresses["proxy"], state_dir / "proxy2.log")
-            )
-            addresses["bare_envoy"] = floors.enter_context(
-                bare_envoy(ENVOY_BINARY.locate("envoy"), addresses["router"], state_dir)
-            )
-            asyncio.run(run(addresses, ca, token, seconds, args.concurrency, results))
+        if args.variants:
+            shipped = yaml.safe_load((state_dir / "envoy" / "envoy.yaml").read_text())
+            with ExitStack() as running:
+                envoys = {
+                    name: running.enter_context(
+                        variant_envoy(
+                            ENVOY_BINARY.locate("envoy"), shipped, variant, state_dir / f"variant-{i}"
+                        )
+                    )
+                    for i, (name, variant) in enumerate(VARIANTS.items())
+                }
+                asyncio.run(
+                    measure_variants(
+                        addresses, envoys, ca, token, seconds, args.concurrency[0], args.variants, results
+                    )
+                )
+        else:
+            with ExitStack() as floors:
+                addresses["proxy"] = floors.enter_context(
+                    bare_proxy(addresses["triton_grpc"], state_dir / "proxy.log")
+                )
+                addresses["proxy2"] = floors.enter_context(
+                    bare_proxy(addresses["proxy"], state_dir / "proxy2.log")
+                )
+                addresses["bare_envoy"] = floors.enter_context(
+                    bare_envoy(ENVOY_BINARY.locate("envoy"), addresses["router"], state_dir)
+                )
+                asyncio.run(run(addresses, ca, token, seconds, args.concurrency, results))
     finally:
         stack.down()
         shutil.rmtree(state_dir, ignore_errors=True)
