@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tensorway.registry.domain import (
@@ -24,6 +25,7 @@ from tensorway.registry.domain import (
     RouteUpdate,
     Shadow,
     Stage,
+    Stored,
     TrafficSplit,
     TritonModelState,
     VersionReadiness,
@@ -35,6 +37,7 @@ from tensorway.runtime import FieldViolation, InvalidArgument
 from tensorway.tensors.signatures import specs_from_proto, specs_to_proto
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 STAGE_TO_PROTO = {
     Stage.DRAFT: pb.STAGE_DRAFT,
@@ -83,14 +86,28 @@ def _datetime(message: Timestamp, present: bool, field: str) -> datetime | None:
         raise InvalidArgument(f"{field} is not a valid timestamp", [FieldViolation(field, str(exc))]) from exc
 
 
+def _stored_to_proto(value: Stored) -> dict[str, Any]:
+    return {
+        "create_time": _timestamp(value.create_time),
+        "update_time": _timestamp(value.update_time),
+        "etag": value.etag,
+    }
+
+
+def _stored_from_proto(message: pb.Model | pb.ModelVersion | pb.Pool | pb.Deployment) -> dict[str, Any]:
+    times = {
+        name: _datetime(getattr(message, name), message.HasField(name), name)
+        for name in ("create_time", "update_time")
+    }
+    return {**times, "etag": message.etag}
+
+
 def model_to_proto(model: Model) -> pb.Model:
     return pb.Model(
         name=model_name(model.name),
         description=model.description,
         labels=dict(model.labels),
-        create_time=_timestamp(model.create_time),
-        update_time=_timestamp(model.update_time),
-        etag=model.etag,
+        **_stored_to_proto(model),
     )
 
 
@@ -100,9 +117,7 @@ def model_from_proto(message: pb.Model, field: str = "model.name") -> Model:
         name=name,
         description=message.description,
         labels=dict(message.labels),
-        create_time=_datetime(message.create_time, message.HasField("create_time"), "create_time"),
-        update_time=_datetime(message.update_time, message.HasField("update_time"), "update_time"),
-        etag=message.etag,
+        **_stored_from_proto(message),
     )
 
 
@@ -116,9 +131,7 @@ def model_version_to_proto(version: ModelVersion) -> pb.ModelVersion:
         artifact_uri=version.artifact_uri,
         stage=STAGE_TO_PROTO[version.stage],
         metrics=dict(version.metrics),
-        create_time=_timestamp(version.create_time),
-        update_time=_timestamp(version.update_time),
-        etag=version.etag,
+        **_stored_to_proto(version),
     )
 
 
@@ -134,19 +147,21 @@ def model_version_from_proto(message: pb.ModelVersion, model: str, version: str)
         artifact_uri=message.artifact_uri,
         stage=stage_from_proto(message.stage) or Stage.DRAFT,
         metrics=dict(message.metrics),
-        create_time=_datetime(message.create_time, message.HasField("create_time"), "create_time"),
-        update_time=_datetime(message.update_time, message.HasField("update_time"), "update_time"),
-        etag=message.etag,
+        **_stored_from_proto(message),
     )
+
+
+def named_model_version_from_proto(message: pb.ModelVersion) -> ModelVersion:
+    """The version its own name identifies (an update's, or one the cache kept)."""
+    model, version = parse_name(message.name, "model_version.name", "models", "versions")
+    return model_version_from_proto(message, model, version)
 
 
 def pool_to_proto(pool: Pool) -> pb.Pool:
     return pb.Pool(
         name=pool_name(pool.name),
         endpoints=list(pool.endpoints),
-        create_time=_timestamp(pool.create_time),
-        update_time=_timestamp(pool.update_time),
-        etag=pool.etag,
+        **_stored_to_proto(pool),
     )
 
 
@@ -155,9 +170,7 @@ def pool_from_proto(message: pb.Pool, field: str = "pool.name") -> Pool:
     return Pool(
         name=name,
         endpoints=tuple(message.endpoints),
-        create_time=_datetime(message.create_time, message.HasField("create_time"), "create_time"),
-        update_time=_datetime(message.update_time, message.HasField("update_time"), "update_time"),
-        etag=message.etag,
+        **_stored_from_proto(message),
     )
 
 
@@ -176,9 +189,7 @@ def deployment_to_proto(deployment: Deployment) -> pb.Deployment:
         traffic=[pb.TrafficSplit(version=s.version, weight=s.weight) for s in deployment.traffic],
         aliases=dict(deployment.aliases),
         shadow=_shadow_to_proto(deployment.shadow),
-        create_time=_timestamp(deployment.create_time),
-        update_time=_timestamp(deployment.update_time),
-        etag=deployment.etag,
+        **_stored_to_proto(deployment),
     )
 
 
@@ -194,10 +205,14 @@ def deployment_from_proto(message: pb.Deployment, model: str, name: str) -> Depl
         traffic=tuple(TrafficSplit(s.version, s.weight) for s in message.traffic),
         aliases=dict(message.aliases),
         shadow=_shadow_from_proto(message.shadow, message.HasField("shadow")),
-        create_time=_datetime(message.create_time, message.HasField("create_time"), "create_time"),
-        update_time=_datetime(message.update_time, message.HasField("update_time"), "update_time"),
-        etag=message.etag,
+        **_stored_from_proto(message),
     )
+
+
+def named_deployment_from_proto(message: pb.Deployment) -> Deployment:
+    """The deployment its own name identifies (an update's, or one the cache kept)."""
+    model, name = parse_name(message.name, "deployment.name", "models", "deployments")
+    return deployment_from_proto(message, model, name)
 
 
 def state_to_proto(state: ModelVersionState) -> pb.ModelVersionState.ValueType:
@@ -334,33 +349,15 @@ class Codec(Generic[T]):
     decode: Callable[[bytes], T]
 
 
-MODEL_CODEC: Codec[Model] = Codec(
-    lambda model: model_to_proto(model).SerializeToString(),
-    lambda payload: model_from_proto(pb.Model.FromString(payload)),
-)
+def proto_codec(to_proto: Callable[[T], Message], message: type[M], from_proto: Callable[[M], T]) -> Codec[T]:
+    """The codec that keeps a value as its serialized message."""
+    return Codec(
+        lambda value: to_proto(value).SerializeToString(),
+        lambda payload: from_proto(message.FromString(payload)),
+    )
 
 
-def _decode_model_version(payload: bytes) -> ModelVersion:
-    message = pb.ModelVersion.FromString(payload)
-    model, version = parse_name(message.name, "model_version.name", "models", "versions")
-    return model_version_from_proto(message, model, version)
-
-
-MODEL_VERSION_CODEC: Codec[ModelVersion] = Codec(
-    lambda version: model_version_to_proto(version).SerializeToString(), _decode_model_version
-)
-POOL_CODEC: Codec[Pool] = Codec(
-    lambda pool: pool_to_proto(pool).SerializeToString(),
-    lambda payload: pool_from_proto(pb.Pool.FromString(payload)),
-)
-
-
-def _decode_deployment(payload: bytes) -> Deployment:
-    message = pb.Deployment.FromString(payload)
-    model, name = parse_name(message.name, "deployment.name", "models", "deployments")
-    return deployment_from_proto(message, model, name)
-
-
-DEPLOYMENT_CODEC: Codec[Deployment] = Codec(
-    lambda deployment: deployment_to_proto(deployment).SerializeToString(), _decode_deployment
-)
+MODEL_CODEC = proto_codec(model_to_proto, pb.Model, model_from_proto)
+MODEL_VERSION_CODEC = proto_codec(model_version_to_proto, pb.ModelVersion, named_model_version_from_proto)
+POOL_CODEC = proto_codec(pool_to_proto, pb.Pool, pool_from_proto)
+DEPLOYMENT_CODEC = proto_codec(deployment_to_proto, pb.Deployment, named_deployment_from_proto)

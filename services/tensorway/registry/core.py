@@ -233,7 +233,9 @@ class Registry:
 
     # Versions
 
-    async def create_model_version(self, model: str, version_id: str, version: ModelVersion) -> ModelVersion:
+    async def create_model_version(self, version: ModelVersion) -> ModelVersion:
+        """Create `version`; with no version id, the model's next number is its id."""
+        model, version_id = version.model, version.version
         if version_id:
             validation.raise_if(validation.dns_label(version_id, "model_version_id"), "model_version_id")
         validation.check_model_version(version)

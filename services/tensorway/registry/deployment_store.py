@@ -7,13 +7,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from psycopg import errors
 from psycopg.types.json import Jsonb
 
 from tensorway.registry.domain import DEPLOYMENT, Deployment, Page, Shadow, TrafficSplit, Versioned
 from tensorway.registry.model_store import ModelReads
-from tensorway.registry.rows import MAX_PAGE_SIZE, Rows, etag_of, row_version
-from tensorway.runtime import Aborted, AlreadyExists, NotFound
+from tensorway.registry.rows import MAX_PAGE_SIZE, Rows, row_version, stored_from_row
 from tensorway.runtime.postgres import PageCursor
 
 
@@ -26,9 +24,7 @@ def deployment_from_row(row: Mapping[str, Any]) -> Deployment:
         traffic=tuple(TrafficSplit(item["version"], item["weight"]) for item in row["traffic"]),
         aliases=row["aliases"],
         shadow=None if shadow is None else Shadow(shadow["version"], shadow["percent"]),
-        create_time=row.get("create_time"),
-        update_time=row.get("update_time"),
-        etag=etag_of(row) if "row_version" in row else "",
+        **stored_from_row(row),
     )
 
 
@@ -49,39 +45,37 @@ class DeploymentReads(ModelReads):
     list of them needs the model to exist."""
 
     async def get_deployment(self, model: str, name: str) -> Versioned[Deployment]:
-        row = await self._one(
+        return await self._at_revision(
             "SELECT * FROM deployments, registry_revision r WHERE model = %(model)s AND name = %(name)s",
             {"model": model, "name": name},
+            (DEPLOYMENT, f"models/{model}/deployments/{name}"),
+            deployment_from_row,
         )
-        if row is None:
-            raise NotFound(DEPLOYMENT, f"models/{model}/deployments/{name}")
-        return Versioned(deployment_from_row(row), row["revision"])
 
     async def list_deployments(self, model: str, page_size: int, page_token: str) -> Page[Deployment]:
         cursor = PageCursor(
             page_size, page_token, json.dumps(["deployments", model]), max_page_size=MAX_PAGE_SIZE
         )
-        rows = await self._all(
+        return await self._page(
             "SELECT * FROM deployments WHERE model = %(model)s"
             " AND (%(after)s::text IS NULL OR name > %(after)s) ORDER BY name LIMIT %(limit)s",
-            {"model": model, "after": cursor.after, "limit": cursor.limit + 1},
+            {"model": model},
+            cursor,
+            key="name",
+            from_row=deployment_from_row,
+            parent=lambda: self.get_model(model),
         )
-        if not rows and cursor.after is None:
-            await self.get_model(model)
-        page, token = cursor.page(rows, "name")
-        return Page([deployment_from_row(row) for row in page], token)
 
 
 class DeploymentWrites(Rows):
     """Deployments inside a write transaction."""
 
     async def get_deployment(self, model: str, name: str) -> Deployment:
-        row = await self._one(
+        row = await self._found(
             "SELECT * FROM deployments WHERE model = %(model)s AND name = %(name)s",
             {"model": model, "name": name},
+            (DEPLOYMENT, f"models/{model}/deployments/{name}"),
         )
-        if row is None:
-            raise NotFound(DEPLOYMENT, f"models/{model}/deployments/{name}")
         return deployment_from_row(row)
 
     async def deployments_of(self, model: str) -> list[Deployment]:
@@ -92,37 +86,30 @@ class DeploymentWrites(Rows):
         return [deployment_from_row(row) for row in rows]
 
     async def insert_deployment(self, deployment: Deployment) -> Deployment:
-        try:
-            row = await self._one(
-                "INSERT INTO deployments (model, name, pool, traffic, aliases, shadow) VALUES"
-                " (%(model)s, %(name)s, %(pool)s, %(traffic)s, %(aliases)s, %(shadow)s)"
-                " RETURNING *",
-                _deployment_params(deployment),
-            )
-        except errors.UniqueViolation as exc:
-            raise AlreadyExists(
-                DEPLOYMENT, f"models/{deployment.model}/deployments/{deployment.name}"
-            ) from exc
-        assert row is not None
+        row = await self._inserted(
+            "INSERT INTO deployments (model, name, pool, traffic, aliases, shadow) VALUES"
+            " (%(model)s, %(name)s, %(pool)s, %(traffic)s, %(aliases)s, %(shadow)s)"
+            " RETURNING *",
+            _deployment_params(deployment),
+            (DEPLOYMENT, f"models/{deployment.model}/deployments/{deployment.name}"),
+        )
         return deployment_from_row(row)
 
     async def update_deployment(self, deployment: Deployment, read: Deployment) -> Deployment:
-        row = await self._one(
+        row = await self._over_read(
             "UPDATE deployments SET pool = %(pool)s, traffic = %(traffic)s, aliases = %(aliases)s,"
             " shadow = %(shadow)s, update_time = now(), row_version = row_version + 1"
             " WHERE model = %(model)s AND name = %(name)s AND row_version = %(read)s"
             " RETURNING *",
             {**_deployment_params(deployment), "read": row_version(read.etag)},
+            f"models/{deployment.model}/deployments/{deployment.name}",
         )
-        if row is None:
-            raise Aborted(f"models/{deployment.model}/deployments/{deployment.name} changed meanwhile")
         return deployment_from_row(row)
 
     async def delete_deployment(self, deployment: Deployment) -> None:
-        row = await self._one(
+        await self._over_read(
             "DELETE FROM deployments WHERE model = %(model)s AND name = %(name)s AND row_version = %(read)s"
             " RETURNING name",
             {"model": deployment.model, "name": deployment.name, "read": row_version(deployment.etag)},
+            f"models/{deployment.model}/deployments/{deployment.name}",
         )
-        if row is None:
-            raise Aborted(f"models/{deployment.model}/deployments/{deployment.name} changed meanwhile")

@@ -118,20 +118,27 @@ def version_readiness(  # noqa: PLR0917 - the readiness of one (version, pool) i
     return VersionReadiness(version, pool, state, len(ready), required, tuple(reports))
 
 
-@dataclass(frozen=True)
-class Model:
-    """A name that clients infer against."""
+@dataclass(frozen=True, kw_only=True)
+class Stored:
+    """What the registry keeps with every resource it stores: when it was created and last
+    updated, and the etag a write over it must match (keyword-only, after its own fields)."""
 
-    name: str
-    description: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
     create_time: datetime | None = None
     update_time: datetime | None = None
     etag: str = ""
 
 
 @dataclass(frozen=True)
-class ModelVersion:
+class Model(Stored):
+    """A name that clients infer against."""
+
+    name: str
+    description: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelVersion(Stored):
     """One version of a model: what it takes, what it returns, where its artifact is."""
 
     model: str
@@ -143,20 +150,14 @@ class ModelVersion:
     artifact_uri: str = ""
     stage: Stage = Stage.DRAFT
     metrics: Mapping[str, float] = field(default_factory=dict)
-    create_time: datetime | None = None
-    update_time: datetime | None = None
-    etag: str = ""
 
 
 @dataclass(frozen=True)
-class Pool:
+class Pool(Stored):
     """Orchestrator endpoints beside one group of Tritons."""
 
     name: str
     endpoints: tuple[str, ...] = ()
-    create_time: datetime | None = None
-    update_time: datetime | None = None
-    etag: str = ""
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class Shadow:
 
 
 @dataclass(frozen=True)
-class Deployment:
+class Deployment(Stored):
     """Which versions of a model a pool serves, and how traffic is split between them."""
 
     model: str
@@ -185,9 +186,6 @@ class Deployment:
     traffic: tuple[TrafficSplit, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)
     shadow: Shadow | None = None
-    create_time: datetime | None = None
-    update_time: datetime | None = None
-    etag: str = ""
 
     def referenced_versions(self) -> set[str]:
         """Every version the deployment routes to: by weight (even 0), by alias or as shadow."""

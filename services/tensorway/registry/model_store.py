@@ -7,7 +7,6 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, LiteralString
 
-from psycopg import errors
 from psycopg.types.json import Jsonb
 
 from tensorway.registry.domain import (
@@ -21,8 +20,8 @@ from tensorway.registry.domain import (
     Stage,
     Versioned,
 )
-from tensorway.registry.rows import MAX_PAGE_SIZE, Rows, etag_of, row_version
-from tensorway.runtime import Aborted, AlreadyExists, NotFound
+from tensorway.registry.rows import MAX_PAGE_SIZE, Rows, row_version, stored_from_row
+from tensorway.runtime import NotFound
 from tensorway.runtime.postgres import PageCursor
 from tensorway.tensors.signatures import TensorSpec
 
@@ -40,9 +39,7 @@ def model_from_row(row: Mapping[str, Any]) -> Model:
         name=row["name"],
         description=row["description"],
         labels=row["labels"],
-        create_time=row["create_time"],
-        update_time=row["update_time"],
-        etag=etag_of(row),
+        **stored_from_row(row),
     )
 
 
@@ -57,10 +54,12 @@ def version_from_row(row: Mapping[str, Any]) -> ModelVersion:
         artifact_uri=row.get("artifact_uri", ""),
         stage=Stage(row.get("stage", Stage.DRAFT.value)),
         metrics=row.get("metrics", {}),
-        create_time=row.get("create_time"),
-        update_time=row.get("update_time"),
-        etag=etag_of(row) if "row_version" in row else "",
+        **stored_from_row(row),
     )
+
+
+def _model_params(model: Model) -> dict[str, Any]:
+    return {"name": model.name, "description": model.description, "labels": Jsonb(dict(model.labels))}
 
 
 def _version_params(version: ModelVersion) -> dict[str, Any]:
@@ -81,13 +80,12 @@ class ModelReads(Rows):
     """Models and versions as the cache loads them, each with the revision it was read at."""
 
     async def get_model(self, name: str) -> Versioned[Model]:
-        row = await self._one(
+        return await self._at_revision(
             "SELECT * FROM models, registry_revision r WHERE name = %(name)s",
             {"name": name},
+            (MODEL, f"models/{name}"),
+            model_from_row,
         )
-        if row is None:
-            raise NotFound(MODEL, f"models/{name}")
-        return Versioned(model_from_row(row), row["revision"])
 
     async def list_models(self, where: ModelFilter, page_size: int, page_token: str) -> Page[Model]:
         cursor = PageCursor(
@@ -96,46 +94,40 @@ class ModelReads(Rows):
             json.dumps(["models", sorted(where.labels.items())]),
             max_page_size=MAX_PAGE_SIZE,
         )
-        rows = await self._all(
+        return await self._page(
             "SELECT * FROM models WHERE labels @> %(labels)s"
             " AND (%(after)s::text IS NULL OR name > %(after)s) ORDER BY name LIMIT %(limit)s",
-            {"labels": Jsonb(dict(where.labels)), "after": cursor.after, "limit": cursor.limit + 1},
+            {"labels": Jsonb(dict(where.labels))},
+            cursor,
+            key="name",
+            from_row=model_from_row,
         )
-        page, token = cursor.page(rows, "name")
-        return Page([model_from_row(row) for row in page], token)
 
     async def get_model_version(self, model: str, version: str) -> Versioned[ModelVersion]:
-        row = await self._one(
+        return await self._at_revision(
             "SELECT * FROM model_versions, registry_revision r"
             " WHERE model = %(model)s AND version = %(version)s",
             {"model": model, "version": version},
+            (MODEL_VERSION, f"models/{model}/versions/{version}"),
+            version_from_row,
         )
-        if row is None:
-            raise NotFound(MODEL_VERSION, f"models/{model}/versions/{version}")
-        return Versioned(version_from_row(row), row["revision"])
 
     async def list_model_versions(
         self, model: str, where: ModelVersionFilter, page_size: int, page_token: str
     ) -> Page[ModelVersion]:
         query = json.dumps(["versions", model, where.stage and where.stage.value, where.platform])
         cursor = PageCursor(page_size, page_token, query, int, max_page_size=MAX_PAGE_SIZE)
-        rows = await self._all(
+        return await self._page(
             "SELECT * FROM model_versions WHERE model = %(model)s"
             " AND (%(stage)s::text IS NULL OR stage = %(stage)s)"
             " AND (%(platform)s::text IS NULL OR platform = %(platform)s)"
             " AND (%(after)s::bigint IS NULL OR seq > %(after)s) ORDER BY seq LIMIT %(limit)s",
-            {
-                "model": model,
-                "stage": where.stage and where.stage.value,
-                "platform": where.platform,
-                "after": cursor.after,
-                "limit": cursor.limit + 1,
-            },
+            {"model": model, "stage": where.stage and where.stage.value, "platform": where.platform},
+            cursor,
+            key="seq",
+            from_row=version_from_row,
+            parent=lambda: self.get_model(model),
         )
-        if not rows and cursor.after is None:
-            await self.get_model(model)  # an unknown parent is NOT_FOUND, not an empty list
-        page, token = cursor.page(rows, "seq")
-        return Page([version_from_row(row) for row in page], token)
 
 
 class ModelWrites(Rows):
@@ -150,37 +142,25 @@ class ModelWrites(Rows):
             if lock
             else "SELECT * FROM models WHERE name = %(name)s"
         )
-        row = await self._one(query, {"name": name})
-        if row is None:
-            raise NotFound(MODEL, f"models/{name}")
-        return model_from_row(row)
+        return model_from_row(await self._found(query, {"name": name}, (MODEL, f"models/{name}")))
 
     async def insert_model(self, model: Model) -> Model:
-        try:
-            row = await self._one(
-                "INSERT INTO models (name, description, labels)"
-                " VALUES (%(name)s, %(description)s, %(labels)s) RETURNING *",
-                {"name": model.name, "description": model.description, "labels": Jsonb(dict(model.labels))},
-            )
-        except errors.UniqueViolation as exc:
-            raise AlreadyExists(MODEL, f"models/{model.name}") from exc
-        assert row is not None
+        row = await self._inserted(
+            "INSERT INTO models (name, description, labels)"
+            " VALUES (%(name)s, %(description)s, %(labels)s) RETURNING *",
+            _model_params(model),
+            (MODEL, f"models/{model.name}"),
+        )
         return model_from_row(row)
 
     async def update_model(self, model: Model, read: Model) -> Model:
-        row = await self._one(
+        row = await self._over_read(
             "UPDATE models SET description = %(description)s, labels = %(labels)s, update_time = now(),"
             " row_version = row_version + 1 WHERE name = %(name)s AND row_version = %(read)s"
             " RETURNING *",
-            {
-                "name": model.name,
-                "description": model.description,
-                "labels": Jsonb(dict(model.labels)),
-                "read": row_version(read.etag),
-            },
+            {**_model_params(model), "read": row_version(read.etag)},
+            f"models/{model.name}",
         )
-        if row is None:
-            raise Aborted(f"model models/{model.name} changed while it was updated; read it again")
         return model_from_row(row)
 
     async def delete_model(self, model: Model) -> tuple[list[str], list[str]]:
@@ -189,12 +169,11 @@ class ModelWrites(Rows):
             "SELECT version FROM model_versions WHERE model = %(m)s", {"m": model.name}
         )
         deployments = await self._all("SELECT name FROM deployments WHERE model = %(m)s", {"m": model.name})
-        row = await self._one(
+        await self._over_read(
             "DELETE FROM models WHERE name = %(name)s AND row_version = %(read)s RETURNING name",
             {"name": model.name, "read": row_version(model.etag)},
+            f"models/{model.name}",
         )
-        if row is None:
-            raise Aborted(f"model models/{model.name} changed while it was deleted; read it again")
         return [r["version"] for r in versions], [r["name"] for r in deployments]
 
     async def get_model_version(self, model: str, version: str) -> ModelVersion:
@@ -224,41 +203,32 @@ class ModelWrites(Rows):
         return str(row["next"])
 
     async def insert_model_version(self, version: ModelVersion) -> ModelVersion:
-        try:
-            row = await self._one(
-                "INSERT INTO model_versions (model, version, platform, inputs, outputs, max_batch_size,"
-                " artifact_uri, stage, metrics) VALUES (%(model)s, %(version)s, %(platform)s, %(inputs)s,"
-                " %(outputs)s, %(max_batch_size)s, %(artifact_uri)s, %(stage)s, %(metrics)s)"
-                " RETURNING *",
-                _version_params(version),
-            )
-        except errors.UniqueViolation as exc:
-            raise AlreadyExists(MODEL_VERSION, f"models/{version.model}/versions/{version.version}") from exc
-        assert row is not None
+        row = await self._inserted(
+            "INSERT INTO model_versions (model, version, platform, inputs, outputs, max_batch_size,"
+            " artifact_uri, stage, metrics) VALUES (%(model)s, %(version)s, %(platform)s, %(inputs)s,"
+            " %(outputs)s, %(max_batch_size)s, %(artifact_uri)s, %(stage)s, %(metrics)s)"
+            " RETURNING *",
+            _version_params(version),
+            (MODEL_VERSION, f"models/{version.model}/versions/{version.version}"),
+        )
         return version_from_row(row)
 
     async def update_model_version(self, version: ModelVersion, read: ModelVersion) -> ModelVersion:
-        row = await self._one(
+        row = await self._over_read(
             "UPDATE model_versions SET platform = %(platform)s, inputs = %(inputs)s, outputs = %(outputs)s,"
             " max_batch_size = %(max_batch_size)s, artifact_uri = %(artifact_uri)s, stage = %(stage)s,"
             " metrics = %(metrics)s, update_time = now(), row_version = row_version + 1"
             " WHERE model = %(model)s AND version = %(version)s AND row_version = %(read)s"
             " RETURNING *",
             {**_version_params(version), "read": row_version(read.etag)},
+            f"models/{version.model}/versions/{version.version}",
         )
-        if row is None:
-            raise Aborted(
-                f"models/{version.model}/versions/{version.version} changed meanwhile; read it again"
-            )
         return version_from_row(row)
 
     async def delete_model_version(self, version: ModelVersion) -> None:
-        row = await self._one(
+        await self._over_read(
             "DELETE FROM model_versions WHERE model = %(model)s AND version = %(version)s"
             " AND row_version = %(read)s RETURNING version",
             {"model": version.model, "version": version.version, "read": row_version(version.etag)},
+            f"models/{version.model}/versions/{version.version}",
         )
-        if row is None:
-            raise Aborted(
-                f"models/{version.model}/versions/{version.version} changed meanwhile; read it again"
-            )

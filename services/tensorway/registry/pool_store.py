@@ -12,8 +12,8 @@ from psycopg import errors
 from psycopg.types.json import Jsonb
 
 from tensorway.registry.domain import POOL, Page, Pool, Versioned
-from tensorway.registry.rows import MAX_PAGE_SIZE, Rows, etag_of, row_version
-from tensorway.runtime import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from tensorway.registry.rows import MAX_PAGE_SIZE, Rows, row_version, stored_from_row
+from tensorway.runtime import FailedPrecondition
 from tensorway.runtime.postgres import PageCursor
 
 
@@ -21,9 +21,7 @@ def pool_from_row(row: Mapping[str, Any]) -> Pool:
     return Pool(
         name=row["name"],
         endpoints=tuple(row["endpoints"]),
-        create_time=row["create_time"],
-        update_time=row["update_time"],
-        etag=etag_of(row),
+        **stored_from_row(row),
     )
 
 
@@ -31,23 +29,23 @@ class PoolReads(Rows):
     """Pools as the cache loads them, each with the revision it was read at."""
 
     async def get_pool(self, name: str) -> Versioned[Pool]:
-        row = await self._one(
+        return await self._at_revision(
             "SELECT * FROM pools, registry_revision r WHERE name = %(name)s",
             {"name": name},
+            (POOL, f"pools/{name}"),
+            pool_from_row,
         )
-        if row is None:
-            raise NotFound(POOL, f"pools/{name}")
-        return Versioned(pool_from_row(row), row["revision"])
 
     async def list_pools(self, page_size: int, page_token: str) -> Page[Pool]:
         cursor = PageCursor(page_size, page_token, json.dumps(["pools"]), max_page_size=MAX_PAGE_SIZE)
-        rows = await self._all(
+        return await self._page(
             "SELECT * FROM pools WHERE (%(after)s::text IS NULL OR name > %(after)s)"
             " ORDER BY name LIMIT %(limit)s",
-            {"after": cursor.after, "limit": cursor.limit + 1},
+            {},
+            cursor,
+            key="name",
+            from_row=pool_from_row,
         )
-        page, token = cursor.page(rows, "name")
-        return Page([pool_from_row(row) for row in page], token)
 
 
 class PoolWrites(Rows):
@@ -60,48 +58,40 @@ class PoolWrites(Rows):
             if share_lock
             else "SELECT * FROM pools WHERE name = %(name)s"
         )
-        row = await self._one(query, {"name": name})
-        if row is None:
-            raise NotFound(POOL, f"pools/{name}")
-        return pool_from_row(row)
+        return pool_from_row(await self._found(query, {"name": name}, (POOL, f"pools/{name}")))
 
     async def models_on_pool(self, pool: str) -> set[str]:
         rows = await self._all("SELECT DISTINCT model FROM deployments WHERE pool = %(pool)s", {"pool": pool})
         return {row["model"] for row in rows}
 
     async def insert_pool(self, pool: Pool) -> Pool:
-        try:
-            row = await self._one(
-                "INSERT INTO pools (name, endpoints) VALUES (%(name)s, %(endpoints)s) RETURNING *",
-                {"name": pool.name, "endpoints": Jsonb(list(pool.endpoints))},
-            )
-        except errors.UniqueViolation as exc:
-            raise AlreadyExists(POOL, f"pools/{pool.name}") from exc
-        assert row is not None
+        row = await self._inserted(
+            "INSERT INTO pools (name, endpoints) VALUES (%(name)s, %(endpoints)s) RETURNING *",
+            {"name": pool.name, "endpoints": Jsonb(list(pool.endpoints))},
+            (POOL, f"pools/{pool.name}"),
+        )
         return pool_from_row(row)
 
     async def update_pool(self, pool: Pool, read: Pool) -> Pool:
-        row = await self._one(
+        row = await self._over_read(
             "UPDATE pools SET endpoints = %(endpoints)s, update_time = now(), row_version = row_version + 1"
             " WHERE name = %(name)s AND row_version = %(read)s RETURNING *",
             {"name": pool.name, "endpoints": Jsonb(list(pool.endpoints)), "read": row_version(read.etag)},
+            f"pools/{pool.name}",
         )
-        if row is None:
-            raise Aborted(f"pools/{pool.name} changed while it was updated; read it again")
         return pool_from_row(row)
 
     async def delete_pool(self, pool: Pool) -> None:
         try:
-            row = await self._one(
+            await self._over_read(
                 "DELETE FROM pools WHERE name = %(name)s AND row_version = %(read)s RETURNING name",
                 {"name": pool.name, "read": row_version(pool.etag)},
+                f"pools/{pool.name}",
             )
         except errors.ForeignKeyViolation as exc:
             raise FailedPrecondition(
                 f"pools/{pool.name} serves deployments; delete or move them first"
             ) from exc
-        if row is None:
-            raise Aborted(f"pools/{pool.name} changed while it was deleted; read it again")
 
     async def join_pool(self, pool: str, endpoint: str, lease: timedelta) -> tuple[datetime, bool]:
         """Make `endpoint` a member of `pool` until `lease` from now (the database's clock);

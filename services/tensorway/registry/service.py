@@ -13,12 +13,14 @@ internal identity, as their state reports do.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
+from operator import attrgetter
 from typing import Any
 
+from google.protobuf.message import Message
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -111,100 +113,185 @@ class Settings(ServiceSettings):
         return value
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """A kind of resource as its common RPCs see it: the collections of its name, how a write
+    request holds it (`given`), and how an answer shows it to this caller."""
+
+    collections: tuple[str, ...]
+    show: Callable[[RegistryServicer, Any], Message]
+    given: Callable[[Any], Any] | None = None
+    """The resource a request's message holds, ids from the message's name."""
+    child: Callable[[Any, str, str], Any] | None = None
+    """The resource a create request's message holds under a parent, given the ids."""
+
+
+class _Rpc:
+    """One RPC of a common shape, made a servicer method by its class attribute's name:
+    `core` names the core method it calls ("registry.get_model"), the response type follows
+    from the RPC's name."""
+
+    def __init__(self, kind: _Kind, core: str) -> None:
+        self.kind = kind
+        self.core = attrgetter(core)
+        self.response: Callable[..., Message] = Message
+        self.field = ""
+        """The response's field that holds what the call returned (the first, by the API's shape)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        response = getattr(pb, f"{name}Response")
+        self.response = response
+        self.field = response.DESCRIPTOR.fields[0].name if response.DESCRIPTOR.fields else ""
+
+    def __get__(self, servicer: RegistryServicer, owner: type | None = None) -> Any:
+        # grpc.aio runs a handler on the event loop only if it is a coroutine function.
+        async def method(request: Any, context: Any) -> Message:
+            return await self.handle(servicer, request)
+
+        return method
+
+    async def handle(self, servicer: RegistryServicer, request: Any) -> Message:
+        raise NotImplementedError
+
+
+class _Get(_Rpc):
+    """Reads one resource by name."""
+
+    async def handle(self, servicer: RegistryServicer, request: Any) -> Message:
+        access.require_read()
+        return await self.answer(servicer, request)
+
+    async def answer(self, servicer: RegistryServicer, request: Any) -> Message:
+        found = await self.core(servicer)(*parse_name(request.name, "name", *self.kind.collections))
+        return self.response(**{self.field: self.kind.show(servicer, found)})
+
+
+class _Move(_Get):
+    """Changes one resource by name (pause, resume, abort) and answers with it."""
+
+    async def handle(self, servicer: RegistryServicer, request: Any) -> Message:
+        access.require_write()
+        return await self.answer(servicer, request)
+
+
+class _Delete(_Rpc):
+    """Deletes one resource by name, over the request's etag."""
+
+    async def handle(self, servicer: RegistryServicer, request: Any) -> Message:
+        access.require_write()
+        refuse_nul(request)
+        await self.core(servicer)(*parse_name(request.name, "name", *self.kind.collections), request.etag)
+        return self.response()
+
+
+class _List(_Rpc):
+    """A page of the resources under the parent its collections imply, by the request's filter
+    where the RPC takes one."""
+
+    async def handle(self, servicer: RegistryServicer, request: Any) -> Message:
+        access.require_read()
+        refuse_nul(request)
+        parent = self.kind.collections[:-1]
+        scope = parse_name(request.parent, "parent", *parent) if parent else ()
+        where = (request.filter,) if "filter" in request.DESCRIPTOR.fields_by_name else ()
+        page = await self.core(servicer)(*scope, *where, request.page_size, request.page_token)
+        items = [self.kind.show(servicer, item) for item in page.items]
+        return self.response(**{self.field: items}, next_page_token=page.next_page_token)
+
+
+class _Create(_Rpc):
+    """Creates the resource the request holds."""
+
+    async def handle(self, servicer: RegistryServicer, request: Any) -> Message:
+        access.require_write()
+        refuse_nul(request)
+        assert self.kind.given is not None, "a kind written by a common-shape RPC says how"
+        written = await self.write(servicer, self.kind.given(getattr(request, self.field)), request)
+        return self.response(**{self.field: self.kind.show(servicer, written)})
+
+    async def write(self, servicer: RegistryServicer, given: Any, request: Any) -> Any:
+        return await self.core(servicer)(given)
+
+
+class _CreateChild(_Rpc):
+    """Creates the resource the request holds under its parent, with the id it asks for."""
+
+    async def handle(self, servicer: RegistryServicer, request: Any) -> Message:
+        access.require_write()
+        refuse_nul(request)
+        (parent,) = parse_name(request.parent, "parent", *self.kind.collections[:-1])
+        assert self.kind.child is not None, "a kind created under a parent says how"
+        field = self.field
+        given = self.kind.child(getattr(request, field), parent, getattr(request, f"{field}_id"))
+        return self.response(**{field: self.kind.show(servicer, await self.core(servicer)(given))})
+
+
+class _Update(_Create):
+    """Updates the resource the request holds, under the request's field mask."""
+
+    async def write(self, servicer: RegistryServicer, given: Any, request: Any) -> Any:
+        return await self.core(servicer)(given, list(request.update_mask.paths))
+
+
+_MODEL = _Kind(("models",), lambda _, m: converters.model_to_proto(m), converters.model_from_proto)
+_VERSION = _Kind(
+    ("models", "versions"),
+    lambda _, v: converters.model_version_to_proto(v),
+    converters.named_model_version_from_proto,
+    converters.model_version_from_proto,
+)
+_POOL = _Kind(("pools",), lambda _, pool: _shown(pool), converters.pool_from_proto)
+_DEPLOYMENT = _Kind(
+    ("models", "deployments"),
+    lambda servicer, deployment: servicer.shown_deployment(deployment),
+    converters.named_deployment_from_proto,
+    converters.deployment_from_proto,
+)
+_ROLLOUT = _Kind(("models", "rollouts"), lambda _, rollout: rollout_to_proto(rollout))
+
+
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
-    """RegistryService over gRPC: each method converts, calls the core and converts back."""
+    """RegistryService over gRPC: each method converts, calls the core and converts back. The
+    RPCs of a common shape (get, list, create, update, delete) are made from a spec each."""
 
     def __init__(self, registry: Registry, rollouts: Rollouts) -> None:
-        self._registry = registry
-        self._rollouts = rollouts
+        self.registry = registry
+        self.rollouts = rollouts
         # ResolveModel is the hot path: a response is built once per route and requested
         # version, and reused until the route table replaces that route object.
         # Callers that may not see addresses get the same answer with the endpoints cleared.
         self._resolved: dict[tuple[str, str, bool], tuple[Route, pb.ResolveModelResponse]] = {}
 
-    async def CreateModel(self, request: pb.CreateModelRequest, context: Any) -> pb.CreateModelResponse:
-        access.require_write()
-        refuse_nul(request)
-        model = await self._registry.create_model(converters.model_from_proto(request.model))
-        return pb.CreateModelResponse(model=converters.model_to_proto(model))
+    # The RPCs of a common shape, one line each, by the kind of resource they serve.
+    GetModel = _Get(_MODEL, "registry.get_model")
+    ListModels = _List(_MODEL, "registry.list_models")
+    CreateModel = _Create(_MODEL, "registry.create_model")
+    UpdateModel = _Update(_MODEL, "registry.update_model")
+    DeleteModel = _Delete(_MODEL, "registry.delete_model")
 
-    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
-        access.require_read()
-        (model,) = parse_name(request.name, "name", "models")
-        return pb.GetModelResponse(model=converters.model_to_proto(await self._registry.get_model(model)))
+    GetModelVersion = _Get(_VERSION, "registry.get_model_version")
+    ListModelVersions = _List(_VERSION, "registry.list_model_versions")
+    CreateModelVersion = _CreateChild(_VERSION, "registry.create_model_version")
+    UpdateModelVersion = _Update(_VERSION, "registry.update_model_version")
+    DeleteModelVersion = _Delete(_VERSION, "registry.delete_model_version")
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
-        access.require_read()
-        refuse_nul(request)
-        page = await self._registry.list_models(request.filter, request.page_size, request.page_token)
-        return pb.ListModelsResponse(
-            models=[converters.model_to_proto(m) for m in page.items], next_page_token=page.next_page_token
-        )
+    GetPool = _Get(_POOL, "registry.get_pool")
+    ListPools = _List(_POOL, "registry.list_pools")
+    CreatePool = _Create(_POOL, "registry.create_pool")
+    UpdatePool = _Update(_POOL, "registry.update_pool")
+    DeletePool = _Delete(_POOL, "registry.delete_pool")
 
-    async def UpdateModel(self, request: pb.UpdateModelRequest, context: Any) -> pb.UpdateModelResponse:
-        access.require_write()
-        refuse_nul(request)
-        model = converters.model_from_proto(request.model)
-        updated = await self._registry.update_model(model, list(request.update_mask.paths))
-        return pb.UpdateModelResponse(model=converters.model_to_proto(updated))
+    GetDeployment = _Get(_DEPLOYMENT, "registry.get_deployment")
+    ListDeployments = _List(_DEPLOYMENT, "registry.list_deployments")
+    CreateDeployment = _CreateChild(_DEPLOYMENT, "registry.create_deployment")
+    UpdateDeployment = _Update(_DEPLOYMENT, "registry.update_deployment")
+    DeleteDeployment = _Delete(_DEPLOYMENT, "registry.delete_deployment")
 
-    async def DeleteModel(self, request: pb.DeleteModelRequest, context: Any) -> pb.DeleteModelResponse:
-        access.require_write()
-        refuse_nul(request)
-        (model,) = parse_name(request.name, "name", "models")
-        await self._registry.delete_model(model, request.etag)
-        return pb.DeleteModelResponse()
-
-    async def CreateModelVersion(
-        self, request: pb.CreateModelVersionRequest, context: Any
-    ) -> pb.CreateModelVersionResponse:
-        access.require_write()
-        refuse_nul(request)
-        (model,) = parse_name(request.parent, "parent", "models")
-        version = converters.model_version_from_proto(request.model_version, model, request.model_version_id)
-        created = await self._registry.create_model_version(model, request.model_version_id, version)
-        return pb.CreateModelVersionResponse(model_version=converters.model_version_to_proto(created))
-
-    async def GetModelVersion(
-        self, request: pb.GetModelVersionRequest, context: Any
-    ) -> pb.GetModelVersionResponse:
-        access.require_read()
-        model, version = parse_name(request.name, "name", "models", "versions")
-        found = await self._registry.get_model_version(model, version)
-        return pb.GetModelVersionResponse(model_version=converters.model_version_to_proto(found))
-
-    async def ListModelVersions(
-        self, request: pb.ListModelVersionsRequest, context: Any
-    ) -> pb.ListModelVersionsResponse:
-        access.require_read()
-        refuse_nul(request)
-        (model,) = parse_name(request.parent, "parent", "models")
-        page = await self._registry.list_model_versions(
-            model, request.filter, request.page_size, request.page_token
-        )
-        return pb.ListModelVersionsResponse(
-            model_versions=[converters.model_version_to_proto(v) for v in page.items],
-            next_page_token=page.next_page_token,
-        )
-
-    async def UpdateModelVersion(
-        self, request: pb.UpdateModelVersionRequest, context: Any
-    ) -> pb.UpdateModelVersionResponse:
-        access.require_write()
-        refuse_nul(request)
-        model, version = parse_name(request.model_version.name, "model_version.name", "models", "versions")
-        given = converters.model_version_from_proto(request.model_version, model, version)
-        updated = await self._registry.update_model_version(given, list(request.update_mask.paths))
-        return pb.UpdateModelVersionResponse(model_version=converters.model_version_to_proto(updated))
-
-    async def DeleteModelVersion(
-        self, request: pb.DeleteModelVersionRequest, context: Any
-    ) -> pb.DeleteModelVersionResponse:
-        access.require_write()
-        refuse_nul(request)
-        model, version = parse_name(request.name, "name", "models", "versions")
-        await self._registry.delete_model_version(model, version, request.etag)
-        return pb.DeleteModelVersionResponse()
+    GetRollout = _Get(_ROLLOUT, "rollouts.get")
+    ListRollouts = _List(_ROLLOUT, "rollouts.list")
+    PauseRollout = _Move(_ROLLOUT, "rollouts.pause")
+    ResumeRollout = _Move(_ROLLOUT, "rollouts.resume")
+    AbortRollout = _Move(_ROLLOUT, "rollouts.abort")
 
     async def TransitionModelVersionStage(
         self, request: pb.TransitionModelVersionStageRequest, context: Any
@@ -217,96 +304,16 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             raise InvalidArgument(
                 "stage is required", [FieldViolation("stage", "DRAFT, STAGING, PRODUCTION or ARCHIVED")]
             )
-        moved, demoted = await self._registry.transition_stage(model, version, stage, request.etag)
+        moved, demoted = await self.registry.transition_stage(model, version, stage, request.etag)
         return pb.TransitionModelVersionStageResponse(
             model_version=converters.model_version_to_proto(moved),
             demoted_versions=[converters.model_version_to_proto(v) for v in demoted],
         )
 
-    async def CreatePool(self, request: pb.CreatePoolRequest, context: Any) -> pb.CreatePoolResponse:
-        access.require_write()
-        refuse_nul(request)
-        pool = await self._registry.create_pool(converters.pool_from_proto(request.pool))
-        return pb.CreatePoolResponse(pool=converters.pool_to_proto(pool))
-
-    async def GetPool(self, request: pb.GetPoolRequest, context: Any) -> pb.GetPoolResponse:
-        access.require_read()
-        (pool,) = parse_name(request.name, "name", "pools")
-        return pb.GetPoolResponse(pool=_shown(await self._registry.get_pool(pool)))
-
-    async def ListPools(self, request: pb.ListPoolsRequest, context: Any) -> pb.ListPoolsResponse:
-        access.require_read()
-        refuse_nul(request)
-        page = await self._registry.list_pools(request.page_size, request.page_token)
-        return pb.ListPoolsResponse(
-            pools=[_shown(p) for p in page.items], next_page_token=page.next_page_token
-        )
-
-    async def UpdatePool(self, request: pb.UpdatePoolRequest, context: Any) -> pb.UpdatePoolResponse:
-        access.require_write()
-        refuse_nul(request)
-        pool = converters.pool_from_proto(request.pool)
-        updated = await self._registry.update_pool(pool, list(request.update_mask.paths))
-        return pb.UpdatePoolResponse(pool=converters.pool_to_proto(updated))
-
-    async def DeletePool(self, request: pb.DeletePoolRequest, context: Any) -> pb.DeletePoolResponse:
-        access.require_write()
-        refuse_nul(request)
-        (pool,) = parse_name(request.name, "name", "pools")
-        await self._registry.delete_pool(pool, request.etag)
-        return pb.DeletePoolResponse()
-
-    async def CreateDeployment(
-        self, request: pb.CreateDeploymentRequest, context: Any
-    ) -> pb.CreateDeploymentResponse:
-        access.require_write()
-        refuse_nul(request)
-        (model,) = parse_name(request.parent, "parent", "models")
-        deployment = converters.deployment_from_proto(request.deployment, model, request.deployment_id)
-        created = await self._registry.create_deployment(deployment)
-        return pb.CreateDeploymentResponse(deployment=self._shown_deployment(created))
-
-    async def GetDeployment(self, request: pb.GetDeploymentRequest, context: Any) -> pb.GetDeploymentResponse:
-        access.require_read()
-        model, name = parse_name(request.name, "name", "models", "deployments")
-        found = await self._registry.get_deployment(model, name)
-        return pb.GetDeploymentResponse(deployment=self._shown_deployment(found))
-
-    async def ListDeployments(
-        self, request: pb.ListDeploymentsRequest, context: Any
-    ) -> pb.ListDeploymentsResponse:
-        access.require_read()
-        refuse_nul(request)
-        (model,) = parse_name(request.parent, "parent", "models")
-        page = await self._registry.list_deployments(model, request.page_size, request.page_token)
-        return pb.ListDeploymentsResponse(
-            deployments=[self._shown_deployment(d) for d in page.items],
-            next_page_token=page.next_page_token,
-        )
-
-    async def UpdateDeployment(
-        self, request: pb.UpdateDeploymentRequest, context: Any
-    ) -> pb.UpdateDeploymentResponse:
-        access.require_write()
-        refuse_nul(request)
-        model, name = parse_name(request.deployment.name, "deployment.name", "models", "deployments")
-        given = converters.deployment_from_proto(request.deployment, model, name)
-        updated = await self._registry.update_deployment(given, list(request.update_mask.paths))
-        return pb.UpdateDeploymentResponse(deployment=self._shown_deployment(updated))
-
-    async def DeleteDeployment(
-        self, request: pb.DeleteDeploymentRequest, context: Any
-    ) -> pb.DeleteDeploymentResponse:
-        access.require_write()
-        refuse_nul(request)
-        model, name = parse_name(request.name, "name", "models", "deployments")
-        await self._registry.delete_deployment(model, name, request.etag)
-        return pb.DeleteDeploymentResponse()
-
     async def ResolveModel(self, request: pb.ResolveModelRequest, context: Any) -> pb.ResolveModelResponse:
         access.require_read()
         (model,) = parse_name(request.name, "name", "models")
-        resolution = await self._registry.resolve(model, request.version)
+        resolution = await self.registry.resolve(model, request.version)
         shows_addresses = access.shows_addresses()
         key = (model, request.version, shows_addresses)
         built = self._resolved.get(key)
@@ -323,10 +330,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             built = self._resolved[key] = (resolution.route, response)
         return built[1]
 
-    def _shown_deployment(self, deployment: Deployment) -> pb.Deployment:
+    def shown_deployment(self, deployment: Deployment) -> pb.Deployment:
         """The deployment with its versions' readiness, addresses only for who may see them."""
         message = converters.deployment_to_proto(deployment)
-        for readiness in self._registry.readiness(deployment):
+        for readiness in self.registry.readiness(deployment):
             shown = message.readiness.add()
             shown.CopyFrom(converters.readiness_to_proto(readiness))
             if not access.shows_addresses():
@@ -338,7 +345,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     ) -> pb.ReportModelStatesResponse:
         access.require_write()
         (pool,) = parse_name(request.pool, "pool", "pools")
-        await self._registry.report_model_states(
+        await self.registry.report_model_states(
             pool, request.endpoint, converters.state_reports_from_proto(request)
         )
         return pb.ReportModelStatesResponse()
@@ -347,7 +354,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         access.require_write()
         refuse_nul(request)
         (pool,) = parse_name(request.pool, "pool", "pools")
-        expire_time = await self._registry.join_pool(
+        expire_time = await self.registry.join_pool(
             pool, request.endpoint, request.lease_duration.ToTimedelta()
         )
         response = pb.JoinPoolResponse()
@@ -358,7 +365,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         access.require_write()
         refuse_nul(request)
         (pool,) = parse_name(request.pool, "pool", "pools")
-        await self._registry.leave_pool(pool, request.endpoint)
+        await self.registry.leave_pool(pool, request.endpoint)
         return pb.LeavePoolResponse()
 
     # Measured rollouts (`rollouts` has the rule)
@@ -367,42 +374,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         access.require_write()
         refuse_nul(request)
         (model,) = parse_name(request.parent, "parent", "models")
-        started = await self._rollouts.start(rollout_from_proto(request.rollout, model))
+        started = await self.rollouts.start(rollout_from_proto(request.rollout, model))
         return pb.StartRolloutResponse(rollout=rollout_to_proto(started))
-
-    async def GetRollout(self, request: pb.GetRolloutRequest, context: Any) -> pb.GetRolloutResponse:
-        access.require_read()
-        model, rollout = parse_name(request.name, "name", "models", "rollouts")
-        return pb.GetRolloutResponse(rollout=rollout_to_proto(await self._rollouts.get(model, rollout)))
-
-    async def ListRollouts(self, request: pb.ListRolloutsRequest, context: Any) -> pb.ListRolloutsResponse:
-        access.require_read()
-        refuse_nul(request)
-        (model,) = parse_name(request.parent, "parent", "models")
-        page = await self._rollouts.list(model, request.page_size, request.page_token)
-        return pb.ListRolloutsResponse(
-            rollouts=[rollout_to_proto(r) for r in page.items], next_page_token=page.next_page_token
-        )
-
-    async def PauseRollout(self, request: pb.PauseRolloutRequest, context: Any) -> pb.PauseRolloutResponse:
-        access.require_write()
-        model, rollout = parse_name(request.name, "name", "models", "rollouts")
-        return pb.PauseRolloutResponse(rollout=rollout_to_proto(await self._rollouts.pause(model, rollout)))
-
-    async def ResumeRollout(self, request: pb.ResumeRolloutRequest, context: Any) -> pb.ResumeRolloutResponse:
-        access.require_write()
-        model, rollout = parse_name(request.name, "name", "models", "rollouts")
-        return pb.ResumeRolloutResponse(rollout=rollout_to_proto(await self._rollouts.resume(model, rollout)))
-
-    async def AbortRollout(self, request: pb.AbortRolloutRequest, context: Any) -> pb.AbortRolloutResponse:
-        access.require_write()
-        model, rollout = parse_name(request.name, "name", "models", "rollouts")
-        return pb.AbortRolloutResponse(rollout=rollout_to_proto(await self._rollouts.abort(model, rollout)))
 
     async def ReportTraffic(self, request: pb.ReportTrafficRequest, context: Any) -> pb.ReportTrafficResponse:
         access.require_write()
         refuse_nul(request)
-        await self._rollouts.report_traffic(request.router, traffic_from_proto(request))
+        await self.rollouts.report_traffic(request.router, traffic_from_proto(request))
         return pb.ReportTrafficResponse()
 
     async def WatchRoutes(
@@ -410,7 +388,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     ) -> AsyncIterator[pb.WatchRoutesResponse]:
         access.require_internal()
         raise_if([v for i, m in enumerate(request.models) for v in model_id(m, f"models[{i}]")], "models")
-        watcher = self._registry.watch_routes(request.models)
+        watcher = self.registry.watch_routes(request.models)
         try:
             while True:
                 yield converters.route_update_to_proto(await watcher.next())

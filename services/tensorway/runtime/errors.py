@@ -66,6 +66,19 @@ class TensorwayError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     default_reason: int = error_pb2.ERROR_REASON_INTERNAL
 
+    def __init_subclass__(
+        cls, *, code: grpc.StatusCode | None = None, reason: int | None = None, **kwargs: Any
+    ) -> None:
+        """`class X(TensorwayError, code=...)`: the status X maps to, and the ErrorInfo reason
+        it carries unless raised with another (by default the reason named as the code is)."""
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+        if reason is not None:
+            cls.default_reason = reason
+        elif code is not None:
+            cls.default_reason = error_pb2.ErrorReason.Value(f"ERROR_REASON_{code.name}")
+
     def __init__(
         self,
         message: str,
@@ -101,11 +114,8 @@ class TensorwayError(Exception):
         return status
 
 
-class InvalidArgument(TensorwayError):
+class InvalidArgument(TensorwayError, code=grpc.StatusCode.INVALID_ARGUMENT):
     """The request is malformed; `violations` name the fields (google.rpc.BadRequest)."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = error_pb2.ERROR_REASON_INVALID_ARGUMENT
 
     def __init__(
         self,
@@ -151,34 +161,24 @@ class _ResourceError(TensorwayError):
         ]
 
 
-class NotFound(_ResourceError):
+class NotFound(_ResourceError, code=grpc.StatusCode.NOT_FOUND):
     """The named resource does not exist."""
 
-    code = grpc.StatusCode.NOT_FOUND
-    default_reason = error_pb2.ERROR_REASON_NOT_FOUND
     template = "{type} {name!r} not found"
 
 
-class AlreadyExists(_ResourceError):
+class AlreadyExists(_ResourceError, code=grpc.StatusCode.ALREADY_EXISTS):
     """The resource to create exists already."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = error_pb2.ERROR_REASON_ALREADY_EXISTS
     template = "{type} {name!r} already exists"
 
 
-class Aborted(TensorwayError):
+class Aborted(TensorwayError, code=grpc.StatusCode.ABORTED, reason=error_pb2.ERROR_REASON_ETAG_MISMATCH):
     """A concurrent change won (for example a stale etag): read again and retry."""
 
-    code = grpc.StatusCode.ABORTED
-    default_reason = error_pb2.ERROR_REASON_ETAG_MISMATCH
 
-
-class FailedPrecondition(TensorwayError):
+class FailedPrecondition(TensorwayError, code=grpc.StatusCode.FAILED_PRECONDITION):
     """The system is not in a state that allows the call; fix the state first."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = error_pb2.ERROR_REASON_FAILED_PRECONDITION
 
 
 class _RetryableError(TensorwayError):
@@ -201,18 +201,12 @@ class _RetryableError(TensorwayError):
         return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
-class Unavailable(_RetryableError):
+class Unavailable(_RetryableError, code=grpc.StatusCode.UNAVAILABLE):
     """A dependency is down or the model is not ready; the caller may retry."""
 
-    code = grpc.StatusCode.UNAVAILABLE
-    default_reason = error_pb2.ERROR_REASON_UNAVAILABLE
 
-
-class ResourceExhausted(_RetryableError):
+class ResourceExhausted(_RetryableError, code=grpc.StatusCode.RESOURCE_EXHAUSTED):
     """Load shedding or a rate limit; the caller may retry after the delay."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = error_pb2.ERROR_REASON_RESOURCE_EXHAUSTED
 
 
 # The codes of the two errors above, which tell the caller the same call may well succeed: on
@@ -220,32 +214,22 @@ class ResourceExhausted(_RetryableError):
 RETRYABLE_CODES = frozenset({Unavailable.code, ResourceExhausted.code})
 
 
-class DeadlineExceeded(TensorwayError):
+class DeadlineExceeded(TensorwayError, code=grpc.StatusCode.DEADLINE_EXCEEDED):
     """The deadline passed before the work finished."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    default_reason = error_pb2.ERROR_REASON_DEADLINE_EXCEEDED
 
-
-class Unauthenticated(TensorwayError):
+class Unauthenticated(TensorwayError, code=grpc.StatusCode.UNAUTHENTICATED):
     """The caller did not prove who it is."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
-    default_reason = error_pb2.ERROR_REASON_UNAUTHENTICATED
 
-
-class PermissionDenied(TensorwayError):
+class PermissionDenied(TensorwayError, code=grpc.StatusCode.PERMISSION_DENIED):
     """The caller may not do this."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
-    default_reason = error_pb2.ERROR_REASON_PERMISSION_DENIED
 
-
-class Unimplemented(TensorwayError):
+class Unimplemented(
+    TensorwayError, code=grpc.StatusCode.UNIMPLEMENTED, reason=error_pb2.ERROR_REASON_FAILED_PRECONDITION
+):
     """The server does not serve this method (a generated servicer method left as it came)."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-    default_reason = error_pb2.ERROR_REASON_FAILED_PRECONDITION
 
 
 class Internal(TensorwayError):
