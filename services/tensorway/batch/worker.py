@@ -18,6 +18,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -25,7 +26,7 @@ from typing import Any, cast
 import faust
 import grpc
 from faust.transport.drivers import aiokafka as faust_kafka
-from faust.types import EventT, StreamT, TransportT
+from faust.types import TP, EventT, StreamT, TransportT
 from opentelemetry import trace
 from pydantic_settings import SettingsConfigDict
 
@@ -383,6 +384,33 @@ class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):
         # faust fixes the fetch wait at 1.5 s and offers no setting; aiokafka reads it at start.
         consumer._fetch_max_wait_ms = int(cast(_App, self.app).fetch_max_wait.total_seconds() * 1000)
         return consumer
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        return cast(Mapping[TP, int], await self.call_thread(self._seek_within_log))
+
+    async def _seek_within_log(self) -> dict[TP, int | None]:
+        """Seek to the committed offsets, except those past their partition's end, which only a
+        broker that lost its log holds (a worker resumed after the restart can commit its
+        offsets in the old log before it learns the group is gone): those partitions start from
+        their beginning. Apache Kafka answers a fetch past the end with OFFSET_OUT_OF_RANGE and
+        the consumer starts over by itself; Tansu waits until the log grows that long and then
+        skips every message before, so the shards published anew since the restart would wait
+        for more republishing to push the log past the stale offset."""
+        consumer = self._ensure_consumer()
+        committed: dict[TP, int | None] = await consumer.seek_to_committed()
+        ends = await consumer.end_offsets(list(committed))
+        past = [
+            tp for tp, offset in committed.items() if offset is not None and offset > ends.get(tp, offset)
+        ]
+        if past:
+            logger.warning(
+                "committed offsets past the log end: reading those partitions from the start",
+                extra={"partitions": sorted(f"{tp.topic}/{tp.partition}" for tp in past)},
+            )
+            await consumer.seek_to_beginning(*past)
+        # None: faust then neither drops the log's first messages as already read nor keeps the
+        # stale offset as committed.
+        return {tp: None if tp in past else offset for tp, offset in committed.items()}
 
 
 class _Consumer(faust_kafka.Consumer):
