@@ -7,10 +7,11 @@ ids. The same conversions encode the values the Redis cache keeps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -31,6 +32,8 @@ from tensorway.registry.domain import (
     VersionReadiness,
     VersionRoute,
 )
+from tensorway.registry.rollout_domain import DEFAULT_INTERVAL, DEFAULT_STEPS, Rollout, VersionTraffic
+from tensorway.registry.rollout_judging import RolloutBounds
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.validation import parse_name
 from tensorway.runtime import FieldViolation, InvalidArgument
@@ -339,6 +342,76 @@ def route_update_to_proto(update: RouteUpdate) -> pb.WatchRoutesResponse:
         routes=[route_to_proto(route) for route in update.routes],
         removed_models=list(update.removed_models),
     )
+
+
+def rollout_name(model: str, rollout_id: str) -> str:
+    return f"models/{model}/rollouts/{rollout_id}"
+
+
+def rollout_to_proto(rollout: Rollout) -> pb.Rollout:
+    interval = Duration()
+    interval.FromTimedelta(rollout.interval)
+    message = pb.Rollout(
+        name=rollout_name(rollout.model, rollout.id),
+        deployment=f"models/{rollout.model}/deployments/{rollout.deployment}",
+        from_version=rollout.from_version,
+        to_version=rollout.to_version,
+        steps=list(rollout.steps),
+        interval=interval,
+        bounds=pb.RolloutBounds(**asdict(rollout.bounds)),
+        state=pb.RolloutState.Value(f"ROLLOUT_STATE_{rollout.state.value}"),
+        step_index=rollout.step_index,
+        reason=rollout.reason,
+        to_figures=pb.RolloutFigures(**rollout.to_figures.summary()),
+        from_figures=pb.RolloutFigures(**rollout.from_figures.summary()),
+    )
+    for name, value in (
+        ("create_time", rollout.create_time),
+        ("step_start_time", rollout.step_start_time),
+        ("end_time", rollout.end_time),
+    ):
+        if value is not None:
+            getattr(message, name).FromDatetime(value)
+    return message
+
+
+def rollout_from_proto(message: pb.Rollout, model: str) -> Rollout:
+    """The rollout a StartRollout asks for, with defaults where fields are unset."""
+    deployment = ""
+    if message.deployment:
+        owner, deployment = parse_name(message.deployment, "rollout.deployment", "models", "deployments")
+        if owner != model:
+            raise InvalidArgument(
+                "the deployment belongs to another model",
+                [FieldViolation("rollout.deployment", f"of models/{model}")],
+            )
+    # The bounds the request sets (each is an optional field), defaults for the others.
+    bounds = RolloutBounds(**{bound.name: value for bound, value in message.bounds.ListFields()})
+    return Rollout(
+        model=model,
+        deployment=deployment,
+        from_version=message.from_version,
+        to_version=message.to_version,
+        steps=tuple(message.steps) or DEFAULT_STEPS,
+        interval=message.interval.ToTimedelta() if message.HasField("interval") else DEFAULT_INTERVAL,
+        bounds=bounds,
+    )
+
+
+def traffic_from_proto(message: pb.ReportTrafficRequest) -> list[VersionTraffic]:
+    return [
+        VersionTraffic(
+            model=item.model,
+            version=item.version,
+            requests=item.requests,
+            server_errors=item.server_errors,
+            latency_bounds=tuple(item.latency_bounds),
+            latency_counts=tuple(item.latency_counts),
+            shadow_matches=item.shadow_matches,
+            shadow_mismatches=item.shadow_mismatches,
+        )
+        for item in message.versions
+    ]
 
 
 @dataclass(frozen=True)

@@ -26,16 +26,12 @@ from pydantic_settings import SettingsConfigDict
 
 from tensorway.registry import access, converters
 from tensorway.registry.cache import RedisCache
+from tensorway.registry.converters import rollout_from_proto, rollout_to_proto, traffic_from_proto
 from tensorway.registry.core import Registry, ResolveSource
 from tensorway.registry.domain import DEFAULT_MIN_READY_SHARE, Deployment, Pool, Route
 from tensorway.registry.membership import MemberSweep
-from tensorway.registry.rollouts import (
-    RolloutDriver,
-    Rollouts,
-    rollout_from_proto,
-    rollout_to_proto,
-    traffic_from_proto,
-)
+from tensorway.registry.rollout_driver import RolloutDriver
+from tensorway.registry.rollout_store import Rollouts
 from tensorway.registry.routes import PublishedRoutes, RouteSync
 from tensorway.registry.store import RegistryStore
 from tensorway.registry.v1 import registry_service_pb2 as pb
@@ -368,7 +364,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         await self.registry.leave_pool(pool, request.endpoint)
         return pb.LeavePoolResponse()
 
-    # Measured rollouts (`rollouts` has the rule)
+    # Measured rollouts (`rollout_domain` has the rule)
 
     async def StartRollout(self, request: pb.StartRolloutRequest, context: Any) -> pb.StartRolloutResponse:
         access.require_write()
