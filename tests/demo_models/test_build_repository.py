@@ -53,7 +53,7 @@ def test_every_onnx_model_has_config_and_the_generic_model_py(repository: Path) 
          {"OUTPUT0": ("TYPE_INT32", [16]), "OUTPUT1": ("TYPE_INT32", [16])}),
         ("simple_string", 8, {"INPUT0": ("TYPE_STRING", [16]), "INPUT1": ("TYPE_STRING", [16])},
          {"OUTPUT0": ("TYPE_STRING", [16]), "OUTPUT1": ("TYPE_STRING", [16])}),
-        ("digits", 256, {"input": ("TYPE_FP32", [64])},
+        ("digits", 1024, {"input": ("TYPE_FP32", [64])},
          {"label": ("TYPE_INT64", [1]), "probabilities": ("TYPE_FP32", [10])}),
         ("iris", 64, {"input": ("TYPE_FP32", [4])},
          {"label": ("TYPE_INT64", [1]), "probabilities": ("TYPE_FP32", [3])}),

@@ -111,7 +111,7 @@ def test_concurrent_requests_each_get_their_own_rows(client: grpcclient.Inferenc
     ("model", "inputs"),
     [
         ("digits", {"input": np.zeros((2, 63), dtype=np.float32)}),
-        ("digits", {"input": np.zeros((257, 64), dtype=np.float32)}),
+        ("digits", {"input": np.zeros((1025, 64), dtype=np.float32)}),
         ("iris", {"input": np.zeros((2, 4), dtype=np.float64)}),
         (
             "simple",

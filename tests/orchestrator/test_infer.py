@@ -145,7 +145,7 @@ async def test_model_metadata_leaves_out_the_batch_dimension(stub: pb_grpc.Infer
     assert metadata.name == "digits"
     assert list(metadata.versions) == ["1"]
     assert metadata.platform == "python"
-    assert metadata.max_batch_size == 256
+    assert metadata.max_batch_size == 1024
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("input", "FP32", [64])]
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
         ("label", "INT64", [1]),

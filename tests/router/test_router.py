@@ -138,7 +138,7 @@ async def test_infer_raw_and_typed_and_metadata(mesh: MeshFactory, connect: Any)
     assert len(outputs["probabilities"].contents.fp32_contents) == 3
 
     metadata = await stub.GetModelMetadata(pb.GetModelMetadataRequest(model_name="digits"))
-    assert (metadata.name, list(metadata.versions), metadata.max_batch_size) == ("digits", ["1"], 256)
+    assert (metadata.name, list(metadata.versions), metadata.max_batch_size) == ("digits", ["1"], 1024)
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("input", "FP32", [64])]
 
 
