@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from tensorway.batch.domain import NpyLayout
-from tensorway.batch.inputs import InputError, coalesce, decode_jsonl, npy_batches, plan_jsonl, plan_npy
+from tensorway.batch.inputs import (
+    InputError,
+    _columnar_jsonl,
+    coalesce,
+    decode_jsonl,
+    jsonl_batches,
+    npy_batches,
+    plan_jsonl,
+    plan_npy,
+)
 from tensorway.batch.shard_messages import parse_task, text_headers
 from tensorway.batch.v1.shard_task_pb2 import ShardTask
 from tensorway.tensors.signatures import ModelSignature, TensorSpec
@@ -91,6 +100,70 @@ def test_jsonl_rows_decode_or_fail_alone() -> None:
     assert "unknown input 'z'" in errors[1].reason
     assert "expected an object" in errors[2].reason
     assert "not valid JSON" in errors[3].reason
+
+
+MIXED = ModelSignature(
+    name="m",
+    inputs=(TensorSpec("x", "INT32", (-1,)), TensorSpec("y", "FP32", (2, 2)), TensorSpec("z", "BOOL", ())),
+    outputs=(TensorSpec("y", "INT64", (1,)),),
+    max_batch_size=2,
+)
+
+
+def jsonl_lines(*rows: object) -> bytes:
+    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+
+
+def row_by_row(data: bytes, signature: ModelSignature, batch_size: int) -> tuple[list, list]:
+    good, errors = decode_jsonl(data, 100, signature)
+    return coalesce(good, batch_size), errors
+
+
+@pytest.mark.parametrize(
+    ("data", "signature", "columnar"),
+    [
+        # Well-formed shards: read by columns, ints or floats, nested or flat, with or without ids.
+        (jsonl_lines(*({"id": i, "inputs": {"x": [i, 2.5, 3]}} for i in range(5))), SIGNATURE, True),
+        (b'{"inputs":{"x":[[1,2,3]]},"note":1}\n\n  \n{"inputs":{"x":[[4,5,6]]}}', SIGNATURE, True),
+        (
+            jsonl_lines(
+                *(
+                    {"id": str(i), "inputs": {"z": i % 2 == 0, "y": [i, 1, 2, 3], "x": [i, i]}}
+                    for i in range(3)
+                )
+            ),
+            MIXED,
+            True,
+        ),
+        # Anything else goes row by row: bad rows, ragged or wrong-kind values, ids that could
+        # read back differently, a missing or unknown input.
+        (
+            jsonl_lines({"id": 1, "inputs": {"x": [1, 2, 3]}}, {"id": 2, "inputs": {"x": [1, 2]}}),
+            SIGNATURE,
+            False,
+        ),
+        (jsonl_lines({"id": 1.0, "inputs": {"x": [1, 2, 3]}}), SIGNATURE, False),
+        (jsonl_lines({"id": {"a": 1}, "inputs": {"x": [1, 2, 3]}}), SIGNATURE, False),
+        (jsonl_lines({"id": 1, "inputs": {"x": ["a", "b", "c"]}}), SIGNATURE, False),
+        (jsonl_lines({"id": 1, "inputs": {"x": [1, None, 3]}}), SIGNATURE, False),
+        (jsonl_lines({"inputs": {"x": [1, 2, 3]}}, {"id": 2, "inputs": {"x": [1, 2, 3]}}), SIGNATURE, False),
+        (jsonl_lines({"inputs": {"x": [1, 2, 3], "w": [1]}}), SIGNATURE, False),
+        (jsonl_lines({"inputs": {"x": [1.5, 2], "y": [1, 2, 3, 4], "z": True}}), MIXED, False),
+        (b'{"inputs":{"x":[1,2,3]}}\n{oops\n', SIGNATURE, False),
+    ],
+)
+def test_jsonl_shards_read_by_columns_give_what_rows_give(
+    data: bytes, signature: ModelSignature, columnar: bool
+) -> None:
+    assert (_columnar_jsonl(data, 100, signature) is not None) == columnar
+    batches, errors = jsonl_batches(data, 100, signature, 2)
+    expected_batches, expected_errors = row_by_row(data, signature, 2)
+    assert errors == expected_errors
+    assert [(b.rows, list(b.ids)) for b in batches] == [(b.rows, list(b.ids)) for b in expected_batches]
+    for batch, expected in zip(batches, expected_batches, strict=True):
+        for name, array in expected.inputs.items():
+            assert batch.inputs[name].dtype == array.dtype
+            np.testing.assert_array_equal(batch.inputs[name], array)
 
 
 def test_coalescing_keeps_order_and_never_mixes_shapes() -> None:

@@ -18,9 +18,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 from tensorway.batch.domain import InputPlan, NpyLayout, RowError, ShardPlan
 from tensorway.batch.tensors import ACCEPTED_KINDS, numpy_dtype
+from tensorway.tensors.layouts import BYTES
 from tensorway.tensors.signatures import ModelSignature, TensorSpec
 
 # Enough for any .npy header NumPy writes (it pads headers to 64 bytes; large shapes stay small).
@@ -237,6 +241,103 @@ def coalesce(rows: list[tuple[int, Any, dict[str, npt.NDArray[Any]]]], batch_siz
         pending.append(item)
     flush()
     return batches
+
+
+def jsonl_batches(
+    data: bytes, row_start: int, signature: ModelSignature, batch_size: int
+) -> tuple[list[Batch], list[RowError]]:
+    """A shard's JSONL bytes → batches of up to `batch_size` rows, and an error for each bad row.
+
+    A shard whose rows are all well formed is read by Arrow's JSON parser straight into arrays,
+    with no Python object per row or value (and without the GIL); any other is read row by row,
+    which says which rows are at fault and why."""
+    columns = _columnar_jsonl(data, row_start, signature)
+    if columns is None:
+        rows, errors = decode_jsonl(data, row_start, signature)
+        return coalesce(rows, batch_size), errors
+    ids, inputs = columns
+    return [
+        Batch(
+            rows=list(range(row_start + start, row_start + min(start + batch_size, len(ids)))),
+            ids=ids[start : start + batch_size],
+            inputs={name: array[start : start + batch_size] for name, array in inputs.items()},
+        )
+        for start in range(0, len(ids), batch_size)
+    ], []
+
+
+def _columnar_jsonl(
+    data: bytes, row_start: int, signature: ModelSignature
+) -> tuple[list[Any], dict[str, npt.NDArray[Any]]] | None:
+    """(ids, an array per input) of a shard whose every row `decode_jsonl` would take as it is,
+    read column by column; None for a shard it might not, so that it decides."""
+    wanted = {spec.name: spec for spec in signature.inputs}
+    if any(spec.datatype == BYTES for spec in wanted.values()):
+        return None
+    try:
+        table = pa_json.read_json(pa.py_buffer(data))
+    except (pa.ArrowException, ValueError):
+        return None
+    lines = sum(1 for line in data.split(b"\n") if line.strip())
+    if table.num_rows == 0 or table.num_rows != lines or "inputs" not in table.column_names:
+        return None
+    given = table.column("inputs").combine_chunks()
+    if (
+        not pa.types.is_struct(given.type)
+        or given.null_count
+        or sorted(f.name for f in given.type) != sorted(wanted)
+    ):
+        return None
+    # Ids of other kinds could read back differently (1.0 as a double would become 1.0 where the
+    # row said 1; objects gain the keys of other rows' objects): those shards go row by row.
+    if "id" in table.column_names:
+        id_column = table.column("id")
+        if id_column.null_count or not (
+            pa.types.is_int64(id_column.type) or pa.types.is_string(id_column.type)
+        ):
+            return None
+        ids: list[Any] = id_column.to_pylist()
+    else:
+        ids = list(range(row_start, row_start + table.num_rows))
+    inputs: dict[str, npt.NDArray[Any]] = {}
+    for name, spec in wanted.items():
+        array = _column_values(given.field(name), spec)
+        if array is None:
+            return None
+        inputs[name] = array
+    return ids, inputs
+
+
+def _column_values(column: pa.Array, spec: TensorSpec) -> npt.NDArray[Any] | None:
+    """An input's column as one array of its dtype, [rows, *shape]; None unless every row holds
+    numbers of a kind the input takes, in nested lists of one shape that fits it."""
+    rows = len(column)
+    dims: list[int] = []
+    values = column
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        if values.null_count:
+            return None
+        lengths = pc.list_value_length(values).to_numpy()
+        if len(lengths) and (lengths != lengths[0]).any():
+            return None  # ragged: row by row, each row's shape is its own
+        dims.append(int(lengths[0]) if len(lengths) else 0)
+        values = values.flatten()
+    kind = values.type
+    if values.null_count or not (
+        pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+    ):
+        return None
+    flat: npt.NDArray[Any] = values.to_numpy(zero_copy_only=False)
+    target = numpy_dtype(spec.datatype)
+    if flat.dtype.kind not in ACCEPTED_KINDS[target.kind]:
+        return None
+    shape = tuple(dims)
+    if not _shape_matches(shape, spec.shape):
+        # A flat list is accepted for a fixed shape of the same size.
+        if not (all(d >= 0 for d in spec.shape) and math.prod(shape) == math.prod(spec.shape)):
+            return None
+        shape = tuple(spec.shape)
+    return flat.astype(target, copy=False).reshape(rows, *shape)
 
 
 def npy_batches(

@@ -172,7 +172,8 @@ class ResultWriter:
             data = await asyncio.to_thread(encode)
             result = StoredObject(ref.uri, shard.row_count, await self._objects.write(ref, data, PARQUET))
         else:
-            data = jsonl_part(answers)
+            # In a thread, so that the event loop keeps other shards' requests going meanwhile.
+            data = await asyncio.to_thread(jsonl_part, answers)
             result = StoredObject(ref.uri, answers.rows_done, await self._objects.write(ref, data, JSONL))
         failed: StoredObject | None = None
         if errors:

@@ -40,7 +40,7 @@ from tensorway.batch.domain import (
     shard_request_id,
 )
 from tensorway.batch.inference import GrpcInferenceClient, InferenceClient, infer_with_retries
-from tensorway.batch.inputs import Batch, InputError, coalesce, decode_jsonl, npy_batches
+from tensorway.batch.inputs import Batch, InputError, jsonl_batches, npy_batches
 from tensorway.batch.job_store import JobStore
 from tensorway.batch.object_store import ObjectStore, StorageError
 from tensorway.batch.outbox import ensure_topic
@@ -108,6 +108,10 @@ class JobCannotRun(Exception):
     """A problem no retry can fix (unknown model, input that does not fit it): the job fails."""
 
 
+class LeaseLost(Exception):
+    """The shard's lease ran out and could not be renewed: another worker may have it now."""
+
+
 @dataclass(frozen=True)
 class Answers:
     """A shard's outcome before it is written, and the model outputs the part has columns for."""
@@ -163,19 +167,7 @@ class ShardRunner:
         )
         token = current.set(acting)
         try:
-            work = asyncio.create_task(self._answer(lease))
-        finally:
-            current.reset(token)
-        lost = asyncio.Event()
-        keeper = asyncio.create_task(self._keep_lease(lease, work, lost))
-        try:
-            answers = await work
-        except asyncio.CancelledError:
-            if not lost.is_set():
-                raise
-            logger.info("shard lease lost; dropping the attempt", extra={"job": job_id, "shard": shard})
-            metrics.SHARDS.labels("failed").inc()
-            return
+            answers = await self._answer_while_leased(lease)
         except JobCannotRun as exc:
             logger.info("job cannot run", extra={"job": job_id, "reason": str(exc)})
             await self._store.fail_job(job_id, str(exc))
@@ -187,12 +179,37 @@ class ShardRunner:
             metrics.SHARDS.labels("failed").inc()
             return
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            current.reset(token)
+        if answers is None:
+            logger.info("shard lease lost; dropping the attempt", extra={"job": job_id, "shard": shard})
+            metrics.SHARDS.labels("failed").inc()
+            return
         await self._finish(lease, answers, leased_at)
 
-    async def _keep_lease(self, lease: ShardLease, work: asyncio.Task[Answers], lost: asyncio.Event) -> None:
+    async def _answer_while_leased(self, lease: ShardLease) -> Answers | None:
+        """The shard's answers, its lease renewed meanwhile; None when the lease was lost, which
+        stops the work at once."""
+        answers: Answers | None = None
+        failure: Exception | None = None
+        lost = False
+        try:
+            async with asyncio.TaskGroup() as group:
+                keeper = group.create_task(self._keep_lease(lease))
+                try:
+                    answers = await self._answer(lease)
+                except Exception as exc:
+                    # Raised as it is once the keeper has stopped, not inside the group's
+                    # ExceptionGroup: the caller tells a job that cannot run from a failed try.
+                    failure = exc
+                keeper.cancel()
+        except* LeaseLost:
+            lost = True
+        if failure is not None:
+            raise failure
+        return None if lost else answers
+
+    async def _keep_lease(self, lease: ShardLease) -> None:
+        """Renews the lease until cancelled; LeaseLost when it is no longer this worker's."""
         interval = self._settings.lease_timeout.total_seconds() / 3
         while True:
             await asyncio.sleep(interval)
@@ -202,9 +219,7 @@ class ShardRunner:
                 logger.warning("lease renewal failed; trying again", exc_info=True)
                 continue
             if not still_ours:
-                lost.set()
-                work.cancel()
-                return
+                raise LeaseLost(f"shard {lease.shard.index} of {lease.job.name}")
 
     async def _finish(self, lease: ShardLease, answers: Answers, leased_at: float) -> None:
         job, index = lease.job, lease.shard.index
@@ -303,8 +318,11 @@ class ShardRunner:
                 if lease.npy is not None:
                     batches = npy_batches(data, shard.row_start, lease.npy, signature, size)
                 else:
-                    rows, errors = decode_jsonl(data, shard.row_start, signature)
-                    batches = coalesce(rows, size)
+                    # Parsing a shard's JSON is the worker's largest cost: in a thread, Arrow's
+                    # parser leaves the event loop free to keep other shards' requests in flight.
+                    batches, errors = await asyncio.to_thread(
+                        jsonl_batches, data, shard.row_start, signature, size
+                    )
         except InputError as exc:
             raise JobCannotRun(f"the input {spec.input_uri} {exc}") from exc
         answered = await asyncio.gather(*(self._infer(lease, signature, b, i) for i, b in enumerate(batches)))
