@@ -9,16 +9,14 @@ import hashlib
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 from urllib.parse import urlsplit
 
 import grpc
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
@@ -26,20 +24,16 @@ from rich.table import Table
 from tensorway.batch.domain import job_id_of, job_name
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
-from tensorway.cli.connection import connect
+from tensorway.cli.connection import Target
 from tensorway.cli.errors import ExitCode, fail
-from tensorway.cli.output import OutputFormat, OutputOption, emit, key_column, print_table
+from tensorway.cli.output import STDERR, STDOUT, OutputFormat, OutputOption, emit, key_column, print_table
 from tensorway.runtime.context import DEFAULT_TENANT, Scope, identity_metadata
-
-T = TypeVar("T")
 
 batch_app = typer.Typer(
     name="batch",
     help="Run batch inference jobs over files in object storage.",
     no_args_is_help=True,
 )
-_out = Console()
-_err = Console(stderr=True)
 CALL_TIMEOUT_SECONDS = 30.0
 # Per socket operation, not for the whole upload: a large file takes as long as it takes.
 UPLOAD_TIMEOUT_SECONDS = 60.0
@@ -48,13 +42,8 @@ FORMATS = {"jsonl": pb.INPUT_FORMAT_JSONL, "npy": pb.INPUT_FORMAT_NPY, "parquet"
 OUTPUT_FORMATS = {"jsonl": pb.OUTPUT_FORMAT_JSONL, "parquet": pb.OUTPUT_FORMAT_PARQUET}
 
 
-@dataclass
-class _Target:
-    api: str = ""
-    tenant: str = ""
-
-
-_target = _Target()
+JobArgument = Annotated[str, typer.Argument(help="jobs/ID or ID.")]
+_target = Target("batch", "--api", "TENSORWAY_BATCH_ADDRESS", CALL_TIMEOUT_SECONDS)
 
 
 @batch_app.callback()
@@ -62,10 +51,8 @@ def batch(
     *,
     api: Annotated[
         str,
-        typer.Option(
-            "--api",
-            envvar="TENSORWAY_BATCH_ADDRESS",
-            help="Inside the network: the batch API's gRPC address, instead of the context's Envoy.",
+        _target.address_option(
+            "Inside the network: the batch API's gRPC address, instead of the context's Envoy."
         ),
     ] = "",
     tenant: Annotated[
@@ -78,28 +65,24 @@ def batch(
     ] = "",
 ) -> None:
     """Run batch inference jobs over files in object storage."""
-    _target.api, _target.tenant = api, tenant
+    _target.address, _target.tenant = api, tenant
 
 
 @contextmanager
 def _stub() -> Iterator[pb_grpc.BatchServiceStub]:
     # At an internal address the command asserts the identity Envoy would set from a token.
-    identity = identity_metadata(_target.tenant or DEFAULT_TENANT, (Scope.BATCH,))
-    connection = connect(
-        "batch", _target.api, option="--api", env_var="TENSORWAY_BATCH_ADDRESS", internal_identity=identity
-    )
+    connection = _target.connect(identity_metadata(_target.tenant or DEFAULT_TENANT, (Scope.BATCH,)))
     if connection.through_envoy and _target.tenant:
-        _err.print(f"--tenant {escape(_target.tenant)} is ignored: through Envoy the token says the tenant")
+        STDERR.print(f"--tenant {escape(_target.tenant)} is ignored: through Envoy the token says the tenant")
     with connection.channel() as channel:
         yield pb_grpc.BatchServiceStub(channel)
 
 
-def _call(method: Callable[..., T], request: object) -> T:
-    """One call; a failure is printed with its status details and exits with its code's exit code."""
-    try:
-        return method(request, timeout=CALL_TIMEOUT_SECONDS)
-    except grpc.RpcError as error:
-        raise fail(error) from None
+def _on_job(rpc: str, job: str) -> pb.Job:
+    """The job after `rpc` (GetJob, CancelJob: an RPC that takes a job's name and answers it)."""
+    with _stub() as stub:
+        answered: pb.Job = _target.call(getattr(stub, rpc), getattr(pb, f"{rpc}Request")(name=_name(job))).job
+    return answered
 
 
 def _name(job: str) -> str:
@@ -114,9 +97,11 @@ def _upload(stub: pb_grpc.BatchServiceStub, path: Path) -> str:
     """Upload a local file through a presigned URL the API hands out (no storage keys needed
     here); returns the s3:// URI a job takes as its input."""
     size = path.stat().st_size
-    upload = _call(stub.CreateUpload, pb.CreateUploadRequest(file_name=path.name, size_bytes=size))
+    upload = _target.call(stub.CreateUpload, pb.CreateUploadRequest(file_name=path.name, size_bytes=size))
     if urlsplit(upload.upload_url).scheme not in ("http", "https"):
-        _err.print(f"[red]the API gave an upload URL that is not http(s): {escape(upload.upload_url)}[/red]")
+        STDERR.print(
+            f"[red]the API gave an upload URL that is not http(s): {escape(upload.upload_url)}[/red]"
+        )
         raise typer.Exit(ExitCode.FAILED)
     with path.open("rb") as body:
         request = urllib.request.Request(  # noqa: S310  # nosec B310: http(s), checked above
@@ -126,7 +111,7 @@ def _upload(stub: pb_grpc.BatchServiceStub, path: Path) -> str:
             with urllib.request.urlopen(request, timeout=UPLOAD_TIMEOUT_SECONDS):  # noqa: S310  # nosec B310
                 pass
         except urllib.error.HTTPError as error:
-            _err.print(f"[red]upload of {escape(path.name)} refused: HTTP {error.code}[/red]")
+            STDERR.print(f"[red]upload of {escape(path.name)} refused: HTTP {error.code}[/red]")
             raise typer.Exit(ExitCode.FAILED) from None
     return upload.input_uri
 
@@ -153,7 +138,7 @@ def _print_job(job: pb.Job) -> None:
         rows.append(("errors", job.errors.presigned_url))
     for key, value in rows:
         table.add_row(f"[bold]{key}[/bold]", escape(value))
-    print_table(_out, table)
+    print_table(STDOUT, table)
 
 
 def eta_text(job: pb.Job) -> str:
@@ -183,7 +168,7 @@ def _watch(stub: pb_grpc.BatchServiceStub, name: str) -> pb.Job:
         TextColumn("{task.fields[eta]}"),
     )
     job = pb.Job()
-    with Progress(*columns, console=_err, transient=False) as bar:
+    with Progress(*columns, console=STDERR, transient=False) as bar:
         task = bar.add_task("QUEUED", total=None, rate=0.0, eta=eta_text(job))
         try:
             for response in stub.WatchJob(pb.WatchJobRequest(name=name)):
@@ -258,7 +243,7 @@ def submit(
             input_uri = source
         else:
             input_uri = _upload(stub, path)
-            _err.print(f"uploaded {escape(source)} to {escape(input_uri)}")
+            STDERR.print(f"uploaded {escape(source)} to {escape(input_uri)}")
         job = pb.Job(
             model=model,
             model_version=version,
@@ -270,14 +255,14 @@ def submit(
             shard_size=shard_size,
             priority=priority,
         )
-        created = _call(stub.CreateJob, pb.CreateJobRequest(job=job, request_id=uuid.uuid4().hex)).job
+        created = _target.call(stub.CreateJob, pb.CreateJobRequest(job=job, request_id=uuid.uuid4().hex)).job
         if not wait:
-            emit(output, created, lambda: _out.print(created.name))
+            emit(output, created, lambda: STDOUT.print(created.name))
             return
         if output is OutputFormat.TABLE:
-            _out.print(created.name)
+            STDOUT.print(created.name)
         else:
-            _err.print(created.name)
+            STDERR.print(created.name)
         final = _watch(stub, created.name)
     _emit_job(final, output)
     if final.state != pb.JOB_STATE_SUCCEEDED:
@@ -285,12 +270,9 @@ def submit(
 
 
 @batch_app.command()
-def status(
-    job: Annotated[str, typer.Argument(help="jobs/ID or ID.")], output: OutputOption = OutputFormat.TABLE
-) -> None:
+def status(job: JobArgument, output: OutputOption = OutputFormat.TABLE) -> None:
     """Show a job: state, progress and, when it has ended, its result URLs."""
-    with _stub() as stub:
-        _emit_job(_call(stub.GetJob, pb.GetJobRequest(name=_name(job))).job, output)
+    _emit_job(_on_job("GetJob", job), output)
 
 
 @batch_app.command("list")
@@ -303,7 +285,7 @@ def list_jobs(
     """The tenant's jobs, newest first."""
     with _stub() as stub:
         request = pb.ListJobsRequest(filter=filter_text, page_size=page_size, page_token=after)
-        page = _call(stub.ListJobs, request)
+        page = _target.call(stub.ListJobs, request)
 
     def table() -> None:
         # Job names are what the other commands take: never cut, so they can be copied whole.
@@ -316,20 +298,17 @@ def list_jobs(
             counts = (str(p.rows_done), str(p.rows_failed), str(p.rows_total))
             cells = (j.name, _state(j), j.model, *counts, created)
             rows.add_row(*(escape(c) for c in cells))
-        print_table(_out, rows)
+        print_table(STDOUT, rows)
         if page.next_page_token:
-            _err.print(f"more: --page-token {page.next_page_token}")
+            STDERR.print(f"more: --page-token {page.next_page_token}")
 
     emit(output, page, table)
 
 
 @batch_app.command()
-def cancel(
-    job: Annotated[str, typer.Argument(help="jobs/ID or ID.")], output: OutputOption = OutputFormat.TABLE
-) -> None:
+def cancel(job: JobArgument, output: OutputOption = OutputFormat.TABLE) -> None:
     """Cancel a job: shards not yet finished are dropped."""
-    with _stub() as stub:
-        _emit_job(_call(stub.CancelJob, pb.CancelJobRequest(name=_name(job))).job, output)
+    _emit_job(_on_job("CancelJob", job), output)
 
 
 def _fetch(url: str, target: Path, sha256: str) -> None:
@@ -337,14 +316,14 @@ def _fetch(url: str, target: Path, sha256: str) -> None:
     with urllib.request.urlopen(url, timeout=CALL_TIMEOUT_SECONDS) as response:  # noqa: S310  # nosec B310
         data = response.read()
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        _err.print(f"[red]{escape(target.name)}: checksum mismatch[/red]")
+        STDERR.print(f"[red]{escape(target.name)}: checksum mismatch[/red]")
         raise typer.Exit(ExitCode.FAILED)
     target.write_bytes(data)
 
 
 @batch_app.command()
 def download(
-    job: Annotated[str, typer.Argument(help="jobs/ID or ID.")],
+    job: JobArgument,
     directory: Annotated[Path, typer.Argument(help="Where the parts, errors and manifest go.")],
     output: OutputOption = OutputFormat.TABLE,
 ) -> None:
@@ -353,9 +332,9 @@ def download(
     Prints each file's path; as JSON, {"job": NAME, "files": [PATH, ...]}.
     """
     with _stub() as stub:
-        found = _call(stub.GetJob, pb.GetJobRequest(name=_name(job))).job
+        found = _target.call(stub.GetJob, pb.GetJobRequest(name=_name(job))).job
     if found.state in ACTIVE:
-        _err.print(f"{found.name} is {_state(found)}; results are ready when it ends")
+        STDERR.print(f"{found.name} is {_state(found)}; results are ready when it ends")
         raise typer.Exit(ExitCode.CLIENT_ERROR)
     directory.mkdir(parents=True, exist_ok=True)
     objects = [*found.results]

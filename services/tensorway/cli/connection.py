@@ -8,19 +8,22 @@ with no context configured, the internal address of the local stack running in t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
+import typer
 from rich.markup import escape
 
 from tensorway.cli.contexts import active_context
-from tensorway.cli.errors import usage_error
+from tensorway.cli.errors import call, usage_error
 from tensorway.devstack import status
 from tensorway.runtime.interceptors import sending_metadata
 
 AUTHORIZATION_HEADER = "authorization"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,38 @@ class Connection:
             raw = grpc.secure_channel(self.address, self.credentials)
         with raw:
             yield sending_metadata(raw, self.metadata)
+
+
+@dataclass
+class Target:
+    """The service a command group calls: the option (and environment variable) that gives its
+    internal address, and the address given, if any."""
+
+    service: str
+    option: str
+    env_var: str
+    timeout: float
+    """How long each of the group's calls may take, in seconds."""
+    address: str = ""
+    tenant: str = ""
+    """Where the group takes one: the tenant an internal caller acts as."""
+
+    def address_option(self, description: str) -> Any:
+        """The typer option that sets `address`, for the group's callback."""
+        return typer.Option(self.option, envvar=self.env_var, help=description)
+
+    def call(self, method: Callable[..., T], request: object) -> T:
+        """One of the group's calls; a failure exits as `errors.call` says."""
+        return call(method, request, self.timeout)
+
+    def connect(self, internal_identity: Sequence[tuple[str, str]] = ()) -> Connection:
+        return connect(
+            self.service,
+            self.address,
+            option=self.option,
+            env_var=self.env_var,
+            internal_identity=internal_identity,
+        )
 
 
 def connect(

@@ -16,8 +16,8 @@ Exit codes:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import typer
@@ -25,6 +25,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rich.console import Console
 from rich.markup import escape
+
+T = TypeVar("T")
 
 
 class ExitCode(enum.IntEnum):
@@ -111,6 +113,15 @@ def fail(error: grpc.RpcError) -> typer.Exit:
     """Report a failed call; the exit to raise, with the code its status calls for."""
     report(error)
     return typer.Exit(exit_code(status_code(error)))
+
+
+def call(method: Callable[..., T], request: object, timeout: float) -> T:
+    """One unary call; a failure is reported (its status details, RetryInfo's delay among them)
+    and exits with the code its status calls for. Every command group's calls go through here."""
+    try:
+        return method(request, timeout=timeout)
+    except grpc.RpcError as error:
+        raise fail(error) from None
 
 
 def usage_error(message: str) -> typer.Exit:

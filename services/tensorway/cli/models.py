@@ -9,35 +9,39 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import grpc
 import typer
 from google.protobuf import duration_pb2, field_mask_pb2
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tensorway.cli.connection import connect
+from tensorway.cli.connection import Target
 from tensorway.cli.errors import ExitCode, fail
-from tensorway.cli.output import OutputFormat, OutputOption, emit, key_column, message_data, print_table
+from tensorway.cli.output import (
+    STDERR,
+    STDOUT,
+    OutputFormat,
+    OutputOption,
+    emit,
+    key_column,
+    message_data,
+    print_table,
+)
 from tensorway.common.v1 import tensor_pb2
 from tensorway.registry.access import OPERATOR_TENANT, admin_metadata
 from tensorway.registry.v1 import registry_service_pb2 as pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as pb_grpc
-
-T = TypeVar("T")
 
 models_app = typer.Typer(
     name="models",
     help="Register models and versions, deploy them to pools and split their traffic.",
     no_args_is_help=True,
 )
-_out = Console()
-_err = Console(stderr=True)
 
 STAGES = {name.removeprefix("STAGE_").lower(): value for name, value in pb.Stage.items() if value}
 # `promote` without --to moves a version one step along its usual path.
@@ -45,22 +49,16 @@ NEXT_STAGE = {pb.STAGE_DRAFT: pb.STAGE_STAGING, pb.STAGE_STAGING: pb.STAGE_PRODU
 CALL_TIMEOUT_SECONDS = 10.0
 
 
-class _Registry:
-    address: str = ""
-
-
-_registry = _Registry()
+_registry = Target("registry", "--registry", "TENSORWAY_REGISTRY_ADDRESS", CALL_TIMEOUT_SECONDS)
 
 
 @models_app.callback()
 def models(
     registry: Annotated[
         str,
-        typer.Option(
-            "--registry",
-            envvar="TENSORWAY_REGISTRY_ADDRESS",
-            help="Inside the network: the registry's gRPC address, host:port, called as an operator"
-            " instead of through the context's Envoy.",
+        _registry.address_option(
+            "Inside the network: the registry's gRPC address, host:port, called as an operator"
+            " instead of through the context's Envoy."
         ),
     ] = "",
 ) -> None:
@@ -70,23 +68,8 @@ def models(
 
 @contextmanager
 def _stub() -> Iterator[pb_grpc.RegistryServiceStub]:
-    connection = connect(
-        "registry",
-        _registry.address,
-        option="--registry",
-        env_var="TENSORWAY_REGISTRY_ADDRESS",
-        internal_identity=admin_metadata(OPERATOR_TENANT),
-    )
-    with connection.channel() as channel:
+    with _registry.connect(admin_metadata(OPERATOR_TENANT)).channel() as channel:
         yield pb_grpc.RegistryServiceStub(channel)
-
-
-def _call(method: Callable[..., T], request: object) -> T:
-    """One call; a failure is printed with its status details and exits with its code's exit code."""
-    try:
-        return method(request, timeout=CALL_TIMEOUT_SECONDS)
-    except grpc.RpcError as error:
-        raise fail(error) from None
 
 
 def _is_not_found(error: grpc.RpcError) -> bool:
@@ -283,12 +266,12 @@ def register_command(
             if not _is_not_found(error):
                 raise fail(error) from None
             new = pb.Model(name=name, description=description, labels=_parse_pairs(labels or [], "--label"))
-            _call(stub.CreateModel, pb.CreateModelRequest(model=new))
-        created = _call(
+            _registry.call(stub.CreateModel, pb.CreateModelRequest(model=new))
+        created = _registry.call(
             stub.CreateModelVersion,
             pb.CreateModelVersionRequest(parent=name, model_version_id=version, model_version=body),
         ).model_version
-    emit(output, created, lambda: print_table(_out, _version_table([created])))
+    emit(output, created, lambda: print_table(STDOUT, _version_table([created])))
 
 
 @models_app.command("list")
@@ -304,7 +287,7 @@ def list_command(
     with _stub() as stub:
         request = pb.ListModelsRequest(filter=filter_text, page_size=200)
         while True:
-            page = _call(stub.ListModels, request)
+            page = _registry.call(stub.ListModels, request)
             listed.models.extend(page.models)
             if not page.next_page_token:
                 break
@@ -316,7 +299,7 @@ def list_command(
             labels = ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items()))
             updated = m.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
             _add_row(rows, m.name.removeprefix("models/"), m.description, labels, updated)
-        print_table(_out, rows)
+        print_table(STDOUT, rows)
 
     emit(output, listed, table)
 
@@ -332,14 +315,14 @@ def show_command(
     """
     name = f"models/{model}"
     with _stub() as stub:
-        found = _call(stub.GetModel, pb.GetModelRequest(name=name)).model
-        versions = _call(
+        found = _registry.call(stub.GetModel, pb.GetModelRequest(name=name)).model
+        versions = _registry.call(
             stub.ListModelVersions, pb.ListModelVersionsRequest(parent=name, page_size=1000)
         ).model_versions
-        deployments = _call(
+        deployments = _registry.call(
             stub.ListDeployments, pb.ListDeploymentsRequest(parent=name, page_size=1000)
         ).deployments
-        rollouts = _call(
+        rollouts = _registry.call(
             stub.ListRollouts, pb.ListRolloutsRequest(parent=name, page_size=ROLLOUTS_SHOWN)
         ).rollouts
         try:
@@ -360,13 +343,13 @@ def show_command(
 
     def table() -> None:
         labels = ", ".join(f"{k}={v}" for k, v in sorted(found.labels.items()))
-        _out.print(f"[bold]{escape(model)}[/bold]  {escape(found.description)}  {escape(labels)}")
-        print_table(_out, _version_table(versions))
-        print_table(_out, _deployment_table(deployments))
+        STDOUT.print(f"[bold]{escape(model)}[/bold]  {escape(found.description)}  {escape(labels)}")
+        print_table(STDOUT, _version_table(versions))
+        print_table(STDOUT, _deployment_table(deployments))
         if rollouts:
-            _out.print(_rollout_line(rollouts[0]))
+            STDOUT.print(_rollout_line(rollouts[0]))
         if resolved is None:
-            _out.print("not deployed: no route")
+            STDOUT.print("not deployed: no route")
             return
         route = Table(
             key_column("routed version"), "weight", "state", key_column("pool"), key_column("endpoints"),
@@ -377,7 +360,7 @@ def show_command(
                 route, v.version, str(v.weight), _state(v.state), v.pool.removeprefix("pools/"),
                 ", ".join(v.endpoints),
             )  # fmt: skip
-        print_table(_out, route)
+        print_table(STDOUT, route)
 
     emit(output, document, table)
 
@@ -410,7 +393,7 @@ def deploy_command(
             except grpc.RpcError as error:
                 if not _is_not_found(error):
                     raise fail(error) from None
-                _call(
+                _registry.call(
                     stub.CreatePool,
                     pb.CreatePoolRequest(pool=pb.Pool(name=f"pools/{pool}", endpoints=endpoints)),
                 )
@@ -419,21 +402,21 @@ def deploy_command(
         except grpc.RpcError as error:
             if not _is_not_found(error):
                 raise fail(error) from None
-            saved = _call(
+            saved = _registry.call(
                 stub.CreateDeployment,
                 pb.CreateDeploymentRequest(
                     parent=f"models/{model}", deployment_id=deployment, deployment=body
                 ),
             ).deployment
         else:
-            saved = _call(
+            saved = _registry.call(
                 stub.UpdateDeployment,
                 pb.UpdateDeploymentRequest(
                     deployment=body,
                     update_mask=field_mask_pb2.FieldMask(paths=["pool", "traffic", "aliases"]),
                 ),
             ).deployment
-    emit(output, saved, lambda: print_table(_out, _deployment_table([saved])))
+    emit(output, saved, lambda: print_table(STDOUT, _deployment_table([saved])))
 
 
 @models_app.command("promote")
@@ -452,23 +435,23 @@ def promote_command(
     name = f"models/{model}/versions/{version}"
     with _stub() as stub:
         if to is None:
-            current = _call(stub.GetModelVersion, pb.GetModelVersionRequest(name=name)).model_version
+            current = _registry.call(stub.GetModelVersion, pb.GetModelVersionRequest(name=name)).model_version
             if current.stage not in NEXT_STAGE:
-                _err.print(f"{escape(name)} is {_stage(current.stage)}; say where with --to")
+                STDERR.print(f"{escape(name)} is {_stage(current.stage)}; say where with --to")
                 raise typer.Exit(ExitCode.CLIENT_ERROR)
             target = NEXT_STAGE[current.stage]
         elif to.lower() in STAGES:
             target = STAGES[to.lower()]
         else:
             raise typer.BadParameter(f"{to!r}: one of {', '.join(STAGES)}", param_hint="--to")
-        moved = _call(
+        moved = _registry.call(
             stub.TransitionModelVersionStage, pb.TransitionModelVersionStageRequest(name=name, stage=target)
         )
 
     def table() -> None:
-        print_table(_out, _version_table([moved.model_version]))
+        print_table(STDOUT, _version_table([moved.model_version]))
         for demoted in moved.demoted_versions:
-            _out.print(f"moved {escape(demoted.name)} back to {_stage(demoted.stage)}")
+            STDOUT.print(f"moved {escape(demoted.name)} back to {_stage(demoted.stage)}")
 
     emit(output, moved, table)
 
@@ -489,13 +472,13 @@ def traffic_command(
         raise typer.BadParameter("weights are whole percents, e.g. 1=90 2=10", param_hint="WEIGHTS") from None
     body = pb.Deployment(name=f"models/{model}/deployments/{deployment}", traffic=split)
     with _stub() as stub:
-        saved = _call(
+        saved = _registry.call(
             stub.UpdateDeployment,
             pb.UpdateDeploymentRequest(
                 deployment=body, update_mask=field_mask_pb2.FieldMask(paths=["traffic"])
             ),
         ).deployment
-    emit(output, saved, lambda: print_table(_out, _deployment_table([saved])))
+    emit(output, saved, lambda: print_table(STDOUT, _deployment_table([saved])))
 
 
 # Measured rollouts
@@ -542,9 +525,11 @@ def _rollout_line(rollout: pb.Rollout) -> str:
 
 
 def _active_rollout(stub: pb_grpc.RegistryServiceStub, model: str) -> pb.Rollout:
-    latest = _call(stub.ListRollouts, pb.ListRolloutsRequest(parent=f"models/{model}", page_size=1)).rollouts
+    latest = _registry.call(
+        stub.ListRollouts, pb.ListRolloutsRequest(parent=f"models/{model}", page_size=1)
+    ).rollouts
     if not latest or latest[0].state not in _ACTIVE_ROLLOUT_STATES:
-        _err.print(f"model {escape(model)} has no rollout running or paused")
+        STDERR.print(f"model {escape(model)} has no rollout running or paused")
         raise typer.Exit(ExitCode.CLIENT_ERROR)
     return latest[0]
 
@@ -598,11 +583,11 @@ def rollout_command(
         if actions:
             name = _active_rollout(stub, model).name
             if pause:
-                rollout = _call(stub.PauseRollout, pb.PauseRolloutRequest(name=name)).rollout
+                rollout = _registry.call(stub.PauseRollout, pb.PauseRolloutRequest(name=name)).rollout
             elif resume:
-                rollout = _call(stub.ResumeRollout, pb.ResumeRolloutRequest(name=name)).rollout
+                rollout = _registry.call(stub.ResumeRollout, pb.ResumeRolloutRequest(name=name)).rollout
             else:
-                rollout = _call(stub.AbortRollout, pb.AbortRolloutRequest(name=name)).rollout
+                rollout = _registry.call(stub.AbortRollout, pb.AbortRolloutRequest(name=name)).rollout
         else:
             bounds = pb.RolloutBounds()
             for field, value in (
@@ -622,12 +607,12 @@ def rollout_command(
             )
             if interval:
                 body.interval.CopyFrom(_parse_duration(interval, "--interval"))
-            rollout = _call(
+            rollout = _registry.call(
                 stub.StartRollout, pb.StartRolloutRequest(parent=f"models/{model}", rollout=body)
             ).rollout
         if wait:
             rollout = _follow(stub, rollout, output)
-    emit(output, rollout, lambda: _out.print(_rollout_line(rollout)))
+    emit(output, rollout, lambda: STDOUT.print(_rollout_line(rollout)))
     if wait and rollout.state != pb.ROLLOUT_STATE_SUCCEEDED:
         raise typer.Exit(ExitCode.CLIENT_ERROR)
 
@@ -637,8 +622,8 @@ def _follow(stub: pb_grpc.RegistryServiceStub, rollout: pb.Rollout, output: Outp
     shown = (rollout.state, rollout.step_index)
     while rollout.state in _ACTIVE_ROLLOUT_STATES:
         time.sleep(ROLLOUT_POLL_SECONDS)
-        rollout = _call(stub.GetRollout, pb.GetRolloutRequest(name=rollout.name)).rollout
+        rollout = _registry.call(stub.GetRollout, pb.GetRolloutRequest(name=rollout.name)).rollout
         if (rollout.state, rollout.step_index) != shown and output is OutputFormat.TABLE:
             shown = (rollout.state, rollout.step_index)
-            _out.print(_rollout_line(rollout))
+            STDOUT.print(_rollout_line(rollout))
     return rollout

@@ -21,6 +21,11 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Column, Table
 
+STDOUT = Console()
+"""Where the data commands print their answers."""
+STDERR = Console(stderr=True)
+"""Where they print progress and notes, so stdout stays the answer alone."""
+
 
 class OutputFormat(enum.StrEnum):
     TABLE = "table"
