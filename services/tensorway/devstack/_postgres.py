@@ -30,6 +30,21 @@ class _OsAccount:
     name: str
 
 
+SERVER_SETTINGS = (
+    "listen_addresses=127.0.0.1",
+    # No Unix socket: its path would be another file outside our control.
+    "unix_socket_directories=",
+    # Dynamic shared memory in the data dir rather than /dev/shm, so a killed server leaves
+    # nothing outside the state dir.
+    "dynamic_shared_memory_type=mmap",
+    # Dev data: durability is not worth the writes.
+    "fsync=off",
+    "synchronous_commit=off",
+    "full_page_writes=off",
+)
+"""The server's settings (`-c`), for a dev database on loopback."""
+
+
 class Postgres(Component):
     """PostgreSQL 16 with trust auth on loopback and fsync off, database ``tensorway``."""
 
@@ -81,21 +96,7 @@ class Postgres(Component):
                 str(data_dir),
                 "-p",
                 str(port),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                # No Unix socket: its path would be another file outside our control.
-                "-c",
-                "unix_socket_directories=",
-                # Dynamic shared memory in the data dir rather than /dev/shm, so a
-                # killed server leaves nothing outside the state dir.
-                "-c",
-                "dynamic_shared_memory_type=mmap",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
+                *(arg for setting in SERVER_SETTINGS for arg in ("-c", setting)),
             ],
             user=user,
             group=group,

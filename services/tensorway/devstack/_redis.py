@@ -22,28 +22,19 @@ class Redis(Component):
     def start(self, ctx: LaunchContext) -> Started:
         server = self._binary.locate(self.name)
         port = ctx.port("redis_port")
+        config = {
+            "port": port,
+            "bind": "127.0.0.1",
+            "save": "",
+            "appendonly": "no",
+            "dir": ctx.home,
+            "daemonize": "no",
+        }
         process = ctx.spawn(
-            [
-                str(server),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(ctx.home),
-                "--daemonize",
-                "no",
-            ]
+            [str(server), *(arg for key, value in config.items() for arg in (f"--{key}", str(value)))]
         )
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-        try:
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
             ctx.wait_ready(process, client.ping, what="PING")
-        finally:
-            client.close()
         return Started(
             process=process,
             endpoints={"redis": Endpoint(address=loopback(port), url=f"redis://{loopback(port)}/0")},

@@ -81,18 +81,15 @@ class S3(Component):
             ],
             env=env,
         )
-        connections = urllib3.PoolManager(retries=False, timeout=2)
-        client = Minio(
-            loopback(s3_port),
-            access_key=ctx.settings.s3_access_key,
-            secret_key=ctx.settings.s3_secret_key,
-            secure=False,
-            http_client=connections,
-        )
-        try:
+        with urllib3.PoolManager(retries=False, timeout=2) as connections:
+            client = Minio(
+                loopback(s3_port),
+                access_key=ctx.settings.s3_access_key,
+                secret_key=ctx.settings.s3_secret_key,
+                secure=False,
+                http_client=connections,
+            )
             ctx.wait_ready(process, client.list_buckets, what="S3 ListBuckets")
-        finally:
-            connections.clear()
         return Started(
             process=process,
             endpoints={"s3": Endpoint(address=loopback(s3_port), url=f"http://{loopback(s3_port)}")},

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,25 +119,23 @@ class Stack:
         to_start = [name for name in wanted if name not in state.components]
         self._check_pinned_ports(to_start)
         ports = PortAllocator()
-        started_now: list[str] = []
         # The state file lists components in dependency order, whatever order they answered in.
         order = [*state.components, *to_start]
+        # If any start fails, what this call started is stopped again (last first) and the
+        # state file saved without it; once all have answered, they stay.
+        with ExitStack() as started_now:
+            started_now.callback(save_state, self.state_dir, state)
 
-        def record(name: str, started: ComponentRecord) -> None:
-            state.components[name] = started
-            started_now.append(name)
-            state.components = {n: state.components[n] for n in order if n in state.components}
-            save_state(self.state_dir, state)
-            if on_started is not None:
-                on_started(name, started)
+            def record(name: str, started: ComponentRecord) -> None:
+                state.components[name] = started
+                started_now.callback(lambda: self._stop(name, state.components.pop(name)))
+                state.components = {n: state.components[n] for n in order if n in state.components}
+                save_state(self.state_dir, state)
+                if on_started is not None:
+                    on_started(name, started)
 
-        try:
             self._start_together(to_start, ports, state, record)
-        except BaseException:
-            for name in reversed(started_now):
-                self._stop(name, state.components.pop(name))
-            save_state(self.state_dir, state)
-            raise
+            started_now.pop_all()
         return state
 
     def _start_together(
@@ -330,14 +329,12 @@ class Stack:
             cancelled=cancelled,
         )
         began = time.monotonic()
-        try:
+        with ExitStack() as spawned:
+            # A start that fails stops every process it spawned, last first.
+            spawned.callback(self._stop_spawned, ctx)
             started = component.start(ctx)
             identity = identify(started.process.pid)
-        except BaseException:
-            grace = self.settings.stop_grace.total_seconds()
-            for process in reversed(ctx.spawned):
-                stop_group(_identity_of(process), grace=grace)
-            raise
+            spawned.pop_all()
         return ComponentRecord(
             pid=identity.pid,
             start_ticks=identity.start_ticks,
@@ -349,6 +346,11 @@ class Stack:
             ports=ctx.ports,
             start_seconds=round(time.monotonic() - began, 3),
         )
+
+    def _stop_spawned(self, ctx: LaunchContext) -> None:
+        grace = self.settings.stop_grace.total_seconds()
+        for process in reversed(ctx.spawned):
+            stop_group(_identity_of(process), grace=grace)
 
     def _stop(self, name: str, record: ComponentRecord) -> None:
         stop_group(
