@@ -25,6 +25,7 @@ from tensorway.edge.config import OPENAPI_FILE, load_values
 from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
 from tensorway.runtime.context import ADMIN_SCOPES, TENANT_SCOPES
 from tests.tempdirs import world_searchable_temp_dir
+from tests.waiting import PATIENCE
 
 # The router's global limits in the tests. Tenants named here have their own small limits (a
 # literal match wins over "*"), counted per hour so no window ends in the middle of a test; every
@@ -113,7 +114,7 @@ def edge() -> Iterator[Edge]:
     try:
         # A batch worker too, so a job submitted through Envoy runs to its end (tests/edge/test_cli.py).
         state = stack.up(["router", "batch", "batch-worker", "envoy"])
-        register_demo_models(state)
+        register_demo_models(state, timeout=PATIENCE)
         # The launcher's readiness probes can leave a failed connection to the garbage
         # collector; collected here, its ResourceWarning does not fail whichever test runs next.
         with warnings.catch_warnings():

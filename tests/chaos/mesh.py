@@ -45,6 +45,7 @@ from tensorway.devstack._services import Batch, BatchWorker, Orchestrator, Regis
 from tensorway.devstack._triton import Triton
 from tensorway.edge.config import load_values
 from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
+from tests.waiting import PATIENCE
 
 from .load import BatchJobs, RealtimeLoad
 
@@ -136,7 +137,8 @@ def running_chaos_mesh(
     batch: BatchJobs | None = None
     try:
         state = stack.up()
-        register_demo_models(state, orchestrators=ORCHESTRATORS)
+        # Each setup call may take as long as any awaited event: a loaded machine slows it, no more.
+        register_demo_models(state, timeout=PATIENCE, orchestrators=ORCHESTRATORS)
         _wait_until_served(state)
         collect_probe_leftovers()
         settings = stack.settings

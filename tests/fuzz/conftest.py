@@ -30,6 +30,7 @@ from tensorway.devstack._state import ComponentRecord
 from tensorway.edge.config import OPENAPI_FILE, load_values
 from tensorway.edge.keys import PRIVATE_KEY_FILE, mint_token
 from tests.tempdirs import world_searchable_temp_dir
+from tests.waiting import PATIENCE
 
 BUCKET = "fuzz"
 SERVICES = ("registry", "orchestrator", "router", "batch", "batch-worker", "envoy")
@@ -90,7 +91,7 @@ def fuzz_mesh() -> Iterator[FuzzMesh]:
     http = urllib3.PoolManager(maxsize=4)
     try:
         state = stack.up(list(SERVICES))
-        register_demo_models(state)
+        register_demo_models(state, timeout=PATIENCE)
         # The launcher's readiness probes can leave a failed connection to the garbage
         # collector; collected here, its ResourceWarning fails no test.
         with warnings.catch_warnings():

@@ -5,7 +5,6 @@ what it cannot use, a finished job stays exactly as it was, and a new job still 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Sequence
 
@@ -23,6 +22,7 @@ from tests.fuzz.conftest import FuzzMesh
 from tests.fuzz.jobs import GOOD_LINE, TENANT, run_to_the_end, upload
 from tests.fuzz.outcomes import assert_mesh_serves
 from tests.fuzz.strategies import edgy_text, messages
+from tests.waiting import eventually_blocking
 
 Record = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 
@@ -94,10 +94,10 @@ def test_after_the_malformed_records_finished_jobs_are_unchanged_and_new_ones_ru
 ) -> None:
     # Runs after the records above: the worker has read them, and skipped the ones it cannot use.
     log = fuzz_mesh.state_dir / fuzz_mesh.processes["batch-worker"].log
-    deadline = time.monotonic() + 30
-    while "skipping a malformed shard message" not in log.read_text(errors="replace"):
-        assert time.monotonic() < deadline, "the worker never reported a malformed record"
-        time.sleep(0.2)
+    eventually_blocking(
+        lambda: "skipping a malformed shard message" in log.read_text(errors="replace"),
+        what="the worker reports a malformed record",
+    )
     after = run_to_the_end(
         fuzz_mesh, pb.Job(model="iris", input_uri=upload(fuzz_mesh, GOOD_LINE + b"\n", ".jsonl"))
     )

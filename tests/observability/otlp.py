@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -62,9 +63,23 @@ def _spans_of_json(body: dict[str, Any]) -> list[ReceivedSpan]:
 @dataclass
 class SpanStore:
     spans: list[ReceivedSpan] = field(default_factory=list)
+    exports: Counter[str] = field(default_factory=Counter)
+    """Export requests received, by protocol ("grpc", "http")."""
+    refused: list[str] = field(default_factory=list)
+    """Why the HTTP receiver refused an export it could not read (its spans are lost)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
+    def summary(self) -> dict[str, Any]:
+        """For failure messages: what reached the receiver, so a span that never arrived can be
+        told from one that arrived unlinked."""
+        with self._lock:
+            return {
+                "exports": dict(self.exports),
+                "spans by service": dict(Counter(span.service for span in self.spans)),
+                "refused": self.refused[-3:],
+            }
+
+    def add(self, request: trace_service_pb2.ExportTraceServiceRequest, protocol: str = "grpc") -> None:
         received: list[ReceivedSpan] = []
         for resource_spans in request.resource_spans:
             resource = {item.key: _value(item.value) for item in resource_spans.resource.attributes}
@@ -80,10 +95,11 @@ class SpanStore:
                             attributes={item.key: _value(item.value) for item in span.attributes},
                         )
                     )
-        self.extend(received)
+        self.extend(received, protocol)
 
-    def extend(self, received: list[ReceivedSpan]) -> None:
+    def extend(self, received: list[ReceivedSpan], protocol: str = "grpc") -> None:
         with self._lock:
+            self.exports[protocol] += 1
             self.spans.extend(received)
 
     def wait_for(
@@ -117,10 +133,15 @@ def _http_handler(store: SpanStore) -> type[BaseHTTPRequestHandler]:
             if self.path != "/v1/traces":
                 self.send_error(404)
                 return
-            if self.headers.get("Content-Type", "").startswith("application/json"):
-                store.extend(_spans_of_json(json.loads(body)))
-            else:
-                store.add(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+            try:
+                if self.headers.get("Content-Type", "").startswith("application/json"):
+                    store.extend(_spans_of_json(json.loads(body)), "http")
+                else:
+                    store.add(trace_service_pb2.ExportTraceServiceRequest.FromString(body), "http")
+            except Exception as error:
+                store.refused.append(f"{type(error).__name__}: {error} ({len(body)} bytes)")
+                self.send_error(400)
+                return
             reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
             self.send_response(200)
             self.send_header("Content-Type", "application/x-protobuf")
