@@ -6,7 +6,7 @@ ids. The same conversions encode the values the Redis cache keeps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -35,7 +35,7 @@ from tensorway.registry.domain import (
 from tensorway.registry.rollout_domain import DEFAULT_INTERVAL, DEFAULT_STEPS, Rollout, VersionTraffic
 from tensorway.registry.rollout_judging import RolloutBounds
 from tensorway.registry.v1 import registry_service_pb2 as pb
-from tensorway.registry.validation import parse_name
+from tensorway.registry.validation import format_name, parse_name
 from tensorway.runtime import FieldViolation, InvalidArgument
 from tensorway.tensors.signatures import specs_from_proto, specs_to_proto
 
@@ -52,19 +52,19 @@ STAGE_FROM_PROTO = {value: stage for stage, value in STAGE_TO_PROTO.items()}
 
 
 def model_name(model: str) -> str:
-    return f"models/{model}"
+    return format_name(("models",), model)
 
 
 def model_version_name(model: str, version: str) -> str:
-    return f"models/{model}/versions/{version}"
+    return format_name(("models", "versions"), model, version)
 
 
 def pool_name(pool: str) -> str:
-    return f"pools/{pool}"
+    return format_name(("pools",), pool)
 
 
 def deployment_name(model: str, deployment: str) -> str:
-    return f"models/{model}/deployments/{deployment}"
+    return format_name(("models", "deployments"), model, deployment)
 
 
 def stage_from_proto(stage: pb.Stage.ValueType) -> Stage | None:
@@ -226,55 +226,57 @@ def state_from_proto(state: pb.ModelVersionState.ValueType) -> ModelVersionState
     return ModelVersionState(pb.ModelVersionState.Name(state).removeprefix("MODEL_VERSION_STATE_"))
 
 
+def _alike(source: object, names: Iterable[str]) -> dict[str, Any]:
+    """The fields `names` of `source`, for a value on the other side that names them alike and
+    holds them as they are."""
+    return {name: getattr(source, name) for name in names}
+
+
+# The fields each pair of a domain value and its message holds alike; the others are converted.
+_READINESS_FIELDS = ("version", "ready_endpoints", "required_endpoints")
+_TRITON_STATE_FIELDS = ("endpoint", "triton", "reason")
+_STATE_REPORT_FIELDS = ("model", "version", "triton", "reason")
+_VERSION_ROUTE_FIELDS = ("version", "weight", "max_batch_size", "platform", "artifact_uri")
+_TRAFFIC_FIELDS = ("model", "version", "requests", "server_errors", "shadow_matches", "shadow_mismatches")
+
+
 def readiness_to_proto(readiness: VersionReadiness) -> pb.VersionReadiness:
+    tritons = [
+        pb.TritonModelState(
+            **_alike(t, _TRITON_STATE_FIELDS),
+            state=state_to_proto(t.state),
+            update_time=_timestamp(t.update_time),
+        )
+        for t in readiness.tritons
+    ]
     return pb.VersionReadiness(
-        version=readiness.version,
+        **_alike(readiness, _READINESS_FIELDS),
         pool=pool_name(readiness.pool),
         state=state_to_proto(readiness.state),
-        ready_endpoints=readiness.ready_endpoints,
-        required_endpoints=readiness.required_endpoints,
-        tritons=[
-            pb.TritonModelState(
-                endpoint=t.endpoint,
-                triton=t.triton,
-                state=state_to_proto(t.state),
-                reason=t.reason,
-                update_time=_timestamp(t.update_time),
-            )
-            for t in readiness.tritons
-        ],
+        tritons=tritons,
     )
 
 
 def readiness_from_proto(message: pb.VersionReadiness) -> VersionReadiness:
+    tritons = tuple(
+        TritonModelState(
+            **_alike(t, _TRITON_STATE_FIELDS),
+            state=state_from_proto(t.state),
+            update_time=t.update_time.ToDatetime(tzinfo=UTC) if t.HasField("update_time") else None,
+        )
+        for t in message.tritons
+    )
     return VersionReadiness(
-        version=message.version,
+        **_alike(message, _READINESS_FIELDS),
         pool=message.pool.removeprefix("pools/"),
         state=state_from_proto(message.state),
-        ready_endpoints=message.ready_endpoints,
-        required_endpoints=message.required_endpoints,
-        tritons=tuple(
-            TritonModelState(
-                endpoint=t.endpoint,
-                triton=t.triton,
-                state=state_from_proto(t.state),
-                reason=t.reason,
-                update_time=t.update_time.ToDatetime(tzinfo=UTC) if t.HasField("update_time") else None,
-            )
-            for t in message.tritons
-        ),
+        tritons=tritons,
     )
 
 
 def state_reports_from_proto(message: pb.ReportModelStatesRequest) -> list[ModelStateReport]:
     return [
-        ModelStateReport(
-            model=line.model,
-            version=line.version,
-            triton=line.triton,
-            state=state_from_proto(line.state),
-            reason=line.reason,
-        )
+        ModelStateReport(**_alike(line, _STATE_REPORT_FIELDS), state=state_from_proto(line.state))
         for line in message.states
     ]
 
@@ -284,15 +286,11 @@ def route_to_proto(route: Route) -> pb.Route:
         model=route.model,
         versions=[
             pb.VersionRoute(
-                version=v.version,
-                weight=v.weight,
+                **_alike(v, _VERSION_ROUTE_FIELDS),
                 pool=pool_name(v.pool),
                 endpoints=list(v.endpoints),
                 inputs=specs_to_proto(v.inputs),
                 outputs=specs_to_proto(v.outputs),
-                max_batch_size=v.max_batch_size,
-                platform=v.platform,
-                artifact_uri=v.artifact_uri,
                 state=state_to_proto(v.state),
                 readiness=None if v.readiness is None else readiness_to_proto(v.readiness),
             )
@@ -308,15 +306,11 @@ def route_from_proto(message: pb.Route) -> Route:
         model=message.model,
         versions=tuple(
             VersionRoute(
-                version=v.version,
-                weight=v.weight,
+                **_alike(v, _VERSION_ROUTE_FIELDS),
                 pool=v.pool.removeprefix("pools/"),
                 endpoints=tuple(v.endpoints),
                 inputs=specs_from_proto(v.inputs),
                 outputs=specs_from_proto(v.outputs),
-                max_batch_size=v.max_batch_size,
-                platform=v.platform,
-                artifact_uri=v.artifact_uri,
                 readiness=readiness_from_proto(v.readiness) if v.HasField("readiness") else None,
             )
             for v in message.versions
@@ -345,7 +339,7 @@ def route_update_to_proto(update: RouteUpdate) -> pb.WatchRoutesResponse:
 
 
 def rollout_name(model: str, rollout_id: str) -> str:
-    return f"models/{model}/rollouts/{rollout_id}"
+    return format_name(("models", "rollouts"), model, rollout_id)
 
 
 def rollout_to_proto(rollout: Rollout) -> pb.Rollout:
@@ -353,7 +347,7 @@ def rollout_to_proto(rollout: Rollout) -> pb.Rollout:
     interval.FromTimedelta(rollout.interval)
     message = pb.Rollout(
         name=rollout_name(rollout.model, rollout.id),
-        deployment=f"models/{rollout.model}/deployments/{rollout.deployment}",
+        deployment=deployment_name(rollout.model, rollout.deployment),
         from_version=rollout.from_version,
         to_version=rollout.to_version,
         steps=list(rollout.steps),
@@ -401,14 +395,9 @@ def rollout_from_proto(message: pb.Rollout, model: str) -> Rollout:
 def traffic_from_proto(message: pb.ReportTrafficRequest) -> list[VersionTraffic]:
     return [
         VersionTraffic(
-            model=item.model,
-            version=item.version,
-            requests=item.requests,
-            server_errors=item.server_errors,
+            **_alike(item, _TRAFFIC_FIELDS),
             latency_bounds=tuple(item.latency_bounds),
             latency_counts=tuple(item.latency_counts),
-            shadow_matches=item.shadow_matches,
-            shadow_mismatches=item.shadow_mismatches,
         )
         for item in message.versions
     ]

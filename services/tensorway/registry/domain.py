@@ -284,6 +284,10 @@ class ModelVersionFilter:
     platform: str | None = None
 
 
+ROUTED_VERSION_FIELDS = ("inputs", "outputs", "max_batch_size", "platform", "artifact_uri")
+"""What a route carries of each version it routes to, as the version holds it."""
+
+
 def build_route(  # noqa: PLR0917 - the route's inputs, read from one snapshot
     model: str,
     deployments: Sequence[Deployment],
@@ -321,11 +325,7 @@ def build_route(  # noqa: PLR0917 - the route's inputs, read from one snapshot
                 weight=weight,
                 pool=pool,
                 endpoints=endpoints[pool],
-                inputs=spec.inputs,
-                outputs=spec.outputs,
-                max_batch_size=spec.max_batch_size,
-                platform=spec.platform,
-                artifact_uri=spec.artifact_uri,
+                **{name: getattr(spec, name) for name in ROUTED_VERSION_FIELDS},
                 readiness=version_readiness(
                     version,
                     pool,

@@ -139,7 +139,10 @@ class _Rpc:
         self.response = response
         self.field = response.DESCRIPTOR.fields[0].name if response.DESCRIPTOR.fields else ""
 
-    def __get__(self, servicer: RegistryServicer, owner: type | None = None) -> Any:
+    def __get__(self, servicer: RegistryServicer | None, owner: type | None = None) -> Any:
+        if servicer is None:
+            return self  # looked up on the class
+
         # grpc.aio runs a handler on the event loop only if it is a coroutine function.
         async def method(request: Any, context: Any) -> Message:
             return await self.handle(servicer, request)

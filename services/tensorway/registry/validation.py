@@ -74,6 +74,12 @@ def model_id(value: str, field: str) -> list[FieldViolation]:
     ]
 
 
+def format_name(collections: Sequence[str], *ids: str) -> str:
+    """The resource name of `ids` in `collections`: ("models", "versions"), "digits", "3" →
+    "models/digits/versions/3"; what `parse_name` parses."""
+    return "/".join(f"{collection}/{id_}" for collection, id_ in zip(collections, ids, strict=True))
+
+
 def parse_name(name: str, field: str, *collections: str) -> tuple[str, ...]:
     """The ids in a resource name such as "models/digits/versions/3" for ("models", "versions")."""
     parts = name.split("/")

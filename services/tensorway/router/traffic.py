@@ -34,16 +34,22 @@ ROUTER_TENANT = "router"
 """The identity of the routers' reports: the mesh's internal writer, as orchestrators' are."""
 
 
+COUNTERS = ("requests", "server_errors", "shadow_matches", "shadow_mismatches")
+"""What a report counts of each version, named as VersionTraffic's fields."""
+
+
 @dataclass
 class VersionTotals:
     """Cumulative figures of one model version, as the metrics hold them."""
 
-    requests: float = 0.0
-    server_errors: float = 0.0
+    counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0.0))
+    """Each of the COUNTERS so far."""
     buckets: dict[float, float] = field(default_factory=dict)
     """Cumulative answers at or below each latency bound (Prometheus' `le`)."""
-    shadow_matches: float = 0.0
-    shadow_mismatches: float = 0.0
+
+
+# The shadow comparisons' outcomes a report counts, and where.
+_SHADOW_COUNTERS = {"match": "shadow_matches", "mismatch": "shadow_mismatches"}
 
 
 def read_totals() -> dict[tuple[str, str], VersionTotals]:
@@ -54,10 +60,10 @@ def read_totals() -> dict[tuple[str, str], VersionTotals]:
             code = sample.labels["grpc_code"]
             if not sample.name.endswith("_total") or code in _NOT_COUNTED:
                 continue
-            figures = totals[(sample.labels["model"], sample.labels["version"])]
-            figures.requests += sample.value
+            counts = totals[(sample.labels["model"], sample.labels["version"])].counts
+            counts["requests"] += sample.value
             if code != _OK:
-                figures.server_errors += sample.value
+                counts["server_errors"] += sample.value
     for family in metrics.REQUEST_SECONDS.collect():
         for sample in family.samples:
             if not sample.name.endswith("_bucket") or sample.labels["grpc_code"] in _NOT_COUNTED:
@@ -69,11 +75,9 @@ def read_totals() -> dict[tuple[str, str], VersionTotals]:
         for sample in family.samples:
             if not sample.name.endswith("_total"):
                 continue
-            figures = totals[(sample.labels["model"], sample.labels["version"])]
-            if sample.labels["outcome"] == "match":
-                figures.shadow_matches += sample.value
-            elif sample.labels["outcome"] == "mismatch":
-                figures.shadow_mismatches += sample.value
+            counter = _SHADOW_COUNTERS.get(sample.labels["outcome"])
+            if counter is not None:
+                totals[(sample.labels["model"], sample.labels["version"])].counts[counter] += sample.value
     return dict(totals)
 
 
@@ -90,12 +94,9 @@ def gained(
         report = registry_pb.VersionTraffic(
             model=model,
             version=version,
-            requests=int(current.requests - last.requests),
-            server_errors=int(current.server_errors - last.server_errors),
             latency_bounds=bounds,
             latency_counts=counts,
-            shadow_matches=int(current.shadow_matches - last.shadow_matches),
-            shadow_mismatches=int(current.shadow_mismatches - last.shadow_mismatches),
+            **{name: int(current.counts[name] - last.counts[name]) for name in COUNTERS},
         )
         if report.requests or report.shadow_matches or report.shadow_mismatches:
             reports.append(report)
