@@ -1,7 +1,11 @@
 """How the registry's store modules run their statements: each read on a connection of the
 pool, or every statement of a write on its transaction's connection. Etags are row version
 counters; an update names the version it read (`WHERE row_version = ...`), so a write that
-lost a race is refused (ABORTED) instead of silently overwriting."""
+lost a race is refused (ABORTED) instead of silently overwriting.
+
+What every resource table shares is here once: a row or NOT_FOUND (`_found`, `_at_revision`),
+an insert or ALREADY_EXISTS (`_inserted`), a write over the etag read or ABORTED
+(`_over_read`), a page of a list (`_page`), and the `Stored` fields of a row."""
 
 from __future__ import annotations
 
