@@ -198,6 +198,10 @@ class TritonServicer:
         # Triton's configuration of each (model, version), for the route table it was fetched under.
         self._configs: dict[tuple[str, str], triton.ModelConfigResponse] = {}
         self._configs_table: RouteTable | None = None
+        # Whether each (model, version string) a request names is decoupled, for the same table as
+        # the configurations: every inference asks, and a lookup here skips resolving the route
+        # and building a ModelConfigRequest per request.
+        self._decoupled: dict[tuple[str, str], bool] = {}
 
     # Health and server metadata.
 
@@ -247,9 +251,7 @@ class TritonServicer:
         route, version = self._routed(request.name, request.version)
         route, chosen = self._router.describe(route.model, version)
         table = self._router.table
-        if table is not self._configs_table:
-            # A new table may route the version elsewhere, to Tritons with another configuration.
-            self._configs, self._configs_table = {}, table
+        self._forget_configs_of_older_tables(table)
         key = (route.model, chosen.version)
         config = self._configs.get(key)
         if config is None:
@@ -395,13 +397,33 @@ class TritonServicer:
         """Whether a model version answers a request with a series (Triton's decoupled
         transaction policy), by the configuration of a Triton serving it; a version string that
         names no version asks about the version metadata calls describe."""
+        table = self._router.table
+        self._forget_configs_of_older_tables(table)
+        known = self._decoupled.get((model, version))
+        if known is not None:
+            return known
         try:
             answer = await self.ModelConfig(triton.ModelConfigRequest(name=model, version=version), _NO_CALL)
         except (Unavailable, grpc.aio.AioRpcError):
             # No orchestrator tells (away, or older than Triton's service): the request goes as one
             # that is not, and an orchestrator that knows better refuses it.
             return False
-        return bool(answer.config.model_transaction_policy.decoupled)
+        decoupled = bool(answer.config.model_transaction_policy.decoupled)
+        route = table.models.get(model)
+        # Only the version strings the table names are remembered (no version, a version, an
+        # alias), so callers cannot grow the map with spellings of numbers ("01", " 1").
+        if (
+            self._configs_table is table
+            and route is not None
+            and (not version or version in route.versions or version in route.aliases)
+        ):
+            self._decoupled[(model, version)] = decoupled
+        return decoupled
+
+    def _forget_configs_of_older_tables(self, table: RouteTable) -> None:
+        if table is not self._configs_table:
+            # A new table may route the version elsewhere, to Tritons with another configuration.
+            self._configs, self._decoupled, self._configs_table = {}, {}, table
 
     async def infer_message(
         self, request: triton.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
