@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from tensorway.common.v1 import error_pb2
 from tensorway.orchestrator import metrics
 from tensorway.orchestrator.streams import InferStream, UnaryInfer
-from tensorway.orchestrator.triton_errors import from_rpc_error
+from tensorway.orchestrator.triton_errors import ModelGone, from_rpc_error
 from tensorway.runtime import Unavailable, create_channel, tracing
 from tensorway.runtime.server import FLOW_CONTROL_OPTIONS, message_size_options
 
@@ -81,6 +81,14 @@ class TritonEndpoint:
         sees it live again."""
         self.ready = False
         metrics.TRITON_READY.labels(self.address).set(False)
+
+    def mark_failed(self, model: str, failure: Unavailable) -> None:
+        """A request for `model` failed here as UNAVAILABLE: the model is gone from this Triton
+        (`ModelGone`), or the Triton itself is away."""
+        if isinstance(failure, ModelGone):
+            self.mark_model_gone(model)
+        else:
+            self.mark_down()
 
     def mark_model_gone(self, model: str) -> None:
         """This Triton answered that it does not serve `model`: send it none until the next

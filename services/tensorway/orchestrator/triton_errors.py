@@ -33,6 +33,7 @@ import grpc
 
 from tensorway.common.v1 import error_pb2
 from tensorway.runtime import (
+    Aborted,
     DeadlineExceeded,
     FieldViolation,
     Internal,
@@ -41,6 +42,7 @@ from tensorway.runtime import (
     TensorwayError,
     Unavailable,
 )
+from tensorway.tensors.triton import SequenceStep
 
 # Triton puts the id it was given in front of many messages; the orchestrator's stream ids are
 # not the client's, and the client's own id is in the answer already.
@@ -226,4 +228,16 @@ def _backend_error(message: str, model: str) -> Internal:
     # useful to show, less the request id the orchestrator gave it.
     return Internal(
         without_request_id(message), reason=error_pb2.ERROR_REASON_BACKEND_ERROR, metadata={"model": model}
+    )
+
+
+def sequence_lost(model: str, step: SequenceStep, holder: str, why: str) -> Aborted:
+    """ABORTED for a request of a stateful sequence whose state went with `holder` (the router's
+    "endpoint", the orchestrator's "Triton"). Running it elsewhere would restart the sequence
+    from nothing, silently: the client must."""
+    return Aborted(
+        f"sequence {step.id} of model {model!r} lost the {holder} that holds its state ({why}); "
+        "start the sequence again",
+        reason=error_pb2.ERROR_REASON_FAILED_PRECONDITION,
+        metadata={"model": model, "sequence_id": step.id},
     )

@@ -27,6 +27,7 @@ from grpc_status import rpc_status
 from opentelemetry import trace
 
 from tensorway.common.v1 import error_pb2
+from tensorway.orchestrator.triton_errors import sequence_lost
 from tensorway.ratelimit.leases import QuotaLeases
 from tensorway.router import metrics
 from tensorway.router.balancer import pick
@@ -37,7 +38,7 @@ from tensorway.router.routing import ModelRoute, RouteTable, RouteWatcher, Versi
 from tensorway.router.sequences import SequenceKey, SequencePins, key_of
 from tensorway.router.serialized import SerializedRequest
 from tensorway.router.shadow import MismatchSamples, ShadowMirror
-from tensorway.runtime import Aborted, ResourceExhausted, Unavailable
+from tensorway.runtime import ResourceExhausted, Unavailable
 from tensorway.runtime.context import caller
 from tensorway.runtime.errors import GENERIC_INTERNAL_MESSAGE, RETRYABLE_CODES, Internal, TensorwayError
 from tensorway.tensors.triton import SequenceStep
@@ -249,7 +250,8 @@ class Router:
                     code = error.code()
                     if step is not None and not step.start:
                         if code in RETRYABLE_CODES:
-                            raise _sequence_lost(model, step, error.details() or code.name) from error
+                            why = error.details() or code.name
+                            raise sequence_lost(model, step, "endpoint", why) from error
                         raise
                     if not self._may_retry(model, version, code, tried):
                         raise
@@ -303,10 +305,10 @@ class Router:
                     return self._choose_endpoint(version, tried)  # raises: the pool is empty
                 pinned = ranked[0]
             if pinned not in version.endpoints:
-                raise _sequence_lost(sequence[0], step, "its endpoint left the pool")
+                raise sequence_lost(sequence[0], step, "endpoint", "its endpoint left the pool")
             endpoint = self.endpoints.get(pinned)
             if not endpoint.breaker.available():
-                raise _sequence_lost(sequence[0], step, f"endpoint {pinned} is unavailable")
+                raise sequence_lost(sequence[0], step, "endpoint", f"endpoint {pinned} is unavailable")
             return endpoint
         for address in _rendezvous(version.endpoints, sequence):
             endpoint = self.endpoints.get(address)
@@ -383,16 +385,6 @@ def _rendezvous(addresses: Iterable[str], sequence: SequenceKey) -> list[str]:
         set(addresses),
         key=lambda address: hashlib.blake2b(name + b"\0" + address.encode(), digest_size=8).digest(),
         reverse=True,
-    )
-
-
-def _sequence_lost(model: str, step: SequenceStep, why: str) -> Aborted:
-    # Running it elsewhere would restart the sequence from nothing, silently: the client must.
-    return Aborted(
-        f"sequence {step.id} of model {model!r} lost the endpoint that holds its state ({why}); "
-        "start the sequence again",
-        reason=error_pb2.ERROR_REASON_FAILED_PRECONDITION,
-        metadata={"model": model, "sequence_id": step.id},
     )
 
 
