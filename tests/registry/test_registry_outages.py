@@ -159,7 +159,10 @@ async def test_postgres_stopped_mid_test(private_backends: PrivateBackends, repl
             model=pb.Model(name=name, description="after restart"), update_mask=mask("description")
         ),
     )
-    missing = await failure(reader.stub.GetModel(pb.GetModelRequest(name=f"models/{lost}")))
+    # The reader's pool may still be renewing after the restart: it too is retried.
+    missing = await failure(
+        retry_unavailable(reader.stub.GetModel, pb.GetModelRequest(name=f"models/{lost}"))
+    )
     assert missing.code == grpc.StatusCode.NOT_FOUND
     deployment = (
         await reader.stub.GetDeployment(pb.GetDeploymentRequest(name=deployed.deployment.name))
