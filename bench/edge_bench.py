@@ -48,7 +48,16 @@ from typing import Any
 import aiohttp
 import grpc
 import yaml
-from benchkit import Cell, Results, add_common_arguments, cell_seconds, free_port, mode, sweep_cell
+from benchkit import (
+    Cell,
+    Results,
+    add_common_arguments,
+    cell_seconds,
+    free_port,
+    keep_in_flight,
+    mode,
+    sweep_cell,
+)
 from hopfloor import bare_envoy, bare_proxy
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
@@ -243,6 +252,10 @@ def read_against_floors(results: Results) -> None:
 Config = dict[str, Any]
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 JWT = "envoy.filters.http.jwt_authn"
+INFERENCE_ROUTE = "/tensorway.inference.v1.InferenceService/"
+# Sent with every gRPC call of --variants; only the one-hop variant routes by it.
+MODEL_HEADER = ("x-tensorway-model", "simple")
+ORCHESTRATOR_DIRECT = "orchestrator gRPC (direct)"
 
 
 def _hcm(config: Config) -> Config:
@@ -367,6 +380,34 @@ _EVERY_FILTER = (
 )
 
 
+def _to_orchestrator(address: str) -> Callable[[Config], None]:
+    """One Python hop: the `simple` model's inference routed by a header naming the model straight
+    to its pool's orchestrator, as a control plane could program Envoy for each routed model."""
+
+    def edit(config: Config) -> None:
+        host, port = address.rsplit(":", 1)
+        cluster = copy.deepcopy(_cluster(config, "router"))
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = "orchestrator"
+        cluster["load_assignment"]["endpoints"] = [
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
+                ]
+            }
+        ]
+        config["static_resources"]["clusters"].append(cluster)
+        routes = _routes(config)
+        index, route = next(
+            (i, r) for i, r in enumerate(routes) if r["match"].get("prefix") == INFERENCE_ROUTE
+        )
+        direct = copy.deepcopy(route)
+        direct["match"]["headers"] = [{"name": MODEL_HEADER[0], "string_match": {"exact": MODEL_HEADER[1]}}]
+        direct["route"]["cluster"] = "orchestrator"
+        routes.insert(index, direct)
+
+    return edit
+
+
 @dataclass(frozen=True)
 class Variant:
     """A change to the shipped config (None: as shipped) and Envoy's command-line arguments."""
@@ -390,6 +431,7 @@ VARIANTS = {
     "+ tracing (1 %)": Variant(_with_tracing),
     "+ JWT cache": Variant(_jwt_cache),
     "transcoder off on gRPC routes": Variant(_no_transcoder_on_grpc_routes),
+    "+ JWT cache, transcoder off on gRPC routes": Variant(_all(_jwt_cache, _no_transcoder_on_grpc_routes)),
     "HTTP/2 windows 1 MiB": Variant(_h2_windows(1 << 20)),
     "buffer limits 32 KiB": Variant(_buffer_limits(32 << 10)),
     "--concurrency 2": Variant(arguments=("--concurrency", "2")),
@@ -405,6 +447,7 @@ class VariantEnvoy:
     address: str
     tls: bool
     rest: bool
+    pid: int
 
 
 @contextmanager
@@ -445,7 +488,7 @@ def variant_envoy(envoy: Path, shipped: Config, variant: Variant, workdir: Path)
         else:
             raise RuntimeError(f"Envoy variant in {workdir} exited: see envoy.log")
         yield VariantEnvoy(
-            f"127.0.0.1:{port}", "transport_socket" in listener["filter_chains"][0], variant.rest
+            f"127.0.0.1:{port}", "transport_socket" in listener["filter_chains"][0], variant.rest, process.pid
         )
     finally:
         process.terminate()
@@ -469,7 +512,7 @@ async def measure_variants(
     """Every variant over gRPC and REST, and the router direct, in turn for `rounds` rounds."""
     tls = ssl.create_default_context(cafile=ca)
     credentials = grpc.ssl_channel_credentials(ca.read_bytes())  # noqa: ASYNC240  # before any timing
-    auth = (("authorization", f"Bearer {token}"),)
+    auth = (("authorization", f"Bearer {token}"), MODEL_HEADER)
     request = grpc_request()
     rest_headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
     async with AsyncExitStack() as stack:
@@ -483,6 +526,14 @@ async def measure_variants(
             await direct.Infer(request, timeout=10)
 
         targets["gRPC", ROUTER_DIRECT] = router_grpc
+        orchestrator = pb_grpc.InferenceServiceStub(
+            await stack.enter_async_context(grpc.aio.insecure_channel(addresses["orchestrator"]))
+        )
+
+        async def orchestrator_grpc() -> None:
+            await orchestrator.Infer(request, timeout=10)
+
+        targets["gRPC", ORCHESTRATOR_DIRECT] = orchestrator_grpc
         for name, envoy in envoys.items():
             channel = (
                 grpc.aio.secure_channel(envoy.address, credentials)
@@ -513,7 +564,16 @@ async def measure_variants(
             # Each round starts one target further on, so no target always follows the same one.
             shift = round_ * len(keys) // max(rounds, 1)
             for key in keys[shift:] + keys[:shift]:
-                cells[key].append(await sweep_cell(key[0], key[1], targets[key], concurrency, seconds))
+                envoy = envoys.get(key[1])
+                await keep_in_flight(targets[key], concurrency, min(0.5, seconds))
+                cpu = envoy_cpu_seconds(envoy.pid) if envoy else 0.0
+                latencies, elapsed = await keep_in_flight(targets[key], concurrency, seconds)
+                cell = Cell.from_latencies(key[0], key[1], concurrency, elapsed, latencies)
+                if envoy is not None and latencies:
+                    cell.extra["Envoy CPU us/req"] = (
+                        (envoy_cpu_seconds(envoy.pid) - cpu) / len(latencies) * 1e6
+                    )
+                cells[key].append(cell)
     router = cells["gRPC", ROUTER_DIRECT]
     for (protocol, name), measured in cells.items():
         shipped = cells.get((protocol, "shipped"), [])
@@ -528,11 +588,25 @@ async def measure_variants(
                 p50_ms=statistics.median(cell.p50_ms or 0 for cell in measured),
                 p99_ms=statistics.median(cell.p99_ms or 0 for cell in measured),
                 extra={
+                    # Envoy's own CPU time (all its threads) per request: scheduling noise on a
+                    # shared machine moves latencies by more than a filter costs, but not this.
+                    "Envoy CPU us/req": _median_extra(measured, "Envoy CPU us/req"),
                     "router +ms": _median_difference(measured, router),
                     "shipped +ms": _median_difference(measured, shipped) if shipped else None,
                 },
             )
         )
+
+
+def envoy_cpu_seconds(pid: int) -> float:
+    """The CPU time all of a process's threads have run, from the scheduler's nanosecond counters."""
+    tasks = Path(f"/proc/{pid}/task")
+    return sum(int((task / "schedstat").read_text().split()[0]) for task in tasks.iterdir()) / 1e9
+
+
+def _median_extra(cells: list[Cell], name: str) -> float | None:
+    values = [value for cell in cells if (value := cell.extra.get(name)) is not None]
+    return statistics.median(values) if values else None
 
 
 def _median_difference(cells: list[Cell], others: list[Cell]) -> float:
@@ -569,6 +643,12 @@ def main() -> None:
         type=int,
         metavar="ROUNDS",
         help="measure the shipped Envoy config against its variants for ROUNDS rounds instead",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="with --variants: only the shipped config and the variants named (as VARIANTS spells them)",
     )
     args = parser.parse_args()
     seconds = cell_seconds(args)
@@ -638,6 +718,14 @@ def main() -> None:
         addresses = dict(state.addresses())
         if args.variants:
             shipped = yaml.safe_load((state_dir / "envoy" / "envoy.yaml").read_text())
+            variants = {
+                **VARIANTS,
+                "one Python hop: -> orchestrator": Variant(
+                    _to_orchestrator(addresses["orchestrator"]), rest=False
+                ),
+            }
+            if args.only:
+                variants = {name: v for name, v in variants.items() if name == "shipped" or name in args.only}
             with ExitStack() as running:
                 envoys = {
                     name: running.enter_context(
@@ -645,7 +733,7 @@ def main() -> None:
                             ENVOY_BINARY.locate("envoy"), shipped, variant, state_dir / f"variant-{i}"
                         )
                     )
-                    for i, (name, variant) in enumerate(VARIANTS.items())
+                    for i, (name, variant) in enumerate(variants.items())
                 }
                 asyncio.run(
                     measure_variants(
