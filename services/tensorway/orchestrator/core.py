@@ -232,7 +232,8 @@ class Orchestrator:
         """Triton's stream answers to a request of a decoupled model, through the last one.
 
         Not moved to another Triton on failure, nor hedged: answers may have reached the caller."""
-        async with self._in_flight_slot(model):
+        in_flight = await self._take_slot(model)
+        try:
             endpoint = self._pool.choose(model)
             try:
                 async for response in endpoint.infer_series(request):
@@ -240,12 +241,17 @@ class Orchestrator:
             except Unavailable as failure:
                 endpoint.mark_failed(model, failure)
                 raise
+        finally:
+            self._give_slot_back(in_flight)
 
     async def _run_step(self, model: str, triton_request: Any, step: SequenceStep | None) -> Any:
-        async with self._in_flight_slot(model):
+        in_flight = await self._take_slot(model)
+        try:
             if step is None:
                 return await self._run(model, triton_request)
             return await self._run_in_sequence(model, triton_request, step)
+        finally:
+            self._give_slot_back(in_flight)
 
     def _latency(self, model: str, code: str) -> Any:
         # Children looked up once: `labels()` takes a lock and hashes its labels on every call.
@@ -383,8 +389,10 @@ class Orchestrator:
         remaining = request.time_remaining() if request is not None else None
         return self._default_timeout if remaining is None else remaining
 
-    @asynccontextmanager
-    async def _in_flight_slot(self, model: str) -> AsyncIterator[None]:
+    async def _take_slot(self, model: str) -> Any:
+        """Wait for a slot at Triton (RESOURCE_EXHAUSTED when too many wait already); returns
+        what `_give_slot_back` takes. Two calls rather than an `asynccontextmanager`, whose
+        generator machinery costs microseconds on every request."""
         children = self._slot_children.get(model)
         if children is None:
             children = self._slot_children[model] = (
@@ -413,11 +421,11 @@ class Orchestrator:
             await self._slots.acquire()
             queue_seconds.observe(0)
         in_flight.inc()
-        try:
-            yield
-        finally:
-            in_flight.dec()
-            self._slots.release()
+        return in_flight
+
+    def _give_slot_back(self, in_flight: Any) -> None:
+        in_flight.dec()
+        self._slots.release()
 
 
 class _Served:

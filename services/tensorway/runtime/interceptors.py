@@ -208,38 +208,41 @@ def _wrap(handler: Any, observed: _Observer) -> Any:
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, ctx: ServicerContext[Any, Any]) -> Any:
-            async with observed(ctx):
-                return await inner_uu(_decoded(request), ctx)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
+        answer = _answered_once(handler.unary_unary, _decoded, observed)
+        return grpc.unary_unary_rpc_method_handler(answer, **serializers)
     if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, ctx: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            async with observed(ctx):
-                async for response in inner_us(_decoded(request), ctx):
-                    yield response
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
+        answers = _answered_in_series(handler.unary_stream, _decoded, observed)
+        return grpc.unary_stream_rpc_method_handler(answers, **serializers)
     if handler.stream_unary is not None:
-        inner_su = handler.stream_unary
+        answer = _answered_once(handler.stream_unary, _decoded_stream, observed)
+        return grpc.stream_unary_rpc_method_handler(answer, **serializers)
+    answers = _answered_in_series(handler.stream_stream, _decoded_stream, observed)
+    return grpc.stream_stream_rpc_method_handler(answers, **serializers)
 
-        async def stream_unary(requests: Any, ctx: ServicerContext[Any, Any]) -> Any:
-            async with observed(ctx):
-                return await inner_su(_decoded_stream(requests), ctx)
 
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
-    inner_ss = handler.stream_stream
+def _answered_once(
+    inner: Callable[..., Awaitable[Any]], decoded: Callable[[Any], Any], observed: _Observer
+) -> Callable[..., Awaitable[Any]]:
+    """A handler of one answer (to a request or a stream of them), run inside `observed`."""
 
-    async def stream_stream(requests: Any, ctx: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async def answer(request: Any, ctx: ServicerContext[Any, Any]) -> Any:
         async with observed(ctx):
-            async for response in inner_ss(_decoded_stream(requests), ctx):
+            return await inner(decoded(request), ctx)
+
+    return answer
+
+
+def _answered_in_series(
+    inner: Callable[..., AsyncIterator[Any]], decoded: Callable[[Any], Any], observed: _Observer
+) -> Callable[..., AsyncIterator[Any]]:
+    """A handler of a series of answers (to a request or a stream of them), run inside `observed`."""
+
+    async def answers(request: Any, ctx: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async with observed(ctx):
+            async for response in inner(decoded(request), ctx):
                 yield response
 
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
+    return answers
 
 
 def downstream_metadata() -> tuple[tuple[str, str], ...]:
