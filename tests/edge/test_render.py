@@ -35,6 +35,24 @@ def test_admin_stays_on_loopback(profile: str, tmp_path: Path) -> None:
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
+@pytest.mark.parametrize("profile", profiles())
+def test_only_the_routes_rest_calls_first_match_run_the_transcoder(profile: str, tmp_path: Path) -> None:
+    """gRPC calls skip it (it would only pass them through); REST calls to be transcoded match the
+    catch-all route first, whose filters they keep after the transcoder re-routes them."""
+    config = yaml.safe_load(render_profile(profile, tmp_path, {"files": {"dir": str(tmp_path)}}).read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    transcoding = [
+        route["match"]
+        for route in hcm["route_config"]["virtual_hosts"][0]["routes"]
+        if "envoy.filters.http.grpc_json_transcoder" not in route.get("typed_per_filter_config", {})
+    ]
+    # The catch-all, and the direct answer to a method that is not public.
+    assert transcoding == [
+        {"prefix": "/tensorway.registry.v1.RegistryService/WatchRoutes"},
+        {"prefix": "/"},
+    ]
+
+
 def test_a_remote_jwks_renders_a_config_envoy_accepts(tmp_path: Path) -> None:
     config = render_profile(
         "local",
