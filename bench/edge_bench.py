@@ -338,6 +338,16 @@ def _no_transcoder_on_grpc_routes(config: Config) -> None:
             }
 
 
+def _as_before_issue_17(config: Config) -> None:
+    """The config as shipped before: every JWT verified anew, the transcoder on gRPC routes too."""
+    jwt = next(f for f in _hcm(config)["http_filters"] if f["name"] == JWT)
+    for provider in jwt["typed_config"]["providers"].values():
+        provider.pop("jwt_cache_config", None)
+    for route in _routes(config):
+        if route["match"].get("prefix", "").startswith(("/tensorway.", "/inference.", "/grpc.")):
+            route.get("typed_per_filter_config", {}).pop(TRANSCODER, None)
+
+
 def _h2_windows(size: int) -> Callable[[Config], None]:
     def edit(config: Config) -> None:
         windows = {"initial_stream_window_size": size, "initial_connection_window_size": size}
@@ -432,6 +442,7 @@ VARIANTS = {
     "+ JWT cache": Variant(_jwt_cache),
     "transcoder off on gRPC routes": Variant(_no_transcoder_on_grpc_routes),
     "+ JWT cache, transcoder off on gRPC routes": Variant(_all(_jwt_cache, _no_transcoder_on_grpc_routes)),
+    "as before: no JWT cache, transcoder on gRPC routes": Variant(_as_before_issue_17),
     "HTTP/2 windows 1 MiB": Variant(_h2_windows(1 << 20)),
     "buffer limits 32 KiB": Variant(_buffer_limits(32 << 10)),
     "--concurrency 2": Variant(arguments=("--concurrency", "2")),
