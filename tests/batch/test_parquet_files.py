@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tensorway.batch import parquet
 from tensorway.batch.domain import RowError, ShardPlan
 from tensorway.batch.inputs import InputError
 from tensorway.batch.parquet import AnsweredRows, cut_row_groups, parquet_bytes, part_table, read_shard
@@ -59,6 +60,48 @@ def test_a_shard_reads_its_row_range_in_full_requests() -> None:
     assert read.batches[0].rows[0] == 5350
     assert read.ids.to_pylist() == [f"r{i}" for i in range(350, 750)]
     np.testing.assert_array_equal(np.concatenate([b.inputs["input"] for b in read.batches]), rows[350:750])
+
+
+class CountedReads(io.BytesIO):
+    """A file that counts its reads: each is one ranged GET of an object in S3."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.reads = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads += 1
+        return super().read(size)
+
+
+def test_a_shard_of_a_file_whose_footer_is_known_is_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = np.random.default_rng(1).random((1000, 64), dtype=np.float32)
+    data = parquet_file(pa.table({"id": np.arange(1000), "input": fixed(rows)}), 250).getvalue()
+
+    def read(index: int, metadata: pq.FileMetaData | None) -> tuple[int, pq.FileMetaData]:
+        file = CountedReads(data)
+        shard = read_shard(
+            file,  # type: ignore[arg-type]
+            "u",
+            ShardPlan(index, index * 250, 250, 0, len(data), "u", index * 250),
+            signature=DIGITS,
+            columns={},
+            id_column="",
+            batch_rows=100,
+            metadata=metadata,
+        )
+        np.testing.assert_array_equal(
+            np.concatenate([b.inputs["input"] for b in shard.batches]), rows[index * 250 : (index + 1) * 250]
+        )
+        assert shard.ids.to_pylist() == list(range(index * 250, (index + 1) * 250))
+        return file.reads, shard.metadata
+
+    reads, footer = read(0, None)
+    assert reads == 2  # the footer, then the shard's two column chunks together
+    assert read(1, footer)[0] == 1
+    # Column chunks over the limit are read piece by piece, whatever their size.
+    monkeypatch.setattr(parquet, "PREFETCH_LIMIT_BYTES", 1000)
+    assert read(2, footer)[0] > 1
 
 
 def test_nulls_fail_their_rows_and_flat_variable_lists_feed_the_input() -> None:

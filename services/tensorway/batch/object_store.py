@@ -176,13 +176,15 @@ class ObjectStore:
 
     async def write(self, ref: ObjectRef, data: bytes, content_type: str) -> str:
         """Store `data` at `ref` (replacing what was there); returns its SHA-256, hex."""
-        await self._run(
-            ref,
-            lambda: self._client.put_object(
+
+        def call() -> str:
+            self._client.put_object(
                 ref.bucket, ref.key, io.BytesIO(data), len(data), content_type=content_type
-            ),
-        )
-        return hashlib.sha256(data).hexdigest()
+            )
+            # Hashed in the thread too: a part's megabytes would hold up the event loop.
+            return hashlib.sha256(data).hexdigest()
+
+        return await self._run(ref, call)
 
     async def delete(self, ref: ObjectRef) -> None:
         await self._run(ref, lambda: self._client.remove_object(ref.bucket, ref.key))

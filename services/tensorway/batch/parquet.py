@@ -42,6 +42,10 @@ MAX_INPUT_FILES = 10_000
 # Bytes a column's reader fetches at a time: one ranged GET each, and the most a column holds
 # in memory beyond the rows being decoded, however large its row groups are.
 READ_BUFFER_BYTES = 1 << 20
+# A shard whose column chunks hold at most this many (compressed) bytes is fetched in one ranged
+# GET; a larger one in READ_BUFFER_BYTES pieces, so a worker's memory never follows the size of
+# an input's row groups.
+PREFETCH_LIMIT_BYTES = 32 << 20
 DEFAULT_ID_COLUMN = "id"
 ERROR_COLUMN = "error"
 BYTES_TYPES = (pa.binary(), pa.large_binary(), pa.string(), pa.large_string())
@@ -54,9 +58,13 @@ def _arrow_failure(exc: pa.ArrowException) -> BaseException:
     return cause if isinstance(cause, StorageError) else exc
 
 
-def _open(file: RangedObject, uri: str) -> pq.ParquetFile:
+def _open(
+    file: RangedObject, uri: str, metadata: pq.FileMetaData | None = None, pre_buffer: bool = False
+) -> pq.ParquetFile:
+    """The file, its footer read unless `metadata` is given; with `pre_buffer` the column chunks
+    a read needs are fetched together, in as few ranged GETs as their places allow."""
     try:
-        return pq.ParquetFile(file, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+        return pq.ParquetFile(file, metadata=metadata, buffer_size=READ_BUFFER_BYTES, pre_buffer=pre_buffer)
     except pa.ArrowException as exc:
         failure = _arrow_failure(exc)
         if isinstance(failure, StorageError):
@@ -257,6 +265,8 @@ class ParquetShard:
     ids: pa.Array
     batches: list[Batch]
     errors: list[RowError]
+    metadata: pq.FileMetaData
+    """The file's footer, which a reader of the file's other shards may pass on to `read_shard`."""
 
 
 def _row_range(metadata: pq.FileMetaData, first: int, count: int) -> tuple[list[int], int]:
@@ -311,18 +321,24 @@ def read_shard(
     columns: Mapping[str, str],
     id_column: str,
     batch_rows: int,
+    metadata: pq.FileMetaData | None = None,
 ) -> ParquetShard:
     """Read a shard's rows of a Parquet file into batches of up to `batch_rows` rows.
 
-    `columns` names the column of each model input whose name differs from it. InputError when a
-    column cannot feed its input; nulls fail their rows only."""
-    parquet = _open(file, uri)
+    `columns` names the column of each model input whose name differs from it; `metadata` is the
+    file's footer when an earlier read of the same file gave it (ParquetShard.metadata), which
+    saves reading it again. InputError when a column cannot feed its input; nulls fail their rows
+    only."""
+    parquet = _open(file, uri, metadata)
     schema = parquet.schema_arrow
     feeds = [column_feed(schema, columns.get(spec.name, spec.name), spec, uri) for spec in signature.inputs]
     id_name = id_column or (DEFAULT_ID_COLUMN if DEFAULT_ID_COLUMN in schema.names else "")
     if id_name and id_name not in schema.names:
         raise InputError(f"is not usable: {uri} has no id column {id_name!r}")
     wanted = list(dict.fromkeys([*(f.column for f in feeds), *([id_name] if id_name else [])]))
+    groups, _ = _row_range(parquet.metadata, shard.source_row, shard.row_count)
+    if _chunk_bytes(parquet.metadata, groups, wanted) <= PREFETCH_LIMIT_BYTES:
+        parquet = _open(file, uri, parquet.metadata, pre_buffer=True)
     ids: list[pa.Array] = []
     batches: list[Batch] = []
     errors: list[RowError] = []
@@ -376,7 +392,22 @@ def read_shard(
             f"{shard.source_row + shard.row_count} of it were expected)"
         )
     id_type = ids[0].type if ids else pa.int64()
-    return ParquetShard(pa.concat_arrays(ids) if ids else pa.array([], id_type), batches, errors)
+    return ParquetShard(
+        pa.concat_arrays(ids) if ids else pa.array([], id_type), batches, errors, parquet.metadata
+    )
+
+
+def _chunk_bytes(metadata: pq.FileMetaData, groups: Sequence[int], columns: Sequence[str]) -> int:
+    """The compressed bytes of the named (top-level) columns in these row groups."""
+    total = 0
+    for index in groups:
+        group = metadata.row_group(index)
+        for number in range(group.num_columns):
+            chunk = group.column(number)
+            path = chunk.path_in_schema
+            if any(path == name or path.startswith(f"{name}.") for name in columns):
+                total += chunk.total_compressed_size
+    return total
 
 
 # --- writing a part ---------------------------------------------------------------------------

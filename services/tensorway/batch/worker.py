@@ -18,6 +18,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +26,7 @@ from typing import Any, cast
 
 import faust
 import grpc
+import pyarrow.parquet as pq
 from faust.transport.drivers import aiokafka as faust_kafka
 from faust.types import TP, EventT, StreamT, TransportT
 from opentelemetry import trace
@@ -57,6 +59,8 @@ from tensorway.tensors.signatures import ModelSignature, TensorSpec
 logger = logging.getLogger(__name__)
 # What a worker may do for a job's tenant: infer, with the tenant's own limits.
 WORKER_SCOPES = frozenset({Scope.INFER.value})
+# Parquet footers a worker keeps, the most recently read: a few jobs' files.
+FOOTERS_KEPT = 64
 
 
 class Settings(BatchSettings):
@@ -148,6 +152,8 @@ class ShardRunner:
         self._infer_slots = asyncio.Semaphore(settings.infer_concurrency)
         # (model, version) → the signature and when it was fetched (time.monotonic()).
         self._signatures: dict[tuple[str, str], tuple[ModelSignature, float]] = {}
+        # (job, Parquet file) → its footer, so a file's later shards cost one GET each, not three.
+        self._footers: OrderedDict[tuple[str, str], pq.FileMetaData] = OrderedDict()
 
     async def run(self, job_id: str, shard: int) -> None:
         """Process the shard unless it is finished, cancelled or another live worker's."""
@@ -297,6 +303,7 @@ class ShardRunner:
             if spec.input_format is InputFormat.PARQUET:
                 source = ObjectRef(input_ref.bucket, shard.source or input_ref.key)
                 columns = dict(spec.input_columns)
+                footer = (lease.job.id, source.uri)
                 read = await self._objects.with_file(
                     source,
                     shard.byte_end,
@@ -308,8 +315,13 @@ class ShardRunner:
                         columns=columns,
                         id_column=spec.id_column,
                         batch_rows=size,
+                        metadata=self._footers.get(footer),
                     ),
                 )
+                self._footers[footer] = read.metadata
+                self._footers.move_to_end(footer)
+                if len(self._footers) > FOOTERS_KEPT:
+                    self._footers.popitem(last=False)
                 batches, errors, ids = read.batches, read.errors, read.ids
             else:
                 data = await self._objects.read(
