@@ -19,7 +19,6 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -100,8 +99,9 @@ class Settings(BatchSettings):
     PostgreSQL write per shard in progress every 2 s by default)."""
     worker_id: str = ""
     """This worker's name in shard leases; empty makes one from the host and process id."""
-    lag_report_interval: timedelta = timedelta(seconds=5)
-    """How often the consumer lag gauge is updated from the worker's partitions."""
+    lag_report_interval: timedelta = timedelta(seconds=1)
+    """How often the consumer lag gauge is updated from the worker's partitions, and a partition
+    read past its end (a broker that lost its log) is read again from its start."""
     signature_ttl: timedelta = timedelta(minutes=1)
     """How long a model's signature is kept before it is asked for again, so a model whose
     inputs changed under the same name and version (re-registered, or a version left to the
@@ -415,33 +415,6 @@ class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = int(cast(_App, self.app).fetch_max_wait.total_seconds() * 1000)
         return consumer
 
-    async def seek_to_committed(self) -> Mapping[TP, int]:
-        return cast(Mapping[TP, int], await self.call_thread(self._seek_within_log))
-
-    async def _seek_within_log(self) -> dict[TP, int | None]:
-        """Seek to the committed offsets, except those past their partition's end, which only a
-        broker that lost its log holds (a worker resumed after the restart can commit its
-        offsets in the old log before it learns the group is gone): those partitions start from
-        their beginning. Apache Kafka answers a fetch past the end with OFFSET_OUT_OF_RANGE and
-        the consumer starts over by itself; Tansu waits until the log grows that long and then
-        skips every message before, so the shards published anew since the restart would wait
-        for more republishing to push the log past the stale offset."""
-        consumer = self._ensure_consumer()
-        committed: dict[TP, int | None] = await consumer.seek_to_committed()
-        ends = await consumer.end_offsets(list(committed))
-        past = [
-            tp for tp, offset in committed.items() if offset is not None and offset > ends.get(tp, offset)
-        ]
-        if past:
-            logger.warning(
-                "committed offsets past the log end: reading those partitions from the start",
-                extra={"partitions": sorted(f"{tp.topic}/{tp.partition}" for tp in past)},
-            )
-            await consumer.seek_to_beginning(*past)
-        # None: faust then neither drops the log's first messages as already read nor keeps the
-        # stale offset as committed.
-        return {tp: None if tp in past else offset for tp, offset in committed.items()}
-
 
 class _Consumer(faust_kafka.Consumer):
     def _new_consumer_thread(self) -> _ConsumerThread:
@@ -544,17 +517,39 @@ class BatchWorker:
         while True:
             await asyncio.sleep(self._lag_interval)
             try:
-                self._lag.report(
-                    [
-                        metrics.PartitionPosition(
-                            tp.topic, tp.partition, await consumer.position(tp), consumer.highwater(tp)
-                        )
-                        for tp in consumer.assignment()
-                    ]
-                )
+                positions = [
+                    metrics.PartitionPosition(
+                        tp.topic, tp.partition, await consumer.position(tp), consumer.highwater(tp)
+                    )
+                    for tp in consumer.assignment()
+                ]
+                self._lag.report(positions)
+                await self._reread_past_end(positions)
             # A rebalance or a broker outage leaves the gauge as it was until the next look.
             except Exception:
                 logger.debug("consumer lag not read this time", exc_info=True)
+
+    async def _reread_past_end(self, positions: list[metrics.PartitionPosition]) -> None:
+        """Read a partition again from its start when the worker stands past the end its last
+        fetch saw. Only a broker that lost its log leaves it there: a worker that finished old
+        shards across the restart commits their offsets to the new group before it learns the
+        group is gone, and the next assignment starts from them. Apache Kafka answers such a
+        fetch with OFFSET_OUT_OF_RANGE and the consumer starts over; Tansu holds it until the
+        log grows that long and skips every message before, so shards published anew would
+        wait for minutes of republishing. The fetch's high watermark is the end to trust:
+        Tansu's ListOffsets answers the last record batch's first offset + 1, below the end
+        whenever that batch holds more than one message, so checking at assignment would read
+        healthy partitions again at every rebalance. Shard messages are idempotent: reading
+        again costs only skipped duplicates."""
+        for at in positions:
+            if at.position is None or at.end is None or at.position <= at.end:
+                continue
+            logger.warning(
+                "position past the partition's end: reading it again from its start",
+                extra={"partition": f"{at.topic}/{at.partition}", "position": at.position, "end": at.end},
+            )
+            # faust's seek also forgets the offset it read last, below which it drops messages.
+            await self.app.consumer.seek(TP(at.topic, at.partition), 0)
 
     async def shutdown(self) -> None:
         """Leave the group and stop; safe to call twice."""
