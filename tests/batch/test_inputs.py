@@ -150,6 +150,8 @@ def row_by_row(data: bytes, signature: ModelSignature, batch_size: int) -> tuple
         (jsonl_lines({"inputs": {"x": [1, 2, 3], "w": [1]}}), SIGNATURE, False),
         (jsonl_lines({"inputs": {"x": [1.5, 2], "y": [1, 2, 3, 4], "z": True}}), MIXED, False),
         (b'{"inputs":{"x":[1,2,3]}}\n{oops\n', SIGNATURE, False),
+        # Nested deeper than any tensor: Arrow's parser would overflow its stack (SIGSEGV) on this.
+        (b'{"inputs":{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}}\n", SIGNATURE, False),
     ],
 )
 def test_jsonl_shards_read_by_columns_give_what_rows_give(
