@@ -225,6 +225,16 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float 
     raise RuntimeError(f"{address} did not become SERVING")
 
 
+def stop(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Terminate `process`, and kill it if it has not exited `grace` seconds later."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextmanager
 def serve(service: str, environment: Mapping[str, str], log: Path) -> Iterator[str]:
     """`tensorway serve SERVICE` as its own process until the block ends; yields its gRPC address.
@@ -249,12 +259,7 @@ def serve(service: str, environment: Mapping[str, str], log: Path) -> Iterator[s
             ) from None
         yield address
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, grace=30)
 
 
 def prefixed(service: str, settings: Mapping[str, str]) -> dict[str, str]:

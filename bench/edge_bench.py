@@ -56,6 +56,7 @@ from benchkit import (
     free_port,
     keep_in_flight,
     mode,
+    stop,
     sweep_cell,
 )
 from hopfloor import bare_envoy, bare_proxy
@@ -502,12 +503,7 @@ def variant_envoy(envoy: Path, shipped: Config, variant: Variant, workdir: Path)
             f"127.0.0.1:{port}", "transport_socket" in listener["filter_chains"][0], variant.rest, process.pid
         )
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 async def measure_variants(

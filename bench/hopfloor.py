@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from benchkit import free_port, wait_serving
+from benchkit import free_port, stop, wait_serving
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -89,12 +89,7 @@ def bare_proxy(upstream: str, log: Path) -> Iterator[str]:
         wait_serving(address, process)
         yield address
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -156,12 +151,7 @@ def bare_envoy(envoy: Path, upstream: str, workdir: Path) -> Iterator[str]:
         wait_serving(address, process)  # the upstream's health, through Envoy
         yield address
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def main() -> None:
