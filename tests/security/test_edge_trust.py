@@ -20,6 +20,7 @@ from tensorway.inference.v1 import inference_service_pb2 as inference_pb
 from tensorway.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
 from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from tests.waiting import eventually_blocking
 
 if TYPE_CHECKING:
     from tests.edge_mesh import Edge
@@ -183,6 +184,20 @@ def test_pool_addresses_are_the_admins_to_see(edge: Edge) -> None:
 def test_tokens_the_edge_refuses(edge: Edge, case: str, claims: dict[str, Any], status: int) -> None:
     reply = edge.http.get(f"{edge.url}/v1/models/iris", headers=bearer(signed(edge, **claims)), timeout=10)
     assert reply.status_code == status, (case, reply.status_code, reply.text)
+
+
+def test_a_token_envoy_has_kept_is_refused_once_it_expires(edge: Edge) -> None:
+    # Envoy keeps verified tokens (jwt_cache_config) and allows 60 s of clock skew: a token whose
+    # exp passed 45 s ago is still good, and is kept by its first call; 15 s on it must be refused
+    # all the same, although it is still kept.
+    now = int(time.time())
+    token = bearer(signed(edge, iat=now - 645, exp=now - 45))
+
+    def status() -> int:
+        return edge.http.get(f"{edge.url}/v1/models/iris", headers=token, timeout=10).status_code
+
+    assert status() == 200
+    eventually_blocking(lambda: status() == 401, within=60, interval=0.5, what="the kept token refused")
 
 
 def test_a_token_is_read_from_the_authorization_header_only(edge: Edge) -> None:
