@@ -10,9 +10,12 @@ until the time is up (the fault running then finishes). Reported:
   next one starts), and the worst p99 of each phase;
 - batch jobs, rows lost and rows duplicated, over every job;
 - each process's resident memory (RSS, with the processes of its group: Triton's model stubs)
-  and open file descriptors, sampled every --sample-every seconds, and the slope of the
-  least-squares line through them per hour. A component a fault restarted is a new process with
-  a series of its own; a series needs samples over at least a third of the run to show a trend.
+  and open file descriptors, sampled every --sample-every seconds. The trend is the slope of the
+  least-squares line, per hour, through the samples taken as each rotation of the faults ends:
+  points at the same place in the cycle, so a fault's own swing (a pool reconnecting, a peer
+  restarting) is not read as growth, and the first point comes after the start-up warm-up
+  (connection pools filling). A component a fault restarted is a new process with a series of
+  its own; a series needs three rotation ends to show a trend.
 
     .venv/bin/python bench/soak_bench.py [--minutes 30] [--sample-every 5] [--json PATH]
 """
@@ -20,6 +23,7 @@ until the time is up (the fault running then finishes). Reported:
 from __future__ import annotations
 
 import argparse
+import bisect
 import itertools
 import json
 import os
@@ -41,8 +45,8 @@ from tests.chaos.faults import FAULTS, PHASES, FaultRunner
 from tests.chaos.mesh import REQUESTS_PER_SECOND, chaos_state_dir, keep_logs, running_chaos_mesh
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-# A series shorter than this share of the run shows no trend worth a figure.
-MIN_SERIES_SHARE = 1 / 3
+# A series with fewer rotation ends than this shows no trend worth a figure.
+MIN_ROTATION_ENDS = 3
 # A process whose fitted line grows more than this share of its mean over the run is growing.
 GROWTH_SHARE = 0.10
 
@@ -113,16 +117,24 @@ def _slope_per_hour(points: list[Usage], value: str) -> float:
     return float(np.polyfit(hours, values, 1)[0])
 
 
-def trends(series: dict[tuple[str, int], list[Usage]], run_seconds: float) -> list[dict[str, Any]]:
-    """Per process: first and last RSS and fds, and the fitted growth per hour where it has one."""
+def _at_marks(points: list[Usage], marks: list[float]) -> list[Usage]:
+    """The last sample at or before each mark that falls within the series."""
+    times = [p.at for p in points]
+    return [points[bisect.bisect_right(times, mark) - 1] for mark in marks if times[0] <= mark <= times[-1]]
+
+
+def trends(series: dict[tuple[str, int], list[Usage]], rotation_ends: list[float]) -> list[dict[str, Any]]:
+    """Per process: first and last RSS and fds, and the growth per hour fitted through its samples
+    at the rotation ends, where it has enough of them."""
     rows = []
     for (name, pid), points in sorted(series.items()):
-        span = points[-1].at - points[0].at
-        fitted = len(points) >= 3 and span >= MIN_SERIES_SHARE * run_seconds
-        rss_slope = _slope_per_hour(points, "rss_bytes") / 2**20 if fitted else None
-        fds_slope = _slope_per_hour(points, "open_fds") if fitted else None
-        mean_rss = sum(p.rss_bytes for p in points) / len(points) / 2**20
-        mean_fds = sum(p.open_fds for p in points) / len(points)
+        marked = _at_marks(points, rotation_ends)
+        fitted = len(marked) >= MIN_ROTATION_ENDS
+        rss_slope = _slope_per_hour(marked, "rss_bytes") / 2**20 if fitted else None
+        fds_slope = _slope_per_hour(marked, "open_fds") if fitted else None
+        span = marked[-1].at - marked[0].at if fitted else 0.0
+        mean_rss = sum(p.rss_bytes for p in marked) / len(marked) / 2**20 if fitted else 0.0
+        mean_fds = sum(p.open_fds for p in marked) / len(marked) if fitted else 0.0
         growing = fitted and (
             (rss_slope or 0.0) * span / 3600 > GROWTH_SHARE * mean_rss
             or (fds_slope or 0.0) * span / 3600 > max(GROWTH_SHARE * mean_fds, 2)
@@ -132,7 +144,8 @@ def trends(series: dict[tuple[str, int], list[Usage]], run_seconds: float) -> li
                 "process": name,
                 "pid": pid,
                 "samples": len(points),
-                "minutes": round(span / 60, 1),
+                "rotation_ends": len(marked),
+                "minutes": round((points[-1].at - points[0].at) / 60, 1),
                 "rss_mib_first": round(points[0].rss_bytes / 2**20, 1),
                 "rss_mib_last": round(points[-1].rss_bytes / 2**20, 1),
                 "rss_mib_per_hour": None if rss_slope is None else round(rss_slope, 1),
@@ -140,6 +153,7 @@ def trends(series: dict[tuple[str, int], list[Usage]], run_seconds: float) -> li
                 "fds_last": points[-1].open_fds,
                 "fds_per_hour": None if fds_slope is None else round(fds_slope, 1),
                 "growing": growing,
+                "series": [(round(p.at - points[0].at, 1), p.rss_bytes, p.open_fds) for p in points],
             }
         )
     return rows
@@ -156,6 +170,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def soak(minutes: float, sample_every: float) -> dict[str, Any]:
     state_dir = chaos_state_dir()
     faults: list[dict[str, Any]] = []
+    rotation_ends: list[float] = []
     failed_run = True
     try:
         with running_chaos_mesh(state_dir) as mesh:
@@ -169,6 +184,8 @@ def soak(minutes: float, sample_every: float) -> dict[str, Any]:
                         break
                     row, _ = runner.run(fault)
                     faults.append(row)
+                    if len(faults) % len(FAULTS) == 0:
+                        rotation_ends.append(time.monotonic())
                     print(
                         f"{(time.monotonic() - started) / 60:5.1f} min  {fault.label}: "
                         f"{row['failed']}/{row['requests']} failed, rows lost {row['rows_lost']}, "
@@ -183,7 +200,7 @@ def soak(minutes: float, sample_every: float) -> dict[str, Any]:
         if failed_run:
             print(f"soak: the servers' logs are in {keep_logs(state_dir)}", file=sys.stderr)
         shutil.rmtree(state_dir, ignore_errors=True)
-    processes = trends(watch.series, run_seconds)
+    processes = trends(watch.series, rotation_ends)
     requests = sum(row["requests"] for row in faults)
     failed = sum(row["failed"] for row in faults)
     return {
@@ -191,6 +208,7 @@ def soak(minutes: float, sample_every: float) -> dict[str, Any]:
         "minutes": round(run_seconds / 60, 1),
         "requests_per_second": REQUESTS_PER_SECOND,
         "faults": len(faults),
+        "rotations": len(rotation_ends),
         "requests": requests,
         "failed": failed,
         "failed_pct": round(100 * failed / requests, 3) if requests else 0.0,
@@ -224,7 +242,10 @@ def main() -> None:
     print()
     print(_table(result["fault_rows"], ["fault", "requests", "failed", *(f"p99_{p}_ms" for p in PHASES)]))
     print()
-    columns = ["process", "pid", "samples", "minutes", "rss_mib_first", "rss_mib_last", "rss_mib_per_hour"]
+    columns = [
+        *("process", "pid", "samples", "rotation_ends", "minutes"),
+        *("rss_mib_first", "rss_mib_last", "rss_mib_per_hour"),
+    ]
     print(_table(result["processes"], [*columns, "fds_first", "fds_last", "fds_per_hour", "growing"]))
     ok = result["failed_pct"] <= 0.1 and result["rows_lost"] == result["rows_duplicated"] == 0
     sys.exit(0 if ok and not result["growing"] else 1)
