@@ -85,6 +85,7 @@ async def test_a_heartbeat_renews_without_changing_the_route(stub: Stub) -> None
     first = await join(stub, deployed.pool, MEMBER)
     joined = await first_update(stub, deployed.model)
     renewed = await join(stub, deployed.pool, MEMBER)
+    assert (first.joined, renewed.joined) == (True, False)
     assert renewed.expire_time.ToDatetime() >= first.expire_time.ToDatetime()
     again = await first_update(stub, deployed.model)
     assert again.revision == joined.revision, "a renewal is not a change of the route table"
@@ -120,6 +121,9 @@ async def test_a_member_whose_lease_runs_out_leaves_by_itself(
         return await routed_endpoints(stub, deployed.model) == [STATIC, OTHER_MEMBER]
 
     await eventually(expired, what="the member with a 1 s lease gone from the route")
+    # Its next heartbeat is a new membership, which the answer says.
+    assert (await join(stub, deployed.pool, MEMBER, seconds=300)).joined
+    assert (await join(stub, deployed.pool, OTHER_MEMBER, seconds=300)).joined is False
 
 
 async def test_joining_without_the_internal_identity_is_refused_and_changes_nothing(

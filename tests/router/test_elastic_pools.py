@@ -238,3 +238,36 @@ async def test_orchestrators_join_get_traffic_and_leave_when_killed_or_stopped(
         await router.server.stop()
         for member in members:
             await member.kill()
+
+
+async def test_an_orchestrator_whose_membership_lapsed_joins_again_with_its_states(
+    registry: RunningRegistry,
+    own_triton: str,
+    demo_signatures: dict[str, registry_pb.VersionRoute],
+) -> None:
+    """The registry drops a member and what it reported when its lease runs out, as when the
+    registry itself was out of reach for longer than the lease; the orchestrator's next heartbeat
+    joins anew and reports its models' states again, so the pool's routes send it traffic again
+    rather than leave its peer alone. An admin's LeavePool drops the same rows, at a known time."""
+    await deploy_on_elastic_pool(registry, demo_signatures[MODEL])
+    dropped = PoolMember(own_triton, registry.address, SHORT_LEASE)
+    peer = PoolMember(own_triton, registry.address, SHORT_LEASE)
+    await asyncio.gather(dropped.start(), peer.start())
+    try:
+
+        async def both_routed() -> bool:
+            return await routed_endpoints(registry) == {dropped.address, peer.address}
+
+        await eventually(both_routed, what="both orchestrators in the pool's route")
+        await registry.stub.LeavePool(
+            registry_pb.LeavePoolRequest(pool=f"pools/{POOL}", endpoint=dropped.address)
+        )
+        assert await routed_endpoints(registry) == {peer.address}
+        await eventually(both_routed, what="the dropped orchestrator back in the route, ready")
+        resolved = await registry.stub.ResolveModel(registry_pb.ResolveModelRequest(name=f"models/{MODEL}"))
+        (version,) = resolved.route.versions
+        reporters = {triton.endpoint for triton in version.readiness.tritons}
+        assert dropped.address in reporters, version.readiness
+    finally:
+        for member in (dropped, peer):
+            await member.kill()

@@ -226,6 +226,11 @@ class ModelPlacement:
         """Report the versions' states to `reporter` from `run()` on."""
         self._reporter = reporter
 
+    def report_again(self) -> None:
+        """Report the states again though none changed: the registry dropped the last report
+        with a membership whose lease ran out."""
+        self._report_due.set()
+
     async def run(self) -> None:
         """Place the initial models, then follow the deployment source until cancelled.
 

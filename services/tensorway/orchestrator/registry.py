@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import timedelta
 
 import grpc
@@ -137,6 +137,7 @@ class PoolMembership:
         lease: timedelta,
         heartbeat: timedelta,
         timeout: timedelta = timedelta(seconds=2),
+        on_joined: Callable[[], None] = lambda: None,
     ) -> None:
         self._channel = create_channel(address)
         self._stub = registry_grpc.RegistryServiceStub(self._channel)
@@ -150,22 +151,26 @@ class PoolMembership:
         self._timeout = min(timeout, heartbeat).total_seconds()
         self.joined = asyncio.Event()
         """Set once the registry has taken this orchestrator into the pool."""
+        self._on_joined = on_joined
 
     async def run(self) -> None:
         request = registry_pb.JoinPoolRequest(pool=self._pool_name, endpoint=self._endpoint)
         request.lease_duration.FromTimedelta(self._lease)
         while True:
             try:
-                await self._stub.JoinPool(
+                response = await self._stub.JoinPool(
                     request, timeout=self._timeout, metadata=admin_metadata(SYSTEM_TENANT)
                 )
             except grpc.aio.AioRpcError as error:
                 logger.warning("cannot join %s as %s: %s", self._pool_name, self._endpoint, error.details())
                 await asyncio.sleep(self._retry)
                 continue
-            if not self.joined.is_set():
+            if response.joined:
+                # The first join, or one after the lease ran out while the registry was out of
+                # reach: the registry forgot what this orchestrator reported with its membership.
                 logger.info("joined %s as %s", self._pool_name, self._endpoint)
-                self.joined.set()
+                self._on_joined()
+            self.joined.set()
             await asyncio.sleep(self._heartbeat)
 
     async def leave(self) -> None:

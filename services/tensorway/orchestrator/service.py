@@ -302,6 +302,7 @@ async def create(
                 advertised,
                 lease=settings.pool_lease,
                 heartbeat=settings.pool_heartbeat,
+                on_joined=placement.report_again,
             )
             stack.push_async_callback(membership.close)
             heartbeats: list[asyncio.Task[None]] = []

@@ -519,9 +519,10 @@ class Registry:
 
     # Pool membership (`membership` has the rule)
 
-    async def join_pool(self, pool: str, endpoint: str, lease: timedelta) -> datetime:
-        """Make `endpoint` a member of `pool` for `lease`, or renew it; returns when it expires.
-        A new member changes the routes of the pool's models; a renewal changes nothing."""
+    async def join_pool(self, pool: str, endpoint: str, lease: timedelta) -> tuple[datetime, bool]:
+        """Make `endpoint` a member of `pool` for `lease`, or renew it; returns when it expires
+        and whether it joined just now. A new member changes the routes of the pool's models; a
+        renewal changes nothing."""
         membership.check_member(pool, endpoint, lease, self._endpoint_allow)
         async with self._store.write() as tx:
             expire_time, joined = await tx.join_pool(pool, endpoint, lease)
@@ -530,7 +531,7 @@ class Registry:
         await self._committed(tx.change)
         if joined:
             logger.info("pool member joined", extra={"pool": pool, "endpoint": endpoint})
-        return expire_time
+        return expire_time, joined
 
     async def leave_pool(self, pool: str, endpoint: str) -> None:
         """Remove `endpoint` from `pool`'s members at once; leaving twice is no error."""

@@ -353,10 +353,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         access.require_write()
         refuse_nul(request)
         (pool,) = parse_name(request.pool, "pool", "pools")
-        expire_time = await self.registry.join_pool(
+        expire_time, joined = await self.registry.join_pool(
             pool, request.endpoint, request.lease_duration.ToTimedelta()
         )
-        response = pb.JoinPoolResponse()
+        response = pb.JoinPoolResponse(joined=joined)
         response.expire_time.FromDatetime(expire_time)
         return response
 

@@ -2010,6 +2010,12 @@ class JoinPoolResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    JOINED_FIELD_NUMBER: _builtins.int
+    joined: _builtins.bool
+    """True when this call made the endpoint a member: it was none, or its lease had run out (the
+    registry unreachable for longer than the lease, say). What it reported of its models' states
+    went with the old membership, and the pool's routes send it no traffic until it reports again.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the membership ends unless renewed, by the registry's clock."""
@@ -2018,10 +2024,11 @@ class JoinPoolResponse(_message.Message):
         self,
         *,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        joined: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "joined", b"joined"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
