@@ -21,8 +21,9 @@ from tensorway.registry.domain import (
     TrafficSplit,
     build_route,
 )
-from tensorway.registry.routes import WATCHER_BACKLOG, PublishedRoutes
+from tensorway.registry.routes import WATCHER_BACKLOG, PublishedRoutes, RouteSync
 from tensorway.registry.rows import MAX_PAGE_SIZE
+from tensorway.registry.store import RegistryStore
 from tensorway.registry.validation import EndpointAllowList, parse_model_filter, parse_model_version_filter
 from tensorway.runtime import InvalidArgument, NotFound
 from tensorway.runtime.postgres import PageCursor
@@ -180,6 +181,53 @@ async def test_changes_published_on_redis_reach_subscribers(cache: RedisCache) -
             break
     assert first.result() == Change(revision=99, models=frozenset({"m"}), keys=frozenset())
     await received.aclose()
+
+
+async def test_registries_on_other_databases_of_one_redis_do_not_hear_each_other(
+    cache: RedisCache, redis_url: str
+) -> None:
+    """Redis's channels span its databases: a registry on database 6 of the same server announces
+    revisions of another PostgreSQL, which this registry must never wait for."""
+    other = RedisCache.connect(
+        redis_url.rsplit("/", 1)[0] + "/6",
+        timeout=timedelta(seconds=1),
+        ttl=timedelta(seconds=30),
+        outage_backoff=timedelta(seconds=1),
+    )
+    received = cache.changes(timedelta(milliseconds=100))
+    first = asyncio.ensure_future(anext(received))
+    foreign = Change(revision=10**9, models=frozenset({"m"}), keys=frozenset())
+    own = Change(revision=99, models=frozenset({"m"}), keys=frozenset())
+    try:
+        for _ in range(50):  # until the subscription is in place
+            # One server delivers in the order published: the other's change would come first.
+            await other.publish(foreign)
+            await cache.publish(own)
+            done, _ = await asyncio.wait({first}, timeout=0.05)
+            if done:
+                break
+        assert first.result() == own
+    finally:
+        await received.aclose()
+        await other.close()
+
+
+async def test_a_change_announced_past_the_database_gets_the_databases_answer(
+    cache: RedisCache, postgres_url: str
+) -> None:
+    """A route asked for at a revision PostgreSQL has not got is answered from PostgreSQL: the
+    registry does not ask again and again for a revision that is not coming."""
+    store = await RegistryStore.open(
+        postgres_url, pool_size=2, wait=timedelta(seconds=5), retry_after=timedelta(seconds=1)
+    )
+    try:
+        sync = RouteSync(PublishedRoutes(), store, cache, timedelta(seconds=1))
+        # A deadline, not a timing claim: without one, a spinning load would hang the suite.
+        loaded = await asyncio.wait_for(sync.load_route(f"m-{unique()}", min_revision=10**12), 60)
+        assert loaded.value is None
+        assert loaded.revision < 10**12
+    finally:
+        await store.close()
 
 
 def test_filters_are_parsed_strictly() -> None:

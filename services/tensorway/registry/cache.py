@@ -33,7 +33,6 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 PREFIX = "tensorway:registry:"
-CHANGES_CHANNEL = PREFIX + "changes"
 # A value is the revision as 20 zero-padded digits, a kind byte, then the payload; padded
 # digits compare as text in the same order as the numbers they write.
 REVISION_DIGITS = 20
@@ -114,6 +113,11 @@ class RedisCache:
 
     def __init__(self, client: redis.Redis, ttl: timedelta, outage_backoff: timedelta) -> None:
         self._client = client
+        # Redis's channels are one namespace for the whole server, unlike its keys: registries
+        # with a database each on one Redis must not hear each other's changes, whose
+        # revisions are of another PostgreSQL.
+        database = client.connection_pool.connection_kwargs.get("db", 0)
+        self._changes_channel = f"{PREFIX}changes:{database}"
         self._ttl_ms = int(ttl.total_seconds() * 1000)
         self._outage_backoff = outage_backoff.total_seconds()
         self._set_if_not_newer = client.register_script(SET_IF_NOT_NEWER)
@@ -204,7 +208,7 @@ class RedisCache:
         if not self.up:
             return
         try:
-            await self._client.publish(CHANGES_CHANNEL, change_to_json(change))
+            await self._client.publish(self._changes_channel, change_to_json(change))
         except (RedisError, OSError) as exc:
             self._failed(exc)
 
@@ -213,7 +217,7 @@ class RedisCache:
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(CHANGES_CHANNEL)
+                await pubsub.subscribe(self._changes_channel)
                 while True:
                     # A timeout instead of blocking forever: a dead connection shows up as an error.
                     message = await pubsub.get_message(timeout=reconnect_delay.total_seconds() * 10)

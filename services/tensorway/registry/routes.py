@@ -170,12 +170,16 @@ class RouteSync:
 
     async def load_route(self, model: str, min_revision: int = 0) -> Versioned[Route | None]:
         """The model's route at `min_revision` or newer: from Redis when it has one that recent,
-        else from PostgreSQL (which then refills Redis). One load per model at a time."""
-        while True:
-            loaded = await self._flights.do(model, lambda: self._fetch_route(model, min_revision))
-            # A load that was already under way may predate the revision this caller needs.
-            if loaded.revision >= min_revision:
-                return loaded
+        else from PostgreSQL (which then refills Redis). One load per model at a time.
+
+        PostgreSQL's answer stands even when it is older than `min_revision`: a change announced
+        with a revision the database has not got can only come from elsewhere, and asking
+        again would spin."""
+        loaded = await self._flights.do(model, lambda: self._fetch_route(model, min_revision))
+        if loaded.revision >= min_revision:
+            return loaded
+        # That load was already under way, and may predate the revision this caller needs.
+        return await self._fetch_route(model, min_revision)
 
     async def _fetch_route(self, model: str, min_revision: int) -> Versioned[Route | None]:
         key = route_key(model)
