@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf import duration_pb2
 
@@ -44,7 +45,12 @@ async def routed_endpoints(stub: Stub, model: str) -> list[str]:
 
 @pytest.fixture
 async def fast_sweeping_registry(postgres_url: str, redis_url: str) -> AsyncIterator[RunningRegistry]:
-    running = await start_registry(postgres_url, redis_url, pool_member_sweep_interval=timedelta(seconds=0.2))
+    running = await start_registry(
+        postgres_url,
+        redis_url,
+        pool_member_sweep_interval=timedelta(seconds=0.2),
+        pool_member_sweep_grace=timedelta(0),
+    )
     yield running
     await running.stop()
 
@@ -124,6 +130,41 @@ async def test_a_member_whose_lease_runs_out_leaves_by_itself(
     # Its next heartbeat is a new membership, which the answer says.
     assert (await join(stub, deployed.pool, MEMBER, seconds=300)).joined
     assert (await join(stub, deployed.pool, OTHER_MEMBER, seconds=300)).joined is False
+
+
+async def test_a_registry_that_starts_lets_members_renew_leases_that_ran_out_while_it_was_away(
+    postgres_url: str, redis_url: str
+) -> None:
+    """A registry restart (or a PostgreSQL outage) longer than a lease: the live members could
+    not renew meanwhile, and the registry that comes back must not drop them all at its first
+    sweep; a member renewing within the grace stays, with its place in the routes."""
+    sweeps = {"pool_member_sweep_interval": timedelta(seconds=0.2)}
+    first = await start_registry(postgres_url, redis_url, **sweeps, pool_member_sweep_grace=timedelta(0))
+    deployed = await deploy(first.stub, versions=1, endpoints=())
+    await join(first.stub, deployed.pool, MEMBER, seconds=1)
+    await first.stop()
+
+    # Autocommit: in a transaction, now() would stay the time it began.
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as connection:
+
+        async def lapsed() -> bool:
+            cursor = await connection.execute(
+                "SELECT expire_time < now() FROM pool_members WHERE pool = %s AND endpoint = %s",
+                (deployed.pool, MEMBER),
+            )
+            row = await cursor.fetchone()
+            return row is not None and bool(row[0])
+
+        await eventually(lapsed, what="the member's 1 s lease run out while no registry ran")
+
+    grace = timedelta(minutes=2)
+    second = await start_registry(postgres_url, redis_url, **sweeps, pool_member_sweep_grace=grace)
+    try:
+        renewed = await join(second.stub, deployed.pool, MEMBER, seconds=300)
+        assert not renewed.joined, "the member was swept before it could renew"
+        assert await routed_endpoints(second.stub, deployed.model) == [MEMBER]
+    finally:
+        await second.stop()
 
 
 async def test_joining_without_the_internal_identity_is_refused_and_changes_nothing(

@@ -61,17 +61,25 @@ class MemberSweep:
 
     Every replica sweeps; the delete is one statement, so each expired member is removed (and
     announced) by exactly one of them.
+
+    A registry that starts has likely been away (a restart), and a sweep that fails means
+    PostgreSQL is: either way members could not renew, and their leases may have run out
+    meanwhile. Sweeping at once would drop every live member of a pool, and its routes with
+    them, until each joined again; so the next sweep waits `grace`, time for them to renew.
     """
 
-    def __init__(self, registry: Registry, interval: timedelta) -> None:
+    def __init__(self, registry: Registry, interval: timedelta, grace: timedelta) -> None:
         self._registry = registry
         self._interval = interval.total_seconds()
+        self._grace = grace.total_seconds()
 
     async def run(self) -> None:
+        await asyncio.sleep(self._grace)
         while True:
             try:
                 await self._registry.expire_pool_members()
             except TensorwayError as error:
-                # PostgreSQL is away: members cannot renew either; the next sweep catches up.
                 logger.warning("sweeping expired pool members failed: %s", error)
+                await asyncio.sleep(self._grace)
+                continue
             await asyncio.sleep(self._interval)

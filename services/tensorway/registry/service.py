@@ -98,6 +98,11 @@ class Settings(ServiceSettings):
     """How often expired pool members are removed: a dead orchestrator's lease plus this long
     bounds how long routers are still sent to it. Each sweep is one indexed DELETE."""
 
+    pool_member_sweep_grace: timedelta = timedelta(seconds=10)
+    """No sweep for this long after the registry starts or after a sweep fails (PostgreSQL
+    away): the members could not renew while it was away, and their leases may have run out
+    meanwhile. The orchestrators' default lease; a dead one is removed this much later then."""
+
     rollout_tick: timedelta = timedelta(seconds=1)
     """How often each replica looks for rollout steps that are due (one replica takes each);
     a step is judged at most this long after its interval ends."""
@@ -462,7 +467,8 @@ async def create(settings: Settings) -> tuple[ServiceServer, int]:
 
     async def start_sweep() -> None:
         # Stopped before the registry closes (cleanups run last added first).
-        sweeping.append(asyncio.create_task(MemberSweep(registry, settings.pool_member_sweep_interval).run()))
+        sweep = MemberSweep(registry, settings.pool_member_sweep_interval, settings.pool_member_sweep_grace)
+        sweeping.append(asyncio.create_task(sweep.run()))
 
     async def stop_sweep() -> None:
         for task in sweeping:
