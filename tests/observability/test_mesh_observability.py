@@ -14,11 +14,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -253,20 +253,43 @@ def _with_triton(spans: list[ReceivedSpan]) -> bool:
 TRACE_TRIES = 3
 
 
-def _traced(mesh: ObservedMesh) -> tuple[str, list[ReceivedSpan]]:
-    """The caller's span id and the trace's spans, for one fresh request with a sampled traceparent."""
+T = TypeVar("T")
+# Finds a complete trace (or what a test wants of it) among the received spans.
+Finder = Callable[[list[ReceivedSpan]], T | None]
+
+
+def _retried(
+    mesh: ObservedMesh, attempt: Callable[[], tuple[Finder[T], Callable[[list[ReceivedSpan]], object]]]
+) -> tuple[T, list[ReceivedSpan]]:
+    """What a traced request or job finds among the received spans, and the spans. `attempt()`
+    makes one and returns how to find its complete trace and how to describe what came instead;
+    tried up to TRACE_TRIES times, each try with a fresh request."""
     incomplete = []
     for _ in range(TRACE_TRIES):
+        find, explain = attempt()
+        spans = mesh.receiver.store.wait_for(lambda spans, find=find: find(spans) is not None, timeout=30)
+        found = find(spans)
+        if found is not None:
+            return found, spans
+        incomplete.append(explain(spans))
+    raise AssertionError(incomplete, mesh.receiver.store.summary())
+
+
+def _traced(mesh: ObservedMesh) -> tuple[str, list[ReceivedSpan]]:
+    """The caller's span id and the trace's spans, for one fresh request with a sampled traceparent."""
+
+    def attempt() -> tuple[Finder[tuple[str, list[ReceivedSpan]]], Callable[[list[ReceivedSpan]], object]]:
         trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
         _infer_with_trace(mesh.state.addresses()["router"], f"00-{trace_id}-{caller_span}-01")
-        spans = mesh.receiver.store.wait_for(
-            lambda spans, trace_id=trace_id: _with_triton(_trace_of(spans, trace_id)), timeout=30
-        )
-        trace = _trace_of(spans, trace_id)
-        if _with_triton(trace):
-            return caller_span, trace
-        incomplete.append([(s.service, s.name) for s in trace])
-    raise AssertionError(incomplete, mesh.receiver.store.summary())
+
+        def find(spans: list[ReceivedSpan]) -> tuple[str, list[ReceivedSpan]] | None:
+            trace = _trace_of(spans, trace_id)
+            return (caller_span, trace) if _with_triton(trace) else None
+
+        return find, lambda spans: [(s.service, s.name) for s in _trace_of(spans, trace_id)]
+
+    found, _ = _retried(mesh, attempt)
+    return found
 
 
 def _shard_traces(spans: list[ReceivedSpan], job_id: str) -> dict[str, list[tuple[str, str, str, str]]]:
@@ -336,6 +359,10 @@ def _envoy_roots(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:
     return {span.trace_id: span for span in spans if span.service == "envoy" and not span.parent_span_id}
 
 
+def _envoy_spans(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+    return [span for span in spans if span.service == "envoy"]
+
+
 def _infer_through_envoy(mesh: ObservedMesh, *metadata: tuple[str, str]) -> None:
     token = _edge_token(mesh, Scope.INFER)
     with _edge_channel(mesh) as channel:
@@ -356,17 +383,12 @@ def test_a_client_asks_envoy_for_its_trace_with_x_client_trace_id(mesh: Observed
                 return trace if _with_triton(trace) else None
         return None
 
-    # As in `_traced`: a request whose spans an exporter dropped is tried again.
-    for _ in range(TRACE_TRIES):
+    def attempt() -> tuple[Finder[list[ReceivedSpan]], Callable[[list[ReceivedSpan]], object]]:
         client_trace_id = uuid.uuid4().hex
         _infer_through_envoy(mesh, ("x-client-trace-id", client_trace_id))
-        spans = mesh.receiver.store.wait_for(
-            lambda spans, tid=client_trace_id: traced_inference(spans, tid) is not None, timeout=30
-        )
-        trace = traced_inference(spans, client_trace_id)
-        if trace is not None:
-            break
-    assert trace is not None, [span for span in spans if span.service == "envoy"]
+        return lambda spans: traced_inference(spans, client_trace_id), _envoy_spans
+
+    trace, _ = _retried(mesh, attempt)
     (envoy,) = [span for span in trace if span.service == "envoy"]
     assert not envoy.parent_span_id
     _assert_inference_chain(trace, envoy, "iris")
@@ -385,8 +407,9 @@ def test_x_client_trace_id_beside_a_sampled_traceparent(mesh: ObservedMesh) -> N
         ]
         return tagged[0] if tagged and _with_triton(_trace_of(spans, tagged[0].trace_id)) else None
 
-    # As in `_traced`: a request whose spans an exporter dropped is tried again.
-    for _ in range(TRACE_TRIES):
+    sent: list[tuple[str, str]] = []
+
+    def attempt() -> tuple[Finder[ReceivedSpan], Callable[[list[ReceivedSpan]], object]]:
         trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
         client_trace_id = uuid.uuid4().hex
         _infer_through_envoy(
@@ -394,13 +417,11 @@ def test_x_client_trace_id_beside_a_sampled_traceparent(mesh: ObservedMesh) -> N
             ("traceparent", f"00-{trace_id}-{client_span}-01"),
             ("x-client-trace-id", client_trace_id),
         )
-        spans = mesh.receiver.store.wait_for(
-            lambda spans, tid=client_trace_id: envoy_span(spans, tid) is not None, timeout=30
-        )
-        envoy = envoy_span(spans, client_trace_id)
-        if envoy is not None:
-            break
-    assert envoy is not None, [span for span in spans if span.service == "envoy"]
+        sent.append((trace_id, client_span))
+        return lambda spans: envoy_span(spans, client_trace_id), _envoy_spans
+
+    envoy, spans = _retried(mesh, attempt)
+    trace_id, client_span = sent[-1]
     assert (envoy.trace_id, envoy.parent_span_id) == (trace_id, client_span)
     _assert_inference_chain(_trace_of(spans, trace_id), envoy, "iris")
 
@@ -500,18 +521,11 @@ def test_a_batch_rows_trace_crosses_kafka(mesh: ObservedMesh) -> None:
                 return trace
         return None
 
-    # As in `_traced`: a job whose spans an exporter dropped is tried again with a fresh one.
-    incomplete = []
-    for _ in range(TRACE_TRIES):
+    def attempt() -> tuple[Finder[list[ReceivedSpan]], Callable[[list[ReceivedSpan]], object]]:
         job_id = _traced_job(mesh, auth)
-        spans = mesh.receiver.store.wait_for(
-            lambda spans, job_id=job_id: shard_trace(spans, job_id) is not None, timeout=30
-        )
-        trace = shard_trace(spans, job_id)
-        if trace is not None:
-            break
-        incomplete.append(_shard_traces(spans, job_id))
-    assert trace is not None, (incomplete, mesh.receiver.store.summary())
+        return lambda spans: shard_trace(spans, job_id), lambda spans: _shard_traces(spans, job_id)
+
+    trace, _ = _retried(mesh, attempt)
     envoy = _only(trace, "envoy", "")
     assert not envoy.parent_span_id
     submit = _only(trace, "batch", "/CreateJob")
