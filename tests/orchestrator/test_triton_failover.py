@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -13,7 +14,13 @@ from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.waiting import PATIENCE, eventually
 
 from .conftest import StartOrchestrator, TcpProxy
+from .test_models import SERVING, health_becomes
 from .test_streams import held_at, offset_of, simple_request
+
+# Readiness is polled once, at start-up, and the test waits for that poll: a poll held by the
+# stalled proxy would time out and take the first Triton out of the choice before any request
+# reaches it.
+NO_LATER_POLLS = timedelta(hours=1)
 
 
 @pytest.fixture
@@ -27,7 +34,10 @@ async def second_proxy(triton_grpc: str) -> AsyncIterator[TcpProxy]:
 async def test_a_request_whose_stream_breaks_runs_on_the_other_triton(
     start_orchestrator: StartOrchestrator, triton_proxy: TcpProxy, second_proxy: TcpProxy
 ) -> None:
-    address = await start_orchestrator(triton_proxy.address, second_proxy.address, streams_per_triton=1)
+    address = await start_orchestrator(
+        triton_proxy.address, second_proxy.address, streams_per_triton=1, health_interval=NO_LATER_POLLS
+    )
+    await health_becomes(address, "models/simple", SERVING)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         await stub.Infer(simple_request("warm", 0))
@@ -56,8 +66,13 @@ async def test_a_stalled_triton_is_hedged_to_the_other(
     start_orchestrator: StartOrchestrator, triton_proxy: TcpProxy, second_proxy: TcpProxy
 ) -> None:
     address = await start_orchestrator(
-        triton_proxy.address, second_proxy.address, streams_per_triton=1, hedge_after="PT0.1S"
+        triton_proxy.address,
+        second_proxy.address,
+        streams_per_triton=1,
+        hedge_after="PT0.1S",
+        health_interval=NO_LATER_POLLS,
     )
+    await health_becomes(address, "models/simple", SERVING)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         await stub.Infer(simple_request("warm", 0))
