@@ -9,9 +9,12 @@ import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,6 +29,7 @@ import psycopg
 import pytest
 import urllib3
 from minio import Minio
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from tritonclient.grpc import aio as triton_aio
 
@@ -176,6 +180,8 @@ class Pipeline:
     logs: Path
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    metrics_ports: dict[int, int] = field(default_factory=dict)
+    """Each worker's metrics port, by process id."""
 
     @property
     def api_settings(self) -> batch_service.Settings:
@@ -198,8 +204,10 @@ class Pipeline:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         """A `tensorway serve batch-worker` process, tied to this test process's life."""
+        metrics_port = self.worker_options.get("METRICS_PORT") or str(free_port())
         worker = {
             **self.backends,
+            "METRICS_PORT": metrics_port,
             **self.worker_options,
             "SHARDS_TOPIC": f"batch-tests-{self.run}",
             "CONSUMER_GROUP": f"batch-tests-{self.run}",
@@ -218,7 +226,22 @@ class Pipeline:
         )
         log.close()
         self.workers.append(process)
+        self.metrics_ports[process.pid] = int(metrics_port)
         return process
+
+    def shards_running(self) -> dict[int, float | None]:
+        """Each running worker's count of the shard messages it is handling now, by process id;
+        None while its metrics cannot be read."""
+        counts: dict[int, float | None] = {}
+        for process in self.workers:
+            if process.poll() is None:
+                try:
+                    samples = scrape(f"http://127.0.0.1:{self.metrics_ports[process.pid]}/metrics")
+                except (urllib.error.URLError, ConnectionError):
+                    counts[process.pid] = None
+                else:
+                    counts[process.pid] = samples.get(("tensorway_batch_shards_running", ()))
+        return counts
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGKILL)
@@ -234,6 +257,23 @@ class Pipeline:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A loopback /metrics page of a worker a test started, as {(name, labels): value}."""
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 @pytest.fixture(scope="session")
@@ -262,7 +302,6 @@ def pipeline(
         "KAFKA_COMMIT_INTERVAL": "PT0.5S",
         "LEASE_TIMEOUT": LEASE_TIMEOUT,
         "SHARD_CONCURRENCY": "2",
-        "METRICS_ENABLED": "false",
         "LOG_JSON": "false",
     }
     logs = Path(tempfile.mkdtemp(prefix="tensorway-batch-workers-"))

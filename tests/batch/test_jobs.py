@@ -22,6 +22,7 @@ from tensorway.batch import service as batch_service
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tensorway.batch.v1.shard_task_pb2 import ShardTask
+from tests.waiting import eventually
 
 from .conftest import (
     BUCKET,
@@ -244,7 +245,7 @@ async def _collect(watch: AsyncIterator[pb.WatchJobResponse]) -> list[pb.Job]:
 
 
 async def test_cancel_stops_the_job_and_no_further_shard_is_written(
-    batch: pb_grpc.BatchServiceStub, s3: Minio
+    batch: pb_grpc.BatchServiceStub, s3: Minio, pipeline: Pipeline
 ) -> None:
     job = await create(batch, "acme", upload(s3, npy_of(digits_rows(40_000, seed=5)), ".npy"), shard_size=100)
     await poll_job(batch, job.name, "acme", lambda j: j.progress.shards_done >= 2)
@@ -258,14 +259,18 @@ async def test_cancel_stops_the_job_and_no_further_shard_is_written(
     def parts() -> set[str]:
         return {o.object_name for o in s3.list_objects(BUCKET, prefix=prefix)}
 
-    # Workers in the middle of a shard may still be writing; within the lease checks they stop.
-    await asyncio.sleep(4)
-    settled = parts()
+    # Workers in the middle of a shard may still be writing its part. No shard of a cancelled
+    # job can be leased any more, so once each worker has been seen handling no shard at all,
+    # what they finished of this job is gone, and nothing more of it can be written.
+    for pid in pipeline.shards_running():
+        await eventually(
+            lambda pid=pid: pipeline.shards_running().get(pid) == 0,
+            interval=0.1,
+            what=f"worker {pid} handling no shard",
+        )
     final = (await batch.GetJob(pb.GetJobRequest(name=job.name), metadata=tenant("acme"))).job
     assert final.state == pb.JOB_STATE_CANCELLED
-    assert len(settled) == final.progress.shards_done
-    await asyncio.sleep(2)
-    assert parts() == settled
+    assert len(parts()) == final.progress.shards_done
     again = (await batch.CancelJob(pb.CancelJobRequest(name=job.name), metadata=tenant("acme"))).job
     assert again.state == pb.JOB_STATE_CANCELLED
 

@@ -3,49 +3,21 @@ read from PostgreSQL, and a worker's shards, rows, shard time and consumer lag o
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
 from minio import Minio
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from tensorway.batch import service as batch_service
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
+from tests.waiting import eventually
 
-from .conftest import Pipeline, digits_rows, upload, wait_for_state
+from .conftest import Pipeline, digits_rows, free_port, scrape, upload, wait_for_state
 from .test_jobs import create, npy_of
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    # A loopback URL of the worker this test started.
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-async def eventually(check: Callable[[], bool], patience: float = 15.0) -> None:
-    deadline = time.monotonic() + patience
-    while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        await asyncio.sleep(0.2)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def census(name: str, **labels: str) -> float:

@@ -26,6 +26,10 @@ SHARDS = Counter(
     "cannot run), duplicate (finished, cancelled or taken by another worker already).",
     ["outcome"],
 )
+SHARDS_RUNNING = Gauge(
+    "tensorway_batch_shards_running",
+    "Shard messages a worker is handling now, from receipt until its result is recorded or dropped.",
+)
 SHARD_SECONDS = Histogram(
     "tensorway_batch_shard_seconds",
     "Time a worker took for one shard, lease to result written, by model.",

@@ -471,7 +471,8 @@ class BatchWorker:
     async def _consume(self, stream: StreamT[bytes]) -> None:
         # An event is acknowledged (its offset may be committed) when the loop moves past it.
         async for event in stream.events():
-            await self.handle(event)
+            with metrics.SHARDS_RUNNING.track_inprogress():
+                await self.handle(event)
 
     async def handle(self, event: EventT[bytes]) -> None:
         """One shard message. A malformed one is logged and skipped, and so is one whose shard a
