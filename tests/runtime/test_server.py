@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
@@ -228,6 +231,37 @@ async def test_health_serves_and_goes_not_serving_on_shutdown() -> None:
     await server.stop()
     await server.stop()  # a second stop is harmless
     assert cleaned == ["closed"]
+
+
+def test_a_service_given_sigterm_runs_its_whole_stop_and_exits_0() -> None:
+    """`serve` answers SIGTERM with the whole graceful stop: drains, the gRPC server's stop
+    within its grace, the cleanups, then exit status 0. An orchestrator needs no other server to
+    start (its Triton is simply not ready)."""
+    tensorway = str(Path(sys.executable).parent / "tensorway")
+    env = {
+        **os.environ,
+        "TENSORWAY_ORCHESTRATOR_TRITONS": '["127.0.0.1:1"]',
+        "TENSORWAY_ORCHESTRATOR_METRICS_ENABLED": "false",
+    }
+    process = subprocess.Popen(
+        [tensorway, "serve", "orchestrator", "--port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if '"serving"' in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output
+    assert '"message": "stopped"' in output, output
+    assert "Traceback" not in output, output
 
 
 async def test_reflection_lists_services_through_grpcurl(probe: tuple[ServiceServer, str]) -> None:

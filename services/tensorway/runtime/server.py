@@ -132,7 +132,10 @@ class ServiceServer:
         logger.info("serving", extra={"service": self.name, "services": self.service_names})
 
     async def wait(self) -> None:
-        await self._server.wait_for_termination()
+        # Shielded: grpc awaits its own shutdown future here, so cancelling this wait would
+        # cancel that future, and the graceful `stop()` that awaits it would end at once with
+        # CancelledError, skipping the cleanups.
+        await asyncio.shield(self._server.wait_for_termination())
 
     async def stop(self, grace: timedelta | None = None) -> None:
         """The drains, health NOT_SERVING, stop with grace, then the cleanups. Safe to call twice."""

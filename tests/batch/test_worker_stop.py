@@ -1,0 +1,60 @@
+"""Workers stop on SIGTERM, as a rollout or a scale-down stops them: each leaves the consumer
+group and exits, and the job they were running is finished by the workers that follow them,
+every row once."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+
+import grpc
+from minio import Minio
+
+from tensorway.batch import service as batch_service
+from tensorway.batch.v1 import batch_service_pb2 as pb
+from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
+
+from .conftest import Pipeline, digits_rows, poll_job, upload, wait_for_state
+from .test_jobs import create, npy_of, read_results
+
+# Far above the worker's own shutdown bound (its `grace`, 5 s by default, plus leaving the group).
+EXIT_PATIENCE = 30
+
+
+async def test_workers_stopped_together_mid_job_exit_and_the_job_finishes_once(
+    pipeline: Pipeline, inference_target: str, s3: Minio
+) -> None:
+    mesh = pipeline.sibling(inference_target)
+    api, port = await batch_service.create(mesh.api_settings)
+    await api.start()
+    try:
+        first = [mesh.start_worker(), mesh.start_worker()]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.BatchServiceStub(channel)
+            job = await create(
+                stub, "acme", upload(s3, npy_of(digits_rows(24_000, seed=21)), ".npy"), shard_size=200
+            )
+            await poll_job(stub, job.name, "acme", lambda j: j.progress.shards_done >= 10)
+            for process in first:
+                process.send_signal(signal.SIGTERM)
+            codes = await asyncio.gather(*(asyncio.to_thread(_exit_code, process) for process in first))
+            assert codes == [0, 0], f"exit codes after SIGTERM: {codes}"
+
+            mesh.start_worker()
+            done = await wait_for_state(stub, job.name, "acme", within=120)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
+        assert done.progress.rows_done == 24_000
+        assert len(read_results(done)) == 24_000
+    finally:
+        mesh.stop_all()
+        await api.stop()
+
+
+def _exit_code(process: subprocess.Popen[bytes]) -> int | str:
+    try:
+        return process.wait(timeout=EXIT_PATIENCE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return f"still running {EXIT_PATIENCE} s after SIGTERM"
