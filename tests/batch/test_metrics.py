@@ -45,6 +45,20 @@ async def test_a_job_shows_in_the_api_census_and_the_worker_metrics(
         )
         succeeded_before = census("tensorway_batch_jobs", state="SUCCEEDED")
         mesh.start_worker()
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+        def lags() -> list[float] | None:
+            """The worker's lag per partition it holds; None before it serves its metrics."""
+            try:
+                samples = scrape(url)
+            except urllib.error.URLError:
+                return None
+            return [v for (name, _), v in samples.items() if name == "tensorway_batch_consumer_lag_messages"]
+
+        # The job waits until the worker holds its partitions: shards nobody leases within the
+        # unclaimed timeout are published again on the shared pipeline's topic, whose workers
+        # would then run them and this worker would count none.
+        await eventually(lambda: bool(lags()), interval=0.1, what="the worker holding its partitions")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.BatchServiceStub(channel)
             job = await create(
@@ -58,21 +72,11 @@ async def test_a_job_shows_in_the_api_census_and_the_worker_metrics(
 
         # The worker's own counts: every shard done once, every row answered, each shard timed,
         # and no lag left on the partitions it holds once the topic is worked off.
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-
-        def worked_off() -> bool:
-            try:
-                samples = scrape(url)
-            except urllib.error.URLError:
-                # The worker consumes from its start, and may finish the job before its
-                # metrics server listens.
-                return False
-            lags = [
-                v for (name, labels), v in samples.items() if name == "tensorway_batch_consumer_lag_messages"
-            ]
-            return bool(lags) and all(lag == 0 for lag in lags)
-
-        await eventually(worked_off)
+        await eventually(
+            lambda: (held := lags()) is not None and all(lag == 0 for lag in held),
+            interval=0.1,
+            what="the worker's partitions worked off",
+        )
         samples = scrape(url)
         assert samples[("tensorway_batch_shards_total", (("outcome", "done"),))] == 4
         assert samples[("tensorway_batch_rows_total", (("model", "digits"), ("outcome", "ok")))] == 1200
