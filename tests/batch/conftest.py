@@ -229,19 +229,34 @@ class Pipeline:
         self.metrics_ports[process.pid] = int(metrics_port)
         return process
 
-    def shards_running(self) -> dict[int, float | None]:
-        """Each running worker's count of the shard messages it is handling now, by process id;
-        None while its metrics cannot be read."""
-        counts: dict[int, float | None] = {}
+    def metrics(self) -> dict[int, dict[tuple[str, tuple[tuple[str, str], ...]], float] | None]:
+        """Each running worker's metrics, by process id; None while it does not serve them yet."""
+        samples: dict[int, dict[tuple[str, tuple[tuple[str, str], ...]], float] | None] = {}
         for process in self.workers:
             if process.poll() is None:
                 try:
-                    samples = scrape(f"http://127.0.0.1:{self.metrics_ports[process.pid]}/metrics")
+                    samples[process.pid] = scrape(
+                        f"http://127.0.0.1:{self.metrics_ports[process.pid]}/metrics"
+                    )
                 except (urllib.error.URLError, ConnectionError):
-                    counts[process.pid] = None
-                else:
-                    counts[process.pid] = samples.get(("tensorway_batch_shards_running", ()))
-        return counts
+                    samples[process.pid] = None
+        return samples
+
+    def shards_running(self) -> dict[int, float | None]:
+        """Each running worker's count of the shard messages it is handling now, by process id."""
+        return {
+            pid: None if samples is None else samples.get(("tensorway_batch_shards_running", ()))
+            for pid, samples in self.metrics().items()
+        }
+
+    def consuming(self) -> bool:
+        """Whether every running worker serves its metrics and holds partitions of its topic:
+        started (SIGTERM stops it gracefully from then on) and in its consumer group."""
+        return all(
+            samples is not None
+            and any(name == "tensorway_batch_consumer_lag_messages" for name, _ in samples)
+            for samples in self.metrics().values()
+        )
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGKILL)

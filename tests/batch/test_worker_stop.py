@@ -14,6 +14,7 @@ from minio import Minio
 from tensorway.batch import service as batch_service
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
+from tests.waiting import eventually
 
 from .conftest import Pipeline, digits_rows, poll_job, upload, wait_for_state
 from .test_jobs import create, npy_of, read_results
@@ -30,6 +31,9 @@ async def test_workers_stopped_together_mid_job_exit_and_the_job_finishes_once(
     await api.start()
     try:
         first = [mesh.start_worker(), mesh.start_worker()]
+        # Both started and in the group before the job: shards nobody leases within the
+        # unclaimed timeout would go to the shared pipeline's workers instead.
+        await eventually(mesh.consuming, interval=0.1, what="both workers consuming")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.BatchServiceStub(channel)
             job = await create(
