@@ -229,9 +229,9 @@ class Pipeline:
         self.metrics_ports[process.pid] = int(metrics_port)
         return process
 
-    def metrics(self) -> dict[int, dict[tuple[str, tuple[tuple[str, str], ...]], float] | None]:
+    def metrics(self) -> dict[int, Samples | None]:
         """Each running worker's metrics, by process id; None while it does not serve them yet."""
-        samples: dict[int, dict[tuple[str, tuple[tuple[str, str], ...]], float] | None] = {}
+        samples: dict[int, Samples | None] = {}
         for process in self.workers:
             if process.poll() is None:
                 try:
@@ -252,11 +252,7 @@ class Pipeline:
     def consuming(self) -> bool:
         """Whether every running worker serves its metrics and holds partitions of its topic:
         started (SIGTERM stops it gracefully from then on) and in its consumer group."""
-        return all(
-            samples is not None
-            and any(name == "tensorway_batch_consumer_lag_messages" for name, _ in samples)
-            for samples in self.metrics().values()
-        )
+        return all(samples is not None and bool(lags(samples)) for samples in self.metrics().values())
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGKILL)
@@ -274,13 +270,17 @@ class Pipeline:
                 process.wait(timeout=5)
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""A /metrics page as {(name, sorted labels): value}."""
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
 
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(url: str) -> Samples:
     """A loopback /metrics page of a worker a test started, as {(name, labels): value}."""
     with urllib.request.urlopen(url, timeout=5) as reply:
         text = reply.read().decode()
@@ -288,6 +288,15 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
+    }
+
+
+def lags(samples: Samples) -> dict[str, float]:
+    """A worker's consumer lag by the partition ("topic/partition") it holds."""
+    return {
+        f"{dict(labels)['topic']}/{dict(labels)['partition']}": value
+        for (name, labels), value in samples.items()
+        if name == "tensorway_batch_consumer_lag_messages"
     }
 
 
