@@ -22,9 +22,8 @@ from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
 from tests.waiting import eventually
 
-from .conftest import Pipeline, digits_rows, upload, wait_for_state
+from .conftest import Pipeline, digits_rows, free_port, scrape, upload, wait_for_state
 from .test_jobs import create, npy_of, read_results
-from .test_metrics import free_port, scrape
 
 pytestmark = pytest.mark.timeout(180)
 
