@@ -75,6 +75,37 @@ def refuse() -> None:
     raise ConnectionRefusedError("nothing listens")
 
 
+class DiesAtItsFirstStart(Component):
+    """A server whose first start exits before it answers, as Triton's does now and then; it
+    is allowed a second start, which answers on the port the first one was given."""
+
+    name = "once-doomed"
+    start_attempts = 2
+
+    def __init__(self, starts_allowed_to_die: int = 1) -> None:
+        self.ports_given: list[int] = []
+        self._starts_allowed_to_die = starts_allowed_to_die
+
+    def start(self, ctx: LaunchContext) -> Started:
+        port = ctx.free_port()
+        self.ports_given.append(port)
+        if len(self.ports_given) <= self._starts_allowed_to_die:
+            process = ctx.spawn([sys.executable, "-c", "print('once-doomed: lost a lock'); exit(3)"])
+            ctx.wait_ready(process, refuse, what="anything")
+            raise AssertionError("the doomed start answered")
+        server = (
+            "import http.server as h; "
+            f"h.HTTPServer(('127.0.0.1', {port}), h.BaseHTTPRequestHandler).serve_forever()"
+        )
+        process = ctx.spawn([sys.executable, "-c", server])
+        ctx.wait_ready(
+            process,
+            lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close(),
+            what="a connection",
+        )
+        return Started(process=process, endpoints={"once_doomed": Endpoint(address=f"127.0.0.1:{port}")})
+
+
 @pytest.fixture
 def listening_port() -> Iterator[int]:
     with socket.socket() as holder:
@@ -134,6 +165,33 @@ def test_a_component_dying_while_starting_stops_what_already_started(settings: D
     # Every server runs in its own directory under the state dir.
     leftovers = [pid for pid in live_processes() if _cwd(pid).startswith(str(settings.state_dir))]
     assert not leftovers
+
+
+def test_a_component_allowed_a_second_start_gets_it_on_the_same_port(settings: DevStackSettings) -> None:
+    component = DiesAtItsFirstStart()
+    stack = Stack(settings, components=[component])
+    try:
+        state = stack.up()
+        assert len(component.ports_given) == 2
+        assert component.ports_given[0] == component.ports_given[1]
+        assert (
+            state.components["once-doomed"].endpoints["once_doomed"].address
+            == f"127.0.0.1:{component.ports_given[0]}"
+        )
+        socket.create_connection(("127.0.0.1", component.ports_given[0]), timeout=5).close()
+        log = (settings.state_dir / state.components["once-doomed"].log).read_text()
+        assert "once-doomed: lost a lock" in log, "the failed start's output stays in the log"
+    finally:
+        stack.down()
+
+
+def test_a_component_whose_every_start_dies_fails_after_its_attempts(settings: DevStackSettings) -> None:
+    component = DiesAtItsFirstStart(starts_allowed_to_die=2)
+    with pytest.raises(DevStackError, match="exited with code 3 while starting") as raised:
+        Stack(settings, components=[component]).up()
+    assert raised.value.component == "once-doomed"
+    assert len(component.ports_given) == 2, "started twice, no more"
+    assert not (settings.state_dir / STATE_FILE_NAME).exists()
 
 
 def _cwd(pid: int) -> str:

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
-from tensorway.devstack._errors import DevStackError
+from tensorway.devstack._errors import DevStackError, ExitedWhileStarting
 from tensorway.devstack._ports import PortAllocator, PortInUseError, port_is_free
 from tensorway.devstack._process import log_tail, reap, spawn
 from tensorway.devstack._settings import DevStackSettings
@@ -217,7 +217,7 @@ class LaunchContext:
             self._check_cancelled()
             code = process.poll()
             if code is not None:
-                raise self.failure(f"exited with code {code} while starting")
+                raise self.failure(f"exited with code {code} while starting", error=ExitedWhileStarting)
             try:
                 probe()
                 return
@@ -235,12 +235,14 @@ class LaunchContext:
         if self._cancelled.is_set():
             raise DevStackError(self.name, "start cancelled: another component failed to start")
 
-    def failure(self, problem: str, hint: str = "") -> DevStackError:
+    def failure(
+        self, problem: str, hint: str = "", *, error: type[DevStackError] = DevStackError
+    ) -> DevStackError:
         """A launch error carrying the tail of the component's log."""
         tail = log_tail(self.log_path)
         if not hint and "in use" in tail.lower():
             hint = "another process took the port; run the command again"
-        return DevStackError(
+        return error(
             self.name,
             f"{problem}\n  log {self.log_path}:\n{tail}",
             hint or f"read {self.log_path}",
@@ -275,6 +277,8 @@ class Component(abc.ABC):
     """DevStackSettings fields that pin this component's ports."""
     optional: ClassVar[bool] = False
     """Started only when asked for by name, not by a plain `up` of the whole stack."""
+    start_attempts: ClassVar[int] = 1
+    """How many times a server that exits while starting is started, on the same ports."""
 
     def starts_after(self, starting: Collection[str]) -> set[str]:
         """Which of the components ``starting`` in the same launch must answer before this one

@@ -1,4 +1,4 @@
-"""The one exception type the local stack raises."""
+"""The exception type the local stack raises."""
 
 from __future__ import annotations
 
@@ -18,3 +18,7 @@ class DevStackError(Exception):
         if hint:
             message += f"\n  hint: {hint}"
         super().__init__(message)
+
+
+class ExitedWhileStarting(DevStackError):
+    """A component's server exited before it answered."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from tensorway.devstack._component import Component, LaunchContext, Spawner, port_in_use_error
 from tensorway.devstack._envoy import Envoy
-from tensorway.devstack._errors import DevStackError
+from tensorway.devstack._errors import DevStackError, ExitedWhileStarting
 from tensorway.devstack._kafka import Kafka
 from tensorway.devstack._ports import PortAllocator, port_is_free
 from tensorway.devstack._postgres import Postgres
@@ -317,24 +317,33 @@ class Stack:
         spawner: Spawner = spawn,
         cancelled: threading.Event | None = None,
     ) -> ComponentRecord:
-        ctx = LaunchContext(
-            component.name,
-            self.state_dir,
-            self.settings,
-            ports,
-            endpoints=endpoints,
-            die_with_parent=self._die_with_parent,
-            reuse_ports=reuse_ports,
-            spawner=spawner,
-            cancelled=cancelled,
-        )
         began = time.monotonic()
-        with ExitStack() as spawned:
-            # A start that fails stops every process it spawned, last first.
-            spawned.callback(self._stop_spawned, ctx)
-            started = component.start(ctx)
-            identity = identify(started.process.pid)
-            spawned.pop_all()
+        for attempt in range(1, component.start_attempts + 1):
+            ctx = LaunchContext(
+                component.name,
+                self.state_dir,
+                self.settings,
+                ports,
+                endpoints=endpoints,
+                die_with_parent=self._die_with_parent,
+                reuse_ports=reuse_ports,
+                spawner=spawner,
+                cancelled=cancelled,
+            )
+            with ExitStack() as spawned:
+                # A start that fails stops every process it spawned, last first.
+                spawned.callback(self._stop_spawned, ctx)
+                try:
+                    started = component.start(ctx)
+                except ExitedWhileStarting:
+                    if attempt == component.start_attempts:
+                        raise
+                    # Again on the ports it was given: its peers may be configured with them.
+                    reuse_ports = ctx.ports
+                    continue
+                identity = identify(started.process.pid)
+                spawned.pop_all()
+                break
         return ComponentRecord(
             pid=identity.pid,
             start_ticks=identity.start_ticks,

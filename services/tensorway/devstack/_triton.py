@@ -39,6 +39,10 @@ class Triton(Component):
 
     name = "triton"
     port_settings: tuple[str, ...] = ("triton_grpc_port", "triton_http_port")
+    # Now and then, on a loaded machine, the Python backend aborts the server while it
+    # initialises a model instance (boost::interprocess::lock_exception on a region it has just
+    # made); the next start from clean shared memory gets past it.
+    start_attempts = 2
 
     def __init__(
         self,
@@ -74,6 +78,8 @@ class Triton(Component):
         # without touching the regions a replica beside it is using.
         home_digest = hashlib.sha256(str(ctx.home.resolve()).encode()).hexdigest()[:12]
         shm_prefix = f"tensorway_{home_digest}_"
+        for region in _SHM_ROOT.glob(f"{shm_prefix}*"):
+            region.unlink(missing_ok=True)
         env = {
             **os.environ,
             "LD_LIBRARY_PATH": _join_paths(_wheel_libs(self._server_tree), os.environ.get("LD_LIBRARY_PATH")),
