@@ -11,11 +11,12 @@ until the time is up (the fault running then finishes). Reported:
 - batch jobs, rows lost and rows duplicated, over every job;
 - each process's resident memory (RSS, with the processes of its group: Triton's model stubs)
   and open file descriptors, sampled every --sample-every seconds. The trend is the slope of the
-  least-squares line, per hour, through the samples taken as each rotation of the faults ends:
-  points at the same place in the cycle, so a fault's own swing (a pool reconnecting, a peer
-  restarting) is not read as growth, and the first point comes after the start-up warm-up
-  (connection pools filling). A component a fault restarted is a new process with a series of
-  its own; a series needs three rotation ends to show a trend.
+  least-squares line, per hour, through each rotation's floor: the least value sampled between
+  one rotation of the faults ending and the next. What a rotation allocates and frees (a pool
+  reconnecting, a batch job's buffers, an allocator keeping a freed arena a while) comes and
+  goes above the floor, a leak lifts it; and the first rotation, the start-up warm-up
+  (connection pools filling), is left out. A component a fault restarted is a new process with a
+  series of its own; a series needs three whole rotations to show a trend.
 
     .venv/bin/python bench/soak_bench.py [--minutes 30] [--sample-every 5] [--json PATH]
 """
@@ -23,7 +24,6 @@ until the time is up (the fault running then finishes). Reported:
 from __future__ import annotations
 
 import argparse
-import bisect
 import itertools
 import json
 import os
@@ -45,8 +45,8 @@ from tests.chaos.faults import FAULTS, PHASES, FaultRunner
 from tests.chaos.mesh import REQUESTS_PER_SECOND, chaos_state_dir, keep_logs, running_chaos_mesh
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-# A series with fewer rotation ends than this shows no trend worth a figure.
-MIN_ROTATION_ENDS = 3
+# A series with fewer whole rotations than this shows no trend worth a figure.
+MIN_ROTATIONS = 3
 # A process whose fitted line grows more than this share of its mean over the run is growing.
 GROWTH_SHARE = 0.10
 
@@ -117,41 +117,54 @@ def _slope_per_hour(points: list[Usage], value: str) -> float:
     return float(np.polyfit(hours, values, 1)[0])
 
 
-def _at_marks(points: list[Usage], marks: list[float]) -> list[Usage]:
-    """The last sample at or before each mark that falls within the series."""
-    times = [p.at for p in points]
-    return [points[bisect.bisect_right(times, mark) - 1] for mark in marks if times[0] <= mark <= times[-1]]
+def _floors(points: list[Usage], marks: list[float], value: str) -> list[Usage]:
+    """The sample with the least ``value`` in each rotation, between one mark and the next, that
+    falls within the series. What a rotation allocates and frees (a batch job's buffers, a pool's
+    extra connection) comes and goes above this floor; a leak lifts it."""
+    floors = []
+    for start, end in itertools.pairwise(marks):
+        rotation = [p for p in points if start < p.at <= end]
+        if rotation and points[0].at <= start:
+            floors.append(min(rotation, key=lambda p: getattr(p, value)))
+    return floors
+
+
+def trend(points: list[Usage], marks: list[float], value: str) -> tuple[float, float] | None:
+    """The growth per hour of ``value`` fitted through its floor in each rotation, and the floors'
+    mean; None without enough rotations."""
+    floors = _floors(points, marks, value)
+    if len(floors) < MIN_ROTATIONS:
+        return None
+    mean = sum(float(getattr(p, value)) for p in floors) / len(floors)
+    return _slope_per_hour(floors, value), mean
 
 
 def trends(series: dict[tuple[str, int], list[Usage]], rotation_ends: list[float]) -> list[dict[str, Any]]:
-    """Per process: first and last RSS and fds, and the growth per hour fitted through its samples
-    at the rotation ends, where it has enough of them."""
+    """Per process: first and last RSS and fds, and the growth per hour fitted through the floor
+    of each whole rotation it lived through, where it lived through enough of them."""
     rows = []
     for (name, pid), points in sorted(series.items()):
-        marked = _at_marks(points, rotation_ends)
-        fitted = len(marked) >= MIN_ROTATION_ENDS
-        rss_slope = _slope_per_hour(marked, "rss_bytes") / 2**20 if fitted else None
-        fds_slope = _slope_per_hour(marked, "open_fds") if fitted else None
-        span = marked[-1].at - marked[0].at if fitted else 0.0
-        mean_rss = sum(p.rss_bytes for p in marked) / len(marked) / 2**20 if fitted else 0.0
-        mean_fds = sum(p.open_fds for p in marked) / len(marked) if fitted else 0.0
-        growing = fitted and (
-            (rss_slope or 0.0) * span / 3600 > GROWTH_SHARE * mean_rss
-            or (fds_slope or 0.0) * span / 3600 > max(GROWTH_SHARE * mean_fds, 2)
+        rss = trend(points, rotation_ends, "rss_bytes")
+        fds = trend(points, rotation_ends, "open_fds")
+        span = (points[-1].at - points[0].at) / 3600
+        growing = (
+            rss is not None
+            and fds is not None
+            and (rss[0] * span > GROWTH_SHARE * rss[1] or fds[0] * span > max(GROWTH_SHARE * fds[1], 2))
         )
         rows.append(
             {
                 "process": name,
                 "pid": pid,
                 "samples": len(points),
-                "rotation_ends": len(marked),
+                "rotations": len(_floors(points, rotation_ends, "rss_bytes")),
                 "minutes": round((points[-1].at - points[0].at) / 60, 1),
                 "rss_mib_first": round(points[0].rss_bytes / 2**20, 1),
                 "rss_mib_last": round(points[-1].rss_bytes / 2**20, 1),
-                "rss_mib_per_hour": None if rss_slope is None else round(rss_slope, 1),
+                "rss_mib_per_hour": None if rss is None else round(rss[0] / 2**20, 1),
                 "fds_first": points[0].open_fds,
                 "fds_last": points[-1].open_fds,
-                "fds_per_hour": None if fds_slope is None else round(fds_slope, 1),
+                "fds_per_hour": None if fds is None else round(fds[0], 1),
                 "growing": growing,
                 "series": [(round(p.at - points[0].at, 1), p.rss_bytes, p.open_fds) for p in points],
             }
@@ -243,7 +256,7 @@ def main() -> None:
     print(_table(result["fault_rows"], ["fault", "requests", "failed", *(f"p99_{p}_ms" for p in PHASES)]))
     print()
     columns = [
-        *("process", "pid", "samples", "rotation_ends", "minutes"),
+        *("process", "pid", "samples", "rotations", "minutes"),
         *("rss_mib_first", "rss_mib_last", "rss_mib_per_hour"),
     ]
     print(_table(result["processes"], [*columns, "fds_first", "fds_last", "fds_per_hour", "growing"]))
