@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from tensorway.runtime import (
     create_server,
 )
 from tensorway.runtime.context import TENANT_SCOPES, Scope, caller, identity_metadata
+from tests.ports import free_port
 
 BUCKET = "batch-tests"
 # A bucket outside the service's, part of which settings let tenant acme read.
@@ -272,12 +272,6 @@ class Pipeline:
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 """A /metrics page as {(name, sorted labels): value}."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def scrape(url: str) -> Samples:

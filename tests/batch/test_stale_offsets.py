@@ -20,9 +20,10 @@ from tensorway.batch import service as batch_service
 from tensorway.batch.outbox import ensure_topic
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
+from tests.ports import free_port
 from tests.waiting import eventually
 
-from .conftest import Pipeline, digits_rows, free_port, scrape, upload, wait_for_state
+from .conftest import Pipeline, digits_rows, scrape, upload, wait_for_state
 from .test_jobs import create, npy_of, read_results
 
 pytestmark = pytest.mark.timeout(180)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -23,6 +22,7 @@ from tensorway.ratelimit.leases import QuotaLeases, RedisLeaseStore, RequestCost
 from tensorway.ratelimit.limits import Cost, LimitsFile, RedisFailure, read_descriptor
 from tensorway.router.service import LIMITS_FILE
 from tensorway.runtime import InvalidArgument, ResourceExhausted
+from tests.ports import free_port
 
 LIMITS = LimitsFile.model_validate(
     {
@@ -35,12 +35,6 @@ LIMITS = LimitsFile.model_validate(
     }
 )
 NOW = 1_800_000_000.0  # the start of a minute, so a test's window does not roll over under it
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class CountingStore:
@@ -291,9 +285,7 @@ async def test_concurrent_requests_on_a_spent_lease_make_one_redis_call(
 @pytest.mark.parametrize(("mode", "passed"), [("open", 2000), ("closed", 0)])
 async def test_redis_down_holds_the_failure_mode_under_2000_concurrent_calls(mode: str, passed: int) -> None:
     limits = LIMITS.model_copy(update={"redis_failure": RedisFailure(mode)})
-    store = CountingStore(
-        RedisLeaseStore.connect(f"redis://127.0.0.1:{closed_port()}/0", timedelta(seconds=1))
-    )
+    store = CountingStore(RedisLeaseStore.connect(f"redis://127.0.0.1:{free_port()}/0", timedelta(seconds=1)))
     limiter = QuotaLeases(limits, store, closed_retry_after=timedelta(seconds=2), clock=lambda: NOW)
     try:
         decisions = await asyncio.gather(
@@ -311,7 +303,7 @@ async def test_redis_down_holds_the_failure_mode_under_2000_concurrent_calls(mod
 
 async def test_closed_limits_name_the_limit_while_redis_is_down() -> None:
     limits = LIMITS.model_copy(update={"redis_failure": RedisFailure.CLOSED})
-    store = RedisLeaseStore.connect(f"redis://127.0.0.1:{closed_port()}/0", timedelta(seconds=1))
+    store = RedisLeaseStore.connect(f"redis://127.0.0.1:{free_port()}/0", timedelta(seconds=1))
     limiter = QuotaLeases(limits, store, clock=lambda: NOW)
     try:
         with pytest.raises(ResourceExhausted) as refused:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -31,6 +30,7 @@ from tensorway.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from tensorway.router import service as router_service
 from tensorway.runtime import ServiceBinding, ServiceServer, ServiceSettings, context, create_server
 from tensorway.tensors.triton import from_triton_response, raw_inputs, to_triton_request
+from tests.ports import free_port
 
 DEMO_MODELS = ("simple", "simple_string", "digits", "iris")
 
@@ -360,13 +360,6 @@ def second_triton() -> Iterator[str]:
     finally:
         stack.down()
         shutil.rmtree(state_dir, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class OrchestratorProcess:

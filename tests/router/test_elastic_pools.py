@@ -22,9 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tensorway.devstack import DevStackSettings, Stack
 from tensorway.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from tensorway.registry.v1 import registry_service_pb2 as registry_pb
+from tests.ports import free_port
 from tests.registry.conftest import RunningRegistry
 from tests.registry.conftest import start_registry as start_real_registry
-from tests.router.conftest import OrchestratorProcess, free_port, start_router
+from tests.router.conftest import OrchestratorProcess, start_router
 from tests.router.test_end_to_end import own_registry_store  # noqa: F401 - a fixture
 from tests.router.test_router import assert_simple_answer, simple_request
 from tests.waiting import eventually

@@ -21,7 +21,8 @@ from tritonclient.utils import InferenceServerException
 
 from tensorway.router.triton_api import EXTENSIONS
 from tensorway.runtime.context import ADMIN_SCOPES, TENANT_SCOPES, identity_metadata
-from tests.router.conftest import DEMO_MODELS, MeshFactory, RouteFactory, free_port
+from tests.ports import free_port
+from tests.router.conftest import DEMO_MODELS, MeshFactory, RouteFactory
 from tests.router.test_triton_clients import demo_inputs, triton_inputs
 
 ADMIN = dict(identity_metadata("ops", ADMIN_SCOPES))
