@@ -5,6 +5,7 @@ that forwards to the real Triton, standing in for the router."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import shutil
@@ -67,6 +68,20 @@ class TritonForwarder(infer_grpc.InferenceServiceServicer):
         self.infer_calls = 0
         # Job id → the identities (tenant, scopes) its shards' calls came with.
         self.callers: dict[str, set[tuple[str, frozenset[str]]]] = defaultdict(set)
+        # Tenant → the event that lets its Infer calls through, and how many calls wait on it.
+        self._gates: dict[str, asyncio.Event] = {}
+        self.held: dict[str, int] = defaultdict(int)
+
+    @contextlib.contextmanager
+    def holding(self, tenant_name: str) -> Iterator[None]:
+        """Infer calls of the tenant's shards wait until the block ends, as on a model that
+        takes its time."""
+        gate = self._gates[tenant_name] = asyncio.Event()
+        try:
+            yield
+        finally:
+            gate.set()
+            del self._gates[tenant_name]
 
     def _record_caller(self) -> None:
         request = caller()
@@ -106,6 +121,10 @@ class TritonForwarder(infer_grpc.InferenceServiceServicer):
     async def Infer(self, request: infer_pb.InferRequest, context: Any) -> infer_pb.InferResponse:
         self.infer_calls += 1
         self._record_caller()
+        gate = self._gates.get(caller().tenant)
+        if gate is not None:
+            self.held[caller().tenant] += 1
+            await gate.wait()
         inputs = []
         for tensor in request.inputs:
             array = from_tensor(tensor)

@@ -1,6 +1,6 @@
 """Workers stop on SIGTERM, as a rollout or a scale-down stops them: each leaves the consumer
-group and exits, and the job they were running is finished by the workers that follow them,
-every row once."""
+group, gives back the shards it had not finished and exits, and the job they were running is
+finished by the workers that follow them, every row once."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import signal
 import subprocess
 
 import grpc
+import psycopg
 from minio import Minio
 
 from tensorway.batch import service as batch_service
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
+from tensorway.batch.worker import WORKER_STOPPED
 from tests.waiting import eventually
 
-from .conftest import Pipeline, digits_rows, poll_job, upload, wait_for_state
+from .conftest import Pipeline, TritonForwarder, digits_rows, poll_job, upload, wait_for_state
 from .test_jobs import create, npy_of, read_results
 
 # Far above the worker's own shutdown bound (its `grace`, 5 s by default, plus leaving the group).
@@ -53,6 +55,59 @@ async def test_workers_stopped_together_mid_job_exit_and_the_job_finishes_once(
     finally:
         mesh.stop_all()
         await api.stop()
+
+
+async def test_a_worker_stopped_mid_shard_gives_it_back_before_its_lease_runs_out(
+    pipeline: Pipeline, forwarder: tuple[str, TritonForwarder], s3: Minio
+) -> None:
+    address, servicer = forwarder
+    mesh = pipeline.sibling(address)
+    # A lease far longer than the test may take: the shard can only run again this soon if the
+    # stopped worker gave it back.
+    mesh.worker_options = {**mesh.worker_options, "LEASE_TIMEOUT": "PT10M"}
+    api, port = await batch_service.create(mesh.api_settings)
+    await api.start()
+    try:
+        stopping = mesh.start_worker()
+        await eventually(mesh.consuming, interval=0.1, what="the worker consuming")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.BatchServiceStub(channel)
+            with servicer.holding("stopper"):
+                job = await create(
+                    stub,
+                    "stopper",
+                    upload(s3, npy_of(digits_rows(300, seed=22)), ".npy", "stopper"),
+                    shard_size=300,
+                )
+                await eventually(lambda: servicer.held["stopper"] > 0, what="the shard's call held")
+                stopping.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(_exit_code, stopping) == 0
+
+            # Given back: its lease ended when the worker stopped (the reaper may have made it
+            # PENDING since), not 10 minutes later.
+            state, lease_ended, last_error = _shard_row(mesh, job.name)
+            assert last_error == WORKER_STOPPED
+            assert state == "PENDING" or (state == "LEASED" and lease_ended), state
+
+            mesh.start_worker()
+            done = await wait_for_state(stub, job.name, "stopper", within=120)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
+        assert done.progress.rows_done == 300
+        assert len(read_results(done)) == 300
+    finally:
+        mesh.stop_all()
+        await api.stop()
+
+
+def _shard_row(mesh: Pipeline, job_name: str) -> tuple[str, bool, str | None]:
+    """The job's one shard: its state, whether its lease has ended, and its last error."""
+    with psycopg.connect(mesh.backends["POSTGRES_URL"]) as connection:
+        row = connection.execute(
+            "SELECT state, lease_expires <= now(), last_error FROM batch_shards WHERE job_id = %s",
+            (job_name.removeprefix("jobs/"),),
+        ).fetchone()
+    assert row is not None, job_name
+    return row[0], bool(row[1]), row[2]
 
 
 def _exit_code(process: subprocess.Popen[bytes]) -> int | str:

@@ -23,7 +23,8 @@ ROWS = Counter(
 SHARDS = Counter(
     "tensorway_batch_shards_total",
     "Shard messages a worker handled, by outcome: done, failed (released to run again, or the job "
-    "cannot run), duplicate (finished, cancelled or taken by another worker already).",
+    "cannot run), duplicate (finished, cancelled or taken by another worker already), stopped "
+    "(given back unfinished when the worker stopped), malformed (not a shard message).",
     ["outcome"],
 )
 SHARDS_RUNNING = Gauge(

@@ -58,6 +58,8 @@ from tensorway.tensors.signatures import ModelSignature, TensorSpec
 logger = logging.getLogger(__name__)
 # What a worker may do for a job's tenant: infer, with the tenant's own limits.
 WORKER_SCOPES = frozenset({Scope.INFER.value})
+# The error a shard given back by a stopping worker records.
+WORKER_STOPPED = "the worker stopped before the shard was done"
 # Parquet footers a worker keeps, the most recently read: a few jobs' files.
 FOOTERS_KEPT = 64
 
@@ -184,13 +186,35 @@ class ShardRunner:
             await self._store.release_shard(lease, f"{type(exc).__name__}: {exc}")
             metrics.SHARDS.labels("failed").inc()
             return
+        except asyncio.CancelledError:
+            await self._give_back(lease)
+            raise
         finally:
             current.reset(token)
         if answers is None:
             logger.info("shard lease lost; dropping the attempt", extra={"job": job_id, "shard": shard})
             metrics.SHARDS.labels("failed").inc()
             return
-        await self._finish(lease, answers, leased_at)
+        try:
+            await self._finish(lease, answers, leased_at)
+        except asyncio.CancelledError:
+            await self._give_back(lease)
+            raise
+
+    async def _give_back(self, lease: ShardLease) -> None:
+        """The worker is stopping (a rollout, a scale-down) with the shard unfinished: it is handed
+        out again at the reaper's next sweep rather than once its lease runs out. A shard already
+        recorded as done stays done; a part already written is written again, to the same key, by
+        the next attempt."""
+        logger.info(
+            "worker stopping; giving the shard back",
+            extra={"job": lease.job.name, "shard": lease.shard.index},
+        )
+        metrics.SHARDS.labels("stopped").inc()
+        try:
+            await asyncio.shield(self._store.release_shard(lease, WORKER_STOPPED))
+        except Exception:
+            logger.warning("cannot give the shard back; its lease will run out", exc_info=True)
 
     async def _answer_while_leased(self, lease: ShardLease) -> Answers | None:
         """The shard's answers, its lease renewed meanwhile; None when the lease was lost, which
