@@ -235,6 +235,8 @@ class Pipeline:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("TENSORWAY_BATCH")},
             **{f"TENSORWAY_BATCH_WORKER_{k}": v for k, v in worker.items()},
+            # A killed worker's faust data dir stays among the logs, which the session removes.
+            "TMPDIR": str(self.logs),
         }
         log = (self.logs / f"worker-{self.run}-{len(self.workers)}.log").open("wb")
         process = subprocess.Popen(

@@ -51,8 +51,13 @@ class TensorwayService(Component):
     def start(self, ctx: LaunchContext) -> Started:
         port, metrics_port = ctx.free_port(), ctx.free_port()
         extra = {name: ctx.free_port() for name in self.extra_ports}
+        # Temporary files (a batch worker's faust data dir) in the component's home, so a killed
+        # server leaves none of them behind in the machine's /tmp.
+        temporary = ctx.home / "tmp"
+        temporary.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
+            "TMPDIR": str(temporary),
             f"{self.env_prefix}HOST": "127.0.0.1",
             f"{self.env_prefix}PORT": str(port),
             f"{self.env_prefix}METRICS_PORT": str(metrics_port),
