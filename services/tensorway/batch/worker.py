@@ -159,7 +159,20 @@ class ShardRunner:
 
     async def run(self, job_id: str, shard: int) -> None:
         """Process the shard unless it is finished, cancelled or another live worker's."""
-        lease = await self._store.lease_shard(job_id, shard, self._owner, self._settings.lease_timeout)
+        leasing = asyncio.ensure_future(
+            self._store.lease_shard(job_id, shard, self._owner, self._settings.lease_timeout)
+        )
+        try:
+            lease = await asyncio.shield(leasing)
+        except asyncio.CancelledError:
+            # Stopped while PostgreSQL was leasing it: a lease it recorded is given back too, not
+            # left to run out.
+            taken = None
+            with contextlib.suppress(Exception):
+                taken = await leasing
+            if taken is not None:
+                await self._give_back(taken)
+            raise
         if lease is None:
             logger.info("shard skipped: finished, cancelled or leased", extra={"job": job_id, "shard": shard})
             metrics.SHARDS.labels("duplicate").inc()
