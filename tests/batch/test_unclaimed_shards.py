@@ -1,5 +1,6 @@
-"""Shards whose message the broker lost (a broker restarted without its data) are published again
-by the reaper, on a database of their own (`own_store`) so no running relay or worker sees them."""
+"""The reaper, on a database of its own (`own_store`) so no running relay or worker sees its
+shards: shards whose message the broker lost (a broker restarted without its data) are published
+again, and shards given back by stopping workers run again."""
 
 from __future__ import annotations
 
@@ -43,3 +44,28 @@ async def test_shards_offered_and_never_taken_are_published_again_once(own_store
     # Only the shard nobody took; the leased one is the lease reaper's.
     assert await own_store.republish_unclaimed(timedelta(0)) == 1
     assert await _publish_all(own_store) == [b"job1/1"]
+
+
+async def test_a_shard_given_back_runs_again_whatever_its_attempts(own_store: JobStore) -> None:
+    """A stopping worker may take a shard and give it back more than once; that uses up none of
+    the shard's attempts, while a failed attempt past the last fails it."""
+    await own_store.create_job("job2", "acme", "", SPEC, {})
+    async with own_store.job_to_plan() as claimed:
+        assert claimed is not None
+        connection, job = claimed
+        await own_store.record_plan(connection, job, PLAN)
+    await _publish_all(own_store)
+    max_attempts = 2
+    for _ in range(max_attempts + 1):
+        lease = await own_store.lease_shard("job2", 0, "stopping-worker", timedelta(seconds=30))
+        assert lease is not None
+        await own_store.give_back(lease)
+        assert await own_store.requeue_expired(max_attempts) == (1, 0)
+    assert await own_store.shard_state("job2", 0) == "PENDING"
+    assert await _publish_all(own_store) == [b"job2/0"] * (max_attempts + 1)
+
+    lease = await own_store.lease_shard("job2", 0, "worker", timedelta(seconds=30))
+    assert lease is not None
+    await own_store.release_shard(lease, "UNAVAILABLE: the model is not loaded")
+    assert await own_store.requeue_expired(max_attempts) == (0, 1)
+    assert await own_store.shard_state("job2", 0) == "FAILED"

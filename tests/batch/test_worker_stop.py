@@ -13,9 +13,9 @@ import psycopg
 from minio import Minio
 
 from tensorway.batch import service as batch_service
+from tensorway.batch.job_store import GIVEN_BACK
 from tensorway.batch.v1 import batch_service_pb2 as pb
 from tensorway.batch.v1 import batch_service_pb2_grpc as pb_grpc
-from tensorway.batch.worker import WORKER_STOPPED
 from tests.waiting import eventually
 
 from .conftest import Pipeline, TritonForwarder, digits_rows, poll_job, upload, wait_for_state
@@ -86,7 +86,7 @@ async def test_a_worker_stopped_mid_shard_gives_it_back_before_its_lease_runs_ou
             # Given back: its lease ended when the worker stopped (the reaper may have made it
             # PENDING since), not 10 minutes later.
             state, lease_ended, last_error = _shard_row(mesh, job.name)
-            assert last_error == WORKER_STOPPED
+            assert last_error == GIVEN_BACK
             assert state == "PENDING" or (state == "LEASED" and lease_ended), state
 
             mesh.start_worker()

@@ -37,6 +37,9 @@ from tensorway.batch.shard_messages import INSERT_OUTBOX, OutboxBatch, OutboxMes
 from tensorway.runtime import FieldViolation, InvalidArgument, NotFound
 from tensorway.runtime.postgres import Connection, Database, PageCursor, parse_filter_terms
 
+# The error of a shard its worker gave back as it stopped (`JobStore.give_back`).
+GIVEN_BACK = "the worker stopped before the shard was done"
+
 MAX_PAGE_SIZE = 500
 LIST_FILTER_FIELDS = {"state", "model"}
 
@@ -458,6 +461,12 @@ class JobStore:
                 (error, lease.job.id, lease.shard.index, lease.owner, lease.attempt),
             )
 
+    async def give_back(self, lease: ShardLease) -> None:
+        """End this attempt for no fault of the shard's (its worker is stopping): the reaper hands
+        it out again whatever its attempts, since a stopping worker may take it and give it back
+        more than once."""
+        await self.release_shard(lease, GIVEN_BACK)
+
     # --- the reaper -----------------------------------------------------------------------
 
     async def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
@@ -465,14 +474,17 @@ class JobStore:
         that used up its attempts fails with all its rows. Returns (requeued, failed)."""
         async with self.database.transaction() as connection:
             cursor = await connection.execute(
-                """SELECT s.job_id, s.shard, s.attempts, s.row_count, j.tenant, j.trace_context, j.priority
+                """SELECT s.job_id, s.shard, s.attempts, s.last_error, s.row_count, j.tenant,
+                    j.trace_context, j.priority
                 FROM batch_shards s JOIN batch_jobs j ON j.id = s.job_id
                 WHERE s.state = 'LEASED' AND s.lease_expires < now()
                 FOR UPDATE OF j, s SKIP LOCKED"""
             )
             expired = await cursor.fetchall()
-            requeue = [r for r in expired if r["attempts"] < max_attempts]
-            exhausted = [r for r in expired if r["attempts"] >= max_attempts]
+            exhausted = [
+                r for r in expired if r["attempts"] >= max_attempts and r["last_error"] != GIVEN_BACK
+            ]
+            requeue = [r for r in expired if r not in exhausted]
             async with connection.cursor() as batch:
                 await batch.executemany(
                     """UPDATE batch_shards SET state = 'PENDING', lease_owner = NULL, lease_expires = NULL,

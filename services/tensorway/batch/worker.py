@@ -58,8 +58,6 @@ from tensorway.tensors.signatures import ModelSignature, TensorSpec
 logger = logging.getLogger(__name__)
 # What a worker may do for a job's tenant: infer, with the tenant's own limits.
 WORKER_SCOPES = frozenset({Scope.INFER.value})
-# The error a shard given back by a stopping worker records.
-WORKER_STOPPED = "the worker stopped before the shard was done"
 # Parquet footers a worker keeps, the most recently read: a few jobs' files.
 FOOTERS_KEPT = 64
 
@@ -225,7 +223,7 @@ class ShardRunner:
         )
         metrics.SHARDS.labels("stopped").inc()
         try:
-            await asyncio.shield(self._store.release_shard(lease, WORKER_STOPPED))
+            await asyncio.shield(self._store.give_back(lease))
         except Exception:
             logger.warning("cannot give the shard back; its lease will run out", exc_info=True)
 
