@@ -206,11 +206,7 @@ class ShardRunner:
             logger.info("shard lease lost; dropping the attempt", extra={"job": job_id, "shard": shard})
             metrics.SHARDS.labels("failed").inc()
             return
-        try:
-            await self._finish(lease, answers, leased_at)
-        except asyncio.CancelledError:
-            await self._give_back(lease)
-            raise
+        await self._finish(lease, answers, leased_at)
 
     async def _give_back(self, lease: ShardLease) -> None:
         """The worker is stopping (a rollout, a scale-down) with the shard unfinished: it is handed
@@ -266,6 +262,7 @@ class ShardRunner:
         job, index = lease.job, lease.shard.index
         try:
             outcome = await self._results.write_shard(job, lease.shard, answers.shard, answers.outputs)
+            completion = await self._store.complete_shard(lease, outcome)
         except StorageError as exc:
             logger.warning(
                 "cannot write shard result", extra={"job": job.name, "shard": index, "error": str(exc)}
@@ -273,7 +270,10 @@ class ShardRunner:
             await self._store.release_shard(lease, str(exc))
             metrics.SHARDS.labels("failed").inc()
             return
-        completion = await self._store.complete_shard(lease, outcome)
+        except asyncio.CancelledError:
+            # Past this point the shard is recorded as done: nothing to give back.
+            await self._give_back(lease)
+            raise
         if not completion.recorded:
             metrics.SHARDS.labels("duplicate").inc()
             # Either another worker finished it (same bytes, same key: keep them) or the job
