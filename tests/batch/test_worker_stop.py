@@ -5,8 +5,10 @@ finished by the workers that follow them, every row once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
+from collections.abc import AsyncIterator
 
 import grpc
 import psycopg
@@ -25,36 +27,48 @@ from .test_jobs import create, npy_of, read_results
 EXIT_PATIENCE = 30
 
 
+@contextlib.asynccontextmanager
+async def _batch_api_of(mesh: Pipeline) -> AsyncIterator[pb_grpc.BatchServiceStub]:
+    """A batch API on the mesh's topic, as a stub; the mesh's workers and the API stop after."""
+    api, port = await batch_service.create(mesh.api_settings)
+    await api.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pb_grpc.BatchServiceStub(channel)
+    finally:
+        mesh.stop_all()
+        await api.stop()
+
+
+async def _finished_once_by_a_new_worker(
+    mesh: Pipeline, stub: pb_grpc.BatchServiceStub, job: pb.Job, tenant_name: str, rows: int
+) -> None:
+    mesh.start_worker()
+    done = await wait_for_state(stub, job.name, tenant_name, within=120)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
+    assert done.progress.rows_done == rows
+    assert len(read_results(done)) == rows
+
+
 async def test_workers_stopped_together_mid_job_exit_and_the_job_finishes_once(
     pipeline: Pipeline, inference_target: str, s3: Minio
 ) -> None:
     mesh = pipeline.sibling(inference_target)
-    api, port = await batch_service.create(mesh.api_settings)
-    await api.start()
-    try:
+    async with _batch_api_of(mesh) as stub:
         first = [mesh.start_worker(), mesh.start_worker()]
         # Both started and in the group before the job: shards nobody leases within the
         # unclaimed timeout would go to the shared pipeline's workers instead.
         await eventually(mesh.consuming, interval=0.1, what="both workers consuming")
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.BatchServiceStub(channel)
-            job = await create(
-                stub, "acme", upload(s3, npy_of(digits_rows(24_000, seed=21)), ".npy"), shard_size=200
-            )
-            await poll_job(stub, job.name, "acme", lambda j: j.progress.shards_done >= 10)
-            for process in first:
-                process.send_signal(signal.SIGTERM)
-            codes = await asyncio.gather(*(asyncio.to_thread(_exit_code, process) for process in first))
-            assert codes == [0, 0], f"exit codes after SIGTERM: {codes}"
+        job = await create(
+            stub, "acme", upload(s3, npy_of(digits_rows(24_000, seed=21)), ".npy"), shard_size=200
+        )
+        await poll_job(stub, job.name, "acme", lambda j: j.progress.shards_done >= 10)
+        for process in first:
+            process.send_signal(signal.SIGTERM)
+        codes = await asyncio.gather(*(asyncio.to_thread(_exit_code, process) for process in first))
+        assert codes == [0, 0], f"exit codes after SIGTERM: {codes}"
 
-            mesh.start_worker()
-            done = await wait_for_state(stub, job.name, "acme", within=120)
-        assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
-        assert done.progress.rows_done == 24_000
-        assert len(read_results(done)) == 24_000
-    finally:
-        mesh.stop_all()
-        await api.stop()
+        await _finished_once_by_a_new_worker(mesh, stub, job, "acme", 24_000)
 
 
 async def test_a_worker_stopped_mid_shard_gives_it_back_before_its_lease_runs_out(
@@ -65,39 +79,28 @@ async def test_a_worker_stopped_mid_shard_gives_it_back_before_its_lease_runs_ou
     # A lease far longer than the test may take: the shard can only run again this soon if the
     # stopped worker gave it back.
     mesh.worker_options = {**mesh.worker_options, "LEASE_TIMEOUT": "PT10M"}
-    api, port = await batch_service.create(mesh.api_settings)
-    await api.start()
-    try:
+    async with _batch_api_of(mesh) as stub:
         stopping = mesh.start_worker()
         await eventually(mesh.consuming, interval=0.1, what="the worker consuming")
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.BatchServiceStub(channel)
-            with servicer.holding("stopper"):
-                job = await create(
-                    stub,
-                    "stopper",
-                    upload(s3, npy_of(digits_rows(300, seed=22)), ".npy", "stopper"),
-                    shard_size=300,
-                )
-                await eventually(lambda: servicer.held["stopper"] > 0, what="the shard's call held")
-                stopping.send_signal(signal.SIGTERM)
-                assert await asyncio.to_thread(_exit_code, stopping) == 0
+        with servicer.holding("stopper"):
+            job = await create(
+                stub,
+                "stopper",
+                upload(s3, npy_of(digits_rows(300, seed=22)), ".npy", "stopper"),
+                shard_size=300,
+            )
+            await eventually(lambda: servicer.held["stopper"] > 0, what="the shard's call held")
+            stopping.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(_exit_code, stopping) == 0
 
-            # Given back: the stopped worker's lease ended as it stopped, not 10 minutes later.
-            # Since then the reaper may have put the shard out again, and another worker taken it:
-            # the shared pipeline's workers, whose batch API reaps and relays the same database.
-            state, owner, lease_ended, last_error = _shard_row(mesh, job.name)
-            assert last_error == GIVEN_BACK
-            assert state != "LEASED" or lease_ended or f"-{stopping.pid}-" not in owner, (state, owner)
+        # Given back: the stopped worker's lease ended as it stopped, not 10 minutes later.
+        # Since then the reaper may have put the shard out again, and another worker taken it:
+        # the shared pipeline's workers, whose batch API reaps and relays the same database.
+        state, owner, lease_ended, last_error = _shard_row(mesh, job.name)
+        assert last_error == GIVEN_BACK
+        assert state != "LEASED" or lease_ended or f"-{stopping.pid}-" not in owner, (state, owner)
 
-            mesh.start_worker()
-            done = await wait_for_state(stub, job.name, "stopper", within=120)
-        assert done.state == pb.JOB_STATE_SUCCEEDED, done.failure_reason
-        assert done.progress.rows_done == 300
-        assert len(read_results(done)) == 300
-    finally:
-        mesh.stop_all()
-        await api.stop()
+        await _finished_once_by_a_new_worker(mesh, stub, job, "stopper", 300)
 
 
 def _shard_row(mesh: Pipeline, job_name: str) -> tuple[str, str, bool, str | None]:
