@@ -1,4 +1,4 @@
-"""The exception type the local stack raises."""
+"""The exception types the local stack raises: `DevStackError`, and its kinds a caller acts on."""
 
 from __future__ import annotations
 
