@@ -14,6 +14,9 @@ machine; then a 10-million-row Parquet job, for the workers' peak memory.
   infer concurrency): the issue's baseline, which the 0.8x aim is judged against.
 - direct batched + parts: the same, but it also writes what the job writes (the same JSONL
   lines or Parquet parts, a part per shard's rows, to the same S3): the fair baseline.
+- floor: the fair baseline sent through two bare Python proxies chained (`hopfloor.py`), where
+  the job's router and orchestrator stand: what two hops with no logic at all cost this
+  workload, so the job is also read against what any path through two Python hops can reach.
 - naive: one row per request, one request at a time, over a sample of the rows.
 - memory: a Parquet input of --big-rows rows (10,000,000; --quick 1,000,000), generated here in
   files of 1,000,000 rows under one prefix (never stored in the repo), run as one job; each
@@ -52,6 +55,7 @@ import pyarrow.parquet as pq
 import tritonclient.grpc.aio as triton_aio
 import urllib3
 from benchkit import Cell, Results, add_common_arguments, mode, percentile_ms, prefixed, serve
+from hopfloor import bare_proxy
 from minio import Minio
 from sklearn.datasets import load_digits
 
@@ -77,6 +81,7 @@ BATCH_ROWS = 1024
 BATCHED = f"digits, up to {BATCH_ROWS:,} rows a request"
 ONE_ROW = "digits, 1 row a request"
 DIRECT = "direct batched (Triton)"
+FLOOR = "floor: direct batched + the same {} parts, through 2 bare proxies"
 # Full run, then --quick: rows in a job, rows a shard, rows the naive loop is timed over, rows
 # of the memory job.
 SIZES = {"full": (200_000, 10_000, 2_000, 10_000_000), "quick": (20_000, 2_000, 200, 1_000_000)}
@@ -172,6 +177,7 @@ class CpuMeter:
         "redis",
         "tansu",
         "weed",
+        "hopfloor",
     )
 
     def __init__(self) -> None:
@@ -580,21 +586,29 @@ def main() -> int:
                 if concurrency == in_flight:
                     cpu_used["direct"] = used
                 results.cells.append(cell)
-            for name in inputs:
-                output = PartWriter(s3, f"direct-{name}/", len(rows), shard_size, parquet=name == "Parquet")
+
+            def with_parts(target: str, path: str, prefix: str, parquet: bool) -> None:
+                output = PartWriter(s3, prefix, len(rows), shard_size, parquet=parquet)
                 cpu = CpuMeter()
-                seconds, latencies = asyncio.run(direct_batched(triton, rows, in_flight, shard_size, output))
-                cpu_used[f"direct + {name} parts"] = cpu.since()
-                cell = rows_cell(
-                    BATCHED,
-                    f"direct batched + the same {name} parts in S3",
-                    in_flight,
-                    total_rows,
-                    seconds,
-                    latencies,
-                )
-                cell.extra["CPU s"] = sum(cpu_used[f"direct + {name} parts"].values())
+                seconds, latencies = asyncio.run(direct_batched(target, rows, in_flight, shard_size, output))
+                cpu_used[path] = cpu.since()
+                cell = rows_cell(BATCHED, path, in_flight, total_rows, seconds, latencies)
+                cell.extra["CPU s"] = sum(cpu_used[path].values())
                 results.cells.append(cell)
+
+            for name in inputs:
+                with_parts(
+                    triton,
+                    f"direct batched + the same {name} parts in S3",
+                    f"direct-{name}/",
+                    name == "Parquet",
+                )
+            with ExitStack() as proxies:
+                first = proxies.enter_context(bare_proxy(triton, workdir / "proxy-1.log"))
+                second = proxies.enter_context(bare_proxy(first, workdir / "proxy-2.log"))
+                asyncio.run(direct_batched(second, rows[:2_000], in_flight, part_rows=2_000))
+                for name in inputs:
+                    with_parts(second, FLOOR.format(name), f"floor-{name}/", name == "Parquet")
             seconds, latencies = asyncio.run(naive(triton, rows[:naive_rows]))
             results.cells.append(
                 rows_cell(ONE_ROW, "naive (Triton direct)", 1, naive_rows, seconds, latencies)
@@ -641,6 +655,11 @@ def main() -> int:
         )
         results.aim(
             f"{name} batch job >= 50x naive", f"{batch_rate / naive_rate:.2f}x", batch_rate >= 50 * naive_rate
+        )
+        floor_rate = by_path[FLOOR.format(name)].throughput
+        results.notes.append(
+            f"{name}: the floor (two bare proxies) reaches {floor_rate / writing_rate:.3f}x the fair "
+            f"baseline; the batch job reaches {batch_rate / floor_rate:.3f}x its floor"
         )
         results.notes.append(
             f"{name} batch job / direct batched with answers dropped: {batch_rate / direct_rate:.3f}x"

@@ -2,7 +2,8 @@
 
 A bare `grpc.aio` proxy that forwards every unary call's bytes to one upstream (no parsing, no
 routing, no metrics, no tracing, no interceptors), run as its own process as the mesh's services
-are; two chained are the floor of router + orchestrator. And for the edge, Envoy routing gRPC
+are, with their C heap settings; two chained are the floor of router + orchestrator. And for
+the edge, Envoy routing gRPC
 straight to the router with no filters (no JWT, no limits, no transcoding, no access log): the
 floor of the edge's own hop. The benchmarks measure these in the same run as the mesh and read
 every mesh row against its floor.
@@ -24,6 +25,9 @@ from typing import Any
 import grpc
 from benchkit import free_port, stop, wait_serving
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tensorway.runtime import ServiceSettings
+from tensorway.runtime.heap import retain_freed_memory
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _OPTIONS = [
@@ -161,6 +165,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
+    # The C heap as the mesh's services keep it, so the floor pays for large tensors what they do.
+    retain_freed_memory(ServiceSettings().heap_retained_bytes)
     asyncio.run(_serve(args.port, args.upstream))
 
 

@@ -15,7 +15,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tensorway.runtime import logs, tracing
+from tensorway.runtime import heap, logs, tracing
 from tensorway.runtime.interceptors import ClientInterceptor, ServerInterceptor
 from tensorway.runtime.metrics import start_metrics_server
 from tensorway.runtime.settings import ServiceSettings
@@ -188,8 +188,9 @@ def create_server(
 
 
 def configure_process(name: str, settings: ServiceSettings) -> None:
-    """Logging and tracing for a process that runs one service."""
+    """Logging, tracing and the C heap for a process that runs one service."""
     logs.configure(settings.log_level, settings.log_json)
+    heap.retain_freed_memory(settings.heap_retained_bytes)
     tracing.configure(name, settings.otlp_endpoint, settings.trace_sample_ratio)
 
 
