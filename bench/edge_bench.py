@@ -4,8 +4,9 @@ tritonclient.http sends them), with JWT checks and both rate limits on.
 
 Starts a private local stack (router with its global limits leased from Redis, registry,
 orchestrator, Triton, Envoy), registers the demo models, then runs each target at each
-concurrency of the sweep for a fixed time and prints p50, p99 and requests/s, with each row's
-ratios against Triton direct (and the p50 against the router direct, the edge's own share).
+concurrency of the sweep for a fixed time (at one in flight in turns, in rounds, pooled:
+`benchkit.sweep_cells`) and prints p50, p99 and requests/s, with each row's ratios against
+Triton direct (and the p50 against the router direct, the edge's own share).
 
 Floors measured in the same run (`hopfloor.py`): one and two bare Python `grpc.aio` proxies
 forwarding bytes to Triton (the cost of the mesh's two Python hops with no logic), and Envoy
@@ -57,7 +58,7 @@ from benchkit import (
     keep_in_flight,
     mode,
     stop,
-    sweep_cell,
+    sweep_cells,
 )
 from hopfloor import bare_envoy, bare_proxy
 from tritonclient.grpc import service_pb2 as triton_pb
@@ -211,8 +212,7 @@ async def run(
             "Envoy V2 HTTP": envoy_v2_http,
         }
         for concurrency in concurrencies:
-            for name, call in targets.items():
-                results.cells.append(await sweep_cell(GROUP, name, call, concurrency, seconds))
+            results.cells.extend(await sweep_cells(GROUP, targets, concurrency, seconds))
     for cell in results.cells:
         router_cell = next(
             c for c in results.cells if c.path == ROUTER_DIRECT and c.concurrency == cell.concurrency

@@ -3,7 +3,9 @@
 Workloads: `simple` (two INT32 [1,16] in, two out) and a 4 MiB FP32 tensor through an identity
 model (4 MiB in, 4 MiB out; no demo model takes 4 MiB: `digits` stops at 256 rows = 64 KiB).
 Each target runs each workload at each concurrency of the sweep (1, 4, 16, 64 requests in flight);
-the report gives p50, p99, requests/s and payload MB/s (tensor bytes in + out), and each figure's
+at one in flight, where the per-hop aims are read, the targets take turns in rounds and their
+latencies are pooled (`benchkit.sweep_cells`), so a busy moment of the machine falls on all. The
+report gives p50, p99, requests/s and payload MB/s (tensor bytes in + out), and each figure's
 ratio against Triton direct.
 
 Every mesh row is also read against its floor, measured in the same run: one bare Python
@@ -44,7 +46,7 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
-from benchkit import Results, add_common_arguments, cell_seconds, mode, prefixed, serve, sweep_cell
+from benchkit import Results, add_common_arguments, cell_seconds, mode, prefixed, serve, sweep_cells
 from hopfloor import bare_proxy
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
@@ -308,15 +310,12 @@ async def run(
     await triton_client.close()
     try:
         for workload in (workload for workload in workloads() if workload.name in names):
+            calls = {
+                target.name: lambda target=target, workload=workload: target.infer(workload)
+                for target in chosen
+            }
             for concurrency in concurrencies:
-                for target in chosen:
-                    cell = await sweep_cell(
-                        workload.name,
-                        target.name,
-                        lambda target=target, workload=workload: target.infer(workload),
-                        concurrency,
-                        seconds,
-                    )
+                for cell in await sweep_cells(workload.name, calls, concurrency, seconds):
                     cell.extra["MB/s"] = cell.throughput * workload.payload_bytes / 1e6
                     results.cells.append(cell)
         read_against_floors(results)

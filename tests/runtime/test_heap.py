@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
 
 import pytest
 
-from tensorway.runtime import ServiceSettings
-
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 
-# Frees a 4 MiB buffer, the size of a large tensor, and prints what retain_freed_memory returned
-# and how many freed bytes the heap still holds (glibc's mallinfo2).
+# Set up as `tensorway serve` sets up a service's process, free a 4 MiB buffer (a large
+# tensor's size), and print how many freed bytes the heap still holds (glibc's mallinfo2).
 FREE_A_LARGE_BUFFER = """
-import ctypes, sys
-from tensorway.runtime.heap import retain_freed_memory
+import ctypes
+from tensorway.runtime import ServiceSettings, configure_process
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -25,30 +24,27 @@ class Mallinfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Mallinfo2
-print(retain_freed_memory(int(sys.argv[1])))
+configure_process("heap-test", ServiceSettings())
 buffer = bytearray(4 << 20)
 del buffer
 print(libc.mallinfo2().fordblks)
 """
 
 
-def free_a_large_buffer(retained_bytes: int) -> tuple[str, int]:
+def heap_free_bytes_after_freeing_a_large_buffer(**environment: str) -> int:
     out = subprocess.run(
-        [sys.executable, "-c", FREE_A_LARGE_BUFFER, str(retained_bytes)],
+        [sys.executable, "-c", FREE_A_LARGE_BUFFER],
         check=True,
         capture_output=True,
         text=True,
-    ).stdout.split()
-    return out[0], int(out[1])
+        env={**os.environ, **environment},
+    ).stdout
+    return int(out.split()[-1])
 
 
-def test_a_freed_large_buffer_stays_in_the_heap_with_the_default_setting() -> None:
-    applied, free_bytes = free_a_large_buffer(ServiceSettings().heap_retained_bytes)
-    assert applied == "True"
-    assert free_bytes >= 4 << 20
+def test_a_service_process_keeps_a_freed_large_buffer_for_reuse() -> None:
+    assert heap_free_bytes_after_freeing_a_large_buffer() >= 4 << 20
 
 
-def test_zero_keeps_glibcs_defaults_which_give_the_buffer_back() -> None:
-    applied, free_bytes = free_a_large_buffer(0)
-    assert applied == "False"
-    assert free_bytes < 4 << 20
+def test_zero_retained_bytes_keeps_glibcs_defaults_which_give_it_back() -> None:
+    assert heap_free_bytes_after_freeing_a_large_buffer(TENSORWAY_HEAP_RETAINED_BYTES="0") < 4 << 20

@@ -26,20 +26,17 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 
 
-def retain_freed_memory(retained_bytes: int) -> bool:
+def retain_freed_memory(retained_bytes: int) -> None:
     """Keep up to `retained_bytes` of freed heap memory for reuse, and serve allocations up to
-    32 MiB from the heap. 0 leaves glibc's defaults. False where the C library is not glibc
-    (nothing changes there)."""
+    32 MiB from the heap. 0 leaves glibc's defaults, and so does a C library that is not glibc."""
     if retained_bytes <= 0:
-        return False
-    name = ctypes.util.find_library("c")
+        return
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
         logger.info("no glibc mallopt here; the C heap keeps its defaults")
-        return False
+        return
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, retained_bytes)
-    )
+    if not (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, retained_bytes)):
+        logger.warning("glibc refused the heap's thresholds; the C heap keeps its defaults")

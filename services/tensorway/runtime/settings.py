@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,8 +37,8 @@ class ServiceSettings(BaseSettings):
     """Root log level."""
     log_json: bool = True
     """JSON logs for pipelines; false gives plain text for a terminal."""
-    heap_retained_bytes: int = 64 * 1024 * 1024
+    heap_retained_bytes: int = Field(64 * 1024 * 1024, ge=0, lt=2**31)
     """Freed C-heap memory the process keeps for reuse instead of giving it back to the kernel
     (glibc only; see `tensorway.runtime.heap`). Large tensors then cost no page faults on every
     hop, and the resident memory may stay up to this much above what is in use after a burst of
-    them. 0 keeps glibc's defaults."""
+    them. 0 keeps glibc's defaults; at most 2 GiB less a byte (glibc takes a C int)."""
