@@ -37,7 +37,7 @@ class ServiceSettings(BaseSettings):
     """Root log level."""
     log_json: bool = True
     """JSON logs for pipelines; false gives plain text for a terminal."""
-    heap_retained_bytes: int = Field(64 * 1024 * 1024, ge=0, lt=2**31)
+    heap_retained_bytes: int = Field(default=64 * 1024 * 1024, ge=0, lt=2**31)
     """Freed C-heap memory the process keeps for reuse instead of giving it back to the kernel
     (glibc only; see `tensorway.runtime.heap`). Large tensors then cost no page faults on every
     hop, and the resident memory may stay up to this much above what is in use after a burst of
