@@ -35,6 +35,10 @@ NPY_MAGIC = b"\x93NUMPY"
 # worker dies of SIGSEGV) on a row nested 100,000 levels deep. A row of tensors needs
 # a few levels; a shard nested deeper than this goes row by row, where orjson refuses the row.
 COLUMNAR_MAX_DEPTH = 64
+# Arrow parses a shard on the thread it is called on: a worker already parses its shards side by
+# side, and Arrow's own threads only cost more CPU (a 10,000-row shard of digits: 39 ms of CPU
+# with them, 33 ms without).
+_ONE_THREAD = pa_json.ReadOptions(use_threads=False)
 
 
 class InputError(Exception):
@@ -282,7 +286,7 @@ def _columnar_jsonl(
     if _nesting(data) > COLUMNAR_MAX_DEPTH:
         return None
     try:
-        table = pa_json.read_json(pa.py_buffer(data))
+        table = pa_json.read_json(pa.py_buffer(data), read_options=_ONE_THREAD)
     except (pa.ArrowException, ValueError):
         return None
     lines = sum(1 for line in data.split(b"\n") if line.strip())
