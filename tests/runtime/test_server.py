@@ -264,6 +264,40 @@ def test_a_service_given_sigterm_runs_its_whole_stop_and_exits_0() -> None:
     assert "Traceback" not in output, output
 
 
+def test_a_service_given_sigterm_while_it_is_still_starting_ends_its_start_and_exits_0() -> None:
+    """A SIGTERM while `create` still waits (here a router for its first route table, from a
+    registry nobody serves) cancels the start: exit status 0 and the log says so, where the
+    signal used to kill the process outright (status -15, nothing cleaned up)."""
+    tensorway = str(Path(sys.executable).parent / "tensorway")
+    env = {
+        **os.environ,
+        "TENSORWAY_ROUTER_REGISTRY_ADDRESS": "127.0.0.1:1",
+        "TENSORWAY_ROUTER_INITIAL_ROUTES_TIMEOUT": "PT10M",
+        "TENSORWAY_ROUTER_METRICS_ENABLED": "false",
+    }
+    process = subprocess.Popen(
+        [tensorway, "serve", "router", "--port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        # The route watcher has tried the registry: `create` is waiting for the first table.
+        if "route stream lost" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output
+    assert '"message": "stopped before it started serving"' in output, output
+    assert "listening on" not in output, output
+    assert "Traceback" not in output, output
+
+
 async def test_reflection_lists_services_through_grpcurl(probe: tuple[ServiceServer, str]) -> None:
     grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
     assert grpcurl is not None, "grpcurl comes with the local extra"

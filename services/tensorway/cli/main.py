@@ -87,12 +87,10 @@ def serve_command(
     settings = module.Settings() if port is None else module.Settings(port=port)
     configure_process(service, settings)
 
-    async def run() -> None:
-        server, bound = await module.create(settings)
+    def created(bound: int) -> None:
         console.print(f"{service} listening on {settings.host}:{bound}")
-        await serve(server)
 
-    asyncio.run(run())
+    asyncio.run(serve(module.create(settings), created))
 
 
 def main() -> None:

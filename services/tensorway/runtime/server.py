@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -194,17 +195,39 @@ def configure_process(name: str, settings: ServiceSettings) -> None:
     tracing.configure(name, settings.otlp_endpoint, settings.trace_sample_ratio)
 
 
-async def serve(server: ServiceServer) -> None:
-    """Start the server and run it until SIGTERM or SIGINT, then stop it gracefully."""
+async def serve(
+    creating: Coroutine[Any, Any, tuple[ServiceServer, int]], on_created: Callable[[int], None]
+) -> None:
+    """Create the server (`creating`, a service's `create`), tell `on_created` its port, start
+    it and run it until SIGTERM or SIGINT, then stop it gracefully.
+
+    The signals count from the start: one that comes while the service is still being created
+    (a rollout or a scale-down while it waits for PostgreSQL, Kafka or its first routes) cancels
+    the creation, whose clean-ups run, and the process ends with status 0 instead of being
+    killed by the signal with nothing cleaned up."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    await server.start()
-    async with asyncio.TaskGroup() as group:
-        terminated = group.create_task(server.wait())
-        signalled = group.create_task(stop_requested.wait())
-        await asyncio.wait({terminated, signalled}, return_when=asyncio.FIRST_COMPLETED)
-        terminated.cancel()
+    created = asyncio.ensure_future(creating)
+    signalled = asyncio.ensure_future(stop_requested.wait())
+    await asyncio.wait({created, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not created.done():
+        created.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await created
+        logger.info("stopped before it started serving")
+        return
+    try:
+        server, port = created.result()
+    except BaseException:
         signalled.cancel()
+        raise
+    on_created(port)
+    await server.start()
+    terminated = asyncio.ensure_future(server.wait())
+    await asyncio.wait({terminated, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    terminated.cancel()
+    signalled.cancel()
+    await asyncio.gather(terminated, signalled, return_exceptions=True)
     await server.stop()
