@@ -3,10 +3,9 @@
 A bare `grpc.aio` proxy that forwards every unary call's bytes to one upstream (no parsing, no
 routing, no metrics, no tracing, no interceptors), run as its own process as the mesh's services
 are, with their C heap settings; two chained are the floor of router + orchestrator. And for
-the edge, Envoy routing gRPC
-straight to the router with no filters (no JWT, no limits, no transcoding, no access log): the
-floor of the edge's own hop. The benchmarks measure these in the same run as the mesh and read
-every mesh row against its floor.
+the edge, Envoy routing gRPC straight to the router with no filters (no JWT, no limits, no
+transcoding, no access log): the floor of the edge's own hop. The benchmarks measure these in
+the same run as the mesh and read every mesh row against its floor.
 
     .venv/bin/python bench/hopfloor.py --port PORT --upstream HOST:PORT   (one proxy, until killed)
 """

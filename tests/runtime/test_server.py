@@ -233,19 +233,13 @@ async def test_health_serves_and_goes_not_serving_on_shutdown() -> None:
     assert cleaned == ["closed"]
 
 
-def test_a_service_given_sigterm_runs_its_whole_stop_and_exits_0() -> None:
-    """`serve` answers SIGTERM with the whole graceful stop: drains, the gRPC server's stop
-    within its grace, the cleanups, then exit status 0. An orchestrator needs no other server to
-    start (its Triton is simply not ready)."""
+def sigterm_once_logged(service: str, environment: dict[str, str], marker: str) -> tuple[int, str]:
+    """Run `tensorway serve SERVICE`, send it SIGTERM once a line of its output holds `marker`,
+    and return its exit status and whole output."""
     tensorway = str(Path(sys.executable).parent / "tensorway")
-    env = {
-        **os.environ,
-        "TENSORWAY_ORCHESTRATOR_TRITONS": '["127.0.0.1:1"]',
-        "TENSORWAY_ORCHESTRATOR_METRICS_ENABLED": "false",
-    }
     process = subprocess.Popen(
-        [tensorway, "serve", "orchestrator", "--port", "0"],
-        env=env,
+        [tensorway, "serve", service, "--port", "0"],
+        env={**os.environ, **environment},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -254,12 +248,26 @@ def test_a_service_given_sigterm_runs_its_whole_stop_and_exits_0() -> None:
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if '"serving"' in line:
+        if marker in line:
             break
     process.send_signal(signal.SIGTERM)
     rest, _ = process.communicate(timeout=60)
-    output = "".join(lines) + rest
-    assert process.returncode == 0, output
+    return process.returncode, "".join(lines) + rest
+
+
+def test_a_service_given_sigterm_runs_its_whole_stop_and_exits_0() -> None:
+    """`serve` answers SIGTERM with the whole graceful stop: drains, the gRPC server's stop
+    within its grace, the cleanups, then exit status 0. An orchestrator needs no other server to
+    start (its Triton is simply not ready)."""
+    status, output = sigterm_once_logged(
+        "orchestrator",
+        {
+            "TENSORWAY_ORCHESTRATOR_TRITONS": '["127.0.0.1:1"]',
+            "TENSORWAY_ORCHESTRATOR_METRICS_ENABLED": "false",
+        },
+        '"serving"',
+    )
+    assert status == 0, output
     assert '"message": "stopped"' in output, output
     assert "Traceback" not in output, output
 
@@ -268,31 +276,17 @@ def test_a_service_given_sigterm_while_it_is_still_starting_ends_its_start_and_e
     """A SIGTERM while `create` still waits (here a router for its first route table, from a
     registry nobody serves) cancels the start: exit status 0 and the log says so, where the
     signal used to kill the process outright (status -15, nothing cleaned up)."""
-    tensorway = str(Path(sys.executable).parent / "tensorway")
-    env = {
-        **os.environ,
-        "TENSORWAY_ROUTER_REGISTRY_ADDRESS": "127.0.0.1:1",
-        "TENSORWAY_ROUTER_INITIAL_ROUTES_TIMEOUT": "PT10M",
-        "TENSORWAY_ROUTER_METRICS_ENABLED": "false",
-    }
-    process = subprocess.Popen(
-        [tensorway, "serve", "router", "--port", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
+    status, output = sigterm_once_logged(
+        "router",
+        {
+            "TENSORWAY_ROUTER_REGISTRY_ADDRESS": "127.0.0.1:1",
+            "TENSORWAY_ROUTER_INITIAL_ROUTES_TIMEOUT": "PT10M",
+            "TENSORWAY_ROUTER_METRICS_ENABLED": "false",
+        },
         # The route watcher has tried the registry: `create` is waiting for the first table.
-        if "route stream lost" in line:
-            break
-    process.send_signal(signal.SIGTERM)
-    rest, _ = process.communicate(timeout=60)
-    output = "".join(lines) + rest
-    assert process.returncode == 0, output
+        "route stream lost",
+    )
+    assert status == 0, output
     assert '"message": "stopped before it started serving"' in output, output
     assert "listening on" not in output, output
     assert "Traceback" not in output, output
